@@ -1,0 +1,310 @@
+//! The `Persistence` actor: batched, loss-free writes of device sightings.
+//!
+//! Sightings arrive one by one ([`Record`]); the actor keeps only the newest per device
+//! (so its memory is bounded by the number of devices, whatever the traffic) and hands
+//! them to the store as one batch every `flush_interval`, or sooner once `max_batch`
+//! are pending. One write is in flight at a time. When the store fails, the batch goes
+//! back into the pending set (newer sightings win) and the actor retries with
+//! exponential backoff; outages and recoveries are logged once each.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use bytestring::ByteString;
+use tokio::time::Instant;
+
+use crate::store::{Sighting, Store};
+
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+pub struct Persistence {
+    store: Arc<dyn Store>,
+    flush_interval: Duration,
+    max_batch: usize,
+    /// mac -> newest sighting not written yet.
+    pending: HashMap<ByteString, Sighting>,
+    in_flight: usize,
+    /// Set while the store is failing: the current backoff and when to try again.
+    outage: Option<(Duration, Instant)>,
+}
+
+impl Persistence {
+    pub fn new(store: Arc<dyn Store>, flush_interval: Duration, max_batch: usize) -> Self {
+        Self {
+            store,
+            flush_interval,
+            max_batch: max_batch.max(1),
+            pending: HashMap::new(),
+            in_flight: 0,
+            outage: None,
+        }
+    }
+
+    fn keep(&mut self, s: Sighting) {
+        match self.pending.get(&s.mac) {
+            Some(old) if old.at > s.at => {}
+            _ => {
+                self.pending.insert(s.mac.clone(), s);
+            }
+        }
+    }
+
+    /// Starts a batch write unless one is in flight, nothing is pending, or (without
+    /// `force`) the store is in backoff.
+    fn flush(&mut self, force: bool, ctx: &mut Context<Self>) {
+        if self.in_flight > 0 || self.pending.is_empty() {
+            return;
+        }
+        if !force
+            && self
+                .outage
+                .is_some_and(|(_, retry_at)| Instant::now() < retry_at)
+        {
+            return;
+        }
+        let batch: Vec<Sighting> = self.pending.drain().map(|(_, s)| s).collect();
+        self.in_flight = batch.len();
+        let store = self.store.clone();
+        async move {
+            let result = store.record(&batch).await;
+            (batch, result)
+        }
+        .into_actor(self)
+        .map(|(batch, result), act, ctx| {
+            act.in_flight = 0;
+            match result {
+                Ok(recorded) => {
+                    metrics::counter!("elfin_store_batches_total").increment(1);
+                    metrics::counter!("elfin_sightings_written_total")
+                        .increment(recorded.written as u64);
+                    if recorded.unknown_user > 0 {
+                        metrics::counter!("elfin_sightings_unknown_user_total")
+                            .increment(recorded.unknown_user as u64);
+                        log::debug!(
+                            "{} sightings of unknown users not written",
+                            recorded.unknown_user
+                        );
+                    }
+                    if act.outage.take().is_some() {
+                        log::info!("database is back; wrote {} pending sightings", batch.len());
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!("elfin_store_errors_total").increment(1);
+                    for s in batch {
+                        act.keep(s);
+                    }
+                    let backoff = match act.outage {
+                        None => {
+                            log::warn!(
+                                "database write failed, keeping {} sightings and retrying: {e}",
+                                act.pending.len()
+                            );
+                            act.flush_interval.min(Duration::from_millis(500))
+                        }
+                        Some((backoff, _)) => {
+                            log::debug!(
+                                "database still failing ({} pending): {e}",
+                                act.pending.len()
+                            );
+                            (backoff * 2).min(MAX_BACKOFF)
+                        }
+                    };
+                    act.outage = Some((backoff, Instant::now() + backoff));
+                }
+            }
+            metrics::gauge!("elfin_sightings_pending").set(act.pending.len() as f64);
+            if act.pending.len() >= act.max_batch {
+                act.flush(false, ctx);
+            }
+        })
+        .spawn(ctx);
+    }
+}
+
+impl Actor for Persistence {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(self.flush_interval, |act, ctx| act.flush(false, ctx));
+    }
+}
+
+/// A device was seen; persist it with the next batch.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Record(pub Sighting);
+
+/// The pending (not yet written) sightings of one user, for `query`.
+#[derive(Message)]
+#[rtype(result = "Vec<Sighting>")]
+pub struct PendingFor {
+    pub uuid: ByteString,
+}
+
+/// Write everything pending now, ignoring backoff. Answers how many sightings are
+/// still unwritten (pending or in flight); shutdown repeats it until that is zero.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Flush;
+
+impl Handler<Record> for Persistence {
+    type Result = ();
+
+    fn handle(&mut self, Record(s): Record, ctx: &mut Context<Self>) {
+        self.keep(s);
+        if self.pending.len() >= self.max_batch {
+            self.flush(false, ctx);
+        }
+    }
+}
+
+impl Handler<PendingFor> for Persistence {
+    type Result = MessageResult<PendingFor>;
+
+    fn handle(&mut self, msg: PendingFor, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(
+            self.pending
+                .values()
+                .filter(|s| s.uuid == msg.uuid)
+                .cloned()
+                .collect(),
+        )
+    }
+}
+
+impl Handler<Flush> for Persistence {
+    type Result = usize;
+
+    fn handle(&mut self, _: Flush, ctx: &mut Context<Self>) -> usize {
+        self.flush(true, ctx);
+        self.pending.len() + self.in_flight
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+    use crate::store::{Device, OwnedDevice, Recorded, StoreError, User};
+    use async_trait::async_trait;
+    use chrono::{DateTime, Utc};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// The real embedded store behind a switch that makes writes fail, to stand for a
+    /// database outage.
+    struct Flaky {
+        inner: EmbeddedStore,
+        failing: std::sync::atomic::AtomicBool,
+        attempts: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Store for Flaky {
+        async fn record(&self, batch: &[Sighting]) -> Result<Recorded, StoreError> {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("outage".into()));
+            }
+            self.inner.record(batch).await
+        }
+        async fn user_exists(&self, uuid: &str) -> Result<bool, StoreError> {
+            self.inner.user_exists(uuid).await
+        }
+        async fn user_devices(&self, uuid: &str) -> Result<Option<Vec<Device>>, StoreError> {
+            self.inner.user_devices(uuid).await
+        }
+        async fn add_user(&self, username: &str, uuid: &str) -> Result<(), StoreError> {
+            self.inner.add_user(username, uuid).await
+        }
+        async fn users(&self) -> Result<Vec<User>, StoreError> {
+            self.inner.users().await
+        }
+        async fn devices(&self, owner: Option<&str>) -> Result<Vec<OwnedDevice>, StoreError> {
+            self.inner.devices(owner).await
+        }
+    }
+
+    fn sighting(mac: &str, at_ms: i64) -> Sighting {
+        Sighting {
+            uuid: "ua".into(),
+            mac: mac.into(),
+            host: "h".into(),
+            at: DateTime::<Utc>::from_timestamp_millis(at_ms).unwrap(),
+        }
+    }
+
+    async fn settle(persistence: &Addr<Persistence>) {
+        // Ask until nothing is pending or in flight, at most 5 s.
+        for _ in 0..500 {
+            if persistence.send(Flush).await.unwrap() == 0 {
+                return;
+            }
+            actix_rt::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("sightings still pending");
+    }
+
+    #[actix_rt::test]
+    async fn keeps_the_newest_sighting_through_an_outage_and_writes_it_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = EmbeddedStore::open(&dir.path().join("db")).unwrap();
+        inner.add_user("alice", "ua").await.unwrap();
+        let store = Arc::new(Flaky {
+            inner,
+            failing: true.into(),
+            attempts: AtomicUsize::new(0),
+        });
+        let persistence = Persistence::new(store.clone(), Duration::from_millis(20), 100).start();
+
+        persistence.do_send(Record(sighting("M1", 1_000)));
+        actix_rt::time::sleep(Duration::from_millis(300)).await;
+        persistence.do_send(Record(sighting("M1", 3_000)));
+        persistence.do_send(Record(sighting("M1", 2_000))); // older: must not win
+        actix_rt::time::sleep(Duration::from_millis(300)).await;
+        assert!(store.attempts.load(Ordering::SeqCst) >= 2, "it retried");
+        assert!(store.inner.devices(None).await.unwrap().is_empty());
+
+        store.failing.store(false, Ordering::SeqCst);
+        settle(&persistence).await;
+        let devices = store.inner.user_devices("ua").await.unwrap().unwrap();
+        assert_eq!(devices[0].last_seen.timestamp_millis(), 3_000);
+    }
+
+    #[actix_rt::test]
+    async fn a_full_batch_is_written_without_waiting_for_the_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("db")).unwrap());
+        store.add_user("alice", "ua").await.unwrap();
+        let persistence = Persistence::new(store.clone(), Duration::from_secs(3600), 10).start();
+        for i in 0..10 {
+            persistence.do_send(Record(sighting(&format!("M{i}"), 1_000)));
+        }
+        for _ in 0..200 {
+            if store.devices(None).await.unwrap().len() == 10 {
+                return;
+            }
+            actix_rt::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("batch not written");
+    }
+
+    #[actix_rt::test]
+    async fn pending_sightings_are_visible_per_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("db")).unwrap());
+        let persistence = Persistence::new(store, Duration::from_secs(3600), 100).start();
+        persistence.do_send(Record(sighting("M1", 1_000)));
+        let mine = persistence
+            .send(PendingFor { uuid: "ua".into() })
+            .await
+            .unwrap();
+        let theirs = persistence
+            .send(PendingFor { uuid: "ub".into() })
+            .await
+            .unwrap();
+        assert_eq!((mine.len(), theirs.len()), (1, 0));
+    }
+}

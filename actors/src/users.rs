@@ -1,0 +1,77 @@
+//! Which uuids belong to known users, cached in front of the store.
+//!
+//! Every new device identity, `connme`, `connthem` and `query` asks; the answers are
+//! cached (known users for a minute, unknown ones for a second, so a user added while
+//! the gateway runs is accepted almost at once and a peer repeating an unknown uuid
+//! costs at most one database read a second).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::store::Store;
+
+const KNOWN_TTL: Duration = Duration::from_secs(60);
+const UNKNOWN_TTL: Duration = Duration::from_secs(1);
+const MAX_ENTRIES: usize = 100_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserStatus {
+    Known,
+    Unknown,
+    /// The store could not be asked (and nothing is cached): treat as allowed, since the
+    /// gateway keeps serving through a database outage.
+    Unreachable,
+}
+
+pub struct UserDirectory {
+    store: Arc<dyn Store>,
+    cache: Mutex<HashMap<String, (bool, Instant)>>,
+}
+
+impl UserDirectory {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub async fn check(&self, uuid: &str) -> UserStatus {
+        let cached = self.cache.lock().ok().and_then(|c| c.get(uuid).copied());
+        if let Some((known, at)) = cached {
+            let ttl = if known { KNOWN_TTL } else { UNKNOWN_TTL };
+            if at.elapsed() < ttl {
+                return status(known);
+            }
+        }
+        match self.store.user_exists(uuid).await {
+            Ok(known) => {
+                if let Ok(mut cache) = self.cache.lock() {
+                    if cache.len() >= MAX_ENTRIES {
+                        cache.retain(|_, (known, at)| *known && at.elapsed() < KNOWN_TTL);
+                    }
+                    cache.insert(uuid.to_owned(), (known, Instant::now()));
+                }
+                status(known)
+            }
+            Err(e) => {
+                log::debug!("cannot check user: {e}");
+                match cached {
+                    Some((known, _)) => status(known),
+                    None => UserStatus::Unreachable,
+                }
+            }
+        }
+    }
+}
+
+fn status(known: bool) -> UserStatus {
+    if known {
+        UserStatus::Known
+    } else {
+        UserStatus::Unknown
+    }
+}
