@@ -85,9 +85,9 @@ pub enum Frame {
 enum State {
     #[default]
     Idle,
-    /// Inside a data payload of user `uuid`; `discard` drops it instead (bad header).
+    /// Inside a data payload (of the user [`Decoder::finder`] searches for); `discard`
+    /// drops it instead (bad header).
     Payload {
-        finder: memmem::Finder<'static>,
         discard: bool,
         /// The last payload byte handed out, to spot a header whose first byte already
         /// went out as payload when it was flushed from the hold-back.
@@ -100,6 +100,9 @@ enum State {
 #[derive(Debug, Default)]
 pub struct Decoder {
     state: State,
+    /// Searches payloads for the uuid of the current data message's user; kept across
+    /// messages since a connection almost always speaks for one user.
+    finder: Option<memmem::Finder<'static>>,
 }
 
 impl Decoder {
@@ -113,14 +116,14 @@ impl Decoder {
         loop {
             match &mut self.state {
                 State::Idle => return self.decode_message(buf),
-                State::Payload {
-                    finder,
-                    discard,
-                    last,
-                } => {
+                State::Payload { discard, last } => {
                     if buf.is_empty() {
                         return None;
                     }
+                    let Some(finder) = &self.finder else {
+                        self.state = State::Idle;
+                        continue;
+                    };
                     let uuid = finder.needle();
                     // A header whose first byte was already flushed out as payload.
                     let resumed = last.is_some_and(|b| resumes_boundary(b, buf, uuid));
@@ -310,13 +313,10 @@ impl Decoder {
     }
 
     fn enter_payload(&mut self, uuid: &[u8], discard: bool) {
-        let reuse = matches!(&self.state, State::Payload { finder, .. } if finder.needle() == uuid);
-        let finder = match std::mem::take(&mut self.state) {
-            State::Payload { finder, .. } if reuse => finder,
-            _ => memmem::Finder::new(uuid).into_owned(),
-        };
+        if self.finder.as_ref().is_none_or(|f| f.needle() != uuid) {
+            self.finder = Some(memmem::Finder::new(uuid).into_owned());
+        }
         self.state = State::Payload {
-            finder,
             discard,
             last: None,
         };
@@ -435,14 +435,14 @@ fn text(field: Bytes, may_be_empty: bool) -> Result<ByteString, &'static str> {
 }
 
 /// The start of the first message of this user in a payload: a keyword right before an
-/// occurrence of the uuid, followed by `;` or a line end (or the end of input, which
-/// [`held_suffix`] then holds back).
+/// occurrence of the uuid, followed by `;`, a line end or the end of the input read so
+/// far (`query;<uuid>` has nothing after the uuid).
 fn find_boundary(finder: &memmem::Finder<'_>, buf: &[u8]) -> Option<usize> {
     let uuid_len = finder.needle().len();
     finder.find_iter(buf).find_map(|at| {
         let keyword = KEYWORDS.iter().find(|k| buf[..at].ends_with(k))?;
         match buf.get(at + uuid_len) {
-            Some(b';' | b'\r' | b'\n') => Some(at - keyword.len()),
+            None | Some(b';' | b'\r' | b'\n') => Some(at - keyword.len()),
             _ => None,
         }
     })
@@ -654,6 +654,18 @@ mod tests {
         decoder.decode(&mut buf);
         assert_eq!(decoder.decode(&mut buf), Some(payload(b"abcd")));
         assert!(!decoder.holding(&buf));
+    }
+
+    #[test]
+    fn a_query_right_after_a_data_frame_is_a_message() {
+        assert_eq!(
+            decode_reads(&[b"data;u;T1;T1;1;xyz", b"query;u"]),
+            vec![
+                Frame::Data(header("u", "T1", "T1", Kind::Client)),
+                payload(b"xyz"),
+                Frame::Query { uuid: "u".into() },
+            ]
+        );
     }
 
     #[test]

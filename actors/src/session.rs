@@ -179,6 +179,11 @@ impl Session {
     /// it is full.
     fn forward(&mut self, bytes: Bytes, ctx: &mut Context<Self>) -> ControlFlow<()> {
         let Some((_, peer)) = &self.tunnel else {
+            log::debug!(
+                "{}: no tunnel, dropped {} payload bytes",
+                self.remote,
+                bytes.len()
+            );
             metrics::counter!("elfin_payload_dropped_bytes_total").increment(bytes.len() as u64);
             return ControlFlow::Continue(());
         };
@@ -189,6 +194,10 @@ impl Session {
                 ControlFlow::Continue(())
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
+                log::debug!(
+                    "{}: tunnel peer gone, dropped {len} payload bytes",
+                    self.remote
+                );
                 self.tunnel = None;
                 metrics::counter!("elfin_payload_dropped_bytes_total").increment(len);
                 ControlFlow::Continue(())

@@ -1,0 +1,347 @@
+//! Operator settings: `settings.toml` overridden by `ELFIN__SECTION__KEY` variables.
+//!
+//! Every key has a default (the same ones `settings.toml` documents), so the file is
+//! optional when it is not named explicitly. Values are checked at start-up; an error
+//! names the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use chrono::format::{Item, StrftimeItems};
+use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
+
+use elfin_actors::query::QueryFormat;
+use elfin_actors::Config;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub server: Server,
+    pub storage: Storage,
+    pub mongodb: Mongodb,
+    pub heartbeat: Heartbeat,
+    pub persistence: Persistence,
+    pub query: Query,
+    pub auth: Auth,
+    pub log: Log,
+    pub metrics: Metrics,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Server {
+    pub listen: String,
+    /// Threads serving connections; 0 = one per CPU.
+    pub workers: usize,
+    pub read_buffer_bytes: usize,
+    pub output_queue_chunks: usize,
+    pub tunnel_stall_secs: u64,
+    /// TCP keepalive idle time; 0 = off.
+    pub keepalive_secs: u64,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:3001".into(),
+            workers: 0,
+            read_buffer_bytes: 64 * 1024,
+            output_queue_chunks: 64,
+            tunnel_stall_secs: 30,
+            keepalive_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Storage {
+    pub backend: String,
+    pub path: PathBuf,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Self {
+            backend: "embedded".into(),
+            path: "data/elfin.db".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Mongodb {
+    pub uri: String,
+    pub database: String,
+    pub connect_timeout_ms: u64,
+    pub server_selection_timeout_ms: u64,
+}
+
+impl Default for Mongodb {
+    fn default() -> Self {
+        Self {
+            uri: "mongodb://localhost:27017".into(),
+            database: "elfinconnect".into(),
+            connect_timeout_ms: 5_000,
+            server_selection_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Heartbeat {
+    pub debounce_secs: u64,
+    pub online_window_secs: u64,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Self {
+            debounce_secs: 30,
+            online_window_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Persistence {
+    pub flush_interval_ms: u64,
+    pub max_batch: usize,
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Default for Persistence {
+    fn default() -> Self {
+        Self {
+            flush_interval_ms: 1_000,
+            max_batch: 1_000,
+            shutdown_timeout_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Query {
+    pub time_zone: String,
+    pub time_format: String,
+}
+
+impl Default for Query {
+    fn default() -> Self {
+        Self {
+            time_zone: "Europe/Budapest".into(),
+            time_format: "%Y. %m. %d. %H:%M:%S".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Auth {
+    pub require_known_user: bool,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Self {
+            require_known_user: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Log {
+    pub level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Metrics {
+    /// Address of the Prometheus endpoint; empty = off.
+    pub listen: String,
+}
+
+impl Settings {
+    /// Reads defaults, then the file (required only if `explicit`), then the
+    /// environment, and checks every value.
+    pub fn load(path: &Path, explicit: bool) -> anyhow::Result<Self> {
+        if explicit && !path.exists() {
+            bail!("settings file {} does not exist", path.display());
+        }
+        let settings: Settings = config::Config::builder()
+            .add_source(config::Config::try_from(&Settings::default())?)
+            .add_source(config::File::from(path).required(false))
+            .add_source(
+                config::Environment::with_prefix("ELFIN")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .with_context(|| format!("invalid settings (file {})", path.display()))?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        self.listen_addr()?;
+        self.time_zone()?;
+        if StrftimeItems::new(&self.query.time_format).any(|i| matches!(i, Item::Error)) {
+            bail!(
+                "settings: query.time_format: {:?} is not a valid strftime pattern",
+                self.query.time_format
+            );
+        }
+        if !matches!(self.storage.backend.as_str(), "embedded" | "mongodb") {
+            bail!(
+                "settings: storage.backend: {:?} is not one of \"embedded\", \"mongodb\"",
+                self.storage.backend
+            );
+        }
+        for (key, value) in [
+            ("heartbeat.debounce_secs", self.heartbeat.debounce_secs),
+            (
+                "heartbeat.online_window_secs",
+                self.heartbeat.online_window_secs,
+            ),
+            (
+                "persistence.flush_interval_ms",
+                self.persistence.flush_interval_ms,
+            ),
+            ("persistence.max_batch", self.persistence.max_batch as u64),
+            (
+                "server.read_buffer_bytes",
+                self.server.read_buffer_bytes as u64,
+            ),
+            (
+                "server.output_queue_chunks",
+                self.server.output_queue_chunks as u64,
+            ),
+            ("server.tunnel_stall_secs", self.server.tunnel_stall_secs),
+        ] {
+            if value == 0 {
+                bail!("settings: {key}: must be greater than 0");
+            }
+        }
+        if self.log.level.parse::<log::LevelFilter>().is_err() {
+            bail!(
+                "settings: log.level: {:?} is not one of off, error, warn, info, debug, trace",
+                self.log.level
+            );
+        }
+        if !self.metrics.listen.is_empty() {
+            self.metrics.listen.parse::<SocketAddr>().map_err(|e| {
+                anyhow::anyhow!("settings: metrics.listen: {:?}: {e}", self.metrics.listen)
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.server
+            .listen
+            .parse()
+            .map_err(|e| anyhow::anyhow!("settings: server.listen: {:?}: {e}", self.server.listen))
+    }
+
+    pub fn time_zone(&self) -> anyhow::Result<Tz> {
+        self.query.time_zone.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "settings: query.time_zone: {:?} is not an IANA time zone name",
+                self.query.time_zone
+            )
+        })
+    }
+
+    /// What the protocol actors need.
+    pub fn gateway_config(&self) -> anyhow::Result<Config> {
+        Ok(Config {
+            require_known_user: self.auth.require_known_user,
+            query: QueryFormat {
+                time_zone: self.time_zone()?,
+                time_format: self.query.time_format.clone(),
+                online_window: Duration::from_secs(self.heartbeat.online_window_secs),
+            },
+            debounce: Duration::from_secs(self.heartbeat.debounce_secs),
+            flush_interval: Duration::from_millis(self.persistence.flush_interval_ms),
+            max_batch: self.persistence.max_batch,
+            out_queue: self.server.output_queue_chunks,
+            read_buffer: self.server.read_buffer_bytes,
+            stall_timeout: Duration::from_secs(self.server.tunnel_stall_secs),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_protocol() {
+        let s = Settings::default();
+        assert_eq!(s.server.listen, "0.0.0.0:3001");
+        assert_eq!(s.heartbeat.debounce_secs, 30);
+        assert_eq!(s.heartbeat.online_window_secs, 60);
+        assert_eq!(s.query.time_zone, "Europe/Budapest");
+        assert_eq!(s.query.time_format, "%Y. %m. %d. %H:%M:%S");
+        assert!(s.auth.require_known_user);
+        s.check().unwrap();
+    }
+
+    #[test]
+    fn the_shipped_settings_file_lists_every_key_with_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("settings.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let shipped: toml::Table = text.parse().unwrap();
+        let defaults: toml::Table = toml::to_string(&Settings::default())
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(shipped, defaults);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let mut s = Settings::default();
+        s.query.time_zone = "Mars/Olympus".into();
+        assert!(s
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("query.time_zone"));
+        let mut s = Settings::default();
+        s.query.time_format = "%Y %Q".into();
+        assert!(s
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("query.time_format"));
+        let mut s = Settings::default();
+        s.server.listen = "nowhere".into();
+        assert!(s.check().unwrap_err().to_string().contains("server.listen"));
+        let mut s = Settings::default();
+        s.persistence.max_batch = 0;
+        assert!(s
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("persistence.max_batch"));
+    }
+}

@@ -1,0 +1,193 @@
+//! Running the gateway: operator commands, settings, persistence across restarts,
+//! clean shutdown.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Gateway;
+
+const MAC: &str = "F0FE6B2A1C3D";
+
+#[test]
+fn user_add_prints_the_uuid_then_the_device_strings() {
+    let gw = Gateway::start(&[]);
+    let out = gw.cli(&["user", "add", "alice"]);
+    let lines: Vec<&str> = out.lines().collect();
+    let uuid = lines[0];
+    assert!(uuid::Uuid::parse_str(uuid).is_ok(), "{uuid}");
+    assert!(
+        lines[1].ends_with(&format!("beat;{uuid};%MAC;%HOST;0")),
+        "{out}"
+    );
+    assert!(
+        lines[2].ends_with(&format!("data;{uuid};%MAC;%HOST;0;")),
+        "{out}"
+    );
+
+    let out = gw.cli(&["user", "add", "bob", "--uuid", "bobs-own-uuid"]);
+    assert_eq!(out.lines().next(), Some("bobs-own-uuid"));
+    let listed = gw.cli(&["user", "list"]);
+    assert!(
+        listed.contains("alice") && listed.contains("bobs-own-uuid"),
+        "{listed}"
+    );
+}
+
+#[test]
+fn a_user_added_while_running_is_accepted_without_restart() {
+    let gw = Gateway::start(&[]);
+    // Before the user exists, its device is ignored and queries are empty.
+    let mut early = gw.connect();
+    early.send(format!("beat;late-user;{MAC};plc;0").as_bytes());
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(gw.query("late-user"), serde_json::json!([]));
+
+    gw.cli(&["user", "add", "late", "--uuid", "late-user"]);
+    std::thread::sleep(Duration::from_millis(1100)); // the negative cache lasts 1 s
+    early.send(format!("beat;late-user;{MAC};plc;0").as_bytes());
+    gw.wait_online("late-user", MAC);
+    let _client = gw.tunnel("late-user", MAC);
+}
+
+#[test]
+fn unknown_users_are_refused_when_required() {
+    let gw = Gateway::start(&[]);
+    let mut device = gw.connect();
+    device.send(format!("beat;stranger;{MAC};plc;0").as_bytes());
+    std::thread::sleep(Duration::from_millis(200));
+    let mut client = gw.connect();
+    client.send(format!("connme;stranger;{MAC}").as_bytes());
+    assert_eq!(common::failed_reason(&client.line()), "unknown user");
+}
+
+#[test]
+fn unknown_users_may_tunnel_when_allowed_but_nothing_is_stored() {
+    let mut gw = Gateway::start(&[("ELFIN__AUTH__REQUIRE_KNOWN_USER", "false")]);
+    let mut device = gw.device("stranger", MAC, "plc");
+    let mut client = gw.tunnel("stranger", MAC);
+    device.send(format!("data;stranger;{MAC};plc;0;hello").as_bytes());
+    assert_eq!(client.bytes(5), b"hello");
+    assert!(gw.stop().success());
+    assert!(!gw.cli(&["device", "list"]).contains(MAC));
+}
+
+#[test]
+fn sightings_survive_a_restart() {
+    let mut gw = Gateway::start(&[
+        // Long intervals: only the shutdown flush can have written them.
+        ("ELFIN__PERSISTENCE__FLUSH_INTERVAL_MS", "3600000"),
+        ("ELFIN__HEARTBEAT__DEBOUNCE_SECS", "3600"),
+    ]);
+    let uuid = gw.add_user("alice");
+    let _beating = gw.device(&uuid, MAC, "plc-1");
+    // A device that only streams data (persisted through the debouncer).
+    let mut streaming = gw.connect();
+    streaming.send(format!("data;{uuid};AABBCCDDEEFF;meter;0;\x01\x02").as_bytes());
+    gw.wait_online(&uuid, "AABBCCDDEEFF");
+    let before = gw.query(&uuid);
+
+    let status = gw.stop();
+    assert!(status.success(), "exit status {status}");
+    let listed = gw.cli(&["device", "list", &uuid]);
+    assert!(
+        listed.contains(MAC) && listed.contains("AABBCCDDEEFF"),
+        "{listed}"
+    );
+
+    let gw = Gateway::start_in(Arc::clone(&gw.dir), &[]);
+    let after = gw.query(&uuid);
+    let dates = |v: &serde_json::Value| {
+        let mut d: Vec<(String, String)> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| (d["macaddress"].to_string(), d["lastseendate"].to_string()))
+            .collect();
+        d.sort();
+        d
+    };
+    assert_eq!(dates(&after), dates(&before));
+}
+
+#[test]
+fn sigterm_closes_connections_and_exits_zero() {
+    let mut gw = Gateway::start(&[]);
+    let uuid = gw.add_user("alice");
+    let mut device = gw.device(&uuid, MAC, "plc-1");
+    let status = gw.stop();
+    assert!(status.success());
+    device.expect_closed();
+    assert!(gw.log_contains("stopped"));
+}
+
+#[test]
+fn bad_settings_fail_at_start_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (key, value, named) in [
+        ("ELFIN__SERVER__LISTEN", "not-an-address", "server.listen"),
+        (
+            "ELFIN__HEARTBEAT__DEBOUNCE_SECS",
+            "soon",
+            "heartbeat.debounce_secs",
+        ),
+        ("ELFIN__QUERY__TIME_ZONE", "Mars/Olympus", "query.time_zone"),
+        ("ELFIN__STORAGE__BACKEND", "floppy", "storage.backend"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_elfin-gateway"))
+            .current_dir(dir.path())
+            .env(key, value)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(named), "{key}={value}: {err}");
+    }
+}
+
+#[test]
+fn the_settings_file_is_read_and_the_environment_overrides_it() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    std::fs::write(
+        dir.path().join("custom.toml"),
+        "[query]\ntime_zone = \"UTC\"\ntime_format = \"%H:%M\"\n\n[server]\nlisten = \"127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    // The harness sets ELFIN__SERVER__LISTEN, which must win over the file.
+    let gw = Gateway::start_with_args(dir, &[], &["--config", "custom.toml"]);
+    let uuid = gw.add_user("alice");
+    let _device = gw.device(&uuid, MAC, "plc-1");
+    let date = gw.query(&uuid)[0]["lastseendate"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(date, chrono::Utc::now().format("%H:%M").to_string());
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_elfin-gateway"))
+        .current_dir(gw.dir.path())
+        .args(["--config", "missing.toml", "user", "list"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a named settings file must exist");
+}
+
+#[test]
+fn garbage_is_counted_in_metrics() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let gw = Gateway::start(&[("ELFIN__METRICS__LISTEN", &listen)]);
+    let mut vandal = gw.connect();
+    vandal.send(b"garbage garbage\n");
+    std::thread::sleep(Duration::from_millis(200));
+    let mut http = std::net::TcpStream::connect(&listen).unwrap();
+    use std::io::{Read, Write};
+    http.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    http.read_to_string(&mut body).unwrap();
+    assert!(body.contains("elfin_garbage_bytes_total 16"), "{body}");
+}
