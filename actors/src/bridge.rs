@@ -1,8 +1,8 @@
 //! The `BridgeManager` actor: the tunnel table.
 //!
 //! A tunnel pairs two connections. The manager is the only one who creates and removes
-//! tunnels, numbering each one; it tells the sessions involved with [`SetPeer`] and
-//! [`ClearPeer`], and from then on each session writes straight into its peer's output
+//! tunnels, numbering each one in creation order; the sessions involved learn of it
+//! with [`SetPeer`] and [`ClearPeer`], and from then on each session writes straight into its peer's output
 //! queue, so tunnel data never passes through here.
 //!
 //! A connection is in at most one tunnel: linking a connection that is already
@@ -28,14 +28,15 @@ impl Actor for BridgeManager {
     type Context = Context<Self>;
 }
 
-/// Tunnel `a` and `b`. `a` is told with a `SetPeer` only if `notify_a` (a `connme`
-/// requester takes the returned id instead, after queueing its reply).
+/// Tunnel `a` and `b`. With `notify`, both are told with a [`SetPeer`]; without, the
+/// caller tells them (a `connme` requester queues its reply first, so that it reaches
+/// the client ahead of any data from the device).
 #[derive(Message)]
 #[rtype(result = "TunnelId")]
 pub struct Link {
     pub a: PeerLink,
     pub b: PeerLink,
-    pub notify_a: bool,
+    pub notify: bool,
 }
 
 /// Remove the tunnel of this session, if any (it closed, or its peer stalled).
@@ -66,15 +67,13 @@ impl Handler<Link> for BridgeManager {
         self.remove(msg.b.id);
         self.last_id += 1;
         let tunnel = self.last_id;
-        msg.b.addr.do_send(SetPeer {
-            tunnel,
-            peer: msg.a.clone(),
-        });
-        if msg.notify_a {
-            msg.a.addr.do_send(SetPeer {
-                tunnel,
-                peer: msg.b.clone(),
-            });
+        if msg.notify {
+            for (to, peer) in [(&msg.a, &msg.b), (&msg.b, &msg.a)] {
+                to.addr.do_send(SetPeer {
+                    tunnel,
+                    peer: peer.clone(),
+                });
+            }
         }
         let (a_id, b_id) = (msg.a.id, msg.b.id);
         self.tunnels.insert(a_id, (tunnel, msg.b));

@@ -161,7 +161,10 @@ mod tests {
 
     /// What the debouncer persisted: when (paused time since start) and which last-seen.
     #[derive(Default, Clone)]
-    struct Sink(Arc<Mutex<Vec<(Duration, DateTime<Utc>)>>>);
+    struct Sink(Arc<Mutex<Vec<Write>>>);
+
+    /// When (paused time since start) a last-seen was persisted, and its value.
+    type Write = (Duration, DateTime<Utc>);
 
     struct SinkActor(Sink, Instant);
 

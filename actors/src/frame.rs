@@ -400,24 +400,24 @@ fn reject_line(buf: &mut BytesMut, reply: bool, reason: &str) -> Frame {
 /// Drops bytes that start no message, up to the next line end or keyword; keeps a tail
 /// that may be a keyword cut short. Always drops at least one byte.
 fn skip_garbage(buf: &mut BytesMut) -> usize {
-    let line = memchr::memchr(b'\n', buf).map(|i| i + 1);
+    // Only the current line is searched for a keyword, so a flood of short garbage
+    // lines costs linear time.
+    let line_end = memchr::memchr(b'\n', buf).map(|i| i + 1);
+    let line = &buf[1..line_end.unwrap_or(buf.len())];
     let keyword = KEYWORDS
         .iter()
-        .filter_map(|k| memmem::find(&buf[1..], k).map(|i| i + 1))
+        .filter_map(|k| memmem::find(line, k).map(|i| i + 1))
         .min();
-    let end = match (line, keyword) {
-        (Some(a), Some(b)) => a.min(b),
-        (a, b) => a.or(b).unwrap_or_else(|| {
-            let keep = (1..buf.len().min(9))
-                .rev()
-                .find(|&n| {
-                    let tail = &buf[buf.len() - n..];
-                    KEYWORDS.iter().any(|k| k.starts_with(tail))
-                })
-                .unwrap_or(0);
-            buf.len() - keep
-        }),
-    };
+    let end = keyword.or(line_end).unwrap_or_else(|| {
+        let keep = (1..buf.len().min(9))
+            .rev()
+            .find(|&n| {
+                let tail = &buf[buf.len() - n..];
+                KEYWORDS.iter().any(|k| k.starts_with(tail))
+            })
+            .unwrap_or(0);
+        buf.len() - keep
+    });
     buf.advance(end);
     end
 }
@@ -760,6 +760,26 @@ mod tests {
         assert_eq!(
             decode_all(b"xx query;u"),
             vec![Frame::Garbage(3), Frame::Query { uuid: "u".into() }]
+        );
+    }
+
+    #[test]
+    fn garbage_with_many_short_lines_is_dropped_in_linear_time() {
+        let garbage: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
+        let started = std::time::Instant::now();
+        let frames = decode_all(&garbage);
+        let dropped: usize = frames
+            .iter()
+            .map(|f| match f {
+                Frame::Garbage(n) => *n,
+                other => panic!("{other:?}"),
+            })
+            .sum();
+        assert_eq!(dropped, garbage.len());
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
         );
     }
 

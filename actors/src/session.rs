@@ -82,6 +82,9 @@ pub struct Session {
     decoder: Decoder,
     device: Option<Identity>,
     tunnel: Option<(TunnelId, PeerLink)>,
+    /// Tunnels up to this id are gone for this session; a late `SetPeer` for one of
+    /// them is ignored.
+    cleared: TunnelId,
     hold: Option<SpawnHandle>,
     /// Dropped with the session: tells the writer task to finish.
     _closing: oneshot::Sender<()>,
@@ -114,6 +117,7 @@ impl Session {
                 decoder: Decoder::new(),
                 device: None,
                 tunnel: None,
+                cleared: 0,
                 hold: None,
                 _closing: closing,
                 _alive: hub.alive.clone(),
@@ -333,22 +337,22 @@ impl Session {
             if target.id == me.id {
                 return Err("cannot tunnel a connection to itself".to_owned());
             }
-            // The reply is queued before the tunnel exists, so it reaches the client
-            // ahead of any data from the device.
+            let tunnel = hub
+                .bridge
+                .send(Link {
+                    a: me.clone(),
+                    b: target.clone(),
+                    notify: false,
+                })
+                .await
+                .map_err(|_| "gateway is shutting down".to_owned())?;
+            // The reply goes into our queue before the device learns of the tunnel, so
+            // it reaches the client ahead of any data from the device.
             me.out
                 .send(Bytes::from_static(SUCCESS.as_bytes()))
                 .await
                 .map_err(|_| "connection closed".to_owned())?;
-            let b = target.clone();
-            let tunnel = hub
-                .bridge
-                .send(Link {
-                    a: me,
-                    b,
-                    notify_a: false,
-                })
-                .await
-                .map_err(|_| "gateway is shutting down".to_owned())?;
+            target.addr.do_send(SetPeer { tunnel, peer: me });
             Ok((tunnel, target))
         }
         .into_actor(self)
@@ -381,11 +385,7 @@ impl Session {
             let a = find_device(&hub, &uuid, &mac1).await?;
             let b = find_device(&hub, &uuid, &mac2).await?;
             hub.bridge
-                .send(Link {
-                    a,
-                    b,
-                    notify_a: true,
-                })
+                .send(Link { a, b, notify: true })
                 .await
                 .map_err(|_| "gateway is shutting down".to_owned())
         }
@@ -578,7 +578,9 @@ impl Handler<ClearPeer> for Session {
     type Result = ();
 
     fn handle(&mut self, msg: ClearPeer, _: &mut Context<Self>) {
-        if self.tunnel.as_ref().is_some_and(|(t, _)| *t == msg.tunnel) {
+        // Tunnels are made in id order, so every older tunnel of ours is gone too.
+        self.cleared = self.cleared.max(msg.tunnel);
+        if self.tunnel.as_ref().is_some_and(|(t, _)| *t <= msg.tunnel) {
             self.tunnel = None;
         }
     }
