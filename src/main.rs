@@ -10,7 +10,10 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
+use std::time::Duration;
+
 use elfin_actors::store::embedded::EmbeddedStore;
+use elfin_actors::store::mongo::MongoStore;
 use elfin_actors::store::Store;
 use settings::Settings;
 
@@ -88,16 +91,32 @@ fn main() -> ExitCode {
     }
 }
 
-/// Opens the configured store.
-pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
+/// Opens the configured store. For the gateway itself (`serving`), MongoDB indexes are
+/// created in the background, so it starts even when MongoDB is down.
+pub async fn open_store(settings: &Settings, serving: bool) -> anyhow::Result<Arc<dyn Store>> {
     match settings.storage.backend.as_str() {
-        "embedded" => Ok(Arc::new(EmbeddedStore::open(&settings.storage.path)?)),
-        other => anyhow::bail!("settings: storage.backend: {other:?} is not available"),
+        "mongodb" => {
+            let m = &settings.mongodb;
+            let store = Arc::new(
+                MongoStore::connect(
+                    &m.uri,
+                    &m.database,
+                    Duration::from_millis(m.connect_timeout_ms),
+                    Duration::from_millis(m.server_selection_timeout_ms),
+                )
+                .await?,
+            );
+            if serving {
+                store.ensure_indexes_in_background();
+            }
+            Ok(store)
+        }
+        _ => Ok(Arc::new(EmbeddedStore::open(&settings.storage.path)?)),
     }
 }
 
 async fn user_command(settings: &Settings, cmd: UserCommand) -> anyhow::Result<()> {
-    let store = open_store(settings).await?;
+    let store = open_store(settings, false).await?;
     match cmd {
         UserCommand::Add { name, uuid } => {
             let uuid = uuid.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
@@ -120,12 +139,12 @@ async fn user_command(settings: &Settings, cmd: UserCommand) -> anyhow::Result<(
 }
 
 async fn list_devices(settings: &Settings, owner: Option<String>) -> anyhow::Result<()> {
-    let store = open_store(settings).await?;
+    let store = open_store(settings, false).await?;
     let zone = settings.time_zone()?;
-    println!("{:<20}  {:<24}  {:<21}  OWNER", "MAC", "HOST", "LAST SEEN");
+    println!("{:<20}  {:<24}  {:<22}  OWNER", "MAC", "HOST", "LAST SEEN");
     for d in store.devices(owner.as_deref()).await? {
         println!(
-            "{:<20}  {:<24}  {:<21}  {}",
+            "{:<20}  {:<24}  {:<22}  {}",
             d.device.mac,
             d.device.host,
             d.device

@@ -21,7 +21,7 @@ use crate::settings::Settings;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let store = crate::open_store(&settings).await?;
+    let store = crate::open_store(&settings, true).await?;
     let (hub, mut all_closed) = Hub::start(store, settings.gateway_config()?);
     if !settings.metrics.listen.is_empty() {
         let addr = settings.metrics.listen.parse::<std::net::SocketAddr>()?;

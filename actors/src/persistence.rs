@@ -64,7 +64,15 @@ impl Persistence {
         {
             return;
         }
-        let batch: Vec<Sighting> = self.pending.drain().map(|(_, s)| s).collect();
+        let batch: Vec<Sighting> = if self.pending.len() <= self.max_batch {
+            self.pending.drain().map(|(_, s)| s).collect()
+        } else {
+            // A backlog (after an outage) goes out max_batch at a time.
+            let macs: Vec<ByteString> = self.pending.keys().take(self.max_batch).cloned().collect();
+            macs.iter()
+                .filter_map(|mac| self.pending.remove(mac))
+                .collect()
+        };
         self.in_flight = batch.len();
         let store = self.store.clone();
         async move {

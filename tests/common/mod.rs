@@ -2,6 +2,8 @@
 //! temporary database, and blocking TCP peers that play devices and clients.
 #![allow(dead_code)]
 
+pub mod mongo;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::PathBuf;

@@ -6,6 +6,7 @@
 //! ownership rules of `docs/PROTOCOL.md` §5.
 
 pub mod embedded;
+pub mod mongo;
 
 use async_trait::async_trait;
 use bytestring::ByteString;

@@ -1,0 +1,605 @@
+//! The MongoDB store: the database shared with the Elfin Connect Web UI.
+//!
+//! Collections and fields are exactly those of `docs/PROTOCOL.md` §5: `users` (`uuid`,
+//! `username`, `admin`, `allDevices`) and `devices` (`hostName`, `macAddress`,
+//! `lastSeenDate`, `__v`). The gateway never touches `password`.
+//!
+//! A batch of sightings costs one round trip in steady state: one `update` command
+//! with an unordered upsert per device (`$set` host, `$max` last-seen). What the
+//! ownership rules need (users by uuid with their `allDevices`, device ids by mac) is
+//! cached, so only a cache miss, a new device or an ownership change costs more: a
+//! `find` for the missing users or devices, and one `update` of `users` that pulls
+//! moved devices from their old owners and adds them to the new one. Cached users are
+//! re-read after [`USER_TTL`], so edits made in the Web UI are picked up.
+//!
+//! When the database cannot be reached, reads fail fast (retrying at most every
+//! [`PROBE_INTERVAL`]) and `user_devices` answers from the last reply it had; each
+//! change of reachability is logged once.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bson::oid::ObjectId;
+use bson::{doc, Bson, Document};
+use futures::TryStreamExt;
+use mongodb::options::ClientOptions;
+use mongodb::{Client, Collection, Database, IndexModel};
+use tokio::time::Instant;
+
+use super::{Device, OwnedDevice, Recorded, Sighting, Store, StoreError, User};
+
+/// How long a cached user (and its `allDevices`) is trusted before it is read again.
+pub const USER_TTL: Duration = Duration::from_secs(60);
+/// While the database is unreachable, how often a read tries it again.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+pub struct MongoStore {
+    db: Database,
+    users: Collection<Document>,
+    devices: Collection<Document>,
+    cache: Mutex<Cache>,
+    health: Health,
+}
+
+#[derive(Default)]
+struct Cache {
+    users: HashMap<String, CachedUser>,
+    /// mac -> device `_id`.
+    devices: HashMap<String, ObjectId>,
+    /// The last `user_devices` answer per uuid, for when the database is unreachable.
+    answers: HashMap<String, Vec<Device>>,
+}
+
+#[derive(Clone)]
+struct CachedUser {
+    id: ObjectId,
+    devices: HashSet<ObjectId>,
+    read_at: Instant,
+}
+
+impl MongoStore {
+    /// Connects lazily: the driver reaches the server on first use, so the gateway
+    /// starts even when MongoDB is down.
+    pub async fn connect(
+        uri: &str,
+        database: &str,
+        connect_timeout: Duration,
+        server_selection_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let mut options = ClientOptions::parse(uri)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("mongodb.uri: {e}")))?;
+        options.app_name = Some("elfin-gateway".into());
+        options.connect_timeout = Some(connect_timeout);
+        options.server_selection_timeout = Some(server_selection_timeout);
+        Self::with_options(options, database)
+    }
+
+    /// Uses prepared driver options (tests attach a command monitor this way).
+    pub fn with_options(options: ClientOptions, database: &str) -> Result<Self, StoreError> {
+        let client = Client::with_options(options).map_err(unavailable)?;
+        let db = client.database(database);
+        Ok(Self {
+            users: db.collection("users"),
+            devices: db.collection("devices"),
+            db,
+            cache: Mutex::default(),
+            health: Health::default(),
+        })
+    }
+
+    /// Creates the indexes the gateway's queries use, if missing. An index the Web UI
+    /// made on the same key with other options is left as it is.
+    pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
+        for (coll, key) in [(&self.users, "uuid"), (&self.devices, "macAddress")] {
+            let index = IndexModel::builder().keys(doc! { key: 1 }).build();
+            match self.health.watch(coll.create_index(index).await) {
+                Ok(_) => {}
+                // IndexOptionsConflict / IndexKeySpecsConflict: an equivalent index exists.
+                Err(e) if matches!(command_error_code(&e), Some(85 | 86)) => {}
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Retries [`MongoStore::ensure_indexes`] in the background until it succeeds.
+    pub fn ensure_indexes_in_background(self: &Arc<Self>) {
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut wait = Duration::from_millis(500);
+            while let Err(e) = store.ensure_indexes().await {
+                log::debug!("cannot create indexes yet: {e}");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        });
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads the given users, replacing their cache entries; returns those found.
+    async fn read_users(
+        &self,
+        uuids: &[String],
+    ) -> Result<HashMap<String, CachedUser>, StoreError> {
+        let docs: Vec<Document> = self
+            .health
+            .watch(
+                self.users
+                    .find(doc! { "uuid": { "$in": uuids } })
+                    .projection(doc! { "uuid": 1, "allDevices": 1 })
+                    .await,
+            )
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        let read_at = Instant::now();
+        let found: HashMap<String, CachedUser> = docs
+            .iter()
+            .filter_map(|d| {
+                Some((
+                    d.get_str("uuid").ok()?.to_owned(),
+                    CachedUser {
+                        id: d.get_object_id("_id").ok()?,
+                        devices: object_ids(d.get("allDevices")).into_iter().collect(),
+                        read_at,
+                    },
+                ))
+            })
+            .collect();
+        let mut cache = self.cache();
+        for uuid in uuids {
+            match found.get(uuid) {
+                Some(user) => cache.users.insert(uuid.clone(), user.clone()),
+                None => cache.users.remove(uuid),
+            };
+        }
+        Ok(found)
+    }
+
+    /// The users of a batch, from the cache or (for misses and stale entries) read.
+    async fn batch_users(
+        &self,
+        batch: &[Sighting],
+    ) -> Result<HashMap<String, CachedUser>, StoreError> {
+        let wanted: HashSet<&str> = batch.iter().map(|s| &*s.uuid).collect();
+        let (mut users, missing) = {
+            let cache = self.cache();
+            let mut users = HashMap::new();
+            let mut missing = Vec::new();
+            for uuid in wanted {
+                match cache.users.get(uuid) {
+                    Some(u) if u.read_at.elapsed() < USER_TTL => {
+                        users.insert(uuid.to_owned(), u.clone());
+                    }
+                    _ => missing.push(uuid.to_owned()),
+                }
+            }
+            (users, missing)
+        };
+        if !missing.is_empty() {
+            users.extend(self.read_users(&missing).await?);
+        }
+        Ok(users)
+    }
+
+    /// Learns the ids of devices not in the cache (those that exist).
+    async fn read_device_ids(&self, macs: Vec<&str>) -> Result<(), StoreError> {
+        if macs.is_empty() {
+            return Ok(());
+        }
+        let docs: Vec<Document> = self
+            .health
+            .watch(
+                self.devices
+                    .find(doc! { "macAddress": { "$in": macs } })
+                    .projection(doc! { "macAddress": 1 })
+                    .await,
+            )
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        let mut cache = self.cache();
+        for d in docs {
+            if let (Ok(mac), Ok(id)) = (d.get_str("macAddress"), d.get_object_id("_id")) {
+                cache.devices.insert(mac.to_owned(), id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a write command and checks its reply for write errors.
+    async fn write(&self, command: Document) -> Result<Document, StoreError> {
+        let reply = self
+            .health
+            .watch(self.db.run_command(command).await)
+            .map_err(unavailable)?;
+        if let Ok(errors) = reply.get_array("writeErrors") {
+            return Err(StoreError::Unavailable(format!("write errors: {errors:?}")));
+        }
+        Ok(reply)
+    }
+
+    /// Fails fast while the database is known to be unreachable (between probes).
+    fn check_reachable(&self) -> Result<(), StoreError> {
+        if self.health.should_try() {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable("MongoDB is unreachable".into()))
+        }
+    }
+
+    async fn read_devices(
+        &self,
+        ids: &[ObjectId],
+    ) -> Result<HashMap<ObjectId, Device>, StoreError> {
+        let docs: Vec<Document> = self
+            .health
+            .watch(self.devices.find(doc! { "_id": { "$in": ids } }).await)
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| Some((d.get_object_id("_id").ok()?, device_from_doc(d)?)))
+            .collect())
+    }
+
+    async fn fetch_user_devices(&self, uuid: &str) -> Result<Option<Vec<Device>>, StoreError> {
+        self.check_reachable()?;
+        let user = self
+            .health
+            .watch(
+                self.users
+                    .find_one(doc! { "uuid": uuid })
+                    .projection(doc! { "allDevices": 1 })
+                    .await,
+            )
+            .map_err(unavailable)?;
+        let Some(user) = user else {
+            self.cache().users.remove(uuid);
+            return Ok(None);
+        };
+        // allDevices in its stored order (the order devices were added).
+        let order = object_ids(user.get("allDevices"));
+        if let Ok(id) = user.get_object_id("_id") {
+            let cached = CachedUser {
+                id,
+                devices: order.iter().copied().collect(),
+                read_at: Instant::now(),
+            };
+            self.cache().users.insert(uuid.to_owned(), cached);
+        }
+        let mut found = self.read_devices(&order).await?;
+        Ok(Some(
+            order.iter().filter_map(|id| found.remove(id)).collect(),
+        ))
+    }
+}
+
+#[async_trait]
+impl Store for MongoStore {
+    async fn record(&self, batch: &[Sighting]) -> Result<Recorded, StoreError> {
+        let users = self.batch_users(batch).await?;
+        let known: Vec<(&Sighting, &CachedUser)> = batch
+            .iter()
+            .filter_map(|s| users.get(&*s.uuid).map(|u| (s, u)))
+            .collect();
+        let mut recorded = Recorded {
+            written: known.len(),
+            unknown_user: batch.len() - known.len(),
+        };
+        if known.is_empty() {
+            return Ok(recorded);
+        }
+        let unknown_macs: Vec<&str> = {
+            let cache = self.cache();
+            known
+                .iter()
+                .map(|(s, _)| &*s.mac)
+                .filter(|mac| !cache.devices.contains_key(*mac))
+                .collect()
+        };
+        self.read_device_ids(unknown_macs).await?;
+
+        // One round trip for the whole batch: an upsert per device, last-seen by $max.
+        let updates: Vec<Document> = known
+            .iter()
+            .map(|(s, _)| {
+                doc! {
+                    "q": { "macAddress": &*s.mac },
+                    "u": {
+                        "$set": { "hostName": &*s.host },
+                        "$max": { "lastSeenDate": bson::DateTime::from_chrono(s.at) },
+                        "$setOnInsert": { "__v": 0_i32 },
+                    },
+                    "upsert": true,
+                }
+            })
+            .collect();
+        let reply = self
+            .write(doc! { "update": "devices", "updates": updates, "ordered": false })
+            .await?;
+        let upserted: Vec<(usize, ObjectId)> = reply
+            .get_array("upserted")
+            .map(|list| {
+                list.iter()
+                    .filter_map(|u| {
+                        let u = u.as_document()?;
+                        let index = u.get("index").and_then(bson_usize)?;
+                        Some((index, u.get_object_id("_id").ok()?))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let ids: Vec<Option<ObjectId>> = {
+            let mut cache = self.cache();
+            for &(index, id) in &upserted {
+                if let Some((s, _)) = known.get(index) {
+                    cache.devices.insert(s.mac.to_string(), id);
+                }
+            }
+            known
+                .iter()
+                .map(|(s, _)| cache.devices.get(&*s.mac).copied())
+                .collect()
+        };
+
+        // Ownership (§5 steps 2-3): a device not yet in its user's allDevices is pulled
+        // from whoever lists it and added to the user.
+        let mut moves: Vec<(ObjectId, ObjectId)> = Vec::new();
+        let mut statements = Vec::new();
+        for ((_, user), id) in known.iter().zip(&ids) {
+            let Some(id) = *id else {
+                recorded.written -= 1; // cannot happen: upserted or found above
+                continue;
+            };
+            if user.devices.contains(&id) || moves.contains(&(user.id, id)) {
+                continue;
+            }
+            statements.push(doc! {
+                "q": { "allDevices": id, "_id": { "$ne": user.id } },
+                "u": { "$pull": { "allDevices": id } },
+                "multi": true,
+            });
+            statements.push(doc! {
+                "q": { "_id": user.id },
+                "u": { "$addToSet": { "allDevices": id } },
+            });
+            moves.push((user.id, id));
+        }
+        if !statements.is_empty() {
+            self.write(doc! { "update": "users", "updates": statements, "ordered": false })
+                .await?;
+            let mut cache = self.cache();
+            for (user_id, device) in moves {
+                for user in cache.users.values_mut() {
+                    if user.id == user_id {
+                        user.devices.insert(device);
+                    } else {
+                        user.devices.remove(&device);
+                    }
+                }
+            }
+        }
+        Ok(recorded)
+    }
+
+    async fn user_exists(&self, uuid: &str) -> Result<bool, StoreError> {
+        if let Some(user) = self.cache().users.get(uuid) {
+            if user.read_at.elapsed() < USER_TTL {
+                return Ok(true);
+            }
+        }
+        self.check_reachable()?;
+        Ok(self
+            .read_users(&[uuid.to_owned()])
+            .await?
+            .contains_key(uuid))
+    }
+
+    async fn user_devices(&self, uuid: &str) -> Result<Option<Vec<Device>>, StoreError> {
+        match self.fetch_user_devices(uuid).await {
+            Ok(answer) => {
+                let mut cache = self.cache();
+                match &answer {
+                    Some(devices) => cache.answers.insert(uuid.to_owned(), devices.clone()),
+                    None => cache.answers.remove(uuid),
+                };
+                Ok(answer)
+            }
+            Err(e) => match self.cache().answers.get(uuid) {
+                Some(devices) => Ok(Some(devices.clone())),
+                None => Err(e),
+            },
+        }
+    }
+
+    async fn add_user(&self, username: &str, uuid: &str) -> Result<(), StoreError> {
+        let taken = self
+            .users
+            .find_one(doc! { "$or": [ { "username": username }, { "uuid": uuid } ] })
+            .await
+            .map_err(unavailable)?;
+        if taken.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "a user named {username:?} or with uuid {uuid} already exists"
+            )));
+        }
+        self.users
+            .insert_one(doc! {
+                "uuid": uuid,
+                "username": username,
+                "admin": false,
+                "allDevices": [],
+            })
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn users(&self) -> Result<Vec<User>, StoreError> {
+        let docs: Vec<Document> = self
+            .users
+            .find(doc! {})
+            .projection(doc! { "uuid": 1, "username": 1, "admin": 1, "allDevices": 1 })
+            .await
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        Ok(docs
+            .iter()
+            .map(|d| User {
+                uuid: d.get_str("uuid").unwrap_or_default().to_owned(),
+                username: d.get_str("username").unwrap_or_default().to_owned(),
+                admin: d.get_bool("admin").unwrap_or(false),
+                devices: object_ids(d.get("allDevices")).len(),
+            })
+            .collect())
+    }
+
+    async fn devices(&self, owner: Option<&str>) -> Result<Vec<OwnedDevice>, StoreError> {
+        let filter = owner.map_or_else(Document::new, |uuid| doc! { "uuid": uuid });
+        let users: Vec<Document> = self
+            .users
+            .find(filter)
+            .projection(doc! { "uuid": 1, "allDevices": 1 })
+            .await
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        let mut owners: HashMap<ObjectId, String> = HashMap::new();
+        let mut order: Vec<ObjectId> = Vec::new();
+        for u in &users {
+            for id in object_ids(u.get("allDevices")) {
+                owners.insert(id, u.get_str("uuid").unwrap_or_default().to_owned());
+                order.push(id);
+            }
+        }
+        let mut found = if owner.is_some() {
+            self.read_devices(&order).await?
+        } else {
+            let all: Vec<Document> = self
+                .devices
+                .find(doc! {})
+                .await
+                .map_err(unavailable)?
+                .try_collect()
+                .await
+                .map_err(unavailable)?;
+            let mut found = HashMap::new();
+            for d in &all {
+                if let (Ok(id), Some(device)) = (d.get_object_id("_id"), device_from_doc(d)) {
+                    if !owners.contains_key(&id) {
+                        order.push(id);
+                    }
+                    found.insert(id, device);
+                }
+            }
+            found
+        };
+        Ok(order
+            .iter()
+            .filter_map(|id| {
+                Some(OwnedDevice {
+                    device: found.remove(id)?,
+                    owner: owners.get(id).cloned(),
+                })
+            })
+            .collect())
+    }
+}
+
+/// Tracks whether MongoDB is reachable and logs each change once.
+#[derive(Default)]
+struct Health {
+    down: AtomicBool,
+    ever_up: AtomicBool,
+    last_try: Mutex<Option<Instant>>,
+}
+
+impl Health {
+    fn watch<T>(&self, result: mongodb::error::Result<T>) -> mongodb::error::Result<T> {
+        *self.last_try.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        match &result {
+            Err(e) if is_connectivity(e) => {
+                if !self.down.swap(true, Ordering::SeqCst) {
+                    log::warn!("MongoDB is unreachable: {e}");
+                }
+            }
+            _ => {
+                if self.down.swap(false, Ordering::SeqCst) {
+                    log::info!("MongoDB is reachable again");
+                } else if !self.ever_up.swap(true, Ordering::SeqCst) {
+                    log::info!("connected to MongoDB");
+                }
+            }
+        }
+        result
+    }
+
+    fn should_try(&self) -> bool {
+        !self.down.load(Ordering::SeqCst)
+            || self
+                .last_try
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none_or(|t| t.elapsed() >= PROBE_INTERVAL)
+    }
+}
+
+fn is_connectivity(e: &mongodb::error::Error) -> bool {
+    use mongodb::error::ErrorKind;
+    matches!(
+        *e.kind,
+        ErrorKind::ServerSelection { .. }
+            | ErrorKind::Io(_)
+            | ErrorKind::ConnectionPoolCleared { .. }
+            | ErrorKind::DnsResolve { .. }
+    ) || e.contains_label(mongodb::error::RETRYABLE_WRITE_ERROR)
+}
+
+fn command_error_code(e: &mongodb::error::Error) -> Option<i32> {
+    match &*e.kind {
+        mongodb::error::ErrorKind::Command(c) => Some(c.code),
+        _ => None,
+    }
+}
+
+fn unavailable(e: mongodb::error::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn object_ids(value: Option<&Bson>) -> Vec<ObjectId> {
+    match value {
+        Some(Bson::Array(items)) => items.iter().filter_map(Bson::as_object_id).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn bson_usize(value: &Bson) -> Option<usize> {
+    match value {
+        Bson::Int32(i) => usize::try_from(*i).ok(),
+        Bson::Int64(i) => usize::try_from(*i).ok(),
+        _ => None,
+    }
+}
+
+fn device_from_doc(d: &Document) -> Option<Device> {
+    Some(Device {
+        host: d.get_str("hostName").unwrap_or_default().to_owned(),
+        mac: d.get_str("macAddress").ok()?.to_owned(),
+        last_seen: d.get_datetime("lastSeenDate").ok()?.to_chrono(),
+    })
+}

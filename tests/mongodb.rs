@@ -1,0 +1,460 @@
+//! The MongoDB store over the real wire protocol: against the stand-in
+//! (tests/mongo/standin.py), or a real server when MONGODB_URI is set.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bson::oid::ObjectId;
+use bson::spec::ElementType;
+use bson::{doc, Bson, Document};
+use chrono::{DateTime, Utc};
+
+use common::mongo::{CommandCounter, Mongo};
+use common::Gateway;
+use elfin_actors::store::mongo::MongoStore;
+use elfin_actors::store::{Recorded, Sighting, Store};
+
+const MAC: &str = "F0FE6B2A1C3D";
+
+fn at(secs: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap()
+}
+
+fn sighting(uuid: &str, mac: &str, host: &str, secs: i64) -> Sighting {
+    Sighting {
+        uuid: uuid.into(),
+        mac: mac.into(),
+        host: host.into(),
+        at: at(secs),
+    }
+}
+
+async fn open_store(mongo: &Mongo) -> (MongoStore, CommandCounter) {
+    let (options, counter) = mongo.options().await;
+    (
+        MongoStore::with_options(options, &mongo.database).unwrap(),
+        counter,
+    )
+}
+
+/// A user written straight into the database, as the Web UI does.
+async fn web_ui_user(db: &mongodb::Database, uuid: &str, name: &str) -> ObjectId {
+    let id = ObjectId::new();
+    db.collection::<Document>("users")
+        .insert_one(doc! {
+            "_id": id, "uuid": uuid, "username": name, "password": "$2b$10$hash",
+            "admin": false, "allDevices": [], "__v": 0,
+        })
+        .await
+        .unwrap();
+    id
+}
+
+async fn user_doc(db: &mongodb::Database, uuid: &str) -> Document {
+    db.collection::<Document>("users")
+        .find_one(doc! { "uuid": uuid })
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+async fn device_doc(db: &mongodb::Database, mac: &str) -> Option<Document> {
+    db.collection::<Document>("devices")
+        .find_one(doc! { "macAddress": mac })
+        .await
+        .unwrap()
+}
+
+fn all_devices(user: &Document) -> Vec<ObjectId> {
+    user.get_array("allDevices")
+        .unwrap()
+        .iter()
+        .map(|b| b.as_object_id().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighting_of_an_unknown_user_writes_nothing() {
+    let mongo = Mongo::start();
+    let (store, _) = open_store(&mongo).await;
+    let got = store
+        .record(&[sighting("nobody", MAC, "h", 0)])
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        Recorded {
+            written: 0,
+            unknown_user: 1
+        }
+    );
+    assert!(device_doc(&mongo.db().await, MAC).await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_device_is_inserted_with_web_ui_fields_and_listed_under_its_user() {
+    let mongo = Mongo::start();
+    let db = mongo.db().await;
+    web_ui_user(&db, "ua", "alice").await;
+    let (store, _) = open_store(&mongo).await;
+    store
+        .record(&[sighting("ua", MAC, "plc-1", 10)])
+        .await
+        .unwrap();
+
+    let device = device_doc(&db, MAC).await.unwrap();
+    let types: Vec<(&str, ElementType)> = ["_id", "hostName", "macAddress", "lastSeenDate", "__v"]
+        .iter()
+        .map(|k| {
+            (
+                *k,
+                device
+                    .get(k)
+                    .map(Bson::element_type)
+                    .unwrap_or(ElementType::Undefined),
+            )
+        })
+        .collect();
+    assert_eq!(
+        types,
+        [
+            ("_id", ElementType::ObjectId),
+            ("hostName", ElementType::String),
+            ("macAddress", ElementType::String),
+            ("lastSeenDate", ElementType::DateTime),
+            ("__v", ElementType::Int32),
+        ]
+    );
+    assert_eq!(device.get_i32("__v").unwrap(), 0);
+    assert_eq!(
+        device.get_datetime("lastSeenDate").unwrap().to_chrono(),
+        at(10)
+    );
+    let user = user_doc(&db, "ua").await;
+    assert_eq!(all_devices(&user), [device.get_object_id("_id").unwrap()]);
+    assert_eq!(
+        user.get_str("password").unwrap(),
+        "$2b$10$hash",
+        "password untouched"
+    );
+    assert_eq!(
+        store.user_devices("ua").await.unwrap().unwrap()[0].host,
+        "plc-1"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_seen_never_moves_backwards_and_the_host_name_follows() {
+    let mongo = Mongo::start();
+    let db = mongo.db().await;
+    web_ui_user(&db, "ua", "alice").await;
+    let (store, _) = open_store(&mongo).await;
+    store
+        .record(&[sighting("ua", MAC, "old", 50)])
+        .await
+        .unwrap();
+    store
+        .record(&[sighting("ua", MAC, "new", 40)])
+        .await
+        .unwrap();
+    let device = device_doc(&db, MAC).await.unwrap();
+    assert_eq!(device.get_str("hostName").unwrap(), "new");
+    assert_eq!(
+        device.get_datetime("lastSeenDate").unwrap().to_chrono(),
+        at(50)
+    );
+    store
+        .record(&[sighting("ua", MAC, "new", 60)])
+        .await
+        .unwrap();
+    let device = device_doc(&db, MAC).await.unwrap();
+    assert_eq!(
+        device.get_datetime("lastSeenDate").unwrap().to_chrono(),
+        at(60)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_reporting_another_uuid_moves_to_that_user() {
+    let mongo = Mongo::start();
+    let db = mongo.db().await;
+    web_ui_user(&db, "ua", "alice").await;
+    web_ui_user(&db, "ub", "bob").await;
+    let (store, _) = open_store(&mongo).await;
+    store.record(&[sighting("ua", MAC, "h", 1)]).await.unwrap();
+    let id = device_doc(&db, MAC)
+        .await
+        .unwrap()
+        .get_object_id("_id")
+        .unwrap();
+
+    store.record(&[sighting("ub", MAC, "h", 2)]).await.unwrap();
+    assert_eq!(all_devices(&user_doc(&db, "ua").await), []);
+    assert_eq!(
+        all_devices(&user_doc(&db, "ub").await),
+        [id],
+        "same document, new owner"
+    );
+    // And back, through another store (no shared cache): still one owner.
+    let (other, _) = open_store(&mongo).await;
+    other.record(&[sighting("ua", MAC, "h", 3)]).await.unwrap();
+    assert_eq!(all_devices(&user_doc(&db, "ua").await), [id]);
+    assert_eq!(all_devices(&user_doc(&db, "ub").await), []);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_device_listed_by_nobody_is_added_to_its_user() {
+    let mongo = Mongo::start();
+    let db = mongo.db().await;
+    web_ui_user(&db, "ua", "alice").await;
+    let id = ObjectId::new();
+    db.collection::<Document>("devices")
+        .insert_one(doc! {
+            "_id": id, "hostName": "h", "macAddress": MAC,
+            "lastSeenDate": bson::DateTime::from_chrono(at(100)), "__v": 0,
+        })
+        .await
+        .unwrap();
+    let (store, _) = open_store(&mongo).await;
+    store.record(&[sighting("ua", MAC, "h", 5)]).await.unwrap();
+    assert_eq!(all_devices(&user_doc(&db, "ua").await), [id]);
+    let device = device_doc(&db, MAC).await.unwrap();
+    assert_eq!(
+        device.get_datetime("lastSeenDate").unwrap().to_chrono(),
+        at(100)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_1000_known_devices_costs_one_write_round_trip() {
+    let mongo = Mongo::start();
+    let db = mongo.db().await;
+    web_ui_user(&db, "ua", "alice").await;
+    let (store, commands) = open_store(&mongo).await;
+    let batch = |secs| -> Vec<Sighting> {
+        (0..1000)
+            .map(|i| sighting("ua", &format!("MAC{i:04}"), "h", secs))
+            .collect()
+    };
+    // First sight: new devices, so inserts and ownership updates.
+    assert_eq!(store.record(&batch(1)).await.unwrap().written, 1000);
+    assert_eq!(all_devices(&user_doc(&db, "ua").await).len(), 1000);
+    commands.take();
+    if mongo.is_standin() {
+        mongo.standin_reset().await;
+    }
+
+    // Steady state: every device known and owned.
+    assert_eq!(store.record(&batch(2)).await.unwrap().written, 1000);
+    assert_eq!(commands.take(), ["update"], "driver-side: one command");
+    if mongo.is_standin() {
+        assert_eq!(
+            mongo.standin_counts().await,
+            doc! { "update": 1 },
+            "server-side"
+        );
+    }
+    let device = device_doc(&db, "MAC0999").await.unwrap();
+    assert_eq!(
+        device.get_datetime("lastSeenDate").unwrap().to_chrono(),
+        at(2)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_added_directly_in_the_database_are_picked_up() {
+    let mongo = Mongo::start();
+    let env: Vec<(&str, String)> = mongo.gateway_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let gw = Gateway::start(&env);
+    let db = mongo.db().await;
+    web_ui_user(&db, "web-ui-user", "carol").await;
+    let (_device, _client) = tokio::task::spawn_blocking(move || {
+        let device = gw.device("web-ui-user", MAC, "plc-1");
+        let client = gw.tunnel("web-ui-user", MAC);
+        (device, (client, gw))
+    })
+    .await
+    .unwrap();
+    for _ in 0..100 {
+        if !all_devices(&user_doc(&db, "web-ui-user").await).is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the device was not added to the Web UI user");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_creates_its_indexes_at_start() {
+    let mongo = Mongo::start();
+    let env: Vec<(&str, String)> = mongo.gateway_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let _gw = Gateway::start(&env);
+    let db = mongo.db().await;
+    for _ in 0..100 {
+        let users = db.collection::<Document>("users").list_index_names().await;
+        let devices = db
+            .collection::<Document>("devices")
+            .list_index_names()
+            .await;
+        if let (Ok(users), Ok(devices)) = (users, devices) {
+            if users.iter().any(|n| n == "uuid_1") && devices.iter().any(|n| n == "macAddress_1") {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("indexes not created");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_to_end_on_mongodb_like_on_the_embedded_store() {
+    let mongo = Mongo::start();
+    let env: Vec<(&str, String)> = mongo.gateway_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let gw = Gateway::start(&env);
+    tokio::task::spawn_blocking(move || {
+        let uuid = gw.add_user("alice");
+        assert!(gw.cli(&["user", "list"]).contains(&uuid));
+        let mut device = gw.device(&uuid, MAC, "plc-1");
+        let mut client = gw.tunnel(&uuid, MAC);
+        client.send(format!("data;{uuid};T1;T1;1;\x00\x01;\n").as_bytes());
+        assert_eq!(device.bytes(4), b"\x00\x01;\n");
+        device.send(
+            &[
+                format!("data;{uuid};{MAC};plc-1;0;").as_bytes(),
+                b"\xff\xfe",
+            ]
+            .concat(),
+        );
+        assert_eq!(client.bytes(2), b"\xff\xfe");
+        let listed = gw.query(&uuid);
+        assert_eq!(listed[0]["macaddress"], MAC);
+        // Written to the database by the batch flush.
+        let deadline = std::time::Instant::now() + common::TIMEOUT;
+        while !gw.cli(&["device", "list", &uuid]).contains(MAC) {
+            assert!(std::time::Instant::now() < deadline, "device never written");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_loses_no_sighting() {
+    let mut mongo = Mongo::start();
+    let db = mongo.db().await;
+    web_ui_user(&db, "ua", "alice").await;
+    let env: Vec<(&str, String)> = mongo.gateway_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let gw = Arc::new(Gateway::start(&env));
+
+    let g = gw.clone();
+    let before = tokio::task::spawn_blocking(move || g.device("ua", "AAAAAAAAAAAA", "before"))
+        .await
+        .unwrap();
+    wait_for_device(&db, "AAAAAAAAAAAA").await;
+
+    mongo.stop();
+    let g = gw.clone();
+    let (during, query) = tokio::task::spawn_blocking(move || {
+        // Traffic goes on while the database is down, and query answers from memory.
+        let mut during = g.device("ua", "BBBBBBBBBBBB", "during");
+        let started = std::time::Instant::now();
+        let listed = g.query("ua");
+        let took = started.elapsed();
+        during.send(b"beat;ua;BBBBBBBBBBBB;renamed;0");
+        std::thread::sleep(Duration::from_millis(300));
+        (during, (listed, took))
+    })
+    .await
+    .unwrap();
+    let (listed, took) = query;
+    let macs: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["macaddress"].as_str().unwrap())
+        .collect();
+    assert!(
+        macs.contains(&"AAAAAAAAAAAA") && macs.contains(&"BBBBBBBBBBBB"),
+        "{listed}"
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "query took {took:?} during the outage"
+    );
+    assert!(wait_log(&gw, "database write failed").await);
+
+    mongo.restart();
+    let device = wait_for_device(&db, "BBBBBBBBBBBB").await;
+    for _ in 0..200 {
+        let device = device_doc(&db, "BBBBBBBBBBBB").await.unwrap();
+        if device.get_str("hostName").unwrap() == "renamed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        device_doc(&db, "BBBBBBBBBBBB")
+            .await
+            .unwrap()
+            .get_str("hostName")
+            .unwrap(),
+        "renamed"
+    );
+    assert!(all_devices(&user_doc(&db, "ua").await).contains(&device.get_object_id("_id").unwrap()));
+    assert!(wait_log(&gw, "database is back").await);
+    drop((before, during));
+}
+
+async fn wait_for_device(db: &mongodb::Database, mac: &str) -> Document {
+    for _ in 0..300 {
+        if let Ok(Some(d)) = db
+            .collection::<Document>("devices")
+            .find_one(doc! { "macAddress": mac })
+            .await
+        {
+            return d;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{mac} never written");
+}
+
+async fn wait_log(gw: &Gateway, text: &str) -> bool {
+    for _ in 0..200 {
+        if gw.log_contains(text) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_starts_and_tunnels_while_mongodb_is_down() {
+    let mut mongo = Mongo::start();
+    let db = mongo.db().await;
+    web_ui_user(&db, "ua", "alice").await;
+    mongo.stop();
+    let env: Vec<(&str, String)> = mongo.gateway_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let gw = Gateway::start(&env);
+    let (device, client) = tokio::task::spawn_blocking(move || {
+        let mut device = gw.device("ua", MAC, "plc-1");
+        let mut client = gw.tunnel("ua", MAC);
+        device.send(format!("data;ua;{MAC};plc-1;0;up").as_bytes());
+        assert_eq!(client.bytes(2), b"up");
+        (device, (client, gw))
+    })
+    .await
+    .unwrap();
+    mongo.restart();
+    wait_for_device(&db, MAC).await;
+    drop((device, client));
+}
