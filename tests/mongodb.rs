@@ -266,9 +266,7 @@ async fn a_batch_of_1000_known_devices_costs_one_write_round_trip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_added_directly_in_the_database_are_picked_up() {
     let mongo = Mongo::start();
-    let env: Vec<(&str, String)> = mongo.gateway_env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let gw = Gateway::start(&env);
+    let gw = mongo.gateway();
     let db = mongo.db().await;
     web_ui_user(&db, "web-ui-user", "carol").await;
     let (_device, _client) = tokio::task::spawn_blocking(move || {
@@ -290,9 +288,7 @@ async fn users_added_directly_in_the_database_are_picked_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_creates_its_indexes_at_start() {
     let mongo = Mongo::start();
-    let env: Vec<(&str, String)> = mongo.gateway_env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let _gw = Gateway::start(&env);
+    let _gw = mongo.gateway();
     let db = mongo.db().await;
     for _ in 0..100 {
         let users = db.collection::<Document>("users").list_index_names().await;
@@ -313,9 +309,7 @@ async fn the_gateway_creates_its_indexes_at_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn end_to_end_on_mongodb_like_on_the_embedded_store() {
     let mongo = Mongo::start();
-    let env: Vec<(&str, String)> = mongo.gateway_env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let gw = Gateway::start(&env);
+    let gw = mongo.gateway();
     tokio::task::spawn_blocking(move || {
         let uuid = gw.add_user("alice");
         assert!(gw.cli(&["user", "list"]).contains(&uuid));
@@ -349,9 +343,7 @@ async fn a_database_outage_loses_no_sighting() {
     let mut mongo = Mongo::start();
     let db = mongo.db().await;
     web_ui_user(&db, "ua", "alice").await;
-    let env: Vec<(&str, String)> = mongo.gateway_env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let gw = Arc::new(Gateway::start(&env));
+    let gw = Arc::new(mongo.gateway());
 
     let g = gw.clone();
     let before = tokio::task::spawn_blocking(move || g.device("ua", "AAAAAAAAAAAA", "before"))
@@ -442,9 +434,7 @@ async fn the_gateway_starts_and_tunnels_while_mongodb_is_down() {
     let db = mongo.db().await;
     web_ui_user(&db, "ua", "alice").await;
     mongo.stop();
-    let env: Vec<(&str, String)> = mongo.gateway_env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let gw = Gateway::start(&env);
+    let gw = mongo.gateway();
     let (device, client) = tokio::task::spawn_blocking(move || {
         let mut device = gw.device("ua", MAC, "plc-1");
         let mut client = gw.tunnel("ua", MAC);
@@ -457,4 +447,22 @@ async fn the_gateway_starts_and_tunnels_while_mongodb_is_down() {
     mongo.restart();
     wait_for_device(&db, MAC).await;
     drop((device, client));
+}
+
+#[test]
+fn relay_uris_keep_credentials_and_options() {
+    use common::mongo::{host_port, through_relay};
+    assert_eq!(
+        through_relay("mongodb://u:p@db.example:27018/admin?tls=false", 4000),
+        "mongodb://u:p@127.0.0.1:4000/admin?tls=false&directConnection=true"
+    );
+    assert_eq!(
+        through_relay("mongodb://localhost", 4000),
+        "mongodb://127.0.0.1:4000/?directConnection=true"
+    );
+    assert_eq!(
+        host_port("mongodb://u:p@db.example:27018/admin"),
+        "db.example:27018"
+    );
+    assert_eq!(host_port("mongodb://localhost/?x=1"), "localhost:27017");
 }

@@ -60,11 +60,9 @@ impl Mongo {
         );
         match std::env::var("MONGODB_URI") {
             Ok(uri) if !uri.is_empty() => {
-                let target = host_port(&uri);
-                let relay = Relay::start(target);
-                let uri = format!("mongodb://127.0.0.1:{}/?directConnection=true", relay.port);
+                let relay = Relay::start(host_port(&uri));
                 Mongo {
-                    uri: uri.clone(),
+                    uri: through_relay(&uri, relay.port),
                     database,
                     backend: Backend::Real { uri, relay },
                 }
@@ -160,15 +158,16 @@ impl Mongo {
             .unwrap();
     }
 
-    /// Settings for a gateway on this database.
-    pub fn gateway_env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("ELFIN__STORAGE__BACKEND", "mongodb".into()),
-            ("ELFIN__MONGODB__URI", self.uri.clone()),
-            ("ELFIN__MONGODB__DATABASE", self.database.clone()),
-            ("ELFIN__MONGODB__SERVER_SELECTION_TIMEOUT_MS", "1000".into()),
-            ("ELFIN__MONGODB__CONNECT_TIMEOUT_MS", "1000".into()),
-        ]
+    /// A gateway storing in this database (short driver timeouts, so that outage
+    /// tests run fast).
+    pub fn gateway(&self) -> super::Gateway {
+        super::Gateway::start(&[
+            ("ELFIN__STORAGE__BACKEND", "mongodb"),
+            ("ELFIN__MONGODB__URI", &self.uri),
+            ("ELFIN__MONGODB__DATABASE", &self.database),
+            ("ELFIN__MONGODB__SERVER_SELECTION_TIMEOUT_MS", "1000"),
+            ("ELFIN__MONGODB__CONNECT_TIMEOUT_MS", "1000"),
+        ])
     }
 }
 
@@ -236,7 +235,27 @@ fn spawn_standin(port: u16, state: &std::path::Path) -> (Child, ChildStdin, u16)
     (child, stdin, port)
 }
 
-fn host_port(uri: &str) -> String {
+/// The same URI (credentials and options kept) with the relay as its only host.
+pub fn through_relay(uri: &str, port: u16) -> String {
+    let (scheme, rest) = uri
+        .split_once("://")
+        .expect("MONGODB_URI must be a mongodb:// URI");
+    assert_eq!(
+        scheme, "mongodb",
+        "the outage tests relay MONGODB_URI: use a mongodb:// URI"
+    );
+    let (hosts_part, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    let credentials = hosts_part
+        .rsplit_once('@')
+        .map(|(c, _)| format!("{c}@"))
+        .unwrap_or_default();
+    let tail = if tail.is_empty() { "/" } else { tail };
+    let joiner = if tail.contains('?') { "&" } else { "?" };
+    format!("mongodb://{credentials}127.0.0.1:{port}{tail}{joiner}directConnection=true")
+}
+
+/// The first host of a URI (a standalone server, or the member the relay goes to).
+pub fn host_port(uri: &str) -> String {
     let rest = uri.split("://").nth(1).unwrap_or(uri);
     let rest = rest.rsplit('@').next().unwrap_or(rest);
     let host = rest.split(['/', '?', ',']).next().unwrap_or(rest);

@@ -26,7 +26,7 @@ use bson::oid::ObjectId;
 use bson::{doc, Bson, Document};
 use futures::TryStreamExt;
 use mongodb::options::ClientOptions;
-use mongodb::{Client, Collection, Database, IndexModel};
+use mongodb::{Client, Collection, Cursor, Database, IndexModel};
 use tokio::time::Instant;
 
 use super::{Device, OwnedDevice, Recorded, Sighting, Store, StoreError, User};
@@ -119,6 +119,17 @@ impl MongoStore {
         });
     }
 
+    /// Runs a `find` and collects all its documents, noting reachability.
+    async fn collect(
+        &self,
+        find: impl std::future::IntoFuture<Output = mongodb::error::Result<Cursor<Document>>>,
+    ) -> Result<Vec<Document>, StoreError> {
+        let cursor = self.health.watch(find.await).map_err(unavailable)?;
+        self.health
+            .watch(cursor.try_collect().await)
+            .map_err(unavailable)
+    }
+
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -128,18 +139,13 @@ impl MongoStore {
         &self,
         uuids: &[String],
     ) -> Result<HashMap<String, CachedUser>, StoreError> {
-        let docs: Vec<Document> = self
-            .health
-            .watch(
+        let docs = self
+            .collect(
                 self.users
                     .find(doc! { "uuid": { "$in": uuids } })
-                    .projection(doc! { "uuid": 1, "allDevices": 1 })
-                    .await,
+                    .projection(doc! { "uuid": 1, "allDevices": 1 }),
             )
-            .map_err(unavailable)?
-            .try_collect()
-            .await
-            .map_err(unavailable)?;
+            .await?;
         let read_at = Instant::now();
         let found: HashMap<String, CachedUser> = docs
             .iter()
@@ -195,18 +201,13 @@ impl MongoStore {
         if macs.is_empty() {
             return Ok(());
         }
-        let docs: Vec<Document> = self
-            .health
-            .watch(
+        let docs = self
+            .collect(
                 self.devices
                     .find(doc! { "macAddress": { "$in": macs } })
-                    .projection(doc! { "macAddress": 1 })
-                    .await,
+                    .projection(doc! { "macAddress": 1 }),
             )
-            .map_err(unavailable)?
-            .try_collect()
-            .await
-            .map_err(unavailable)?;
+            .await?;
         let mut cache = self.cache();
         for d in docs {
             if let (Ok(mac), Ok(id)) = (d.get_str("macAddress"), d.get_object_id("_id")) {
@@ -241,13 +242,9 @@ impl MongoStore {
         &self,
         ids: &[ObjectId],
     ) -> Result<HashMap<ObjectId, Device>, StoreError> {
-        let docs: Vec<Document> = self
-            .health
-            .watch(self.devices.find(doc! { "_id": { "$in": ids } }).await)
-            .map_err(unavailable)?
-            .try_collect()
-            .await
-            .map_err(unavailable)?;
+        let docs = self
+            .collect(self.devices.find(doc! { "_id": { "$in": ids } }))
+            .await?;
         Ok(docs
             .iter()
             .filter_map(|d| Some((d.get_object_id("_id").ok()?, device_from_doc(d)?)))
@@ -448,15 +445,13 @@ impl Store for MongoStore {
     }
 
     async fn users(&self) -> Result<Vec<User>, StoreError> {
-        let docs: Vec<Document> = self
-            .users
-            .find(doc! {})
-            .projection(doc! { "uuid": 1, "username": 1, "admin": 1, "allDevices": 1 })
-            .await
-            .map_err(unavailable)?
-            .try_collect()
-            .await
-            .map_err(unavailable)?;
+        let docs = self
+            .collect(
+                self.users
+                    .find(doc! {})
+                    .projection(doc! { "uuid": 1, "username": 1, "admin": 1, "allDevices": 1 }),
+            )
+            .await?;
         Ok(docs
             .iter()
             .map(|d| User {
@@ -470,15 +465,13 @@ impl Store for MongoStore {
 
     async fn devices(&self, owner: Option<&str>) -> Result<Vec<OwnedDevice>, StoreError> {
         let filter = owner.map_or_else(Document::new, |uuid| doc! { "uuid": uuid });
-        let users: Vec<Document> = self
-            .users
-            .find(filter)
-            .projection(doc! { "uuid": 1, "allDevices": 1 })
-            .await
-            .map_err(unavailable)?
-            .try_collect()
-            .await
-            .map_err(unavailable)?;
+        let users = self
+            .collect(
+                self.users
+                    .find(filter)
+                    .projection(doc! { "uuid": 1, "allDevices": 1 }),
+            )
+            .await?;
         let mut owners: HashMap<ObjectId, String> = HashMap::new();
         let mut order: Vec<ObjectId> = Vec::new();
         for u in &users {
@@ -490,14 +483,7 @@ impl Store for MongoStore {
         let mut found = if owner.is_some() {
             self.read_devices(&order).await?
         } else {
-            let all: Vec<Document> = self
-                .devices
-                .find(doc! {})
-                .await
-                .map_err(unavailable)?
-                .try_collect()
-                .await
-                .map_err(unavailable)?;
+            let all = self.collect(self.devices.find(doc! {})).await?;
             let mut found = HashMap::new();
             for d in &all {
                 if let (Ok(id), Some(device)) = (d.get_object_id("_id"), device_from_doc(d)) {
