@@ -21,6 +21,7 @@ use crate::settings::Settings;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    raise_open_files_limit();
     let store = crate::open_store(&settings, true).await?;
     let (hub, mut all_closed) = Hub::start(store, settings.gateway_config()?);
     if !settings.metrics.listen.is_empty() {
@@ -101,6 +102,18 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     log::info!("stopped");
     Ok(())
+}
+
+/// Each connection is a file descriptor: lift the soft limit (often 1024) to the hard
+/// one, so the gateway can hold as many devices as the system allows.
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < 10_000 => {
+            log::warn!("open files limit is {limit}: at most about that many connections")
+        }
+        Ok(limit) => log::debug!("open files limit: {limit}"),
+        Err(e) => log::warn!("cannot raise the open files limit: {e}"),
+    }
 }
 
 fn worker_count(settings: &Settings) -> usize {
