@@ -47,7 +47,7 @@ impl Default for Server {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:3001".into(),
-            workers: 0,
+            workers: 1,
             read_buffer_bytes: 64 * 1024,
             output_queue_chunks: 64,
             tunnel_stall_secs: 30,

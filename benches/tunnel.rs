@@ -1,0 +1,202 @@
+//! Tunnel throughput and latency: the gateway against a raw tokio relay, side by side.
+//!
+//! `cargo bench --bench tunnel` starts the release binary on a temporary database, adds
+//! a user, connects a simulated device and client, and measures
+//! - throughput: one data message streaming 1 GiB from the client to the device;
+//! - latency: 64-byte request/response round trips (client -> device -> client);
+//!
+//! and the same through a relay that only does `tokio::io::copy_bidirectional`.
+//! Everything runs on loopback; the numbers include this process's own work.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+const BULK: usize = 1 << 30;
+const ROUND_TRIPS: usize = 20_000;
+const MAC: &str = "BENCH0000001";
+
+/// A connected device and client, and what each must put before its bytes.
+struct Tunnel {
+    device: TcpStream,
+    client: TcpStream,
+    client_header: Vec<u8>,
+    device_header: Vec<u8>,
+}
+
+async fn connect(port: u16) -> TcpStream {
+    let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+}
+
+/// A relay that pairs the first two connections and copies bytes both ways.
+async fn raw_relay() -> Tunnel {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut a, _) = listener.accept().await.unwrap();
+        let (mut b, _) = listener.accept().await.unwrap();
+        a.set_nodelay(true).unwrap();
+        b.set_nodelay(true).unwrap();
+        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+    });
+    let device = connect(port).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let client = connect(port).await;
+    Tunnel {
+        device,
+        client,
+        client_header: Vec::new(),
+        device_header: Vec::new(),
+    }
+}
+
+async fn gateway_tunnel(port: u16, uuid: &str) -> Tunnel {
+    let mut device = connect(port).await;
+    device
+        .write_all(format!("beat;{uuid};{MAC};bench;0").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut client = connect(port).await;
+    client
+        .write_all(format!("connme;{uuid};{MAC}").as_bytes())
+        .await
+        .unwrap();
+    let mut reply = [0u8; 21];
+    client.read_exact(&mut reply).await.unwrap();
+    assert_eq!(&reply, b"{\"status\":\"success\"}\n");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Tunnel {
+        device,
+        client,
+        client_header: format!("data;{uuid};T1;T1;1;").into_bytes(),
+        device_header: format!("data;{uuid};{MAC};bench;0;").into_bytes(),
+    }
+}
+
+/// MB/s of one data message streaming BULK bytes from the client to the device.
+async fn throughput(t: Tunnel) -> f64 {
+    let Tunnel {
+        mut device,
+        client,
+        client_header,
+        ..
+    } = t;
+    let (_read, mut write) = client.into_split();
+    let started = Instant::now();
+    let sender = tokio::spawn(async move {
+        write.write_all(&client_header).await.unwrap();
+        let chunk = vec![0x5a_u8; 64 * 1024];
+        for _ in 0..BULK / chunk.len() {
+            write.write_all(&chunk).await.unwrap();
+        }
+        write
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut received = 0;
+    while received < BULK {
+        let n = device.read(&mut buf).await.unwrap();
+        assert!(n > 0, "tunnel closed after {received} bytes");
+        received += n;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    drop(sender.await);
+    BULK as f64 / secs / 1e6
+}
+
+/// p50, p99 and p99.9 in microseconds of 64-byte round trips.
+async fn latency(t: Tunnel) -> [f64; 3] {
+    let Tunnel {
+        mut device,
+        mut client,
+        client_header,
+        device_header,
+    } = t;
+    let request = [client_header, vec![0x11; 64]].concat();
+    let response = [device_header, vec![0x22; 64]].concat();
+    let mut buf = [0u8; 64];
+    let mut samples = Vec::with_capacity(ROUND_TRIPS);
+    for i in 0..ROUND_TRIPS + 1000 {
+        let started = Instant::now();
+        client.write_all(&request).await.unwrap();
+        device.read_exact(&mut buf).await.unwrap();
+        device.write_all(&response).await.unwrap();
+        client.read_exact(&mut buf).await.unwrap();
+        if i >= 1000 {
+            samples.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    [at(0.5), at(0.99), at(0.999)]
+}
+
+#[tokio::main]
+async fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = env!("CARGO_BIN_EXE_elfin-gateway");
+    let env = [
+        ("ELFIN__SERVER__LISTEN", "127.0.0.1:0"),
+        ("ELFIN__LOG__LEVEL", "info"),
+    ];
+    let out = Command::new(binary)
+        .current_dir(dir.path())
+        .envs(env)
+        .args(["user", "add", "bench"])
+        .output()
+        .unwrap();
+    let uuid = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut gateway = tokio::process::Command::new(binary)
+        .current_dir(dir.path())
+        .envs(env)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut log = BufReader::new(gateway.stderr.take().unwrap()).lines();
+    let port: u16 = loop {
+        let line = log.next_line().await.unwrap().expect("gateway exited");
+        if let Some(rest) = line.split(" listening on ").nth(1) {
+            let addr = rest.split_whitespace().next().unwrap();
+            break addr.rsplit(':').next().unwrap().parse().unwrap();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+
+    let raw_mbs = throughput(raw_relay().await).await;
+    let gw_mbs = throughput(gateway_tunnel(port, &uuid).await).await;
+    let raw_rtt = latency(raw_relay().await).await;
+    let gw_rtt = latency(gateway_tunnel(port, &uuid).await).await;
+
+    println!(
+        "tunnel benchmark (loopback, {} cores)",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    println!(
+        "{:<22} {:>10} {:>10} {:>10} {:>10}",
+        "", "MB/s", "p50 us", "p99 us", "p99.9 us"
+    );
+    for (name, mbs, rtt) in [
+        ("raw tokio relay", raw_mbs, raw_rtt),
+        ("elfin-gateway", gw_mbs, gw_rtt),
+    ] {
+        println!(
+            "{name:<22} {mbs:>10.0} {:>10.1} {:>10.1} {:>10.1}",
+            rtt[0], rtt[1], rtt[2]
+        );
+    }
+    println!(
+        "gateway / raw: throughput {:.2}x, added p50 latency {:.1} us",
+        gw_mbs / raw_mbs,
+        gw_rtt[0] - raw_rtt[0]
+    );
+}
