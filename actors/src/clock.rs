@@ -31,11 +31,9 @@ pub struct Stamp(u64);
 
 impl Stamp {
     pub fn now() -> Self {
-        Self::from_instant(Instant::now())
-    }
-
-    pub fn from_instant(at: Instant) -> Self {
-        let nanos = at.saturating_duration_since(anchor().0).as_nanos();
+        let nanos = Instant::now()
+            .saturating_duration_since(anchor().0)
+            .as_nanos();
         Self(u64::try_from(nanos).unwrap_or(u64::MAX))
     }
 
