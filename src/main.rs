@@ -1,20 +1,19 @@
-//! `elfin-gateway`: the command line. `serve` (the default) runs the gateway; `user`
-//! and `device` are operator commands on its database.
+//! `elfin-gateway`: the command line. `serve` (the default) runs the gateway until
+//! SIGTERM or Ctrl-C; `user` and `device` are operator commands on its database.
+//! Everything else lives in the `elfin-actors` library.
 
-mod server;
 mod settings;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
 
-use std::time::Duration;
-
-use elfin_actors::store::embedded::EmbeddedStore;
-use elfin_actors::store::mongo::MongoStore;
-use elfin_actors::store::Store;
+use elfin_actors::store::{self, Store};
+use elfin_actors::Hub;
 use settings::Settings;
 
 #[derive(Parser)]
@@ -77,7 +76,7 @@ fn main() -> ExitCode {
         .init();
     let result = actix_rt::System::new().block_on(async move {
         match cli.command.unwrap_or(Command::Serve) {
-            Command::Serve => server::run(settings).await,
+            Command::Serve => serve(settings).await,
             Command::User(cmd) => user_command(&settings, cmd).await,
             Command::Device(DeviceCommand::List { uuid }) => list_devices(&settings, uuid).await,
         }
@@ -91,37 +90,75 @@ fn main() -> ExitCode {
     }
 }
 
-/// Opens the configured store. For the gateway itself (`serving`), MongoDB indexes are
-/// created in the background, so it starts even when MongoDB is down.
-pub async fn open_store(settings: &Settings, serving: bool) -> anyhow::Result<Arc<dyn Store>> {
-    match settings.storage.backend.as_str() {
-        "mongodb" => {
-            let m = &settings.mongodb;
-            let store = Arc::new(
-                MongoStore::connect(
-                    &m.uri,
-                    &m.database,
-                    Duration::from_millis(m.connect_timeout_ms),
-                    Duration::from_millis(m.server_selection_timeout_ms),
-                )
-                .await?,
-            );
-            if serving {
-                store.ensure_indexes_in_background();
-            }
-            Ok(store)
+/// Runs the gateway. Start-up fails with one line naming the cause, before any actor
+/// starts: the port is bound and the store opened first.
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    raise_open_files_limit();
+    let addr = settings.listen_addr()?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let store = store::open(&settings.store_backend(), true).await?;
+    let config = settings.gateway_config()?;
+    if !settings.metrics.listen.is_empty() {
+        let addr = settings.metrics.listen.parse::<std::net::SocketAddr>()?;
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .context("cannot start the metrics endpoint")?;
+        log::info!("metrics on http://{addr}/metrics");
+    }
+    log::info!(
+        "elfin-gateway {} listening on {} ({} storage)",
+        env!("CARGO_PKG_VERSION"),
+        listener.local_addr()?,
+        settings.storage.backend
+    );
+    let hub = Hub::start(store, config);
+    elfin_actors::serve(listener, hub, shutdown_signal()).await?;
+    log::info!("stopped");
+    Ok(())
+}
+
+/// Each connection is a file descriptor: lift the soft limit (often 1024) to the hard
+/// one, so the gateway can hold as many devices as the system allows.
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < 10_000 => {
+            log::warn!("open files limit is {limit}: at most about that many connections")
         }
-        _ => Ok(Arc::new(EmbeddedStore::open(&settings.storage.path)?)),
+        Ok(limit) => log::debug!("open files limit: {limit}"),
+        Err(e) => log::warn!("cannot raise the open files limit: {e}"),
     }
 }
 
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            log::warn!("cannot watch SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(store::open(&settings.store_backend(), false).await?)
+}
+
 async fn user_command(settings: &Settings, cmd: UserCommand) -> anyhow::Result<()> {
-    let store = open_store(settings, false).await?;
+    let store = open_store(settings).await?;
     match cmd {
         UserCommand::Add { name, uuid } => {
             let uuid = uuid.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-            if uuid.is_empty() || uuid.contains([';', '\r', '\n']) || uuid.len() > 128 {
-                anyhow::bail!("a uuid must be 1-128 characters without ';' or line breaks");
+            if let Err(e) = elfin_actors::frame::check_uuid(&uuid) {
+                anyhow::bail!("invalid uuid {uuid:?}: {e}");
             }
             store.add_user(&name, &uuid).await?;
             println!("{uuid}");
@@ -139,7 +176,7 @@ async fn user_command(settings: &Settings, cmd: UserCommand) -> anyhow::Result<(
 }
 
 async fn list_devices(settings: &Settings, owner: Option<String>) -> anyhow::Result<()> {
-    let store = open_store(settings, false).await?;
+    let store = open_store(settings).await?;
     let zone = settings.time_zone()?;
     println!("{:<20}  {:<24}  {:<22}  OWNER", "MAC", "HOST", "LAST SEEN");
     for d in store.devices(owner.as_deref()).await? {

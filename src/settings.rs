@@ -3,6 +3,9 @@
 //! Every key has a default (the same ones `settings.toml` documents), so the file is
 //! optional when it is not named explicitly. Values are checked at start-up; an error
 //! names the key.
+//!
+//! (Over 400 lines: one plain struct per settings section, their defaults and checks;
+//! each section is short, and keeping them together keeps `settings.toml` reviewable.)
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,7 +17,8 @@ use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
 use elfin_actors::query::QueryFormat;
-use elfin_actors::Config;
+use elfin_actors::store::Backend as StoreBackend;
+use elfin_actors::{Config, Workers};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -39,6 +43,8 @@ pub struct Server {
     pub read_buffer_bytes: usize,
     pub output_queue_chunks: usize,
     pub tunnel_stall_secs: u64,
+    /// How long a payload tail that could start the next header waits for the rest.
+    pub header_hold_ms: u64,
     /// TCP keepalive idle time; 0 = off.
     pub keepalive_secs: u64,
 }
@@ -51,6 +57,7 @@ impl Default for Server {
             read_buffer_bytes: 64 * 1024,
             output_queue_chunks: 64,
             tunnel_stall_secs: 30,
+            header_hold_ms: 5,
             keepalive_secs: 60,
         }
     }
@@ -59,23 +66,76 @@ impl Default for Server {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Storage {
-    pub backend: String,
+    pub backend: Backend,
     pub path: PathBuf,
 }
 
 impl Default for Storage {
     fn default() -> Self {
         Self {
-            backend: "embedded".into(),
+            backend: Backend::Embedded,
             path: "data/elfin.db".into(),
         }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Embedded,
+    Mongodb,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Embedded => "embedded",
+            Backend::Mongodb => "mongodb",
+        })
+    }
+}
+
+/// A connection string that may hold a password: shown masked in `Debug` (and so in
+/// every log line and error that prints settings).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUri(String);
+
+impl SecretUri {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for SecretUri {
+    fn from(uri: &str) -> Self {
+        Self(uri.to_owned())
+    }
+}
+
+impl std::fmt::Debug for SecretUri {
+    /// `scheme://user:****@host…`: the password, if any, is replaced.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let uri = &self.0;
+        let masked = uri.find("://").and_then(|scheme| {
+            let rest = &uri[scheme + 3..];
+            let at = rest.find('@')?;
+            let colon = rest[..at].find(':')?;
+            Some(format!(
+                "{}{}:****{}",
+                &uri[..scheme + 3],
+                &rest[..colon],
+                &rest[at..]
+            ))
+        });
+        write!(f, "{:?}", masked.as_deref().unwrap_or(uri))
     }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Mongodb {
-    pub uri: String,
+    pub uri: SecretUri,
     pub database: String,
     pub connect_timeout_ms: u64,
     pub server_selection_timeout_ms: u64,
@@ -84,7 +144,7 @@ pub struct Mongodb {
 impl Default for Mongodb {
     fn default() -> Self {
         Self {
-            uri: "mongodb://localhost:27017".into(),
+            uri: SecretUri::from("mongodb://localhost:27017"),
             database: "elfinconnect".into(),
             connect_timeout_ms: 5_000,
             server_selection_timeout_ms: 5_000,
@@ -209,12 +269,6 @@ impl Settings {
                 self.query.time_format
             );
         }
-        if !matches!(self.storage.backend.as_str(), "embedded" | "mongodb") {
-            bail!(
-                "settings: storage.backend: {:?} is not one of \"embedded\", \"mongodb\"",
-                self.storage.backend
-            );
-        }
         for (key, value) in [
             ("heartbeat.debounce_secs", self.heartbeat.debounce_secs),
             (
@@ -235,6 +289,7 @@ impl Settings {
                 self.server.output_queue_chunks as u64,
             ),
             ("server.tunnel_stall_secs", self.server.tunnel_stall_secs),
+            ("server.header_hold_ms", self.server.header_hold_ms),
         ] {
             if value == 0 {
                 bail!("settings: {key}: must be greater than 0");
@@ -270,8 +325,29 @@ impl Settings {
         })
     }
 
-    /// What the protocol actors need.
+    /// The database the settings name.
+    pub fn store_backend(&self) -> StoreBackend {
+        match self.storage.backend {
+            Backend::Embedded => StoreBackend::Embedded {
+                path: self.storage.path.clone(),
+            },
+            Backend::Mongodb => StoreBackend::Mongodb {
+                uri: self.mongodb.uri.expose().to_owned(),
+                database: self.mongodb.database.clone(),
+                connect_timeout: Duration::from_millis(self.mongodb.connect_timeout_ms),
+                server_selection_timeout: Duration::from_millis(
+                    self.mongodb.server_selection_timeout_ms,
+                ),
+            },
+        }
+    }
+
+    /// What the gateway library needs.
     pub fn gateway_config(&self) -> anyhow::Result<Config> {
+        let workers = match self.server.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
         Ok(Config {
             require_known_user: self.auth.require_known_user,
             query: QueryFormat {
@@ -282,9 +358,13 @@ impl Settings {
             debounce: Duration::from_secs(self.heartbeat.debounce_secs),
             flush_interval: Duration::from_millis(self.persistence.flush_interval_ms),
             max_batch: self.persistence.max_batch,
+            shutdown_timeout: Duration::from_secs(self.persistence.shutdown_timeout_secs),
             out_queue: self.server.output_queue_chunks,
             read_buffer: self.server.read_buffer_bytes,
             stall_timeout: Duration::from_secs(self.server.tunnel_stall_secs),
+            header_hold: Duration::from_millis(self.server.header_hold_ms),
+            keepalive: Duration::from_secs(self.server.keepalive_secs),
+            workers: Workers::Threads(workers),
         })
     }
 }
@@ -315,6 +395,22 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(shipped, defaults);
+    }
+
+    #[test]
+    fn a_password_in_the_mongodb_uri_never_prints() {
+        let mut s = Settings::default();
+        s.mongodb.uri = SecretUri::from("mongodb://gw:hunter2@db.example:27017/?tls=true");
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("mongodb://gw:****@db.example:27017/?tls=true"),
+            "{shown}"
+        );
+        assert_eq!(
+            format!("{:?}", SecretUri::from("mongodb://localhost")),
+            "\"mongodb://localhost\""
+        );
     }
 
     #[test]

@@ -6,14 +6,13 @@
 //! starts timer 2, and every later frame restarts timer 2. When timer 1 fires, last-seen
 //! is persisted and timer 2, if any, becomes timer 1; otherwise the device is dropped.
 //!
-//! Sessions do not message the debouncer per frame: they stamp the device's shared
-//! [`Activity`] and send [`DataSeen`] only when the device is not tracked yet. Since
+//! Sessions do not message the debouncer per frame: [`data_frame`] stamps the device's
+//! shared [`Activity`] and sends [`DataSeen`] only when the device is not tracked yet. Since
 //! timer 2 always ends one period after the latest frame, the debouncer can rebuild it
 //! when timer 1 fires: a frame newer than timer 1's start means timer 2 exists and
 //! runs until `latest frame + period`.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -21,9 +20,20 @@ use bytestring::ByteString;
 use tokio::time::Instant;
 
 use crate::clock::Stamp;
+use crate::device::Identity;
 use crate::persistence::Record;
-use crate::registry::Activity;
-use crate::store::Sighting;
+
+/// What a session does on each device data frame: refresh last-seen and, if the
+/// debouncer does not track the device yet, tell it.
+pub fn data_frame(debouncer: &Addr<HeartbeatDebouncer>, device: &Identity) {
+    device.activity.touch();
+    if device.activity.arm() {
+        debouncer.do_send(DataSeen {
+            device: device.clone(),
+            at: device.activity.last_seen(),
+        });
+    }
+}
 
 pub struct HeartbeatDebouncer {
     period: Duration,
@@ -32,8 +42,7 @@ pub struct HeartbeatDebouncer {
 }
 
 struct Timer {
-    host: ByteString,
-    activity: Arc<Activity>,
+    device: Identity,
     /// When the running timer 1 started; frames after it mean timer 2 runs.
     since: Stamp,
     handle: SpawnHandle,
@@ -58,13 +67,8 @@ impl HeartbeatDebouncer {
         ctx.run_later(delay, move |act, ctx| act.fire(key, ctx))
     }
 
-    fn persist(&self, (uuid, mac): &(ByteString, ByteString), timer: &Timer) {
-        self.persist.do_send(Record(Sighting {
-            uuid: uuid.clone(),
-            mac: mac.clone(),
-            host: timer.host.clone(),
-            at: timer.activity.last_seen().to_utc(),
-        }));
+    fn persist(&self, timer: &Timer) {
+        self.persist.do_send(Record(timer.device.sighting()));
     }
 
     /// Timer 1 of `key` fired.
@@ -72,15 +76,16 @@ impl HeartbeatDebouncer {
         let Some(timer) = self.devices.get(&key) else {
             return;
         };
-        self.persist(&key, timer);
+        self.persist(timer);
         let now = Stamp::now();
-        let mut latest = timer.activity.last_seen();
+        let activity = &timer.device.activity;
+        let mut latest = activity.last_seen();
         if latest <= timer.since {
             // No timer 2. A frame racing with this check saw the device armed and sent
             // nothing, so look once more after disarming.
-            timer.activity.disarm();
-            latest = timer.activity.last_seen();
-            if latest <= timer.since || !timer.activity.arm() {
+            activity.disarm();
+            latest = activity.last_seen();
+            if latest <= timer.since || !activity.arm() {
                 self.devices.remove(&key);
                 return;
             }
@@ -98,14 +103,11 @@ impl Actor for HeartbeatDebouncer {
     type Context = Context<Self>;
 }
 
-/// A data frame of a device the debouncer does not track yet.
+/// A data frame of a device the debouncer does not track yet (see [`data_frame`]).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct DataSeen {
-    pub uuid: ByteString,
-    pub mac: ByteString,
-    pub host: ByteString,
-    pub activity: Arc<Activity>,
+    pub device: Identity,
     /// When the frame arrived.
     pub at: Stamp,
 }
@@ -119,20 +121,18 @@ impl Handler<DataSeen> for HeartbeatDebouncer {
     type Result = ();
 
     fn handle(&mut self, msg: DataSeen, ctx: &mut Context<Self>) {
-        let key = (msg.uuid, msg.mac);
+        let key = (msg.device.uuid.clone(), msg.device.mac.clone());
         if let Some(timer) = self.devices.get_mut(&key) {
             // The device came back on a new connection while its timer runs: that
             // frame counts as one more frame of the same device.
-            timer.host = msg.host;
-            timer.activity = msg.activity;
+            timer.device = msg.device;
             return;
         }
         let handle = self.schedule(key.clone(), msg.at + self.period, ctx);
         self.devices.insert(
             key,
             Timer {
-                host: msg.host,
-                activity: msg.activity,
+                device: msg.device,
                 since: msg.at,
                 handle,
             },
@@ -144,10 +144,10 @@ impl Handler<FlushAll> for HeartbeatDebouncer {
     type Result = ();
 
     fn handle(&mut self, _: FlushAll, ctx: &mut Context<Self>) {
-        for (key, timer) in std::mem::take(&mut self.devices) {
+        for timer in std::mem::take(&mut self.devices).into_values() {
             ctx.cancel_future(timer.handle);
-            self.persist(&key, &timer);
-            timer.activity.disarm();
+            self.persist(&timer);
+            timer.device.activity.disarm();
         }
     }
 }
@@ -155,7 +155,7 @@ impl Handler<FlushAll> for HeartbeatDebouncer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     use chrono::{DateTime, Utc};
 
@@ -184,7 +184,7 @@ mod tests {
     /// One device's data frames against a debouncer, on tokio's paused clock.
     struct Device {
         debouncer: Addr<HeartbeatDebouncer>,
-        activity: Arc<Activity>,
+        device: Identity,
         writes: Sink,
         start: Instant,
     }
@@ -197,24 +197,15 @@ mod tests {
             let sink = SinkActor(writes.clone(), start).start();
             Self {
                 debouncer: HeartbeatDebouncer::new(PERIOD, sink.recipient()).start(),
-                activity: Arc::new(Activity::default()),
+                device: Identity::new("u", "m", "h"),
                 writes,
                 start,
             }
         }
 
-        /// What a session does on each data frame of a device.
+        /// One data frame of the device, as a session handles it.
         fn frame(&self) {
-            self.activity.touch();
-            if self.activity.arm() {
-                self.debouncer.do_send(DataSeen {
-                    uuid: "u".into(),
-                    mac: "m".into(),
-                    host: "h".into(),
-                    activity: self.activity.clone(),
-                    at: self.activity.last_seen(),
-                });
-            }
+            data_frame(&self.debouncer, &self.device);
         }
 
         /// Sleeps until `secs` after the start (the paused clock auto-advances from one
@@ -292,7 +283,7 @@ mod tests {
         want.push(329);
         assert_eq!(dev.writes_by(400).await, want);
         let (_, last_seen) = *dev.writes.0.lock().unwrap().last().unwrap();
-        assert_eq!(last_seen, dev.activity.last_seen().to_utc());
+        assert_eq!(last_seen, dev.device.activity.last_seen().to_utc());
     }
 
     #[actix_rt::test]

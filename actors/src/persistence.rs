@@ -3,9 +3,11 @@
 //! Sightings arrive one by one ([`Record`]); the actor keeps only the newest per device
 //! (so its memory is bounded by the number of devices, whatever the traffic) and hands
 //! them to the store as one batch every `flush_interval`, or sooner once `max_batch`
-//! are pending. One write is in flight at a time. When the store fails, the batch goes
-//! back into the pending set (newer sightings win) and the actor retries with
-//! exponential backoff; outages and recoveries are logged once each.
+//! are pending. One write is in flight at a time. When the store fails transiently
+//! (an outage), the batch goes back into the pending set (newer sightings win) and the
+//! actor retries with exponential backoff; outages and recoveries are logged once each.
+//! A permanent failure (the database refuses the batch) is logged, counted and the
+//! batch dropped, so it never blocks later writes or shutdown.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -87,6 +89,10 @@ impl Persistence {
                     metrics::counter!("elfin_store_batches_total").increment(1);
                     metrics::counter!("elfin_sightings_written_total")
                         .increment(recorded.written as u64);
+                    if recorded.refused > 0 {
+                        metrics::counter!("elfin_sightings_dropped_total")
+                            .increment(recorded.refused as u64);
+                    }
                     if recorded.unknown_user > 0 {
                         metrics::counter!("elfin_sightings_unknown_user_total")
                             .increment(recorded.unknown_user as u64);
@@ -98,6 +104,15 @@ impl Persistence {
                     if act.outage.take().is_some() {
                         log::info!("database is back; wrote {} pending sightings", batch.len());
                     }
+                }
+                Err(e) if !e.is_transient() => {
+                    metrics::counter!("elfin_store_errors_total").increment(1);
+                    metrics::counter!("elfin_sightings_dropped_total")
+                        .increment(batch.len() as u64);
+                    log::error!(
+                        "database refused a batch of {} sightings, dropped: {e}",
+                        batch.len()
+                    );
                 }
                 Err(e) => {
                     metrics::counter!("elfin_store_errors_total").increment(1);
@@ -201,12 +216,25 @@ mod tests {
     use chrono::{DateTime, Utc};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// The real embedded store behind a switch that makes writes fail, to stand for a
-    /// database outage.
+    /// The real embedded store behind a switch that makes writes fail, transiently (a
+    /// database outage) or for good.
     struct Flaky {
         inner: EmbeddedStore,
         failing: std::sync::atomic::AtomicBool,
+        permanent: bool,
         attempts: AtomicUsize,
+    }
+
+    impl Flaky {
+        fn new(dir: &tempfile::TempDir, failing: bool, permanent: bool) -> Arc<Self> {
+            let inner = EmbeddedStore::open(&dir.path().join("db")).unwrap();
+            Arc::new(Flaky {
+                inner,
+                failing: failing.into(),
+                permanent,
+                attempts: AtomicUsize::new(0),
+            })
+        }
     }
 
     #[async_trait]
@@ -214,7 +242,11 @@ mod tests {
         async fn record(&self, batch: &[Sighting]) -> Result<Recorded, StoreError> {
             self.attempts.fetch_add(1, Ordering::SeqCst);
             if self.failing.load(Ordering::SeqCst) {
-                return Err(StoreError::Unavailable("outage".into()));
+                return Err(if self.permanent {
+                    StoreError::Permanent("document failed validation".into())
+                } else {
+                    StoreError::Transient("outage".into())
+                });
             }
             self.inner.record(batch).await
         }
@@ -258,13 +290,8 @@ mod tests {
     #[actix_rt::test]
     async fn keeps_the_newest_sighting_through_an_outage_and_writes_it_after() {
         let dir = tempfile::tempdir().unwrap();
-        let inner = EmbeddedStore::open(&dir.path().join("db")).unwrap();
-        inner.add_user("alice", "ua").await.unwrap();
-        let store = Arc::new(Flaky {
-            inner,
-            failing: true.into(),
-            attempts: AtomicUsize::new(0),
-        });
+        let store = Flaky::new(&dir, true, false);
+        store.inner.add_user("alice", "ua").await.unwrap();
         let persistence = Persistence::new(store.clone(), Duration::from_millis(20), 100).start();
 
         persistence.do_send(Record(sighting("M1", 1_000)));
@@ -279,6 +306,24 @@ mod tests {
         settle(&persistence).await;
         let devices = store.inner.user_devices("ua").await.unwrap().unwrap();
         assert_eq!(devices[0].last_seen.timestamp_millis(), 3_000);
+    }
+
+    #[actix_rt::test]
+    async fn a_batch_refused_for_good_is_dropped_not_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Flaky::new(&dir, true, true);
+        store.inner.add_user("alice", "ua").await.unwrap();
+        let persistence = Persistence::new(store.clone(), Duration::from_millis(20), 100).start();
+        persistence.do_send(Record(sighting("M1", 1_000)));
+        settle(&persistence).await;
+        assert_eq!(store.attempts.load(Ordering::SeqCst), 1, "tried once");
+        // Later sightings are written as usual.
+        store.failing.store(false, Ordering::SeqCst);
+        persistence.do_send(Record(sighting("M2", 2_000)));
+        settle(&persistence).await;
+        let devices = store.inner.user_devices("ua").await.unwrap().unwrap();
+        assert_eq!(devices.len(), 1);
+        assert_eq!(devices[0].mac, "M2");
     }
 
     #[actix_rt::test]

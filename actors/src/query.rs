@@ -5,10 +5,12 @@
 //! a sighting shows at once, and the reply still lists what the gateway knows while
 //! the database is unreachable.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
-use serde::Serialize;
 
+use crate::frame::{DeviceRow, Status};
 use crate::registry::LiveDevice;
 use crate::store::{Device, Sighting};
 
@@ -21,38 +23,35 @@ pub struct QueryFormat {
     pub online_window: std::time::Duration,
 }
 
-#[derive(Serialize)]
-struct Entry<'a> {
-    hostname: &'a str,
-    macaddress: &'a str,
-    lastseendate: String,
-    status: &'static str,
-}
-
-/// Merges the sources (store order first, then devices only the gateway knows) and
-/// renders the reply line, `\n` included.
-pub fn render(
+/// Merges the sources (store order first, then devices only the gateway knows) into
+/// the reply's rows. Linear in the number of devices.
+pub fn rows(
     stored: Vec<Device>,
     pending: Vec<Sighting>,
     live: Vec<LiveDevice>,
     now: DateTime<Utc>,
     format: &QueryFormat,
-) -> String {
+) -> Vec<DeviceRow> {
     let mut devices = stored;
-    let mut merge = |mac: &str, host: &str, at: DateTime<Utc>| match devices
-        .iter_mut()
-        .find(|d| d.mac == mac)
-    {
-        Some(d) if d.last_seen >= at => {}
-        Some(d) => {
-            d.host = host.to_owned();
-            d.last_seen = at;
+    let mut index: HashMap<String, usize> = devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.mac.clone(), i))
+        .collect();
+    let mut merge = |mac: &str, host: &str, at: DateTime<Utc>| match index.get(mac) {
+        Some(&i) if devices[i].last_seen >= at => {}
+        Some(&i) => {
+            devices[i].host = host.to_owned();
+            devices[i].last_seen = at;
         }
-        None => devices.push(Device {
-            host: host.to_owned(),
-            mac: mac.to_owned(),
-            last_seen: at,
-        }),
+        None => {
+            index.insert(mac.to_owned(), devices.len());
+            devices.push(Device {
+                host: host.to_owned(),
+                mac: mac.to_owned(),
+                last_seen: at,
+            });
+        }
     };
     for s in &pending {
         merge(&s.mac, &s.host, s.at);
@@ -61,32 +60,41 @@ pub fn render(
         merge(&d.mac, &d.host, d.last_seen.to_utc());
     }
     let window = chrono::Duration::from_std(format.online_window).unwrap_or(chrono::Duration::MAX);
-    let entries: Vec<Entry> = devices
-        .iter()
-        .map(|d| Entry {
-            hostname: &d.host,
-            macaddress: &d.mac,
+    devices
+        .into_iter()
+        .map(|d| DeviceRow {
             lastseendate: d
                 .last_seen
                 .with_timezone(&format.time_zone)
                 .format(&format.time_format)
                 .to_string(),
             status: if now.signed_duration_since(d.last_seen) <= window {
-                "online"
+                Status::Online
             } else {
-                "offline"
+                Status::Offline
             },
+            hostname: d.host,
+            macaddress: d.mac,
         })
-        .collect();
-    let mut line = serde_json::to_string(&entries).unwrap_or_else(|_| "[]".into());
-    line.push('\n');
-    line
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frame::Reply;
     use std::time::Duration;
+
+    fn render(
+        stored: Vec<Device>,
+        pending: Vec<Sighting>,
+        live: Vec<LiveDevice>,
+        now: DateTime<Utc>,
+        format: &QueryFormat,
+    ) -> String {
+        let line = Reply::Devices(rows(stored, pending, live, now, format)).encode();
+        String::from_utf8(line.to_vec()).unwrap()
+    }
 
     fn format() -> QueryFormat {
         QueryFormat {

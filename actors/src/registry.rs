@@ -1,60 +1,23 @@
 //! The `DeviceRegistry` actor: which connection is the live connection of each device.
 //!
-//! Keyed by (uuid, mac). A session registers itself when it first sees a device's `beat`
-//! or device `data` and unregisters when it closes; a newer connection of the same
-//! device replaces the older one. Each entry shares an [`Activity`] with its session,
-//! so refreshing last-seen on every frame costs the session one atomic store and the
-//! registry no message.
+//! Keyed by (uuid, mac). A session registers itself when it first sees a device's
+//! `beat` or device `data` and unregisters when it closes. One live connection per
+//! device (`docs/PROTOCOL.md` §4): a newer connection of the same device replaces the
+//! older one, which is told [`PeerEvent::Replaced`] and closes (it is usually a
+//! half-open socket the device already gave up on).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 
 use actix::prelude::*;
 use bytestring::ByteString;
 
 use crate::clock::Stamp;
-use crate::session::{PeerLink, SessionId};
-
-/// When a device was last heard from, shared by its session (writer), the registry and
-/// the heartbeat debouncer (readers).
-#[derive(Debug, Default)]
-pub struct Activity {
-    last_seen: AtomicU64,
-    armed: AtomicBool,
-}
-
-impl Activity {
-    pub fn new() -> Arc<Self> {
-        let activity = Arc::new(Self::default());
-        activity.touch();
-        activity
-    }
-
-    pub fn touch(&self) {
-        self.last_seen
-            .store(Stamp::now().as_nanos(), Ordering::SeqCst);
-    }
-
-    pub fn last_seen(&self) -> Stamp {
-        Stamp::from_nanos(self.last_seen.load(Ordering::SeqCst))
-    }
-
-    /// Marks the device as tracked by the debouncer; true if it was not, i.e. the
-    /// caller must tell the debouncer.
-    pub fn arm(&self) -> bool {
-        !self.armed.swap(true, Ordering::SeqCst)
-    }
-
-    pub fn disarm(&self) {
-        self.armed.store(false, Ordering::SeqCst);
-    }
-}
+use crate::device::Identity;
+use crate::link::{PeerEvent, PeerLink, SessionId};
 
 struct Entry {
-    host: ByteString,
+    device: Identity,
     link: PeerLink,
-    activity: Arc<Activity>,
 }
 
 #[derive(Default)]
@@ -68,16 +31,16 @@ impl Actor for DeviceRegistry {
     type Context = Context<Self>;
 }
 
+/// `link` is now the live connection of `device`.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Register {
-    pub uuid: ByteString,
-    pub mac: ByteString,
-    pub host: ByteString,
+    pub device: Identity,
     pub link: PeerLink,
-    pub activity: Arc<Activity>,
 }
 
+/// The session closed or speaks for another device now; removes the entry only if it
+/// is still this session's.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Unregister {
@@ -108,24 +71,39 @@ pub struct LiveDevice {
     pub last_seen: Stamp,
 }
 
+impl DeviceRegistry {
+    fn report(&self) {
+        metrics::gauge!("elfin_devices_online").set(self.online as f64);
+    }
+}
+
 impl Handler<Register> for DeviceRegistry {
     type Result = ();
 
     fn handle(&mut self, msg: Register, _: &mut Context<Self>) {
+        let devices = self.users.entry(msg.device.uuid.clone()).or_default();
+        let mac = msg.device.mac.clone();
         let entry = Entry {
-            host: msg.host,
+            device: msg.device,
             link: msg.link,
-            activity: msg.activity,
         };
-        let devices = self.users.entry(msg.uuid).or_default();
-        match devices.insert(msg.mac.clone(), entry) {
-            Some(old) if old.link.id != devices[&msg.mac].link.id => {
-                log::info!("device {} moved to a new connection", msg.mac)
+        match devices.insert(mac.clone(), entry) {
+            Some(old) if old.link.id != devices[&mac].link.id => {
+                log::info!(
+                    "device {mac} reconnected from {}; closing its old connection from {}",
+                    devices[&mac].link.remote,
+                    old.link.remote
+                );
+                metrics::counter!("elfin_device_takeovers_total").increment(1);
+                old.link.events.do_send(PeerEvent::Replaced {
+                    uuid: old.device.uuid,
+                    mac: old.device.mac,
+                });
             }
             Some(_) => {}
             None => self.online += 1,
         }
-        metrics::gauge!("elfin_devices_online").set(self.online as f64);
+        self.report();
     }
 }
 
@@ -145,7 +123,7 @@ impl Handler<Unregister> for DeviceRegistry {
             if devices.is_empty() {
                 self.users.remove(&msg.uuid);
             }
-            metrics::gauge!("elfin_devices_online").set(self.online as f64);
+            self.report();
         }
     }
 }
@@ -170,8 +148,8 @@ impl Handler<LiveDevices> for DeviceRegistry {
             devices
                 .map(|(mac, e)| LiveDevice {
                     mac: mac.clone(),
-                    host: e.host.clone(),
-                    last_seen: e.activity.last_seen(),
+                    host: e.device.host.clone(),
+                    last_seen: e.device.activity.last_seen(),
                 })
                 .collect(),
         )

@@ -1,100 +1,78 @@
-//! The `Session` actor: one per TCP connection.
+//! The `Session` actor: one per TCP connection; where tunnel data is forwarded.
 //!
-//! It reads the socket as a stream of chunks into its input buffer, decodes messages
-//! with [`Decoder`] and acts on them: registers the device it speaks for, answers
-//! `connme`, `connthem` and `query`, and forwards data payloads to its tunnel peer.
+//! It reads the socket as a stream of chunks into its input buffer, decodes them with
+//! [`Decoder`] and acts on each frame: a `beat` or device `data` header registers the
+//! device this connection speaks for, a payload goes to the tunnel peer, a request
+//! goes to [`Command`]. Nothing else lives here.
 //!
-//! Output goes through a bounded queue drained by a writer task that owns the socket's
-//! write half, so replies keep their order and a tunnel peer writes payloads straight
-//! into this queue (see [`PeerLink`]). When a peer's queue is full the session stops
+//! Output goes through a bounded queue (the [`Outbox`]) drained by a writer task that
+//! owns the socket's write half, so replies keep their order and a tunnel peer writes
+//! payloads straight into this queue. When a peer's queue is full the session stops
 //! reading its own socket until there is room (TCP back-pressure end to end); if the
-//! peer reads nothing for `stall_timeout`, the tunnel is closed with a warning.
+//! peer reads nothing for the stall time, the tunnel ends (see [`crate::bridge`]).
 //!
-//! Steps that wait for another actor or the store (`ctx.wait`) pause the session's
-//! input, so messages are handled strictly in order.
+//! Any step that waits for another actor or the store goes through [`Session::pause`]:
+//! input stays paused until the step is done and decoding resumes right after, so
+//! messages are handled strictly in order and no step can forget to resume.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::task::{ready, Context as TaskContext, Poll};
-use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::{Bytes, BytesMut};
-use bytestring::ByteString;
-use futures::{Stream, StreamExt};
-use serde::Serialize;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use futures::StreamExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
-use crate::bridge::{Link, TunnelId, Unlink};
-use crate::clock::Stamp;
-use crate::debouncer::DataSeen;
-use crate::frame::{Decoder, Frame, Header};
-use crate::persistence::{PendingFor, Record};
-use crate::registry::{Activity, LiveDevices, Lookup, Register, Unregister};
-use crate::store::Sighting;
-use crate::users::UserStatus;
-use crate::Hub;
-
-pub type SessionId = u64;
-
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-
-/// How long a payload tail that may start the next header waits for more input before
-/// it is forwarded as payload.
-const HOLD: Duration = Duration::from_millis(5);
-/// How long queued output may take to drain once a session has closed.
-const CLOSE_DRAIN: Duration = Duration::from_secs(5);
-
-const SUCCESS: &str = "{\"status\":\"success\"}\n";
-
-/// What another actor needs to reach a session: its address for messages, and its
-/// output queue for tunnel payloads and replies.
-#[derive(Clone, Debug)]
-pub struct PeerLink {
-    pub id: SessionId,
-    pub addr: Addr<Session>,
-    pub out: mpsc::Sender<Bytes>,
-}
-
-/// The connection this session speaks for as a device.
-struct Identity {
-    uuid: ByteString,
-    mac: ByteString,
-    host: ByteString,
-    activity: Arc<Activity>,
-    /// False for devices of unknown users (they may tunnel, but nothing is stored).
-    persist: bool,
-}
+use crate::bridge::{Cause, Unlink};
+use crate::command::{answer, Command};
+use crate::connection::{write_loop, ReadChunks};
+use crate::debouncer;
+use crate::device::Identity;
+use crate::frame::{Decoder, Frame, Header, Kind, Reply};
+use crate::hub::Hub;
+use crate::link::{next_session_id, Outbox, PeerEvent, PeerLink, SessionId, TunnelId};
+use crate::persistence::Record;
+use crate::registry::{Register, Unregister};
+use crate::users::Access;
 
 pub struct Session {
     id: SessionId,
     remote: SocketAddr,
     hub: Hub,
-    out: mpsc::Sender<Bytes>,
+    out: Outbox,
     inbox: BytesMut,
     decoder: Decoder,
-    device: Option<Identity>,
+    /// The device this connection speaks for, and whether its sightings are stored
+    /// (not for guests, see [`Access`]).
+    device: Option<(Identity, bool)>,
     tunnel: Option<(TunnelId, PeerLink)>,
-    /// Tunnels up to this id are gone for this session; a late `SetPeer` for one of
+    /// The newest tunnel this session has been in: only its end may close the session.
+    latest: TunnelId,
+    /// Tunnels up to this id are gone for this session; a late `Linked` for one of
     /// them is ignored.
     cleared: TunnelId,
     hold: Option<SpawnHandle>,
+    /// The peer sent its last byte: close once the input is handled.
+    eof: bool,
     /// Dropped with the session: tells the writer task to finish.
     _closing: oneshot::Sender<()>,
-    /// Dropped with the session: shutdown waits for all of these.
+    /// Dropped with the session: the server's shutdown waits for all of these.
     _alive: mpsc::Sender<()>,
 }
 
 impl Session {
-    /// Starts a session for an accepted connection on the current arbiter.
-    pub fn start(stream: TcpStream, hub: Hub) -> io::Result<Addr<Session>> {
+    /// Starts a session for an accepted connection on the current arbiter. `stop` ends
+    /// its input (gateway shutdown); `alive` is held until it has closed.
+    pub fn start(
+        stream: TcpStream,
+        hub: Hub,
+        stop: CancellationToken,
+        alive: mpsc::Sender<()>,
+    ) -> io::Result<Addr<Session>> {
         let remote = stream.peer_addr()?;
         let (read, write) = stream.into_split();
         let (out, queue) = mpsc::channel(hub.config.out_queue);
@@ -102,25 +80,23 @@ impl Session {
         actix_rt::spawn(write_loop(write, queue, closed));
         let chunk = hub.config.read_buffer;
         Ok(Session::create(move |ctx| {
-            let chunks = ReadChunks {
-                io: read,
-                buf: BytesMut::new(),
-                chunk,
-            };
+            let chunks = ReadChunks::new(read, chunk);
             // Gateway shutdown ends the input like an end of file.
-            ctx.add_stream(chunks.take_until(hub.shutdown.clone().cancelled_owned()));
+            ctx.add_stream(chunks.take_until(stop.cancelled_owned()));
             Session {
-                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                id: next_session_id(),
                 remote,
                 out,
                 inbox: BytesMut::new(),
                 decoder: Decoder::new(),
                 device: None,
                 tunnel: None,
+                latest: 0,
                 cleared: 0,
                 hold: None,
+                eof: false,
                 _closing: closing,
-                _alive: hub.alive.clone(),
+                _alive: alive,
                 hub,
             }
         }))
@@ -129,47 +105,89 @@ impl Session {
     fn link(&self, ctx: &Context<Self>) -> PeerLink {
         PeerLink {
             id: self.id,
-            addr: ctx.address(),
+            remote: self.remote,
+            events: ctx.address().recipient(),
             out: self.out.clone(),
         }
     }
 
-    /// Decodes and handles buffered input until it runs out or a step has to wait
-    /// (that step calls `drain` again when done).
+    /// Decodes and handles buffered input until it runs out or a step pauses (the
+    /// step resumes it). At the end of input, closes once everything is handled.
     fn drain(&mut self, ctx: &mut Context<Self>) {
         while let Some(frame) = self.decoder.decode(&mut self.inbox) {
             if self.handle_frame(frame, ctx).is_break() {
                 return;
             }
         }
-        if self.decoder.holding(&self.inbox) {
-            self.hold = Some(ctx.run_later(HOLD, |act, ctx| {
+        if self.eof {
+            // A held-back tail is payload after all: no header can follow it now.
+            if let Some(frame) = self.decoder.flush_held(&mut self.inbox) {
+                if self.handle_frame(frame, ctx).is_break() {
+                    return;
+                }
+            }
+            ctx.stop();
+        } else if self.decoder.holding(&self.inbox) && self.hold.is_none() {
+            self.hold = Some(ctx.run_later(self.hub.config.header_hold, |act, ctx| {
                 act.hold = None;
                 if let Some(frame) = act.decoder.flush_held(&mut act.inbox) {
-                    let _ = act.handle_frame(frame, ctx);
+                    if act.handle_frame(frame, ctx).is_continue() {
+                        act.drain(ctx);
+                    }
                 }
             }));
         }
+    }
+
+    /// Runs `step` with input paused, then `done`, then resumes decoding: the one way
+    /// a session waits for anything. Returns `Break` for the caller to hand on.
+    fn pause<R: 'static>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        step: impl Future<Output = R> + 'static,
+        done: impl FnOnce(&mut Self, R, &mut Context<Self>) + 'static,
+    ) -> ControlFlow<()> {
+        step.into_actor(self)
+            .map(move |result, act, ctx| {
+                done(act, result, ctx);
+                act.drain(ctx);
+            })
+            .wait(ctx);
+        ControlFlow::Break(())
     }
 
     fn handle_frame(&mut self, frame: Frame, ctx: &mut Context<Self>) -> ControlFlow<()> {
         match frame {
             Frame::Payload(bytes) => self.forward(bytes, ctx),
             Frame::Beat(header) => self.sighted(header, true, ctx),
-            Frame::Data(header) if header.kind == crate::frame::Kind::Device => {
-                self.sighted(header, false, ctx)
-            }
+            Frame::Data(header) if header.kind == Kind::Device => self.sighted(header, false, ctx),
             Frame::Data(_) => ControlFlow::Continue(()),
-            Frame::Connme { uuid, mac, .. } => self.connme(uuid, mac, ctx),
-            Frame::Connthem { uuid, mac1, mac2 } => self.connthem(uuid, mac1, mac2, ctx),
-            Frame::Query { uuid } => self.query(uuid, ctx),
+            Frame::Request { request, fields } => {
+                let (hub, me) = (self.hub.clone(), self.link(ctx));
+                let step = async move {
+                    match Command::from_frame(request, fields) {
+                        Ok(command) => command.apply(&hub, &me).await,
+                        Err(refusal) => {
+                            answer(&me.out, refusal.into()).await;
+                            None
+                        }
+                    }
+                };
+                self.pause(ctx, step, |act, tunnel, _| {
+                    if let Some((tunnel, peer)) = tunnel {
+                        act.linked(tunnel, peer);
+                    }
+                })
+            }
             Frame::Rejected { reply, reason } => {
                 metrics::counter!("elfin_messages_rejected_total").increment(1);
                 log::debug!("{}: rejected message: {reason}", self.remote);
-                if reply {
-                    let _ = self.out.try_send(failed(&reason));
+                if !reply {
+                    return ControlFlow::Continue(());
                 }
-                ControlFlow::Continue(())
+                let out = self.out.clone();
+                let step = async move { answer(&out, Reply::Failed(reason.into())).await };
+                self.pause(ctx, step, |_, (), _| {})
             }
             Frame::Garbage(n) => {
                 metrics::counter!("elfin_garbage_bytes_total").increment(n as u64);
@@ -179,85 +197,65 @@ impl Session {
         }
     }
 
-    /// Writes a payload into the tunnel peer's queue, waiting (with input paused) when
-    /// it is full.
+    /// Writes a payload into the tunnel peer's queue, pausing while it is full. A peer
+    /// that takes nothing for the stall time ends the tunnel.
     fn forward(&mut self, bytes: Bytes, ctx: &mut Context<Self>) -> ControlFlow<()> {
-        let Some((_, peer)) = &self.tunnel else {
-            log::debug!(
-                "{}: no tunnel, dropped {} payload bytes",
-                self.remote,
-                bytes.len()
-            );
-            metrics::counter!("elfin_payload_dropped_bytes_total").increment(bytes.len() as u64);
+        let len = bytes.len() as u64;
+        let Some((tunnel, peer)) = &self.tunnel else {
+            log::debug!("{}: no tunnel, dropped {len} payload bytes", self.remote);
+            metrics::counter!("elfin_payload_dropped_bytes_total").increment(len);
             return ControlFlow::Continue(());
         };
-        let len = bytes.len() as u64;
-        match peer.out.try_send(bytes) {
+        let bytes = match peer.out.try_send(bytes) {
             Ok(()) => {
                 metrics::counter!("elfin_tunnel_bytes_total").increment(len);
-                ControlFlow::Continue(())
+                return ControlFlow::Continue(());
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                log::debug!(
-                    "{}: tunnel peer gone, dropped {len} payload bytes",
-                    self.remote
-                );
-                self.tunnel = None;
+                // The peer is closing; the bridge is about to tell us.
                 metrics::counter!("elfin_payload_dropped_bytes_total").increment(len);
-                ControlFlow::Continue(())
+                return ControlFlow::Continue(());
             }
-            Err(mpsc::error::TrySendError::Full(bytes)) => {
-                let out = peer.out.clone();
-                let stall = self.hub.config.stall_timeout;
-                async move { tokio::time::timeout(stall, out.send(bytes)).await }
-                    .into_actor(self)
-                    .map(move |sent, act, ctx| {
-                        match sent {
-                            Ok(Ok(())) => {
-                                metrics::counter!("elfin_tunnel_bytes_total").increment(len)
-                            }
-                            Ok(Err(_closed)) => act.tunnel = None,
-                            Err(_elapsed) => {
-                                log::warn!(
-                                    "{}: tunnel peer read nothing for {:?}; closing the tunnel",
-                                    act.remote,
-                                    act.hub.config.stall_timeout
-                                );
-                                act.tunnel = None;
-                                act.hub.bridge.do_send(Unlink { session: act.id });
-                            }
-                        }
-                        act.drain(ctx);
-                    })
-                    .wait(ctx);
-                ControlFlow::Break(())
+            Err(mpsc::error::TrySendError::Full(bytes)) => bytes,
+        };
+        let (tunnel, out) = (*tunnel, peer.out.clone());
+        let stall = self.hub.config.stall_timeout;
+        let step = async move { tokio::time::timeout(stall, out.send(bytes)).await };
+        self.pause(ctx, step, move |act, sent, _| match sent {
+            Ok(Ok(())) => metrics::counter!("elfin_tunnel_bytes_total").increment(len),
+            Ok(Err(_closed)) => {
+                metrics::counter!("elfin_payload_dropped_bytes_total").increment(len)
             }
-        }
+            Err(_elapsed) => {
+                metrics::counter!("elfin_payload_dropped_bytes_total").increment(len);
+                act.unlinked(tunnel);
+                act.hub.bridge.do_send(Unlink {
+                    session: act.id,
+                    cause: Cause::Stalled(stall),
+                });
+            }
+        })
     }
 
     /// A `beat` or device `data` header: register or refresh the device.
     fn sighted(&mut self, h: Header, beat: bool, ctx: &mut Context<Self>) -> ControlFlow<()> {
-        if let Some(d) = &self.device {
-            if d.uuid == h.uuid && d.mac == h.mac && d.host == h.host {
+        if let Some((d, _)) = &self.device {
+            if d.is(&h.uuid, &h.mac) && d.host == h.host {
                 self.refresh(beat);
                 return ControlFlow::Continue(());
             }
         }
         let users = self.hub.users.clone();
         let uuid = h.uuid.clone();
-        async move { users.check(&uuid).await }
-            .into_actor(self)
-            .map(move |status, act, ctx| {
-                act.register(h, status, ctx);
-                act.refresh(beat);
-                act.drain(ctx);
-            })
-            .wait(ctx);
-        ControlFlow::Break(())
+        let step = async move { users.access(&uuid).await };
+        self.pause(ctx, step, move |act, access, ctx| {
+            act.register(h, access, ctx);
+            act.refresh(beat);
+        })
     }
 
-    fn register(&mut self, h: Header, status: UserStatus, ctx: &mut Context<Self>) {
-        if status == UserStatus::Unknown && self.hub.config.require_known_user {
+    fn register(&mut self, h: Header, access: Access, ctx: &mut Context<Self>) {
+        if access.refused() {
             metrics::counter!("elfin_unknown_user_messages_total").increment(1);
             log::debug!(
                 "{}: device {} of an unknown user ignored",
@@ -266,210 +264,70 @@ impl Session {
             );
             return;
         }
-        if let Some(old) = self.device.take() {
-            self.hub.registry.do_send(Unregister {
-                uuid: old.uuid,
-                mac: old.mac,
-                session: self.id,
-            });
+        let device = Identity::new(&h.uuid, &h.mac, &h.host);
+        match self.device.take() {
+            Some((old, _)) if old.is(&h.uuid, &h.mac) => {}
+            old => {
+                if let Some((old, _)) = old {
+                    self.unregister(old);
+                }
+                log::info!(
+                    "device {} ({}) of user {} online from {}",
+                    h.mac,
+                    h.host,
+                    short(&h.uuid),
+                    self.remote
+                );
+            }
         }
-        log::info!(
-            "device {} ({}) of user {} online from {}",
-            h.mac,
-            h.host,
-            short(&h.uuid),
-            self.remote
-        );
-        let activity = Activity::new();
         self.hub.registry.do_send(Register {
-            uuid: h.uuid.clone(),
-            mac: h.mac.clone(),
-            host: h.host.clone(),
+            device: device.clone(),
             link: self.link(ctx),
-            activity: activity.clone(),
         });
-        self.device = Some(Identity {
-            uuid: h.uuid,
-            mac: h.mac,
-            host: h.host,
-            activity,
-            persist: status != UserStatus::Unknown,
+        self.device = Some((device, access == Access::Member));
+    }
+
+    fn unregister(&self, device: Identity) {
+        self.hub.registry.do_send(Unregister {
+            uuid: device.uuid,
+            mac: device.mac,
+            session: self.id,
         });
     }
 
     /// Refreshes last-seen: a `beat` is persisted at once (batched), device data goes
     /// through the heartbeat debouncer.
     fn refresh(&self, beat: bool) {
-        let Some(d) = &self.device else { return };
-        d.activity.touch();
-        if !d.persist {
-            return;
-        }
-        if beat {
-            self.hub.persistence.do_send(Record(Sighting {
-                uuid: d.uuid.clone(),
-                mac: d.mac.clone(),
-                host: d.host.clone(),
-                at: d.activity.last_seen().to_utc(),
-            }));
-        } else if d.activity.arm() {
-            self.hub.debouncer.do_send(DataSeen {
-                uuid: d.uuid.clone(),
-                mac: d.mac.clone(),
-                host: d.host.clone(),
-                activity: d.activity.clone(),
-                at: d.activity.last_seen(),
-            });
-        }
-    }
-
-    fn connme(
-        &mut self,
-        uuid: ByteString,
-        mac: ByteString,
-        ctx: &mut Context<Self>,
-    ) -> ControlFlow<()> {
-        let hub = self.hub.clone();
-        let me = self.link(ctx);
-        let device = mac.clone();
-        async move {
-            let target = find_device(&hub, &uuid, &mac).await?;
-            if target.id == me.id {
-                return Err("cannot tunnel a connection to itself".to_owned());
+        match &self.device {
+            Some((d, true)) if beat => {
+                d.activity.touch();
+                self.hub.persistence.do_send(Record(d.sighting()));
             }
-            let tunnel = hub
-                .bridge
-                .send(Link {
-                    a: me.clone(),
-                    b: target.clone(),
-                    notify: false,
-                })
-                .await
-                .map_err(|_| "gateway is shutting down".to_owned())?;
-            // The reply goes into our queue before the device learns of the tunnel, so
-            // it reaches the client ahead of any data from the device.
-            me.out
-                .send(Bytes::from_static(SUCCESS.as_bytes()))
-                .await
-                .map_err(|_| "connection closed".to_owned())?;
-            target.addr.do_send(SetPeer { tunnel, peer: me });
-            Ok((tunnel, target))
+            Some((d, true)) => debouncer::data_frame(&self.hub.debouncer, d),
+            Some((d, false)) => d.activity.touch(),
+            None => {}
         }
-        .into_actor(self)
-        .map(move |linked, act, ctx| {
-            match linked {
-                Ok((tunnel, peer)) => {
-                    log::info!("{}: tunnel {tunnel} to device {device}", act.remote);
-                    act.set_peer(tunnel, peer);
-                }
-                Err(reason) => act.reply_failed(&reason),
-            }
-            act.drain(ctx);
-        })
-        .wait(ctx);
-        ControlFlow::Break(())
     }
 
-    fn connthem(
-        &mut self,
-        uuid: ByteString,
-        mac1: ByteString,
-        mac2: ByteString,
-        ctx: &mut Context<Self>,
-    ) -> ControlFlow<()> {
-        let hub = self.hub.clone();
-        async move {
-            if mac1 == mac2 {
-                return Err("cannot tunnel a device to itself".to_owned());
-            }
-            let a = find_device(&hub, &uuid, &mac1).await?;
-            let b = find_device(&hub, &uuid, &mac2).await?;
-            hub.bridge
-                .send(Link { a, b, notify: true })
-                .await
-                .map_err(|_| "gateway is shutting down".to_owned())
-        }
-        .into_actor(self)
-        .map(move |linked, act, ctx| {
-            match linked {
-                Ok(_) => {
-                    let _ = act.out.try_send(Bytes::from_static(SUCCESS.as_bytes()));
-                }
-                Err(reason) => act.reply_failed(&reason),
-            }
-            act.drain(ctx);
-        })
-        .wait(ctx);
-        ControlFlow::Break(())
-    }
-
-    fn query(&mut self, uuid: ByteString, ctx: &mut Context<Self>) -> ControlFlow<()> {
-        let hub = self.hub.clone();
-        let out = self.out.clone();
-        async move {
-            let status = hub.users.check(&uuid).await;
-            let line = if status == UserStatus::Unknown && hub.config.require_known_user {
-                "[]\n".to_owned()
-            } else {
-                let stored = async {
-                    match hub.store.user_devices(&uuid).await {
-                        Ok(devices) => devices.unwrap_or_default(),
-                        Err(e) => {
-                            log::debug!("query answered from memory: {e}");
-                            Vec::new()
-                        }
-                    }
-                };
-                let pending = hub.persistence.send(PendingFor { uuid: uuid.clone() });
-                let live = hub.registry.send(LiveDevices { uuid: uuid.clone() });
-                let (stored, pending, live) = futures::join!(stored, pending, live);
-                crate::query::render(
-                    stored,
-                    pending.unwrap_or_default(),
-                    live.unwrap_or_default(),
-                    Stamp::now().to_utc(),
-                    &hub.config.query,
-                )
-            };
-            let _ = out.send(Bytes::from(line)).await;
-        }
-        .into_actor(self)
-        .map(|(), act, ctx| act.drain(ctx))
-        .wait(ctx);
-        ControlFlow::Break(())
-    }
-
-    fn reply_failed(&self, reason: &str) {
-        log::debug!("{}: request failed: {reason}", self.remote);
-        let _ = self.out.try_send(failed(reason));
-    }
-
-    fn set_peer(&mut self, tunnel: TunnelId, peer: PeerLink) {
-        // Tunnel ids grow in the order the bridge made them: an older one is stale.
-        if self
-            .tunnel
-            .as_ref()
-            .is_none_or(|(current, _)| *current <= tunnel)
-        {
+    /// This session is now one end of `tunnel`, unless that tunnel is already gone or
+    /// older than the one it is in.
+    fn linked(&mut self, tunnel: TunnelId, peer: PeerLink) {
+        let current = self.tunnel.as_ref().map_or(0, |(t, _)| *t);
+        if tunnel > self.cleared && tunnel > current {
             self.tunnel = Some((tunnel, peer));
+            self.latest = self.latest.max(tunnel);
         }
     }
-}
 
-/// The live connection of the user's device, checking the user first.
-async fn find_device(hub: &Hub, uuid: &ByteString, mac: &ByteString) -> Result<PeerLink, String> {
-    if hub.users.check(uuid).await == UserStatus::Unknown && hub.config.require_known_user {
-        return Err("unknown user".to_owned());
+    /// `tunnel` is gone; every older one too (tunnels are made in id order). Returns
+    /// whether it was the newest this session has been in.
+    fn unlinked(&mut self, tunnel: TunnelId) -> bool {
+        self.cleared = self.cleared.max(tunnel);
+        if self.tunnel.as_ref().is_some_and(|(t, _)| *t <= tunnel) {
+            self.tunnel = None;
+        }
+        tunnel >= self.latest
     }
-    hub.registry
-        .send(Lookup {
-            uuid: uuid.clone(),
-            mac: mac.clone(),
-        })
-        .await
-        .ok()
-        .flatten()
-        .ok_or_else(|| format!("device {mac} is offline"))
 }
 
 /// The first characters of a uuid, enough to tell users apart in logs without
@@ -477,21 +335,6 @@ async fn find_device(hub: &Hub, uuid: &ByteString, mac: &ByteString) -> Result<P
 fn short(uuid: &str) -> String {
     let end = uuid.char_indices().nth(8).map_or(uuid.len(), |(i, _)| i);
     format!("{}…", &uuid[..end])
-}
-
-fn failed(reason: &str) -> Bytes {
-    #[derive(Serialize)]
-    struct Failed<'a> {
-        status: &'static str,
-        reason: &'a str,
-    }
-    let mut line = serde_json::to_vec(&Failed {
-        status: "failed",
-        reason,
-    })
-    .unwrap_or_default();
-    line.push(b'\n');
-    line.into()
 }
 
 impl Actor for Session {
@@ -506,21 +349,20 @@ impl Actor for Session {
     fn stopped(&mut self, _: &mut Context<Self>) {
         metrics::gauge!("elfin_connections_open").decrement(1);
         log::debug!("{}: disconnected", self.remote);
-        if let Some(d) = self.device.take() {
+        if let Some((d, _)) = self.device.take() {
             log::info!(
                 "device {} ({}) of user {} went away",
                 d.mac,
                 d.host,
                 short(&d.uuid)
             );
-            self.hub.registry.do_send(Unregister {
-                uuid: d.uuid,
-                mac: d.mac,
-                session: self.id,
-            });
+            self.unregister(d);
         }
         if self.tunnel.take().is_some() {
-            self.hub.bridge.do_send(Unlink { session: self.id });
+            self.hub.bridge.do_send(Unlink {
+                session: self.id,
+                cause: Cause::Closed,
+            });
         }
     }
 }
@@ -543,102 +385,33 @@ impl StreamHandler<io::Result<BytesMut>> for Session {
     }
 
     fn finished(&mut self, ctx: &mut Context<Self>) {
-        // End of input: hand out a held-back payload tail before closing.
-        if let Some(frame) = self.decoder.flush_held(&mut self.inbox) {
-            let _ = self.handle_frame(frame, ctx);
+        if let Some(hold) = self.hold.take() {
+            ctx.cancel_future(hold);
         }
-        ctx.stop();
+        self.eof = true;
+        self.drain(ctx);
     }
 }
 
-/// The bridge made this session one side of a tunnel.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct SetPeer {
-    pub tunnel: TunnelId,
-    pub peer: PeerLink,
-}
-
-/// The bridge removed this tunnel.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct ClearPeer {
-    pub tunnel: TunnelId,
-}
-
-impl Handler<SetPeer> for Session {
+impl Handler<PeerEvent> for Session {
     type Result = ();
 
-    fn handle(&mut self, msg: SetPeer, _: &mut Context<Self>) {
-        self.set_peer(msg.tunnel, msg.peer);
-    }
-}
-
-impl Handler<ClearPeer> for Session {
-    type Result = ();
-
-    fn handle(&mut self, msg: ClearPeer, _: &mut Context<Self>) {
-        // Tunnels are made in id order, so every older tunnel of ours is gone too.
-        self.cleared = self.cleared.max(msg.tunnel);
-        if self.tunnel.as_ref().is_some_and(|(t, _)| *t <= msg.tunnel) {
-            self.tunnel = None;
+    fn handle(&mut self, event: PeerEvent, ctx: &mut Context<Self>) {
+        match event {
+            PeerEvent::Linked { tunnel, peer } => self.linked(tunnel, peer),
+            PeerEvent::Unlinked { tunnel, close } => {
+                if self.unlinked(tunnel) && close {
+                    log::debug!("{}: tunnel {tunnel} ended; closing", self.remote);
+                    ctx.stop();
+                }
+            }
+            PeerEvent::Replaced { uuid, mac } => {
+                if self.device.as_ref().is_some_and(|(d, _)| d.is(&uuid, &mac)) {
+                    // The registry already points at the new connection.
+                    self.device = None;
+                    ctx.stop();
+                }
+            }
         }
     }
-}
-
-/// The socket's read half as a stream of chunks. Each chunk is split off one growing
-/// buffer, so consecutive chunks are usually contiguous and the session's `unsplit`
-/// of them costs nothing.
-struct ReadChunks {
-    io: OwnedReadHalf,
-    buf: BytesMut,
-    chunk: usize,
-}
-
-impl Stream for ReadChunks {
-    type Item = io::Result<BytesMut>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        if this.buf.capacity() < this.chunk / 4 {
-            this.buf.reserve(this.chunk);
-        }
-        match ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut this.io),
-            cx,
-            &mut this.buf
-        )) {
-            Ok(0) => Poll::Ready(None),
-            Ok(_) => Poll::Ready(Some(Ok(this.buf.split()))),
-            Err(e) => Poll::Ready(Some(Err(e))),
-        }
-    }
-}
-
-/// Drains a session's output queue into its socket; once the session is gone, writes
-/// what is still queued (bounded by the queue and [`CLOSE_DRAIN`]) and closes.
-async fn write_loop(
-    mut io: OwnedWriteHalf,
-    mut queue: mpsc::Receiver<Bytes>,
-    mut closed: oneshot::Receiver<()>,
-) {
-    loop {
-        let chunk = tokio::select! {
-            biased;
-            _ = &mut closed => break,
-            chunk = queue.recv() => chunk,
-        };
-        let Some(chunk) = chunk else { break };
-        if io.write_all(&chunk).await.is_err() {
-            return;
-        }
-    }
-    queue.close();
-    let rest = async {
-        while let Some(chunk) = queue.recv().await {
-            io.write_all(&chunk).await?;
-        }
-        io.shutdown().await
-    };
-    let _ = tokio::time::timeout(CLOSE_DRAIN, rest).await;
 }

@@ -1,4 +1,5 @@
-//! Which uuids belong to known users, cached in front of the store.
+//! Which uuids belong to known users, cached in front of the store, and what that
+//! means for a peer presenting one (the `auth.require_known_user` policy).
 //!
 //! Every new device identity, `connme`, `connthem` and `query` asks; the answers are
 //! cached (known users for a minute, unknown ones for a second, so a user added while
@@ -17,29 +18,57 @@ const KNOWN_TTL: Duration = Duration::from_secs(60);
 const UNKNOWN_TTL: Duration = Duration::from_secs(1);
 const MAX_ENTRIES: usize = 100_000;
 
+/// What a peer presenting a uuid may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UserStatus {
+pub enum Access {
+    /// A known user, or the store cannot be asked (the gateway keeps serving through a
+    /// database outage): everything, and its devices are stored.
+    Member,
+    /// An unknown user while unknown users are allowed: may register devices, tunnel
+    /// and query, but nothing is stored for it.
+    Guest,
+    /// An unknown user while only known users are allowed.
+    Refused,
+}
+
+impl Access {
+    pub fn refused(self) -> bool {
+        self == Access::Refused
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UserStatus {
     Known,
     Unknown,
-    /// The store could not be asked (and nothing is cached): treat as allowed, since the
-    /// gateway keeps serving through a database outage.
     Unreachable,
 }
 
 pub struct UserDirectory {
     store: Arc<dyn Store>,
+    require_known_user: bool,
     cache: Mutex<HashMap<String, (bool, Instant)>>,
 }
 
 impl UserDirectory {
-    pub fn new(store: Arc<dyn Store>) -> Self {
+    pub fn new(store: Arc<dyn Store>, require_known_user: bool) -> Self {
         Self {
             store,
+            require_known_user,
             cache: Mutex::new(HashMap::new()),
         }
     }
 
-    pub async fn check(&self, uuid: &str) -> UserStatus {
+    /// What a peer presenting `uuid` may do.
+    pub async fn access(&self, uuid: &str) -> Access {
+        match self.check(uuid).await {
+            UserStatus::Known | UserStatus::Unreachable => Access::Member,
+            UserStatus::Unknown if self.require_known_user => Access::Refused,
+            UserStatus::Unknown => Access::Guest,
+        }
+    }
+
+    async fn check(&self, uuid: &str) -> UserStatus {
         let cached = self.cache.lock().ok().and_then(|c| c.get(uuid).copied());
         if let Some((known, at)) = cached {
             let ttl = if known { KNOWN_TTL } else { UNKNOWN_TTL };

@@ -160,8 +160,8 @@ impl Mongo {
 
     /// A gateway storing in this database (short driver timeouts, so that outage
     /// tests run fast).
-    pub fn gateway(&self) -> super::Gateway {
-        super::Gateway::start(&[
+    pub fn gateway(&self) -> super::Binary {
+        super::Binary::start(&[
             ("ELFIN__STORAGE__BACKEND", "mongodb"),
             ("ELFIN__MONGODB__URI", &self.uri),
             ("ELFIN__MONGODB__DATABASE", &self.database),

@@ -39,21 +39,24 @@ pub struct EmbeddedStore {
 impl EmbeddedStore {
     /// Opens (creating if needed) the database file at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let cannot = |e: &dyn std::fmt::Display| {
+            StoreError::Unusable(format!(
+                "cannot open the database file {}: {e}",
+                path.display()
+            ))
+        };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
-            })?;
+            std::fs::create_dir_all(dir).map_err(|e| cannot(&e))?;
         }
-        let conn = Connection::open(path).map_err(unavailable)?;
-        conn.busy_timeout(Duration::from_secs(5))
-            .map_err(unavailable)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(unavailable)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(unavailable)?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(unavailable)?;
-        conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        let conn = Connection::open(path).map_err(|e| cannot(&e))?;
+        let setup = || -> rusqlite::Result<()> {
+            conn.busy_timeout(Duration::from_secs(5))?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            conn.pragma_update(None, "foreign_keys", "ON")?;
+            conn.execute_batch(SCHEMA)
+        };
+        setup().map_err(|e| cannot(&e))?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -68,16 +71,24 @@ impl EmbeddedStore {
         tokio::task::spawn_blocking(move || {
             let mut conn = conn
                 .lock()
-                .map_err(|_| StoreError::Unavailable("database lock poisoned".into()))?;
+                .map_err(|_| StoreError::Permanent("database lock poisoned".into()))?;
             f(&mut conn)
         })
         .await
-        .map_err(|e| StoreError::Unavailable(e.to_string()))?
+        .map_err(|e| StoreError::Transient(e.to_string()))?
     }
 }
 
+/// Busy, locked, out of space or an I/O error may pass; anything else (a constraint,
+/// a corrupt file) will not.
 fn unavailable(e: rusqlite::Error) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+    use rusqlite::ErrorCode::*;
+    match e.sqlite_error_code() {
+        Some(
+            DatabaseBusy | DatabaseLocked | SystemIoFailure | DiskFull | FileLockingProtocolFailed,
+        ) => StoreError::Transient(e.to_string()),
+        _ => StoreError::Permanent(e.to_string()),
+    }
 }
 
 fn device_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Device> {
@@ -231,6 +242,8 @@ impl Store for EmbeddedStore {
     }
 }
 
+/// The rules every store follows are tested once for both backends, in the
+/// workspace's `tests/store.rs`; here is what is particular to the file.
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,100 +257,30 @@ mod tests {
         }
     }
 
-    fn open() -> (tempfile::TempDir, EmbeddedStore) {
+    #[test]
+    fn missing_directories_are_created_and_an_impossible_path_is_unusable() {
         let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(&dir.path().join("sub/elfin.db")).unwrap();
-        (dir, store)
-    }
-
-    #[tokio::test]
-    async fn sightings_of_unknown_users_are_not_written() {
-        let (_dir, store) = open();
-        let got = store
-            .record(&[sighting("nobody", "M1", "h", 1000)])
-            .await
-            .unwrap();
-        assert_eq!(
-            got,
-            Recorded {
-                written: 0,
-                unknown_user: 1
-            }
-        );
-        assert!(store.devices(None).await.unwrap().is_empty());
-    }
-
-    #[tokio::test]
-    async fn a_new_device_is_inserted_and_listed_under_its_user() {
-        let (_dir, store) = open();
-        store.add_user("alice", "ua").await.unwrap();
-        store
-            .record(&[sighting("ua", "M1", "plc-1", 1000)])
-            .await
-            .unwrap();
-        let devices = store.user_devices("ua").await.unwrap().unwrap();
-        assert_eq!(devices.len(), 1);
-        assert_eq!(devices[0].host, "plc-1");
-        assert_eq!(devices[0].last_seen.timestamp_millis(), 1000);
-        assert_eq!(store.user_devices("nobody").await.unwrap(), None);
-    }
-
-    #[tokio::test]
-    async fn last_seen_never_moves_backwards_but_host_follows() {
-        let (_dir, store) = open();
-        store.add_user("alice", "ua").await.unwrap();
-        store
-            .record(&[sighting("ua", "M1", "old", 5000)])
-            .await
-            .unwrap();
-        store
-            .record(&[sighting("ua", "M1", "new", 4000)])
-            .await
-            .unwrap();
-        let d = &store.user_devices("ua").await.unwrap().unwrap()[0];
-        assert_eq!(
-            (d.host.as_str(), d.last_seen.timestamp_millis()),
-            ("new", 5000)
-        );
-    }
-
-    #[tokio::test]
-    async fn a_device_reporting_another_uuid_changes_owner() {
-        let (_dir, store) = open();
-        store.add_user("alice", "ua").await.unwrap();
-        store.add_user("bob", "ub").await.unwrap();
-        store
-            .record(&[sighting("ua", "M1", "h", 1000)])
-            .await
-            .unwrap();
-        store
-            .record(&[sighting("ub", "M1", "h", 2000)])
-            .await
-            .unwrap();
-        assert!(store.user_devices("ua").await.unwrap().unwrap().is_empty());
-        assert_eq!(store.user_devices("ub").await.unwrap().unwrap().len(), 1);
-        let users = store.users().await.unwrap();
-        assert_eq!(
-            users
-                .iter()
-                .map(|u| (u.username.as_str(), u.devices))
-                .collect::<Vec<_>>(),
-            [("alice", 0), ("bob", 1)]
-        );
-    }
-
-    #[tokio::test]
-    async fn duplicate_users_are_refused() {
-        let (_dir, store) = open();
-        store.add_user("alice", "ua").await.unwrap();
+        assert!(EmbeddedStore::open(&dir.path().join("a/b/elfin.db")).is_ok());
+        let file = dir.path().join("a/b/elfin.db");
+        let under_a_file = file.join("elfin.db");
         assert!(matches!(
-            store.add_user("alice", "other").await,
-            Err(StoreError::Conflict(_))
+            EmbeddedStore::open(&under_a_file),
+            Err(StoreError::Unusable(e)) if e.contains(&*under_a_file.to_string_lossy())
         ));
-        assert!(matches!(
-            store.add_user("carol", "ua").await,
-            Err(StoreError::Conflict(_))
-        ));
+    }
+
+    #[test]
+    fn busy_and_io_errors_are_transient_constraints_are_not() {
+        let busy = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        );
+        assert!(unavailable(busy).is_transient());
+        let constraint = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT),
+            None,
+        );
+        assert!(!unavailable(constraint).is_transient());
     }
 
     #[tokio::test]

@@ -8,6 +8,10 @@
 pub mod embedded;
 pub mod mongo;
 
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
 use async_trait::async_trait;
 use bytestring::ByteString;
 use chrono::{DateTime, Utc};
@@ -52,16 +56,75 @@ pub struct Recorded {
     pub written: usize,
     /// Sightings skipped because no user has their uuid (§5 rule 1).
     pub unknown_user: usize,
+    /// Sightings the database refused for good (e.g. a document validator); the rest
+    /// of the batch was written.
+    pub refused: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database cannot be reached or failed; the operation may succeed later.
+    /// The database cannot be reached or is busy: the same request may succeed later,
+    /// so a write is kept and retried.
     #[error("database unavailable: {0}")]
-    Unavailable(String),
+    Transient(String),
+    /// The database refused the request and would refuse it again: a write is logged,
+    /// counted and dropped, never retried.
+    #[error("database refused the request: {0}")]
+    Permanent(String),
     /// The request conflicts with what is stored (e.g. a duplicate user).
     #[error("{0}")]
     Conflict(String),
+    /// The database cannot be opened or configured at all (start-up).
+    #[error("{0}")]
+    Unusable(String),
+}
+
+impl StoreError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Transient(_))
+    }
+}
+
+/// Which database the gateway uses.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// SQLite in one local file.
+    Embedded { path: PathBuf },
+    /// The MongoDB database shared with the Web UI.
+    Mongodb {
+        uri: String,
+        database: String,
+        connect_timeout: Duration,
+        server_selection_timeout: Duration,
+    },
+}
+
+/// Opens the configured store. For the gateway itself (`serving`), MongoDB indexes are
+/// created in the background, so it starts even when MongoDB is down.
+pub async fn open(backend: &Backend, serving: bool) -> Result<Arc<dyn Store>, StoreError> {
+    match backend {
+        Backend::Embedded { path } => Ok(Arc::new(embedded::EmbeddedStore::open(path)?)),
+        Backend::Mongodb {
+            uri,
+            database,
+            connect_timeout,
+            server_selection_timeout,
+        } => {
+            let store = Arc::new(
+                mongo::MongoStore::connect(
+                    uri,
+                    database,
+                    *connect_timeout,
+                    *server_selection_timeout,
+                )
+                .await?,
+            );
+            if serving {
+                store.ensure_indexes_in_background();
+            }
+            Ok(store)
+        }
+    }
 }
 
 #[async_trait]

@@ -15,6 +15,9 @@
 //! When the database cannot be reached, reads fail fast (retrying at most every
 //! [`PROBE_INTERVAL`]) and `user_devices` answers from the last reply it had; each
 //! change of reachability is logged once.
+//!
+//! (About 630 lines: one backend, whose caches, batched writes and reachability
+//! tracking depend on each other; splitting them would spread one write across files.)
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -71,7 +74,7 @@ impl MongoStore {
     ) -> Result<Self, StoreError> {
         let mut options = ClientOptions::parse(uri)
             .await
-            .map_err(|e| StoreError::Unavailable(format!("mongodb.uri: {e}")))?;
+            .map_err(|e| StoreError::Unusable(format!("mongodb.uri: {e}")))?;
         options.app_name = Some("elfin-gateway".into());
         options.connect_timeout = Some(connect_timeout);
         options.server_selection_timeout = Some(server_selection_timeout);
@@ -217,16 +220,31 @@ impl MongoStore {
         Ok(())
     }
 
-    /// Runs a write command and checks its reply for write errors.
-    async fn write(&self, command: Document) -> Result<Document, StoreError> {
+    /// Runs a write command. Statements the server refused are returned with the
+    /// reply (by index); a duplicate key (two writers inserting the same device at
+    /// once) or a write concern error fails the whole write as transient, since
+    /// repeating it succeeds.
+    async fn write(&self, command: Document) -> Result<(Document, Vec<usize>), StoreError> {
         let reply = self
             .health
             .watch(self.db.run_command(command).await)
             .map_err(unavailable)?;
-        if let Ok(errors) = reply.get_array("writeErrors") {
-            return Err(StoreError::Unavailable(format!("write errors: {errors:?}")));
+        if let Ok(concern) = reply.get_document("writeConcernError") {
+            return Err(StoreError::Transient(format!("write concern: {concern}")));
         }
-        Ok(reply)
+        let mut refused = Vec::new();
+        for error in reply.get_array("writeErrors").into_iter().flatten() {
+            let Some(error) = error.as_document() else {
+                continue;
+            };
+            let code = error.get("code").and_then(bson_usize);
+            if code == Some(11000) {
+                return Err(StoreError::Transient(format!("write conflict: {error}")));
+            }
+            log::warn!("MongoDB refused a write, dropping it: {error}");
+            refused.extend(error.get("index").and_then(bson_usize));
+        }
+        Ok((reply, refused))
     }
 
     /// Fails fast while the database is known to be unreachable (between probes).
@@ -234,7 +252,7 @@ impl MongoStore {
         if self.health.should_try() {
             Ok(())
         } else {
-            Err(StoreError::Unavailable("MongoDB is unreachable".into()))
+            Err(StoreError::Transient("MongoDB is unreachable".into()))
         }
     }
 
@@ -294,6 +312,7 @@ impl Store for MongoStore {
         let mut recorded = Recorded {
             written: known.len(),
             unknown_user: batch.len() - known.len(),
+            refused: 0,
         };
         if known.is_empty() {
             return Ok(recorded);
@@ -323,9 +342,11 @@ impl Store for MongoStore {
                 }
             })
             .collect();
-        let reply = self
+        let (reply, refused) = self
             .write(doc! { "update": "devices", "updates": updates, "ordered": false })
             .await?;
+        recorded.refused = refused.len();
+        recorded.written -= refused.len();
         let upserted: Vec<(usize, ObjectId)> = reply
             .get_array("upserted")
             .map(|list| {
@@ -355,7 +376,10 @@ impl Store for MongoStore {
         // from whoever lists it and added to the user.
         let mut moves: Vec<(ObjectId, ObjectId)> = Vec::new();
         let mut statements = Vec::new();
-        for ((_, user), id) in known.iter().zip(&ids) {
+        for (index, ((_, user), id)) in known.iter().zip(&ids).enumerate() {
+            if refused.contains(&index) {
+                continue;
+            }
             let Some(id) = *id else {
                 recorded.written -= 1; // cannot happen: upserted or found above
                 continue;
@@ -563,8 +587,25 @@ fn command_error_code(e: &mongodb::error::Error) -> Option<i32> {
     }
 }
 
+/// Server codes that mean "not now" rather than "never": the node is unreachable,
+/// stepping down, shutting down or out of time.
+const TRANSIENT_CODES: &[i32] = &[
+    6, 7, 18, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436,
+];
+
+/// Unreachable, retryable, or a refusal that passes (authentication included: the
+/// operator can fix credentials without losing what is pending) is transient; any
+/// other error will not go away by repeating the request.
 fn unavailable(e: mongodb::error::Error) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+    use mongodb::error::ErrorKind;
+    let transient = is_connectivity(&e)
+        || matches!(*e.kind, ErrorKind::Authentication { .. })
+        || command_error_code(&e).is_some_and(|code| TRANSIENT_CODES.contains(&code));
+    if transient {
+        StoreError::Transient(e.to_string())
+    } else {
+        StoreError::Permanent(e.to_string())
+    }
 }
 
 fn object_ids(value: Option<&Bson>) -> Vec<ObjectId> {

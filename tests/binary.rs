@@ -1,18 +1,18 @@
-//! Running the gateway: operator commands, settings, persistence across restarts,
-//! clean shutdown.
+//! What only the real binary does: operator commands, the settings file and the
+//! environment, start-up failures, signals and a restart that keeps every sighting.
 
 mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::Gateway;
+use common::Binary;
 
 const MAC: &str = "F0FE6B2A1C3D";
 
 #[test]
 fn user_add_prints_the_uuid_then_the_device_strings() {
-    let gw = Gateway::start(&[]);
+    let gw = Binary::start(&[]);
     let out = gw.cli(&["user", "add", "alice"]);
     let lines: Vec<&str> = out.lines().collect();
     let uuid = lines[0];
@@ -36,46 +36,8 @@ fn user_add_prints_the_uuid_then_the_device_strings() {
 }
 
 #[test]
-fn a_user_added_while_running_is_accepted_without_restart() {
-    let gw = Gateway::start(&[]);
-    // Before the user exists, its device is ignored and queries are empty.
-    let mut early = gw.connect();
-    early.send(format!("beat;late-user;{MAC};plc;0").as_bytes());
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(gw.query("late-user"), serde_json::json!([]));
-
-    gw.cli(&["user", "add", "late", "--uuid", "late-user"]);
-    std::thread::sleep(Duration::from_millis(1100)); // the negative cache lasts 1 s
-    early.send(format!("beat;late-user;{MAC};plc;0").as_bytes());
-    gw.wait_online("late-user", MAC);
-    let _client = gw.tunnel("late-user", MAC);
-}
-
-#[test]
-fn unknown_users_are_refused_when_required() {
-    let gw = Gateway::start(&[]);
-    let mut device = gw.connect();
-    device.send(format!("beat;stranger;{MAC};plc;0").as_bytes());
-    std::thread::sleep(Duration::from_millis(200));
-    let mut client = gw.connect();
-    client.send(format!("connme;stranger;{MAC}").as_bytes());
-    assert_eq!(common::failed_reason(&client.line()), "unknown user");
-}
-
-#[test]
-fn unknown_users_may_tunnel_when_allowed_but_nothing_is_stored() {
-    let mut gw = Gateway::start(&[("ELFIN__AUTH__REQUIRE_KNOWN_USER", "false")]);
-    let mut device = gw.device("stranger", MAC, "plc");
-    let mut client = gw.tunnel("stranger", MAC);
-    device.send(format!("data;stranger;{MAC};plc;0;hello").as_bytes());
-    assert_eq!(client.bytes(5), b"hello");
-    assert!(gw.stop().success());
-    assert!(!gw.cli(&["device", "list"]).contains(MAC));
-}
-
-#[test]
 fn sightings_survive_a_restart() {
-    let mut gw = Gateway::start(&[
+    let mut gw = Binary::start(&[
         // Long intervals: only the shutdown flush can have written them.
         ("ELFIN__PERSISTENCE__FLUSH_INTERVAL_MS", "3600000"),
         ("ELFIN__HEARTBEAT__DEBOUNCE_SECS", "3600"),
@@ -96,7 +58,7 @@ fn sightings_survive_a_restart() {
         "{listed}"
     );
 
-    let gw = Gateway::start_in(Arc::clone(&gw.dir), &[]);
+    let gw = Binary::start_in(Arc::clone(&gw.dir), &[]);
     let after = gw.query(&uuid);
     let dates = |v: &serde_json::Value| {
         let mut d: Vec<(String, String)> = v
@@ -113,13 +75,54 @@ fn sightings_survive_a_restart() {
 
 #[test]
 fn sigterm_closes_connections_and_exits_zero() {
-    let mut gw = Gateway::start(&[]);
+    let mut gw = Binary::start(&[]);
     let uuid = gw.add_user("alice");
     let mut device = gw.device(&uuid, MAC, "plc-1");
     let status = gw.stop();
     assert!(status.success());
     device.expect_closed();
     assert!(gw.log_contains("stopped"));
+}
+
+/// Runs the binary with `env` in a fresh directory and returns (success, stderr).
+fn run_with(env: &[(&str, &str)]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_elfin-gateway"))
+        .current_dir(dir.path())
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn start_up_failures_print_one_line_naming_the_cause() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let db_in_a_file = tempfile::NamedTempFile::new().unwrap();
+    let not_a_dir = db_in_a_file.path().join("elfin.db").display().to_string();
+    for (env, cause) in [
+        (
+            vec![("ELFIN__SERVER__LISTEN", addr.as_str())],
+            "Address already in use",
+        ),
+        (
+            vec![
+                ("ELFIN__SERVER__LISTEN", "127.0.0.1:0"),
+                ("ELFIN__STORAGE__PATH", not_a_dir.as_str()),
+            ],
+            "cannot open the database file",
+        ),
+    ] {
+        let (ok, err) = run_with(&env);
+        assert!(!ok, "{env:?} started");
+        assert!(err.contains(cause), "{env:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{env:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
 }
 
 #[test]
@@ -155,7 +158,7 @@ fn the_settings_file_is_read_and_the_environment_overrides_it() {
     )
     .unwrap();
     // The harness sets ELFIN__SERVER__LISTEN, which must win over the file.
-    let gw = Gateway::start_with_args(dir, &[], &["--config", "custom.toml"]);
+    let gw = Binary::start_with_args(dir, &[], &["--config", "custom.toml"]);
     let uuid = gw.add_user("alice");
     let _device = gw.device(&uuid, MAC, "plc-1");
     let before = chrono::Utc::now();
@@ -184,7 +187,7 @@ fn garbage_is_counted_in_metrics() {
         l.local_addr().unwrap().port()
     };
     let listen = format!("127.0.0.1:{port}");
-    let gw = Gateway::start(&[("ELFIN__METRICS__LISTEN", &listen)]);
+    let gw = Binary::start(&[("ELFIN__METRICS__LISTEN", &listen)]);
     let mut vandal = gw.connect();
     vandal.send(b"garbage garbage\n");
     let scrape = || {

@@ -1,0 +1,84 @@
+//! A device as the gateway knows it while it is connected: who it is ([`Identity`])
+//! and when it was last heard from ([`Activity`]).
+//!
+//! The session that speaks for a device, the registry and the heartbeat debouncer share
+//! one `Activity`, so refreshing last-seen on every frame costs the session one atomic
+//! store and no message.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytestring::ByteString;
+
+use crate::clock::Stamp;
+use crate::store::Sighting;
+
+/// When a device was last heard from, and whether the heartbeat debouncer tracks it.
+#[derive(Debug, Default)]
+pub struct Activity {
+    last_seen: AtomicU64,
+    armed: AtomicBool,
+}
+
+impl Activity {
+    pub fn new() -> Arc<Self> {
+        let activity = Arc::new(Self::default());
+        activity.touch();
+        activity
+    }
+
+    pub fn touch(&self) {
+        self.last_seen
+            .store(Stamp::now().as_nanos(), Ordering::SeqCst);
+    }
+
+    pub fn last_seen(&self) -> Stamp {
+        Stamp::from_nanos(self.last_seen.load(Ordering::SeqCst))
+    }
+
+    /// Marks the device as tracked by the debouncer; true if it was not, i.e. the
+    /// caller must tell the debouncer.
+    pub fn arm(&self) -> bool {
+        !self.armed.swap(true, Ordering::SeqCst)
+    }
+
+    pub fn disarm(&self) {
+        self.armed.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The device a connection speaks for: (uuid, mac) is its key, host its current name.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub uuid: ByteString,
+    pub mac: ByteString,
+    pub host: ByteString,
+    pub activity: Arc<Activity>,
+}
+
+impl Identity {
+    /// A new identity, seen now. The fields are copied out of whatever buffer they were
+    /// parsed from, so a long-lived device never pins a connection's read buffer.
+    pub fn new(uuid: &str, mac: &str, host: &str) -> Self {
+        Self {
+            uuid: ByteString::from(uuid.to_owned()),
+            mac: ByteString::from(mac.to_owned()),
+            host: ByteString::from(host.to_owned()),
+            activity: Activity::new(),
+        }
+    }
+
+    pub fn is(&self, uuid: &str, mac: &str) -> bool {
+        self.uuid == uuid && self.mac == mac
+    }
+
+    /// Last-seen as the store records it.
+    pub fn sighting(&self) -> Sighting {
+        Sighting {
+            uuid: self.uuid.clone(),
+            mac: self.mac.clone(),
+            host: self.host.clone(),
+            at: self.activity.last_seen().to_utc(),
+        }
+    }
+}

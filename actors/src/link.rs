@@ -1,0 +1,72 @@
+//! The tunnel vocabulary: how the shared actors reach a session, and what they tell it.
+//!
+//! A [`PeerLink`] is everything another actor holds of a connection: its id, its
+//! address for [`PeerEvent`]s and its [`Outbox`], into which a tunnel peer writes
+//! payloads directly. Nothing here knows the session actor's type, so the registry and
+//! the bridge sit below the session in the module graph.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use actix::prelude::*;
+use bytes::Bytes;
+use bytestring::ByteString;
+use tokio::sync::mpsc;
+
+/// A connection, numbered in accept order for the life of the process.
+pub type SessionId = u64;
+
+/// A tunnel, numbered by the bridge in creation order: of two tunnels, the one with the
+/// larger id is the newer.
+pub type TunnelId = u64;
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+pub fn next_session_id() -> SessionId {
+    NEXT_SESSION.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A connection's output queue: replies and tunnel payloads, written to its socket in
+/// order by the session's writer task. Bounded; a full queue pauses whoever fills it.
+pub type Outbox = mpsc::Sender<Bytes>;
+
+/// What another actor needs to reach a session.
+#[derive(Clone, Debug)]
+pub struct PeerLink {
+    pub id: SessionId,
+    pub remote: SocketAddr,
+    pub events: Recipient<PeerEvent>,
+    pub out: Outbox,
+}
+
+/// Which side of a tunnel a connection is on; it decides what happens to that
+/// connection when the tunnel ends from the other side (`docs/PROTOCOL.md` §4).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Asked for the tunnel with `connme`: closed when its tunnel ends from the device
+    /// side, as a TCP relay would close it.
+    Client,
+    /// The device with this mac: stays connected when its tunnel ends.
+    Device(ByteString),
+}
+
+/// One end of a tunnel.
+#[derive(Clone, Debug)]
+pub struct End {
+    pub link: PeerLink,
+    pub role: Role,
+}
+
+/// What the bridge and the registry tell a session.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub enum PeerEvent {
+    /// This session is now one end of `tunnel`, `peer` the other.
+    Linked { tunnel: TunnelId, peer: PeerLink },
+    /// `tunnel` is gone. With `close`, this session is a client whose tunnel ended from
+    /// the device side: it writes what is queued and closes.
+    Unlinked { tunnel: TunnelId, close: bool },
+    /// A newer connection took over device (uuid, mac), which this session spoke for:
+    /// it ends its tunnel, writes what is queued and closes.
+    Replaced { uuid: ByteString, mac: ByteString },
+}

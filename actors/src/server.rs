@@ -1,0 +1,110 @@
+//! The server's lifetime: accept connections, start a session for each, and on
+//! shutdown close them all and flush what is pending.
+//!
+//! [`serve`] owns the listener. It hands every accepted connection to a worker (or
+//! runs it on the calling arbiter, see [`Workers`]) and never waits on anything but
+//! `accept` and the shutdown future. When that future completes it stops accepting,
+//! ends every session's input, waits (bounded) for them to close, and calls
+//! [`Hub::shutdown`].
+
+use std::future::Future;
+use std::time::Duration;
+
+use actix::prelude::*;
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::{Hub, ShutdownError, Workers};
+use crate::session::Session;
+
+/// How long shutdown waits for sessions to write what is queued and close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves connections from `listener` until `shutdown` completes, then closes them and
+/// flushes the hub.
+pub async fn serve(
+    listener: TcpListener,
+    hub: Hub,
+    shutdown: impl Future,
+) -> Result<(), ShutdownError> {
+    let workers: Vec<Arbiter> = match hub.config.workers {
+        Workers::Caller => Vec::new(),
+        Workers::Threads(n) => (0..n.max(1)).map(|_| Arbiter::new()).collect(),
+    };
+    let stop = CancellationToken::new();
+    let (alive, mut all_closed) = mpsc::channel::<()>(1);
+    tokio::pin!(shutdown);
+    let mut next = 0;
+    let mut failing = false;
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted.and_then(|(stream, _)| configure(stream, &hub)) {
+            Ok(stream) => {
+                failing = false;
+                stream
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning,
+                // and say so once per episode.
+                if !failing {
+                    log::warn!("accept failed: {e}");
+                    failing = true;
+                }
+                metrics::counter!("elfin_accept_errors_total").increment(1);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (hub, stop, alive) = (hub.clone(), stop.clone(), alive.clone());
+        let start = move |stream: std::net::TcpStream| {
+            if let Err(e) =
+                TcpStream::from_std(stream).and_then(|s| Session::start(s, hub, stop, alive))
+            {
+                log::debug!("connection lost before its session started: {e}");
+            }
+        };
+        if workers.is_empty() {
+            start(stream);
+        } else {
+            workers[next].spawn(async move { start(stream) });
+            next = (next + 1) % workers.len();
+        }
+    }
+
+    log::info!("shutting down");
+    drop(listener);
+    stop.cancel();
+    drop(alive);
+    if tokio::time::timeout(CLOSE_TIMEOUT, all_closed.recv())
+        .await
+        .is_err()
+    {
+        log::warn!("some connections did not close within {CLOSE_TIMEOUT:?}");
+    }
+    let flushed = hub.shutdown().await;
+    for worker in workers {
+        worker.stop();
+    }
+    flushed
+}
+
+/// Low latency (no Nagle) and keepalive probes to find dead peers; returns the socket
+/// detached from this thread's reactor, for a worker to adopt.
+fn configure(stream: TcpStream, hub: &Hub) -> std::io::Result<std::net::TcpStream> {
+    let sock = SockRef::from(&stream);
+    sock.set_tcp_nodelay(true)?;
+    let keepalive = hub.config.keepalive;
+    if !keepalive.is_zero() {
+        sock.set_tcp_keepalive(
+            &TcpKeepalive::new()
+                .with_time(keepalive)
+                .with_interval(keepalive / 4),
+        )?;
+    }
+    stream.into_std()
+}

@@ -1,0 +1,317 @@
+//! The real `elfin-gateway` binary on an ephemeral port with its own temporary
+//! database, and blocking TCP peers that play devices and clients: for what only the
+//! binary does (command line, settings, signals) and the MongoDB end-to-end tests.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Binary {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub dir: Arc<tempfile::TempDir>,
+    env: Vec<(String, String)>,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Binary {
+    /// Starts the gateway with test-friendly defaults (fast flushes) plus `env`.
+    pub fn start(env: &[(&str, &str)]) -> Binary {
+        Self::start_in(Arc::new(tempfile::tempdir().unwrap()), env)
+    }
+
+    /// Starts a gateway on the database directory of an earlier one.
+    pub fn start_in(dir: Arc<tempfile::TempDir>, env: &[(&str, &str)]) -> Binary {
+        Self::start_with_args(dir, env, &[])
+    }
+
+    /// Starts a gateway with extra command-line arguments (e.g. `--config`), run in
+    /// `dir`.
+    pub fn start_with_args(
+        dir: Arc<tempfile::TempDir>,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Binary {
+        let mut all: Vec<(String, String)> = vec![
+            ("ELFIN__SERVER__LISTEN".into(), "127.0.0.1:0".into()),
+            (
+                "ELFIN__STORAGE__PATH".into(),
+                dir.path().join("elfin.db").display().to_string(),
+            ),
+            ("ELFIN__PERSISTENCE__FLUSH_INTERVAL_MS".into(), "50".into()),
+            ("RUST_LOG".into(), "info".into()),
+        ];
+        for (k, v) in env {
+            all.retain(|(key, _)| key != k);
+            all.push((k.to_string(), v.to_string()));
+        }
+        let mut child = command(&dir, &all)
+            .args(args)
+            .arg("serve")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start elfin-gateway");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split(" listening on ").nth(1) {
+                    let addr = addr.split_whitespace().next().unwrap_or_default();
+                    let _ = tx.send(addr.parse::<SocketAddr>().ok());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let addr = match rx.recv_timeout(TIMEOUT) {
+            Ok(Some(addr)) => addr,
+            _ => {
+                let _ = child.kill();
+                panic!("gateway did not start: {:?}", log.lock().unwrap());
+            }
+        };
+        Binary {
+            child: Some(child),
+            addr,
+            dir,
+            env: all,
+            log,
+        }
+    }
+
+    /// Runs an operator command against this gateway's settings; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = command(&self.dir, &self.env)
+            .args(args)
+            .output()
+            .expect("run elfin-gateway");
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Adds a user through the CLI and returns its uuid.
+    pub fn add_user(&self, name: &str) -> String {
+        self.cli(&["user", "add", name])
+            .lines()
+            .next()
+            .unwrap()
+            .to_owned()
+    }
+
+    pub fn connect(&self) -> Peer {
+        Peer::connect(self.addr)
+    }
+
+    /// A device connection that has sent its first heartbeat and is registered.
+    pub fn device(&self, uuid: &str, mac: &str, host: &str) -> Peer {
+        let mut device = self.connect();
+        device.send(format!("beat;{uuid};{mac};{host};0").as_bytes());
+        self.wait_online(uuid, mac);
+        device
+    }
+
+    /// Polls `query` until the device is listed online.
+    pub fn wait_online(&self, uuid: &str, mac: &str) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let devices = self.query(uuid);
+            let online = devices
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d["macaddress"] == mac && d["status"] == "online");
+            if online {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{mac} never came online: {devices}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// One `query` on a fresh connection, parsed.
+    pub fn query(&self, uuid: &str) -> serde_json::Value {
+        let mut client = self.connect();
+        client.send(format!("query;{uuid}").as_bytes());
+        serde_json::from_str(&client.line()).unwrap()
+    }
+
+    /// A client connection tunnelled to the device (`connme`, success checked).
+    pub fn tunnel(&self, uuid: &str, mac: &str) -> Peer {
+        let mut client = self.connect();
+        client.send(format!("connme;{uuid};{mac}").as_bytes());
+        assert_eq!(client.line(), r#"{"status":"success"}"#);
+        client
+    }
+
+    pub fn log_contains(&self, text: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(text))
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + TIMEOUT * 2;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("gateway did not stop: {:?}", self.log.lock().unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn command(dir: &tempfile::TempDir, env: &[(String, String)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_elfin-gateway"));
+    cmd.current_dir(dir.path())
+        .env_remove("RUST_LOG")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// The repository root, for files shipped with it.
+pub fn repo_file(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// One TCP connection to the gateway.
+pub struct Peer {
+    stream: TcpStream,
+    buffered: Vec<u8>,
+}
+
+impl Peer {
+    pub fn connect(addr: SocketAddr) -> Peer {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_nodelay(true).unwrap();
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        Peer {
+            stream,
+            buffered: Vec::new(),
+        }
+    }
+
+    /// One write (peers write one message per write).
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    fn fill(&mut self) -> usize {
+        let mut buf = [0u8; 65536];
+        match self.stream.read(&mut buf) {
+            Ok(n) => {
+                self.buffered.extend_from_slice(&buf[..n]);
+                n
+            }
+            Err(e) => panic!(
+                "read failed (have {:?}): {e}",
+                String::from_utf8_lossy(&self.buffered)
+            ),
+        }
+    }
+
+    /// The next `\n`-terminated line, without the terminator.
+    pub fn line(&mut self) -> String {
+        loop {
+            if let Some(i) = self.buffered.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buffered.drain(..=i).collect();
+                return String::from_utf8(line[..i].to_vec()).unwrap();
+            }
+            assert!(
+                self.fill() > 0,
+                "closed before a full line: {:?}",
+                self.buffered
+            );
+        }
+    }
+
+    /// Exactly `n` bytes.
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        while self.buffered.len() < n {
+            assert!(
+                self.fill() > 0,
+                "closed after {} of {n} bytes",
+                self.buffered.len()
+            );
+        }
+        self.buffered.drain(..n).collect()
+    }
+
+    /// Asserts that nothing arrives within `wait` (and the connection stays open).
+    pub fn expect_silence(&mut self, wait: Duration) {
+        self.stream.set_read_timeout(Some(wait)).unwrap();
+        let mut buf = [0u8; 1024];
+        match self.stream.read(&mut buf) {
+            Ok(0) => panic!("connection closed"),
+            Ok(n) => panic!("unexpected bytes: {:?}", String::from_utf8_lossy(&buf[..n])),
+            Err(e) => assert!(
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "{e}"
+            ),
+        }
+        self.stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    }
+
+    /// Asserts the gateway closed this connection.
+    pub fn expect_closed(&mut self) {
+        let mut buf = [0u8; 1024];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+                Err(e) => panic!("connection still open: {e}"),
+            }
+        }
+    }
+
+    pub fn close(self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    pub fn raw(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
+/// A `failed` reply's reason, asserting the reply's shape.
+pub fn failed_reason(line: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["status"], "failed", "{line}");
+    let reason = v["reason"].as_str().unwrap().to_owned();
+    assert!(!reason.is_empty());
+    reason
+}

@@ -1,0 +1,242 @@
+//! The gateway inside the test: the library's `serve` on an ephemeral loopback port,
+//! sessions on the test's own arbiter, a real embedded database file in a temporary
+//! directory, and async peers on real sockets. With `tokio::time::pause()` the
+//! gateway's timers (debounce, hold-back, stall) run on the test's paused clock, so no
+//! test sleeps on the wall clock.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+use elfin_actors::query::QueryFormat;
+use elfin_actors::store::embedded::EmbeddedStore;
+use elfin_actors::store::Store;
+use elfin_actors::{Config, Hub, ShutdownError, Workers};
+
+/// How long a peer waits for anything (virtual time on a paused clock).
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// The settings' defaults, with sessions on the test's arbiter and fast flushes.
+pub fn config() -> Config {
+    Config {
+        require_known_user: true,
+        query: QueryFormat {
+            time_zone: chrono_tz::Europe::Budapest,
+            time_format: "%Y. %m. %d. %H:%M:%S".into(),
+            online_window: Duration::from_secs(60),
+        },
+        debounce: Duration::from_secs(30),
+        flush_interval: Duration::from_millis(50),
+        max_batch: 1000,
+        shutdown_timeout: Duration::from_secs(10),
+        out_queue: 64,
+        read_buffer: 64 * 1024,
+        stall_timeout: Duration::from_secs(30),
+        header_hold: Duration::from_millis(5),
+        keepalive: Duration::from_secs(60),
+        workers: Workers::Caller,
+    }
+}
+
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub hub: Hub,
+    pub store: Arc<EmbeddedStore>,
+    pub dir: Arc<tempfile::TempDir>,
+    stop: Option<oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<Result<(), ShutdownError>>>,
+}
+
+impl TestGateway {
+    pub async fn start() -> TestGateway {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts with the defaults of [`config`] changed by `tune`.
+    pub async fn start_with(tune: impl FnOnce(&mut Config)) -> TestGateway {
+        Self::start_in(Arc::new(tempfile::tempdir().unwrap()), tune).await
+    }
+
+    /// Starts on the database file of an earlier gateway's directory.
+    pub async fn start_in(
+        dir: Arc<tempfile::TempDir>,
+        tune: impl FnOnce(&mut Config),
+    ) -> TestGateway {
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("elfin.db")).unwrap());
+        let mut config = config();
+        tune(&mut config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hub = Hub::start(store.clone(), config);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let served = actix_rt::spawn(elfin_actors::serve(listener, hub.clone(), async {
+            let _ = stopped.await;
+        }));
+        TestGateway {
+            addr,
+            hub,
+            store,
+            dir,
+            stop: Some(stop),
+            served: Some(served),
+        }
+    }
+
+    /// Shuts down as SIGTERM does: closes every connection and flushes.
+    pub async fn stop(&mut self) -> Result<(), ShutdownError> {
+        let _ = self.stop.take().expect("running").send(());
+        self.served.take().unwrap().await.unwrap()
+    }
+
+    /// Adds a user to the database and returns its uuid.
+    pub async fn add_user(&self, name: &str) -> String {
+        let uuid = format!("uuid-of-{name}-{}", self.addr.port());
+        self.store.add_user(name, &uuid).await.unwrap();
+        uuid
+    }
+
+    pub async fn connect(&self) -> Peer {
+        Peer::connect(self.addr).await
+    }
+
+    /// A device connection that has sent its first heartbeat and is registered.
+    pub async fn device(&self, uuid: &str, mac: &str, host: &str) -> Peer {
+        let mut device = self.connect().await;
+        device.send(format!("beat;{uuid};{mac};{host};0")).await;
+        self.wait_online(uuid, mac).await;
+        device
+    }
+
+    /// Polls `query` until the device is listed online.
+    pub async fn wait_online(&self, uuid: &str, mac: &str) {
+        for _ in 0..500 {
+            let devices = self.query(uuid).await;
+            let online = devices
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d["macaddress"] == mac && d["status"] == "online");
+            if online {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{mac} never came online");
+    }
+
+    /// One `query` on a fresh connection, parsed.
+    pub async fn query(&self, uuid: &str) -> serde_json::Value {
+        let mut client = self.connect().await;
+        client.send(format!("query;{uuid}")).await;
+        serde_json::from_str(&client.line().await).unwrap()
+    }
+
+    /// A client connection tunnelled to the device (`connme`, success checked).
+    pub async fn tunnel(&self, uuid: &str, mac: &str) -> Peer {
+        let mut client = self.connect().await;
+        client.send(format!("connme;{uuid};{mac}")).await;
+        assert_eq!(client.line().await, r#"{"status":"success"}"#);
+        client
+    }
+}
+
+/// One TCP connection to the gateway.
+pub struct Peer {
+    pub stream: TcpStream,
+    buffered: Vec<u8>,
+}
+
+impl Peer {
+    pub async fn connect(addr: SocketAddr) -> Peer {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        Peer {
+            stream,
+            buffered: Vec::new(),
+        }
+    }
+
+    /// One write (peers write one message per write).
+    pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
+        self.stream.write_all(bytes.as_ref()).await.unwrap();
+    }
+
+    /// Reads once more into the buffer; 0 at end of file.
+    async fn fill(&mut self) -> usize {
+        let mut buf = vec![0u8; 65536];
+        match tokio::time::timeout(WAIT, self.stream.read(&mut buf)).await {
+            Ok(Ok(n)) => {
+                self.buffered.extend_from_slice(&buf[..n]);
+                n
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => 0,
+            Ok(Err(e)) => panic!("read failed: {e}"),
+            Err(_) => panic!(
+                "nothing arrived within {WAIT:?} (have {:?})",
+                String::from_utf8_lossy(&self.buffered)
+            ),
+        }
+    }
+
+    /// The next `\n`-terminated line, without the terminator.
+    pub async fn line(&mut self) -> String {
+        loop {
+            if let Some(i) = self.buffered.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buffered.drain(..=i).collect();
+                return String::from_utf8(line[..i].to_vec()).unwrap();
+            }
+            assert!(
+                self.fill().await > 0,
+                "closed before a full line: {:?}",
+                String::from_utf8_lossy(&self.buffered)
+            );
+        }
+    }
+
+    /// Exactly `n` bytes.
+    pub async fn bytes(&mut self, n: usize) -> Vec<u8> {
+        while self.buffered.len() < n {
+            let have = self.buffered.len();
+            assert!(self.fill().await > 0, "closed after {have} of {n} bytes");
+        }
+        self.buffered.drain(..n).collect()
+    }
+
+    /// Asserts that nothing arrives within `wait` and the connection stays open.
+    pub async fn expect_silence(&mut self, wait: Duration) {
+        assert!(self.buffered.is_empty(), "unread: {:?}", self.buffered);
+        let mut buf = [0u8; 1024];
+        match tokio::time::timeout(wait, self.stream.read(&mut buf)).await {
+            Err(_elapsed) => {}
+            Ok(Ok(0)) => panic!("connection closed"),
+            Ok(Ok(n)) => panic!("unexpected bytes: {:?}", String::from_utf8_lossy(&buf[..n])),
+            Ok(Err(e)) => panic!("read failed: {e}"),
+        }
+    }
+
+    /// Asserts the gateway closes this connection (end of file) within `wait`, after
+    /// at most the bytes already expected.
+    pub async fn expect_closed_within(&mut self, wait: Duration) {
+        let mut buf = [0u8; 1024];
+        let closed = async {
+            match self.stream.read(&mut buf).await {
+                Ok(0) => {}
+                Ok(n) => panic!("unexpected bytes: {:?}", String::from_utf8_lossy(&buf[..n])),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                Err(e) => panic!("read failed: {e}"),
+            }
+        };
+        assert!(
+            tokio::time::timeout(wait, closed).await.is_ok(),
+            "still open after {wait:?}"
+        );
+    }
+
+    pub async fn expect_closed(&mut self) {
+        self.expect_closed_within(WAIT).await
+    }
+}

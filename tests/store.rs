@@ -1,0 +1,177 @@
+//! The `Store` contract (docs/PROTOCOL.md §5), written once and run against both
+//! backends: the embedded store on a real database file, and the MongoDB store over
+//! the wire (the stand-in, or the server at `MONGODB_URI`).
+
+mod common;
+
+use chrono::{DateTime, Utc};
+
+use common::mongo::Mongo;
+use elfin_actors::store::embedded::EmbeddedStore;
+use elfin_actors::store::mongo::MongoStore;
+use elfin_actors::store::{Recorded, Sighting, Store, StoreError};
+
+fn at(secs: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap()
+}
+
+fn sighting(uuid: &str, mac: &str, host: &str, secs: i64) -> Sighting {
+    Sighting {
+        uuid: uuid.into(),
+        mac: mac.into(),
+        host: host.into(),
+        at: at(secs),
+    }
+}
+
+/// Writes one sighting and checks it was written.
+async fn record(store: &dyn Store, s: Sighting) {
+    let got = store.record(&[s]).await.unwrap();
+    assert_eq!((got.written, got.unknown_user), (1, 0));
+}
+
+async fn sightings_of_unknown_users_are_not_written(store: &dyn Store) {
+    let got = store
+        .record(&[sighting("nobody", "M1", "h", 0)])
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        Recorded {
+            written: 0,
+            unknown_user: 1,
+            refused: 0
+        }
+    );
+    assert!(store.devices(None).await.unwrap().is_empty());
+    assert_eq!(store.user_devices("nobody").await.unwrap(), None);
+    assert!(!store.user_exists("nobody").await.unwrap());
+}
+
+async fn a_new_device_is_inserted_and_listed_under_its_user(store: &dyn Store) {
+    store.add_user("alice", "ua").await.unwrap();
+    assert!(store.user_exists("ua").await.unwrap());
+    record(store, sighting("ua", "M1", "plc-1", 10)).await;
+    let devices = store.user_devices("ua").await.unwrap().unwrap();
+    assert_eq!(devices.len(), 1);
+    assert_eq!(
+        (devices[0].host.as_str(), devices[0].mac.as_str()),
+        ("plc-1", "M1")
+    );
+    assert_eq!(devices[0].last_seen, at(10));
+    let listed = store.devices(Some("ua")).await.unwrap();
+    assert_eq!(listed[0].owner.as_deref(), Some("ua"));
+}
+
+async fn last_seen_never_moves_backwards_but_the_host_name_follows(store: &dyn Store) {
+    store.add_user("alice", "ua").await.unwrap();
+    record(store, sighting("ua", "M1", "old", 50)).await;
+    record(store, sighting("ua", "M1", "new", 40)).await;
+    let d = &store.user_devices("ua").await.unwrap().unwrap()[0];
+    assert_eq!((d.host.as_str(), d.last_seen), ("new", at(50)));
+    record(store, sighting("ua", "M1", "new", 60)).await;
+    let d = &store.user_devices("ua").await.unwrap().unwrap()[0];
+    assert_eq!(d.last_seen, at(60));
+}
+
+async fn a_device_reporting_another_uuid_changes_owner(store: &dyn Store) {
+    store.add_user("alice", "ua").await.unwrap();
+    store.add_user("bob", "ub").await.unwrap();
+    record(store, sighting("ua", "M1", "h", 1)).await;
+    record(store, sighting("ub", "M1", "h", 2)).await;
+    assert!(store.user_devices("ua").await.unwrap().unwrap().is_empty());
+    assert_eq!(store.user_devices("ub").await.unwrap().unwrap().len(), 1);
+    let users = store.users().await.unwrap();
+    let counts: Vec<(&str, usize)> = users
+        .iter()
+        .map(|u| (u.username.as_str(), u.devices))
+        .collect();
+    assert_eq!(counts, [("alice", 0), ("bob", 1)]);
+    // And back: still exactly one owner.
+    record(store, sighting("ua", "M1", "h", 3)).await;
+    assert_eq!(store.user_devices("ua").await.unwrap().unwrap().len(), 1);
+    assert!(store.user_devices("ub").await.unwrap().unwrap().is_empty());
+    assert_eq!(store.devices(None).await.unwrap().len(), 1);
+}
+
+async fn duplicate_users_are_refused(store: &dyn Store) {
+    store.add_user("alice", "ua").await.unwrap();
+    assert!(matches!(
+        store.add_user("alice", "other").await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store.add_user("carol", "ua").await,
+        Err(StoreError::Conflict(_))
+    ));
+}
+
+async fn a_batch_is_written_whole_and_devices_keep_their_order(store: &dyn Store) {
+    store.add_user("alice", "ua").await.unwrap();
+    store.add_user("bob", "ub").await.unwrap();
+    let batch: Vec<Sighting> = (0..300)
+        .map(|i| {
+            sighting(
+                if i % 3 == 0 { "ub" } else { "ua" },
+                &format!("M{i:03}"),
+                "h",
+                i,
+            )
+        })
+        .chain([sighting("nobody", "X", "h", 0)])
+        .collect();
+    let got = store.record(&batch).await.unwrap();
+    assert_eq!((got.written, got.unknown_user), (300, 1));
+    let alice: Vec<String> = store
+        .user_devices("ua")
+        .await
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .map(|d| d.mac)
+        .collect();
+    let want: Vec<String> = (0..300)
+        .filter(|i| i % 3 != 0)
+        .map(|i| format!("M{i:03}"))
+        .collect();
+    assert_eq!(alice, want);
+    assert_eq!(store.devices(Some("ub")).await.unwrap().len(), 100);
+    assert_eq!(store.devices(None).await.unwrap().len(), 300);
+}
+
+/// One test per contract case and backend.
+macro_rules! contract {
+    ($($case:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store = super::EmbeddedStore::open(&dir.path().join("elfin.db")).unwrap();
+                    super::$case(&store).await;
+                }
+            )*
+        }
+
+        mod mongodb {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let mongo = super::Mongo::start();
+                    let (options, _) = mongo.options().await;
+                    let store = super::MongoStore::with_options(options, &mongo.database).unwrap();
+                    super::$case(&store).await;
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    sightings_of_unknown_users_are_not_written,
+    a_new_device_is_inserted_and_listed_under_its_user,
+    last_seen_never_moves_backwards_but_the_host_name_follows,
+    a_device_reporting_another_uuid_changes_owner,
+    duplicate_users_are_refused,
+    a_batch_is_written_whole_and_devices_keep_their_order,
+);
