@@ -57,7 +57,7 @@ impl Default for Server {
             read_buffer_bytes: 64 * 1024,
             output_queue_chunks: 64,
             tunnel_stall_secs: 30,
-            header_hold_ms: 5,
+            header_hold_ms: 100,
             keepalive_secs: 60,
         }
     }

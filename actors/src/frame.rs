@@ -397,14 +397,16 @@ pub fn check_uuid(uuid: &str) -> Result<(), &'static str> {
 }
 
 /// The start of the first message of this user in a payload: a keyword right before an
-/// occurrence of the uuid, followed by `;`, a line end or the end of the input read so
-/// far (`query;<uuid>` has nothing after the uuid).
+/// occurrence of the uuid, followed by `;` or a line end. `query;<uuid>` may also end
+/// at the end of the input read so far (it has nothing after the uuid); any other
+/// keyword and uuid there are held back by [`held_suffix`] until the next byte decides.
 fn find_boundary(finder: &memmem::Finder<'_>, buf: &[u8]) -> Option<usize> {
     let uuid_len = finder.needle().len();
     finder.find_iter(buf).find_map(|at| {
         let keyword = KEYWORDS.iter().find(|k| buf[..at].ends_with(k))?;
         match buf.get(at + uuid_len) {
-            None | Some(b';' | b'\r' | b'\n') => Some(at - keyword.len()),
+            Some(b';' | b'\r' | b'\n') => Some(at - keyword.len()),
+            None if *keyword == b"query;" => Some(at - keyword.len()),
             _ => None,
         }
     })

@@ -56,7 +56,8 @@ pub struct Session {
     /// them is ignored.
     cleared: TunnelId,
     hold: Option<SpawnHandle>,
-    /// The peer sent its last byte: close once the input is handled.
+    /// No more input will be read (end of file, or the session was told to close):
+    /// close once what was read is handled.
     eof: bool,
     /// Dropped with the session: tells the writer task to finish.
     _closing: oneshot::Sender<()>,
@@ -319,6 +320,16 @@ impl Session {
         }
     }
 
+    /// Stops reading and closes once what was read is handled; a held-back payload
+    /// tail is delivered first, so every byte accepted reaches the tunnel.
+    fn close(&mut self, ctx: &mut Context<Self>) {
+        if let Some(hold) = self.hold.take() {
+            ctx.cancel_future(hold);
+        }
+        self.eof = true;
+        self.drain(ctx);
+    }
+
     /// `tunnel` is gone; every older one too (tunnels are made in id order). Returns
     /// whether it was the newest this session has been in.
     fn unlinked(&mut self, tunnel: TunnelId) -> bool {
@@ -385,11 +396,7 @@ impl StreamHandler<io::Result<BytesMut>> for Session {
     }
 
     fn finished(&mut self, ctx: &mut Context<Self>) {
-        if let Some(hold) = self.hold.take() {
-            ctx.cancel_future(hold);
-        }
-        self.eof = true;
-        self.drain(ctx);
+        self.close(ctx);
     }
 }
 
@@ -402,14 +409,14 @@ impl Handler<PeerEvent> for Session {
             PeerEvent::Unlinked { tunnel, close } => {
                 if self.unlinked(tunnel) && close {
                     log::debug!("{}: tunnel {tunnel} ended; closing", self.remote);
-                    ctx.stop();
+                    self.close(ctx);
                 }
             }
             PeerEvent::Replaced { uuid, mac } => {
                 if self.device.as_ref().is_some_and(|(d, _)| d.is(&uuid, &mac)) {
                     // The registry already points at the new connection.
                     self.device = None;
-                    ctx.stop();
+                    self.close(ctx);
                 }
             }
         }

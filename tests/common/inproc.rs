@@ -36,7 +36,7 @@ pub fn config() -> Config {
         out_queue: 64,
         read_buffer: 64 * 1024,
         stall_timeout: Duration::from_secs(30),
-        header_hold: Duration::from_millis(5),
+        header_hold: Duration::from_millis(100),
         keepalive: Duration::from_secs(60),
         workers: Workers::Caller,
     }

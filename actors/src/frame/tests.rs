@@ -364,3 +364,28 @@ fn uuids_for_new_users_follow_the_header_rules() {
         assert!(check_uuid(bad).is_err(), "{bad:?}");
     }
 }
+
+#[test]
+fn a_payload_ending_in_keyword_and_uuid_waits_for_the_next_byte() {
+    // `data;u` at the end of a read could be payload or a header: the next byte
+    // decides, and here it is the next header, so `data;u` was payload.
+    let frames = decode_reads(&[b"data;u;T;T;1;xdata;u", b"data;u;T;T;1;y"]);
+    assert_eq!(
+        frames,
+        vec![
+            Frame::Data(header("u", "T", "T", Kind::Client)),
+            payload(b"xdata;u"),
+            Frame::Data(header("u", "T", "T", Kind::Client)),
+            payload(b"y"),
+        ]
+    );
+    // A query has nothing after the uuid, so it is a message where the read ends.
+    assert_eq!(
+        decode_reads(&[b"data;u;T;T;1;xquery;u"]),
+        vec![
+            Frame::Data(header("u", "T", "T", Kind::Client)),
+            payload(b"x"),
+            request(Request::Query, &["u"]),
+        ]
+    );
+}
