@@ -209,3 +209,35 @@ fn garbage_is_counted_in_metrics() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_stalled_tunnel_is_logged_naming_the_device_and_its_client_is_closed() {
+    let gw = Binary::start(&[("ELFIN__SERVER__TUNNEL_STALL_SECS", "1")]);
+    let uuid = gw.add_user("alice");
+    let device = gw.device(&uuid, MAC, "plc-1");
+    let mut client = gw.tunnel(&uuid, MAC); // reads nothing until the stall
+    let mut stream = device.raw().try_clone().unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let chunk = [
+        format!("data;{uuid};{MAC};plc-1;0;").as_bytes(),
+        &vec![7u8; 60_000],
+    ]
+    .concat();
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    while !gw.log_contains("stalled") {
+        assert!(std::time::Instant::now() < deadline, "no stall logged");
+        use std::io::Write;
+        let _ = stream.write(&chunk);
+    }
+    let log = gw.log.lock().unwrap().clone();
+    let warning = log.iter().find(|l| l.contains("stalled")).unwrap();
+    assert!(
+        warning.contains("WARN")
+            && warning.contains(&format!("device {MAC}"))
+            && warning.contains("and its client"),
+        "{warning}"
+    );
+    client.expect_closed();
+}

@@ -76,13 +76,15 @@ impl BridgeManager {
             Cause::Relinked => log::info!("tunnel {tunnel} replaced: {} has a new one", name(&me)),
             Cause::Stalled(after) => {
                 log::warn!(
-                    "tunnel {tunnel} stalled: {} read nothing for {after:?}; closing the tunnel{}",
+                    "tunnel {tunnel} between {} and {} stalled: the {} read nothing for \
+                     {after:?}; closing the tunnel{}",
+                    name(&me),
                     name(&other),
-                    if has_client {
-                        " and its client side"
-                    } else {
-                        ""
+                    match other.role {
+                        Role::Client => "client",
+                        Role::Device(_) => "device",
                     },
+                    if has_client { " and its client" } else { "" },
                 );
                 metrics::counter!("elfin_tunnels_stalled_total").increment(1);
                 me.link.events.do_send(PeerEvent::Unlinked {
