@@ -4,6 +4,9 @@
 //! a user, connects a simulated device and client, and measures
 //! - throughput: one data message streaming 1 GiB from the client to the device;
 //! - latency: 64-byte request/response round trips (client -> device -> client);
+//! - Modbus-like polls: 32-byte random request and response, whose last byte sometimes
+//!   could start a header, so the gateway holds it back (`server.header_hold_ms`):
+//!   how often a poll pays that, and how much;
 //!
 //! and the same through a relay that only does `tokio::io::copy_bidirectional`.
 //! Everything runs on loopback; the numbers include this process's own work.
@@ -16,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 const BULK: usize = 1 << 30;
 const ROUND_TRIPS: usize = 20_000;
+const POLLS: usize = 3_000;
 const MAC: &str = "BENCH0000001";
 
 /// A connected device and client, and what each must put before its bytes.
@@ -135,6 +139,54 @@ async fn latency(t: Tunnel) -> [f64; 3] {
     [at(0.5), at(0.99), at(0.999)]
 }
 
+/// Round-trip times in microseconds of 32-byte random requests and responses.
+async fn polls(t: Tunnel) -> Vec<f64> {
+    use rand::{Rng, SeedableRng};
+    let Tunnel {
+        mut device,
+        mut client,
+        client_header,
+        device_header,
+    } = t;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(32);
+    let mut buf = [0u8; 32];
+    let mut samples = Vec::with_capacity(POLLS);
+    for _ in 0..POLLS {
+        let request: [u8; 32] = rng.random();
+        let response: [u8; 32] = rng.random();
+        let started = Instant::now();
+        client
+            .write_all(&[&client_header[..], &request].concat())
+            .await
+            .unwrap();
+        device.read_exact(&mut buf).await.unwrap();
+        assert_eq!(buf, request);
+        device
+            .write_all(&[&device_header[..], &response].concat())
+            .await
+            .unwrap();
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(buf, response);
+        samples.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    samples
+}
+
+fn describe_polls(name: &str, mut samples: Vec<f64>) {
+    let held = samples.iter().filter(|&&us| us > 10_000.0).count();
+    let mean = samples.iter().sum::<f64>() / samples.len() as f64;
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    println!(
+        "{name:<22} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>9.2}%",
+        at(0.5),
+        at(0.99),
+        mean,
+        samples[samples.len() - 1],
+        100.0 * held as f64 / samples.len() as f64
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
@@ -176,6 +228,8 @@ async fn main() {
     let gw_mbs = throughput(gateway_tunnel(port, &uuid).await).await;
     let raw_rtt = latency(raw_relay().await).await;
     let gw_rtt = latency(gateway_tunnel(port, &uuid).await).await;
+    let raw_polls = polls(raw_relay().await).await;
+    let gw_polls = polls(gateway_tunnel(port, &uuid).await).await;
 
     println!(
         "tunnel benchmark (loopback, {} cores)",
@@ -199,4 +253,11 @@ async fn main() {
         gw_mbs / raw_mbs,
         gw_rtt[0] - raw_rtt[0]
     );
+    println!("\n{POLLS} polls of 32 random bytes each way (held: round trip over 10 ms)");
+    println!(
+        "{:<22} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "", "p50 us", "p99 us", "mean us", "max us", "held"
+    );
+    describe_polls("raw tokio relay", raw_polls);
+    describe_polls("elfin-gateway", gw_polls);
 }
