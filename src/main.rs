@@ -93,13 +93,24 @@ fn main() -> ExitCode {
 /// Runs the gateway. Start-up fails with one line naming the cause, before any actor
 /// starts: the port is bound and the store opened first.
 async fn serve(settings: Settings) -> anyhow::Result<()> {
-    raise_open_files_limit();
+    let open_files = raise_open_files_limit();
     let addr = settings.listen_addr()?;
-    let listener = TcpListener::bind(addr)
-        .await
+    let listener = listen(addr, settings.server.backlog)
         .with_context(|| format!("cannot listen on {addr}"))?;
     let store = store::open(&settings.store_backend(), true).await?;
-    let config = settings.gateway_config()?;
+    let mut config = settings.gateway_config()?;
+    // Keep descriptors for the database, logs and the metrics endpoint, so that an
+    // accept never fails for want of one.
+    if let Some(limit) = open_files {
+        let room = usize::try_from(limit.saturating_sub(FD_RESERVE)).unwrap_or(usize::MAX);
+        if config.limits.max_connections > room {
+            log::warn!(
+                "limits.max_connections lowered from {} to {room}: the open files limit is {limit}",
+                config.limits.max_connections
+            );
+            config.limits.max_connections = room;
+        }
+    }
     if !settings.metrics.listen.is_empty() {
         let addr = settings.metrics.listen.parse::<std::net::SocketAddr>()?;
         metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -120,16 +131,40 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// File descriptors kept back from connections.
+const FD_RESERVE: u64 = 64;
+
 /// Each connection is a file descriptor: lift the soft limit (often 1024) to the hard
-/// one, so the gateway can hold as many devices as the system allows.
-fn raise_open_files_limit() {
+/// one, so the gateway can hold as many devices as the system allows. Returns it.
+fn raise_open_files_limit() -> Option<u64> {
     match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) if limit < 10_000 => {
-            log::warn!("open files limit is {limit}: at most about that many connections")
+        Ok(limit) => {
+            if limit < 10_000 {
+                log::warn!("open files limit is {limit}: at most about that many connections");
+            }
+            Some(limit)
         }
-        Ok(limit) => log::debug!("open files limit: {limit}"),
-        Err(e) => log::warn!("cannot raise the open files limit: {e}"),
+        Err(e) => {
+            log::warn!("cannot raise the open files limit: {e}");
+            None
+        }
     }
+}
+
+/// The listening socket, with room for `backlog` connections waiting to be accepted
+/// (a reconnect storm), capped by the system's own limit.
+fn listen(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(4096);
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog.min(somaxconn)).unwrap_or(i32::MAX))?;
+    TcpListener::from_std(socket.into())
 }
 
 async fn shutdown_signal() {

@@ -30,6 +30,7 @@ pub struct Settings {
     pub persistence: Persistence,
     pub query: Query,
     pub auth: Auth,
+    pub limits: Limits,
     pub log: Log,
     pub metrics: Metrics,
 }
@@ -47,6 +48,8 @@ pub struct Server {
     pub header_hold_ms: u64,
     /// TCP keepalive idle time; 0 = off.
     pub keepalive_secs: u64,
+    /// Connections waiting to be accepted; capped by the system's somaxconn.
+    pub backlog: u32,
 }
 
 impl Default for Server {
@@ -59,6 +62,7 @@ impl Default for Server {
             tunnel_stall_secs: 30,
             header_hold_ms: 100,
             keepalive_secs: 60,
+            backlog: 4096,
         }
     }
 }
@@ -206,12 +210,44 @@ impl Default for Query {
 #[serde(default, deny_unknown_fields)]
 pub struct Auth {
     pub require_known_user: bool,
+    pub verbose_reasons: bool,
 }
 
 impl Default for Auth {
     fn default() -> Self {
         Self {
             require_known_user: true,
+            verbose_reasons: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub identify_secs: u64,
+    pub idle_secs: u64,
+    pub output_queue_bytes: usize,
+    pub requests_per_sec: u32,
+    pub request_burst: u32,
+    pub failed_lookups_per_min: u32,
+    pub failed_lookup_delay_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 50_000,
+            max_connections_per_ip: 2_000,
+            identify_secs: 10,
+            idle_secs: 180,
+            output_queue_bytes: 1 << 20,
+            requests_per_sec: 20,
+            request_burst: 40,
+            failed_lookups_per_min: 30,
+            failed_lookup_delay_ms: 1_000,
         }
     }
 }
@@ -290,6 +326,23 @@ impl Settings {
             ),
             ("server.tunnel_stall_secs", self.server.tunnel_stall_secs),
             ("server.header_hold_ms", self.server.header_hold_ms),
+            ("server.backlog", u64::from(self.server.backlog)),
+            ("limits.max_connections", self.limits.max_connections as u64),
+            (
+                "limits.max_connections_per_ip",
+                self.limits.max_connections_per_ip as u64,
+            ),
+            ("limits.identify_secs", self.limits.identify_secs),
+            ("limits.idle_secs", self.limits.idle_secs),
+            (
+                "limits.output_queue_bytes",
+                self.limits.output_queue_bytes as u64,
+            ),
+            (
+                "limits.requests_per_sec",
+                u64::from(self.limits.requests_per_sec),
+            ),
+            ("limits.request_burst", u64::from(self.limits.request_burst)),
         ] {
             if value == 0 {
                 bail!("settings: {key}: must be greater than 0");
@@ -348,8 +401,22 @@ impl Settings {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
+        let l = &self.limits;
         Ok(Config {
             require_known_user: self.auth.require_known_user,
+            verbose_reasons: self.auth.verbose_reasons,
+            limits: elfin_actors::Limits {
+                max_connections: l.max_connections,
+                max_connections_per_ip: l.max_connections_per_ip,
+                identify: Duration::from_secs(l.identify_secs),
+                idle: Duration::from_secs(l.idle_secs),
+                output_queue_bytes: l.output_queue_bytes,
+                requests_per_sec: f64::from(l.requests_per_sec),
+                request_burst: f64::from(l.request_burst),
+                failed_lookups_per_min: l.failed_lookups_per_min,
+                failed_lookup_delay: Duration::from_millis(l.failed_lookup_delay_ms),
+                ..elfin_actors::Limits::default()
+            },
             query: QueryFormat {
                 time_zone: self.time_zone()?,
                 time_format: self.query.time_format.clone(),

@@ -246,10 +246,7 @@ async fn failed_requests_answer_failed_with_a_reason() {
     for (request, reason) in [
         (format!("connme;{alice};000000000000"), "offline"),
         (format!("connme;{alice};{MAC}"), "offline"), // another user's device
-        (
-            "connme;no-such-user;000000000000".to_owned(),
-            "unknown user",
-        ),
+        ("connme;no-such-user;000000000000".to_owned(), "offline"),
         (format!("connme;{alice}"), "expected connme"),
         (format!("connme;{alice};{MAC};1;2"), "expected connme"),
         (format!("connme;;{MAC}"), "empty"),
@@ -309,8 +306,27 @@ async fn unknown_users_are_refused_when_required() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut client = gw.connect().await;
     client.send(format!("connme;stranger;{MAC}")).await;
-    assert_eq!(failed_reason(&client.line().await), "unknown user");
+    // The same answer as for an offline device: a guessed uuid learns nothing.
+    assert_eq!(
+        failed_reason(&client.line().await),
+        format!("device {MAC} is offline")
+    );
     assert_eq!(gw.query("stranger").await, serde_json::json!([]));
+}
+
+#[actix_rt::test]
+async fn verbose_reasons_tell_an_unknown_user_from_an_offline_device() {
+    tokio::time::pause();
+    let gw = TestGateway::start_with(|c| c.verbose_reasons = true).await;
+    let alice = gw.add_user("alice").await;
+    let mut client = gw.connect().await;
+    client.send(format!("connme;stranger;{MAC}")).await;
+    assert_eq!(failed_reason(&client.line().await), "unknown user");
+    client.send(format!("connme;{alice};{MAC}")).await;
+    assert_eq!(
+        failed_reason(&client.line().await),
+        format!("device {MAC} is offline")
+    );
 }
 
 #[actix_rt::test]

@@ -5,7 +5,14 @@
 //! [`Command::from_frame`], which checks the fields each command needs, and carried out
 //! by [`Command::apply`], which queues its [`Reply`] on the requester's output queue.
 //! Failures are [`Refusal`]s, whose text is the reply's `reason`.
+//!
+//! Abuse brakes live here too: a uuid that is no user's costs its source address a
+//! delay once it has failed too often (`limits.failed_lookups_per_min`), and unless
+//! `auth.verbose_reasons` is set it gets the same answer as an offline device.
 
+use std::time::Duration;
+
+use bytes::Bytes;
 use bytestring::ByteString;
 
 use crate::bridge::Link;
@@ -51,11 +58,34 @@ pub enum Refusal {
     ShuttingDown,
 }
 
+impl Refusal {
+    /// The `reason` label of `elfin_requests_refused_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refusal::Malformed(_) | Refusal::EmptyField => "malformed",
+            Refusal::UnknownUser => "unknown_user",
+            Refusal::Offline(_) => "offline",
+            Refusal::ToItself | Refusal::DeviceToItself => "to_itself",
+            Refusal::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
 impl From<Refusal> for Reply {
     fn from(refusal: Refusal) -> Reply {
+        metrics::counter!("elfin_requests_refused_total", "reason" => refusal.label()).increment(1);
         Reply::Failed(refusal.to_string())
     }
 }
+
+/// The requester did not read its replies within the stall time: it is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the peer does not read its replies")]
+pub struct Unread;
+
+/// Replies with more rows than this are rendered on the blocking pool, so a user with
+/// thousands of devices does not hold up other connections.
+const RENDER_INLINE_ROWS: usize = 500;
 
 /// A tunnel a command made for the requester, for the session to install.
 pub type Tunnel = (TunnelId, PeerLink);
@@ -85,30 +115,34 @@ impl Command {
 
     /// Carries the command out for the connection `me` and queues its reply there.
     /// Returns the tunnel `me` is now one end of, if any.
-    pub async fn apply(self, hub: &Hub, me: &PeerLink) -> Option<Tunnel> {
-        let (reply, tunnel) = match self {
+    pub async fn apply(self, hub: &Hub, me: &PeerLink) -> Result<Option<Tunnel>, Unread> {
+        let reply = match self {
             Command::Connme { uuid, mac } => match connme(hub, &uuid, mac, me).await {
                 // The success reply is already queued, ahead of the device's data.
-                Ok(tunnel) => return Some(tunnel),
-                Err(refusal) => (refusal.into(), None),
+                Ok(tunnel) => return Ok(Some(tunnel)),
+                Err(refusal) => refusal.into(),
             },
-            Command::Connthem { uuid, mac1, mac2 } => {
-                let linked = connthem(hub, &uuid, mac1, mac2).await;
-                (linked.map_or_else(Reply::from, |()| Reply::Success), None)
+            Command::Connthem { uuid, mac1, mac2 } => connthem(hub, &uuid, mac1, mac2, me)
+                .await
+                .map_or_else(Reply::from, |()| Reply::Success),
+            Command::Query { uuid } => {
+                let line = query(hub, &uuid, me).await;
+                return answer(hub, &me.out, line).await.map(|()| None);
             }
-            Command::Query { uuid } => (query(hub, &uuid).await, None),
         };
         if let Reply::Failed(reason) = &reply {
             log::debug!("{}: request failed: {reason}", me.remote);
         }
-        answer(&me.out, reply).await;
-        tunnel
+        answer(hub, &me.out, reply.encode()).await.map(|()| None)
     }
 }
 
-/// Queues a reply, waiting for room in the queue.
-pub async fn answer(out: &Outbox, reply: Reply) {
-    let _ = out.send(reply.encode()).await;
+/// Queues an encoded reply, waiting for room at most the stall time.
+pub async fn answer(hub: &Hub, out: &Outbox, line: Bytes) -> Result<(), Unread> {
+    match tokio::time::timeout(hub.config.stall_timeout, out.send(line)).await {
+        Ok(_) => Ok(()),
+        Err(_) => Err(Unread),
+    }
 }
 
 async fn connme(
@@ -117,7 +151,7 @@ async fn connme(
     mac: ByteString,
     me: &PeerLink,
 ) -> Result<Tunnel, Refusal> {
-    let device = find_device(hub, uuid, &mac).await?;
+    let device = find_device(hub, uuid, &mac, me).await?;
     if device.id == me.id {
         return Err(Refusal::ToItself);
     }
@@ -128,7 +162,7 @@ async fn connme(
         },
         b: End {
             link: device.clone(),
-            role: Role::Device(mac),
+            role: Role::Device(owned(&mac)),
         },
         notify: false,
     };
@@ -152,20 +186,21 @@ async fn connthem(
     uuid: &ByteString,
     mac1: ByteString,
     mac2: ByteString,
+    me: &PeerLink,
 ) -> Result<(), Refusal> {
     if mac1 == mac2 {
         return Err(Refusal::DeviceToItself);
     }
-    let a = find_device(hub, uuid, &mac1).await?;
-    let b = find_device(hub, uuid, &mac2).await?;
+    let a = find_device(hub, uuid, &mac1, me).await?;
+    let b = find_device(hub, uuid, &mac2, me).await?;
     let link = Link {
         a: End {
             link: a,
-            role: Role::Device(mac1),
+            role: Role::Device(owned(&mac1)),
         },
         b: End {
             link: b,
-            role: Role::Device(mac2),
+            role: Role::Device(owned(&mac2)),
         },
         notify: true,
     };
@@ -176,9 +211,11 @@ async fn connthem(
         .map_err(|_| Refusal::ShuttingDown)
 }
 
-async fn query(hub: &Hub, uuid: &ByteString) -> Reply {
+/// The encoded `query` reply.
+async fn query(hub: &Hub, uuid: &ByteString, me: &PeerLink) -> Bytes {
     if hub.users.access(uuid).await.refused() {
-        return Reply::Devices(Vec::new());
+        slow_down(hub, me).await;
+        return Reply::Devices(Vec::new()).encode();
     }
     let stored = async {
         match hub.store.user_devices(uuid).await {
@@ -192,19 +229,36 @@ async fn query(hub: &Hub, uuid: &ByteString) -> Reply {
     let pending = hub.persistence.send(PendingFor { uuid: uuid.clone() });
     let live = hub.registry.send(LiveDevices { uuid: uuid.clone() });
     let (stored, pending, live) = futures::join!(stored, pending, live);
-    Reply::Devices(crate::query::rows(
-        stored,
-        pending.unwrap_or_default(),
-        live.unwrap_or_default(),
-        Stamp::now().to_utc(),
-        &hub.config.query,
-    ))
+    let (pending, live) = (pending.unwrap_or_default(), live.unwrap_or_default());
+    let rows = stored.len().max(live.len()) + pending.len();
+    let format = hub.config.query.clone();
+    let render = move || {
+        let rows = crate::query::rows(stored, pending, live, Stamp::now().to_utc(), &format);
+        Reply::Devices(rows).encode()
+    };
+    if rows <= RENDER_INLINE_ROWS {
+        return render();
+    }
+    tokio::task::spawn_blocking(render)
+        .await
+        .unwrap_or_else(|_| Reply::Devices(Vec::new()).encode())
 }
 
-/// The live connection of the user's device, checking the user first.
-async fn find_device(hub: &Hub, uuid: &ByteString, mac: &ByteString) -> Result<PeerLink, Refusal> {
+/// The live connection of the user's device, checking the user first. A uuid that is
+/// no user's slows its source address down once it has failed too often.
+async fn find_device(
+    hub: &Hub,
+    uuid: &ByteString,
+    mac: &ByteString,
+    me: &PeerLink,
+) -> Result<PeerLink, Refusal> {
     if hub.users.access(uuid).await == Access::Refused {
-        return Err(Refusal::UnknownUser);
+        slow_down(hub, me).await;
+        return Err(if hub.config.verbose_reasons {
+            Refusal::UnknownUser
+        } else {
+            Refusal::Offline(mac.clone())
+        });
     }
     hub.registry
         .send(Lookup {
@@ -215,6 +269,23 @@ async fn find_device(hub: &Hub, uuid: &ByteString, mac: &ByteString) -> Result<P
         .ok()
         .flatten()
         .ok_or_else(|| Refusal::Offline(mac.clone()))
+}
+
+/// Counts a failed uuid look-up from `me`'s address and waits if it has failed too
+/// often this minute.
+async fn slow_down(hub: &Hub, me: &PeerLink) {
+    metrics::counter!("elfin_failed_lookups_total").increment(1);
+    let delay = hub.lookups.failed(me.remote.ip());
+    if delay > Duration::ZERO {
+        metrics::counter!("elfin_failed_lookups_delayed_total").increment(1);
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// A field kept beyond this request, copied so it does not pin the read buffer it
+/// was parsed from.
+fn owned(field: &ByteString) -> ByteString {
+    ByteString::from(field.to_string())
 }
 
 #[cfg(test)]

@@ -1,36 +1,58 @@
 //! A connection's socket: its read half as a stream of chunks, its write half drained
-//! from the session's output queue by a writer task.
+//! from the session's output queue by a writer task; and the [`Lease`] the server
+//! gives each connection.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use futures::Stream;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::limits::Ticket;
+use crate::link::OutQueue;
+
+/// What the server gives each connection: when to stop reading (shutdown), and what
+/// it holds until it has closed (the server waits for every `alive`; the ticket is
+/// its place in the connection limits).
+#[derive(Debug)]
+pub struct Lease {
+    pub stop: CancellationToken,
+    pub alive: mpsc::Sender<()>,
+    pub ticket: Ticket,
+}
 
 /// How long queued output may take to drain once a session has closed.
 const CLOSE_DRAIN: Duration = Duration::from_secs(5);
 
-/// The socket's read half as a stream of chunks. Each chunk is split off one growing
-/// buffer, so consecutive chunks are usually contiguous and the session's `unsplit`
-/// of them costs nothing.
+/// The socket's read half as a stream of chunks. Each chunk is split off one buffer,
+/// so consecutive chunks are usually contiguous and the session's `unsplit` of them
+/// costs nothing. Reads start small and double while they fill the buffer, up to the
+/// configured size; a short read halves them again, so an idle connection (a beat now
+/// and then) holds a small block, and a busy tunnel reads 64 KiB at a time.
 pub struct ReadChunks {
     io: OwnedReadHalf,
     buf: BytesMut,
-    chunk: usize,
+    size: usize,
+    max: usize,
 }
 
+/// The smallest read: a heartbeat or a short request fits many times.
+const MIN_READ: usize = 1024;
+
 impl ReadChunks {
-    /// Reads up to `chunk` bytes at a time.
-    pub fn new(io: OwnedReadHalf, chunk: usize) -> Self {
+    /// Reads at most `max` bytes at a time.
+    pub fn new(io: OwnedReadHalf, max: usize) -> Self {
         Self {
             io,
             buf: BytesMut::new(),
-            chunk,
+            size: MIN_READ.min(max),
+            max,
         }
     }
 }
@@ -40,16 +62,27 @@ impl Stream for ReadChunks {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        if this.buf.capacity() < this.chunk / 4 {
-            this.buf.reserve(this.chunk);
+        let spare = this.buf.capacity();
+        if spare < this.size / 4 || spare > this.size * 4 {
+            // A fresh block, rather than growing the old one in place, so a buffer
+            // that grew under load is let go once its chunks are handled.
+            this.buf = BytesMut::with_capacity(this.size);
         }
+        let room = this.buf.capacity();
         match ready!(tokio_util::io::poll_read_buf(
             Pin::new(&mut this.io),
             cx,
             &mut this.buf
         )) {
             Ok(0) => Poll::Ready(None),
-            Ok(_) => Poll::Ready(Some(Ok(this.buf.split()))),
+            Ok(n) => {
+                if n == room {
+                    this.size = (this.size * 2).min(this.max);
+                } else if n < this.size / 8 {
+                    this.size = (this.size / 2).max(MIN_READ.min(this.max));
+                }
+                Poll::Ready(Some(Ok(this.buf.split())))
+            }
             Err(e) => Poll::Ready(Some(Err(e))),
         }
     }
@@ -59,7 +92,7 @@ impl Stream for ReadChunks {
 /// what is still queued (bounded by the queue and [`CLOSE_DRAIN`]) and closes.
 pub async fn write_loop(
     mut io: OwnedWriteHalf,
-    mut queue: mpsc::Receiver<Bytes>,
+    mut queue: OutQueue,
     mut closed: oneshot::Receiver<()>,
 ) {
     loop {
@@ -68,14 +101,15 @@ pub async fn write_loop(
             _ = &mut closed => break,
             chunk = queue.recv() => chunk,
         };
-        let Some(chunk) = chunk else { break };
+        let Some((chunk, _budget)) = chunk else { break };
         if io.write_all(&chunk).await.is_err() {
+            queue.close();
             return;
         }
     }
     queue.close();
     let rest = async {
-        while let Some(chunk) = queue.recv().await {
+        while let Some((chunk, _budget)) = queue.recv().await {
             io.write_all(&chunk).await?;
         }
         io.shutdown().await

@@ -68,7 +68,8 @@ impl HeartbeatDebouncer {
     }
 
     fn persist(&self, timer: &Timer) {
-        self.persist.do_send(Record(timer.device.sighting()));
+        self.persist
+            .do_send(Record::Sighting(timer.device.sighting()));
     }
 
     /// Timer 1 of `key` fired.
@@ -175,7 +176,10 @@ mod tests {
     impl Handler<Record> for SinkActor {
         type Result = ();
         fn handle(&mut self, msg: Record, _: &mut Context<Self>) {
-            self.0 .0.lock().unwrap().push((self.1.elapsed(), msg.0.at));
+            let Record::Sighting(s) = msg else {
+                panic!("the debouncer sends sightings")
+            };
+            self.0 .0.lock().unwrap().push((self.1.elapsed(), s.at));
         }
     }
 

@@ -13,11 +13,13 @@ use bytestring::ByteString;
 use crate::clock::Stamp;
 use crate::store::Sighting;
 
-/// When a device was last heard from, and whether the heartbeat debouncer tracks it.
+/// When a device was last heard from, whether the heartbeat debouncer tracks it, and
+/// whether the persistence actor holds it for the next batch.
 #[derive(Debug, Default)]
 pub struct Activity {
     last_seen: AtomicU64,
     armed: AtomicBool,
+    queued: AtomicBool,
 }
 
 impl Activity {
@@ -44,6 +46,18 @@ impl Activity {
 
     pub fn disarm(&self) {
         self.armed.store(false, Ordering::SeqCst);
+    }
+
+    /// Marks the device as held for the next batch; true if it was not, i.e. the
+    /// caller must hand it to the persistence actor. However often it beats until
+    /// then, it is written once, with its newest last-seen.
+    pub fn queue(&self) -> bool {
+        !self.queued.swap(true, Ordering::SeqCst)
+    }
+
+    /// The batch took it: the next beat queues it again.
+    pub fn dequeue(&self) {
+        self.queued.store(false, Ordering::SeqCst);
     }
 }
 

@@ -317,7 +317,8 @@ fn fields_start(head: &Bytes) -> std::ops::Range<usize> {
 /// `connme;…`, `connthem;…`, `query;…`: ends at a line end or at the end of the input
 /// read so far. Splits the fields; the command checks how many it needs.
 fn decode_request(buf: &mut BytesMut, keyword: usize, request: Request) -> Frame {
-    let line_end = memchr::memchr(b'\n', buf).unwrap_or(buf.len());
+    let window = &buf[..buf.len().min(MAX_HEADER + 1)];
+    let line_end = memchr::memchr(b'\n', window).unwrap_or(buf.len());
     if line_end > MAX_HEADER {
         return reject_line(buf, true, "message too long");
     }
@@ -354,15 +355,20 @@ fn reject_line(buf: &mut BytesMut, reply: bool, reason: &'static str) -> Frame {
 /// Drops bytes that start no message, up to the next line end or keyword; keeps a tail
 /// that may be a keyword cut short. Always drops at least one byte.
 fn skip_garbage(buf: &mut BytesMut) -> usize {
-    // Only the current line is searched for a keyword, so a flood of short garbage
-    // lines costs linear time.
-    let line_end = memchr::memchr(b'\n', buf).map(|i| i + 1);
-    let line = &buf[1..line_end.unwrap_or(buf.len())];
-    let keyword = KEYWORDS
-        .iter()
-        .filter_map(|k| memmem::find(line, k).map(|i| i + 1))
-        .min();
-    let end = keyword.or(line_end).unwrap_or_else(|| {
+    // One pass that stops at the first line end or keyword (every keyword ends in
+    // `;`, so only those are checked): a flood of junk costs linear time, and so does
+    // a junk byte in front of each message.
+    let stop = memchr::memchr2_iter(b';', b'\n', buf).find_map(|i| {
+        if buf[i] == b'\n' {
+            return Some(i + 1);
+        }
+        let before = &buf[..=i];
+        KEYWORDS
+            .iter()
+            .find(|k| before.ends_with(k) && before.len() > k.len())
+            .map(|k| before.len() - k.len())
+    });
+    let end = stop.unwrap_or_else(|| {
         let keep = (1..buf.len().min(9))
             .rev()
             .find(|&n| {

@@ -8,6 +8,7 @@ use actix::prelude::*;
 
 use crate::bridge::BridgeManager;
 use crate::debouncer::{FlushAll, HeartbeatDebouncer};
+use crate::limits::{Limits, LookupGuard};
 use crate::persistence::{Flush, Persistence};
 use crate::query::QueryFormat;
 use crate::registry::DeviceRegistry;
@@ -19,6 +20,10 @@ use crate::users::UserDirectory;
 pub struct Config {
     /// Refuse `connme`/`connthem`/`query` and ignore devices of unknown uuids.
     pub require_known_user: bool,
+    /// Tell "unknown user" apart from "device offline" in `failed` replies (helps
+    /// whoever guesses uuids, so off by default).
+    pub verbose_reasons: bool,
+    pub limits: Limits,
     pub query: QueryFormat,
     /// Period of the heartbeat debouncer's timers.
     pub debounce: Duration,
@@ -58,6 +63,8 @@ pub struct Hub {
     pub persistence: Addr<Persistence>,
     pub store: Arc<dyn Store>,
     pub users: Arc<UserDirectory>,
+    /// Failed uuid look-ups per source address (abuse brake).
+    pub lookups: Arc<LookupGuard>,
     pub config: Arc<Config>,
 }
 
@@ -82,6 +89,10 @@ impl Hub {
             debouncer,
             persistence,
             users: Arc::new(UserDirectory::new(store.clone(), config.require_known_user)),
+            lookups: Arc::new(LookupGuard::new(
+                config.limits.failed_lookups_per_min,
+                config.limits.failed_lookup_delay,
+            )),
             store,
             config: Arc::new(config),
         }

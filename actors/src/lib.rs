@@ -4,8 +4,8 @@
 //!
 //! 1. [`clock`] (gateway time) and [`frame`] (the codec: messages in, replies out).
 //! 2. [`store`] (the database: embedded SQLite or MongoDB), [`device`] (a connected
-//!    device's identity and last-seen) and [`link`] (the tunnel vocabulary: how actors
-//!    reach a session and what they tell it).
+//!    device's identity and last-seen), [`link`] (the tunnel vocabulary: how actors
+//!    reach a session and what they tell it) and [`limits`] (what one peer may cost).
 //! 3. The shared actors: [`registry`] (live devices), [`bridge`] (tunnels),
 //!    [`persistence`] (batched writes) and [`debouncer`] (data-heartbeat timers); with
 //!    [`users`] (known uuids) and [`query`] (the `query` reply's rows).
@@ -23,6 +23,7 @@ pub mod debouncer;
 pub mod device;
 pub mod frame;
 pub mod hub;
+pub mod limits;
 pub mod link;
 pub mod persistence;
 pub mod query;
@@ -33,4 +34,5 @@ pub mod store;
 pub mod users;
 
 pub use hub::{Config, Hub, ShutdownError, Workers};
+pub use limits::Limits;
 pub use server::serve;

@@ -7,11 +7,13 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use actix::prelude::*;
 use bytes::Bytes;
 use bytestring::ByteString;
-use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::{SendError, TrySendError};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 /// A connection, numbered in accept order for the life of the process.
 pub type SessionId = u64;
@@ -27,8 +29,91 @@ pub fn next_session_id() -> SessionId {
 }
 
 /// A connection's output queue: replies and tunnel payloads, written to its socket in
-/// order by the session's writer task. Bounded; a full queue pauses whoever fills it.
-pub type Outbox = mpsc::Sender<Bytes>;
+/// order by the session's writer task. Bounded in chunks and in bytes; a full queue
+/// pauses whoever fills it.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    chunks: mpsc::Sender<Queued>,
+    bytes: Arc<Semaphore>,
+    max_bytes: usize,
+}
+
+/// A chunk in an output queue, holding its share of the byte budget until written.
+pub type Queued = (Bytes, OwnedSemaphorePermit);
+
+/// The writer's end of an [`Outbox`].
+#[derive(Debug)]
+pub struct OutQueue {
+    chunks: mpsc::Receiver<Queued>,
+    bytes: Arc<Semaphore>,
+}
+
+/// An output queue of at most `chunks` chunks and `bytes` bytes (a larger chunk takes
+/// the whole byte budget).
+pub fn outbox(chunks: usize, bytes: usize) -> (Outbox, OutQueue) {
+    let max_bytes = bytes.clamp(1, Semaphore::MAX_PERMITS);
+    let (tx, rx) = mpsc::channel(chunks.max(1));
+    let budget = Arc::new(Semaphore::new(max_bytes));
+    (
+        Outbox {
+            chunks: tx,
+            bytes: budget.clone(),
+            max_bytes,
+        },
+        OutQueue {
+            chunks: rx,
+            bytes: budget,
+        },
+    )
+}
+
+impl Outbox {
+    fn cost(&self, chunk: &Bytes) -> u32 {
+        u32::try_from(chunk.len().min(self.max_bytes)).unwrap_or(u32::MAX)
+    }
+
+    /// Queues `chunk` if there is room for it now.
+    pub fn try_send(&self, chunk: Bytes) -> Result<(), TrySendError<Bytes>> {
+        let permit = match self.bytes.clone().try_acquire_many_owned(self.cost(&chunk)) {
+            Ok(permit) => permit,
+            Err(tokio::sync::TryAcquireError::NoPermits) => return Err(TrySendError::Full(chunk)),
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(TrySendError::Closed(chunk)),
+        };
+        self.chunks.try_send((chunk, permit)).map_err(|e| match e {
+            TrySendError::Full((chunk, _)) => TrySendError::Full(chunk),
+            TrySendError::Closed((chunk, _)) => TrySendError::Closed(chunk),
+        })
+    }
+
+    /// Queues `chunk`, waiting for room.
+    pub async fn send(&self, chunk: Bytes) -> Result<(), SendError<Bytes>> {
+        let Ok(permit) = self
+            .bytes
+            .clone()
+            .acquire_many_owned(self.cost(&chunk))
+            .await
+        else {
+            return Err(SendError(chunk));
+        };
+        self.chunks
+            .send((chunk, permit))
+            .await
+            .map_err(|SendError((chunk, _))| SendError(chunk))
+    }
+}
+
+impl OutQueue {
+    pub async fn recv(&mut self) -> Option<Queued> {
+        self.chunks.recv().await
+    }
+
+    /// Refuses further chunks (and wakes whoever waits for room); what is queued can
+    /// still be received.
+    pub fn close(&mut self) {
+        self.chunks.close();
+        self.bytes.close();
+    }
+}
 
 /// What another actor needs to reach a session.
 #[derive(Clone, Debug)]

@@ -3,7 +3,10 @@
 //! Sightings arrive one by one ([`Record`]); the actor keeps only the newest per device
 //! (so its memory is bounded by the number of devices, whatever the traffic) and hands
 //! them to the store as one batch every `flush_interval`, or sooner once `max_batch`
-//! are pending. One write is in flight at a time. When the store fails transiently
+//! are pending. A beating device is coalesced at its source: its session sends it once
+//! ([`Record::Beat`]) and nothing more until a batch takes it, when its newest
+//! last-seen is read, so a device beating 10 000 times a second costs what one beat
+//! costs. One write is in flight at a time. When the store fails transiently
 //! (an outage), the batch goes back into the pending set (newer sightings win) and the
 //! actor retries with exponential backoff; outages and recoveries are logged once each.
 //! A permanent failure (the database refuses the batch) is logged, counted and the
@@ -17,16 +20,26 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use tokio::time::Instant;
 
+use crate::device::Identity;
 use crate::store::{Sighting, Store};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What a session does on each `beat` of a device whose sightings are stored: refresh
+/// last-seen and, unless the device already waits for the next batch, queue it.
+pub fn beat(persistence: &Addr<Persistence>, device: &Identity) {
+    device.activity.touch();
+    if device.activity.queue() {
+        persistence.do_send(Record::Beat(device.clone()));
+    }
+}
 
 pub struct Persistence {
     store: Arc<dyn Store>,
     flush_interval: Duration,
     max_batch: usize,
     /// mac -> newest sighting not written yet.
-    pending: HashMap<ByteString, Sighting>,
+    pending: HashMap<ByteString, Pending>,
     in_flight: usize,
     /// Set while the store is failing: the current backoff and when to try again.
     outage: Option<(Duration, Instant)>,
@@ -44,13 +57,25 @@ impl Persistence {
         }
     }
 
-    fn keep(&mut self, s: Sighting) {
-        match self.pending.get(&s.mac) {
-            Some(old) if old.at > s.at => {}
+    fn keep(&mut self, record: Record) {
+        let (mac, new) = match record {
+            Record::Sighting(s) => (s.mac.clone(), Pending::At(s)),
+            Record::Beat(device) => (device.mac.clone(), Pending::Live(device)),
+        };
+        match self.pending.get(&mac) {
+            Some(old) if old.at() > new.at() => new.release(),
             _ => {
-                self.pending.insert(s.mac.clone(), s);
+                if let Some(old) = self.pending.insert(mac, new) {
+                    old.release();
+                }
             }
         }
+    }
+
+    /// Takes a pending entry for a batch: a live device is read now and released.
+    fn take(pending: Pending) -> Sighting {
+        pending.release();
+        pending.sighting()
     }
 
     /// Starts a batch write unless one is in flight, nothing is pending, or (without
@@ -67,12 +92,13 @@ impl Persistence {
             return;
         }
         let batch: Vec<Sighting> = if self.pending.len() <= self.max_batch {
-            self.pending.drain().map(|(_, s)| s).collect()
+            self.pending.drain().map(|(_, p)| Self::take(p)).collect()
         } else {
             // A backlog (after an outage) goes out max_batch at a time.
             let macs: Vec<ByteString> = self.pending.keys().take(self.max_batch).cloned().collect();
             macs.iter()
                 .filter_map(|mac| self.pending.remove(mac))
+                .map(Self::take)
                 .collect()
         };
         self.in_flight = batch.len();
@@ -117,7 +143,7 @@ impl Persistence {
                 Err(e) => {
                     metrics::counter!("elfin_store_errors_total").increment(1);
                     for s in batch {
-                        act.keep(s);
+                        act.keep(Record::Sighting(s));
                     }
                     let backoff = match act.outage {
                         None => {
@@ -158,7 +184,42 @@ impl Actor for Persistence {
 /// A device was seen; persist it with the next batch.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
-pub struct Record(pub Sighting);
+pub enum Record {
+    /// Last-seen as of a moment (the debouncer's timer fired).
+    Sighting(Sighting),
+    /// A device that beats: queued once (see [`crate::device::Activity::queue`]) and
+    /// read when its batch is taken.
+    Beat(Identity),
+}
+
+/// A device waiting for the next batch.
+enum Pending {
+    At(Sighting),
+    Live(Identity),
+}
+
+impl Pending {
+    fn at(&self) -> chrono::DateTime<chrono::Utc> {
+        match self {
+            Pending::At(s) => s.at,
+            Pending::Live(d) => d.activity.last_seen().to_utc(),
+        }
+    }
+
+    fn sighting(&self) -> Sighting {
+        match self {
+            Pending::At(s) => s.clone(),
+            Pending::Live(d) => d.sighting(),
+        }
+    }
+
+    /// Lets a live device be queued again by its next beat.
+    fn release(&self) {
+        if let Pending::Live(d) = self {
+            d.activity.dequeue();
+        }
+    }
+}
 
 /// The pending (not yet written) sightings of one user, for `query`.
 #[derive(Message)]
@@ -176,8 +237,8 @@ pub struct Flush;
 impl Handler<Record> for Persistence {
     type Result = ();
 
-    fn handle(&mut self, Record(s): Record, ctx: &mut Context<Self>) {
-        self.keep(s);
+    fn handle(&mut self, record: Record, ctx: &mut Context<Self>) {
+        self.keep(record);
         if self.pending.len() >= self.max_batch {
             self.flush(false, ctx);
         }
@@ -191,8 +252,8 @@ impl Handler<PendingFor> for Persistence {
         MessageResult(
             self.pending
                 .values()
+                .map(Pending::sighting)
                 .filter(|s| s.uuid == msg.uuid)
-                .cloned()
                 .collect(),
         )
     }
@@ -294,10 +355,10 @@ mod tests {
         store.inner.add_user("alice", "ua").await.unwrap();
         let persistence = Persistence::new(store.clone(), Duration::from_millis(20), 100).start();
 
-        persistence.do_send(Record(sighting("M1", 1_000)));
+        persistence.do_send(Record::Sighting(sighting("M1", 1_000)));
         actix_rt::time::sleep(Duration::from_millis(300)).await;
-        persistence.do_send(Record(sighting("M1", 3_000)));
-        persistence.do_send(Record(sighting("M1", 2_000))); // older: must not win
+        persistence.do_send(Record::Sighting(sighting("M1", 3_000)));
+        persistence.do_send(Record::Sighting(sighting("M1", 2_000))); // older: must not win
         actix_rt::time::sleep(Duration::from_millis(300)).await;
         assert!(store.attempts.load(Ordering::SeqCst) >= 2, "it retried");
         assert!(store.inner.devices(None).await.unwrap().is_empty());
@@ -309,17 +370,43 @@ mod tests {
     }
 
     #[actix_rt::test]
+    async fn a_device_beating_ten_thousand_times_is_written_once_with_its_newest_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Flaky::new(&dir, false, false);
+        store.inner.add_user("alice", "ua").await.unwrap();
+        let persistence = Persistence::new(store.clone(), Duration::from_secs(3600), 100).start();
+        let device = Identity::new("ua", "M1", "h");
+        for _ in 0..10_000 {
+            beat(&persistence, &device);
+        }
+        let pending = persistence
+            .send(PendingFor { uuid: "ua".into() })
+            .await
+            .unwrap();
+        assert_eq!(pending.len(), 1);
+        settle(&persistence).await;
+        assert_eq!(store.attempts.load(Ordering::SeqCst), 1, "one batch");
+        let written = store.inner.user_devices("ua").await.unwrap().unwrap();
+        assert_eq!(
+            written[0].last_seen.timestamp_millis(),
+            device.activity.last_seen().to_utc().timestamp_millis()
+        );
+        // Taken by the batch: the next beat queues it again.
+        assert!(device.activity.queue());
+    }
+
+    #[actix_rt::test]
     async fn a_batch_refused_for_good_is_dropped_not_retried() {
         let dir = tempfile::tempdir().unwrap();
         let store = Flaky::new(&dir, true, true);
         store.inner.add_user("alice", "ua").await.unwrap();
         let persistence = Persistence::new(store.clone(), Duration::from_millis(20), 100).start();
-        persistence.do_send(Record(sighting("M1", 1_000)));
+        persistence.do_send(Record::Sighting(sighting("M1", 1_000)));
         settle(&persistence).await;
         assert_eq!(store.attempts.load(Ordering::SeqCst), 1, "tried once");
         // Later sightings are written as usual.
         store.failing.store(false, Ordering::SeqCst);
-        persistence.do_send(Record(sighting("M2", 2_000)));
+        persistence.do_send(Record::Sighting(sighting("M2", 2_000)));
         settle(&persistence).await;
         let devices = store.inner.user_devices("ua").await.unwrap().unwrap();
         assert_eq!(devices.len(), 1);
@@ -333,7 +420,7 @@ mod tests {
         store.add_user("alice", "ua").await.unwrap();
         let persistence = Persistence::new(store.clone(), Duration::from_secs(3600), 10).start();
         for i in 0..10 {
-            persistence.do_send(Record(sighting(&format!("M{i}"), 1_000)));
+            persistence.do_send(Record::Sighting(sighting(&format!("M{i}"), 1_000)));
         }
         for _ in 0..200 {
             if store.devices(None).await.unwrap().len() == 10 {
@@ -349,7 +436,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("db")).unwrap());
         let persistence = Persistence::new(store, Duration::from_secs(3600), 100).start();
-        persistence.do_send(Record(sighting("M1", 1_000)));
+        persistence.do_send(Record::Sighting(sighting("M1", 1_000)));
         let mine = persistence
             .send(PendingFor { uuid: "ua".into() })
             .await

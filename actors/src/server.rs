@@ -16,7 +16,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::connection::Lease;
 use crate::hub::{Hub, ShutdownError, Workers};
+use crate::limits::Admission;
 use crate::session::Session;
 
 /// How long shutdown waits for sessions to write what is queued and close.
@@ -35,6 +37,8 @@ pub async fn serve(
     };
     let stop = CancellationToken::new();
     let (alive, mut all_closed) = mpsc::channel::<()>(1);
+    let limits = &hub.config.limits;
+    let admission = Admission::new(limits.max_connections, limits.max_connections_per_ip);
     tokio::pin!(shutdown);
     let mut next = 0;
     let mut failing = false;
@@ -43,10 +47,20 @@ pub async fn serve(
             _ = &mut shutdown => break,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted.and_then(|(stream, _)| configure(stream, &hub)) {
-            Ok(stream) => {
+        let (stream, ticket) = match accepted {
+            Ok((stream, peer)) => {
                 failing = false;
-                stream
+                match admission.admit(peer.ip()) {
+                    Ok(ticket) => (stream, ticket),
+                    Err(refused) => {
+                        metrics::counter!("elfin_connections_refused_total", "limit" => refused.label())
+                            .increment(1);
+                        if admission.should_warn(peer.ip()) {
+                            log::warn!("refused connections from {}: {refused}", peer.ip());
+                        }
+                        continue;
+                    }
+                }
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning,
@@ -60,10 +74,21 @@ pub async fn serve(
                 continue;
             }
         };
-        let (hub, stop, alive) = (hub.clone(), stop.clone(), alive.clone());
+        let stream = match configure(stream, &hub) {
+            Ok(stream) => stream,
+            Err(e) => {
+                log::debug!("connection lost at accept: {e}");
+                continue;
+            }
+        };
+        let lease = Lease {
+            stop: stop.clone(),
+            alive: alive.clone(),
+            ticket,
+        };
+        let hub = hub.clone();
         let start = move |stream: std::net::TcpStream| {
-            if let Err(e) =
-                TcpStream::from_std(stream).and_then(|s| Session::start(s, hub, stop, alive))
+            if let Err(e) = TcpStream::from_std(stream).and_then(|s| Session::start(s, hub, lease))
             {
                 log::debug!("connection lost before its session started: {e}");
             }

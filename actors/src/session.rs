@@ -14,6 +14,13 @@
 //! Any step that waits for another actor or the store goes through [`Session::pause`]:
 //! input stays paused until the step is done and decoding resumes right after, so
 //! messages are handled strictly in order and no step can forget to resume.
+//!
+//! Every peer is bounded ([`crate::limits`]): a connection must send a valid message
+//! within `identify`, finish any message it starts within the same time, and is closed
+//! when it is no tunnel end and sent nothing valid for `idle`; requests are paced by a
+//! token bucket; one turn handles at most `turn_bytes` of input before other
+//! connections run; the output queue is bounded in bytes, and an idle connection keeps
+//! no read buffer.
 
 use std::future::Future;
 use std::io;
@@ -25,17 +32,18 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
+use tokio::time::Instant;
 
 use crate::bridge::{Cause, Unlink};
 use crate::command::{answer, Command};
-use crate::connection::{write_loop, ReadChunks};
+use crate::connection::{write_loop, Lease, ReadChunks};
 use crate::debouncer;
 use crate::device::Identity;
 use crate::frame::{Decoder, Frame, Header, Kind, Reply};
 use crate::hub::Hub;
-use crate::link::{next_session_id, Outbox, PeerEvent, PeerLink, SessionId, TunnelId};
-use crate::persistence::Record;
+use crate::limits::TokenBucket;
+use crate::link::{self, next_session_id, Outbox, PeerEvent, PeerLink, SessionId, TunnelId};
+use crate::persistence;
 use crate::registry::{Register, Unregister};
 use crate::users::Access;
 
@@ -56,34 +64,36 @@ pub struct Session {
     /// them is ignored.
     cleared: TunnelId,
     hold: Option<SpawnHandle>,
+    /// Runs while a message is incomplete; closes the connection if it stays so.
+    unfinished: Option<SpawnHandle>,
     /// No more input will be read (end of file, or the session was told to close):
     /// close once what was read is handled.
     eof: bool,
+    /// Whether a valid message has arrived, and when the last one did.
+    identified: bool,
+    last_message: Instant,
+    requests: TokenBucket,
     /// Dropped with the session: tells the writer task to finish.
     _closing: oneshot::Sender<()>,
-    /// Dropped with the session: the server's shutdown waits for all of these.
-    _alive: mpsc::Sender<()>,
+    /// Dropped with the session: its place in the limits, and shutdown's wait.
+    _lease: Lease,
 }
 
 impl Session {
-    /// Starts a session for an accepted connection on the current arbiter. `stop` ends
-    /// its input (gateway shutdown); `alive` is held until it has closed.
-    pub fn start(
-        stream: TcpStream,
-        hub: Hub,
-        stop: CancellationToken,
-        alive: mpsc::Sender<()>,
-    ) -> io::Result<Addr<Session>> {
+    /// Starts a session for an accepted connection on the current arbiter.
+    pub fn start(stream: TcpStream, hub: Hub, lease: Lease) -> io::Result<Addr<Session>> {
         let remote = stream.peer_addr()?;
         let (read, write) = stream.into_split();
-        let (out, queue) = mpsc::channel(hub.config.out_queue);
+        let config = &hub.config;
+        let (out, queue) = link::outbox(config.out_queue, config.limits.output_queue_bytes);
         let (closing, closed) = oneshot::channel();
         actix_rt::spawn(write_loop(write, queue, closed));
-        let chunk = hub.config.read_buffer;
+        let chunks = ReadChunks::new(read, config.read_buffer);
+        let requests =
+            TokenBucket::new(config.limits.requests_per_sec, config.limits.request_burst);
         Ok(Session::create(move |ctx| {
-            let chunks = ReadChunks::new(read, chunk);
             // Gateway shutdown ends the input like an end of file.
-            ctx.add_stream(chunks.take_until(stop.cancelled_owned()));
+            ctx.add_stream(chunks.take_until(lease.stop.clone().cancelled_owned()));
             Session {
                 id: next_session_id(),
                 remote,
@@ -95,9 +105,13 @@ impl Session {
                 latest: 0,
                 cleared: 0,
                 hold: None,
+                unfinished: None,
                 eof: false,
+                identified: false,
+                last_message: Instant::now(),
+                requests,
                 _closing: closing,
-                _alive: alive,
+                _lease: lease,
                 hub,
             }
         }))
@@ -112,11 +126,27 @@ impl Session {
         }
     }
 
-    /// Decodes and handles buffered input until it runs out or a step pauses (the
-    /// step resumes it). At the end of input, closes once everything is handled.
+    /// Decodes and handles buffered input until it runs out, a step pauses, or this
+    /// turn's budget is spent (the step, or a yield, resumes it). At the end of input,
+    /// closes once everything is handled.
     fn drain(&mut self, ctx: &mut Context<Self>) {
-        while let Some(frame) = self.decoder.decode(&mut self.inbox) {
+        let mut budget = self.hub.config.limits.turn_bytes;
+        let mut progress = false;
+        loop {
+            let before = self.inbox.len();
+            let Some(frame) = self.decoder.decode(&mut self.inbox) else {
+                break;
+            };
+            progress = true;
+            // Each frame costs its bytes and a little more, so a flood of tiny frames
+            // yields too.
+            budget = budget.saturating_sub(before - self.inbox.len() + 64);
             if self.handle_frame(frame, ctx).is_break() {
+                return;
+            }
+            if budget == 0 && !self.inbox.is_empty() {
+                metrics::counter!("elfin_session_yields_total").increment(1);
+                let _ = self.pause(ctx, tokio::task::yield_now(), |_, (), _| {});
                 return;
             }
         }
@@ -128,7 +158,10 @@ impl Session {
                 }
             }
             ctx.stop();
-        } else if self.decoder.holding(&self.inbox) && self.hold.is_none() {
+            return;
+        }
+        self.watch_unfinished(progress, ctx);
+        if self.decoder.holding(&self.inbox) && self.hold.is_none() {
             self.hold = Some(ctx.run_later(self.hub.config.header_hold, |act, ctx| {
                 act.hold = None;
                 if let Some(frame) = act.decoder.flush_held(&mut act.inbox) {
@@ -138,6 +171,36 @@ impl Session {
                 }
             }));
         }
+        if self.inbox.is_empty() {
+            // Let go of the read buffer this view still points into.
+            self.inbox = BytesMut::new();
+        }
+    }
+
+    /// A message left incomplete must be finished within the identify time; the timer
+    /// restarts whenever a message completes.
+    fn watch_unfinished(&mut self, progress: bool, ctx: &mut Context<Self>) {
+        let unfinished = !self.inbox.is_empty() && !self.decoder.holding(&self.inbox);
+        if progress || !unfinished {
+            if let Some(timer) = self.unfinished.take() {
+                ctx.cancel_future(timer);
+            }
+        }
+        if unfinished && self.unfinished.is_none() {
+            let limit = self.hub.config.limits.identify;
+            self.unfinished = Some(ctx.run_later(limit, move |act, ctx| {
+                act.unfinished = None;
+                act.limit_reached("unfinished_message", ctx);
+            }));
+        }
+    }
+
+    /// Closes the connection for a time limit, counting which.
+    fn limit_reached(&mut self, limit: &'static str, ctx: &mut Context<Self>) {
+        metrics::counter!("elfin_connections_closed_total", "limit" => limit).increment(1);
+        log::debug!("{}: closed by limit {limit}", self.remote);
+        self.inbox.clear();
+        self.close(ctx);
     }
 
     /// Runs `step` with input paused, then `done`, then resumes decoding: the one way
@@ -158,6 +221,13 @@ impl Session {
     }
 
     fn handle_frame(&mut self, frame: Frame, ctx: &mut Context<Self>) -> ControlFlow<()> {
+        if matches!(
+            frame,
+            Frame::Beat(_) | Frame::Data(_) | Frame::Request { .. }
+        ) {
+            self.identified = true;
+            self.last_message = Instant::now();
+        }
         match frame {
             Frame::Payload(bytes) => self.forward(bytes, ctx),
             Frame::Beat(header) => self.sighted(header, true, ctx),
@@ -165,30 +235,40 @@ impl Session {
             Frame::Data(_) => ControlFlow::Continue(()),
             Frame::Request { request, fields } => {
                 let (hub, me) = (self.hub.clone(), self.link(ctx));
+                let wait = self.requests.take();
                 let step = async move {
+                    if let Some(wait) = wait {
+                        metrics::counter!("elfin_requests_paced_total").increment(1);
+                        tokio::time::sleep(wait).await;
+                    }
                     match Command::from_frame(request, fields) {
                         Ok(command) => command.apply(&hub, &me).await,
                         Err(refusal) => {
-                            answer(&me.out, refusal.into()).await;
-                            None
+                            let line = Reply::from(refusal).encode();
+                            answer(&hub, &me.out, line).await.map(|()| None)
                         }
                     }
                 };
-                self.pause(ctx, step, |act, tunnel, _| {
-                    if let Some((tunnel, peer)) = tunnel {
-                        act.linked(tunnel, peer);
-                    }
+                self.pause(ctx, step, |act, applied, ctx| match applied {
+                    Ok(Some((tunnel, peer))) => act.linked(tunnel, peer),
+                    Ok(None) => {}
+                    Err(_unread) => act.limit_reached("unread_replies", ctx),
                 })
             }
             Frame::Rejected { reply, reason } => {
-                metrics::counter!("elfin_messages_rejected_total").increment(1);
+                metrics::counter!("elfin_messages_rejected_total", "reason" => reason).increment(1);
                 log::debug!("{}: rejected message: {reason}", self.remote);
                 if !reply {
                     return ControlFlow::Continue(());
                 }
-                let out = self.out.clone();
-                let step = async move { answer(&out, Reply::Failed(reason.into())).await };
-                self.pause(ctx, step, |_, (), _| {})
+                let (hub, out) = (self.hub.clone(), self.out.clone());
+                let line = Reply::Failed(reason.into()).encode();
+                let step = async move { answer(&hub, &out, line).await };
+                self.pause(ctx, step, |act, answered, ctx| {
+                    if answered.is_err() {
+                        act.limit_reached("unread_replies", ctx);
+                    }
+                })
             }
             Frame::Garbage(n) => {
                 metrics::counter!("elfin_garbage_bytes_total").increment(n as u64);
@@ -300,10 +380,7 @@ impl Session {
     /// through the heartbeat debouncer.
     fn refresh(&self, beat: bool) {
         match &self.device {
-            Some((d, true)) if beat => {
-                d.activity.touch();
-                self.hub.persistence.do_send(Record(d.sighting()));
-            }
+            Some((d, true)) if beat => persistence::beat(&self.hub.persistence, d),
             Some((d, true)) => debouncer::data_frame(&self.hub.debouncer, d),
             Some((d, false)) => d.activity.touch(),
             None => {}
@@ -351,10 +428,22 @@ fn short(uuid: &str) -> String {
 impl Actor for Session {
     type Context = Context<Self>;
 
-    fn started(&mut self, _: &mut Context<Self>) {
+    fn started(&mut self, ctx: &mut Context<Self>) {
         metrics::counter!("elfin_connections_total").increment(1);
         metrics::gauge!("elfin_connections_open").increment(1);
         log::debug!("{}: connected", self.remote);
+        let limits = &self.hub.config.limits;
+        ctx.run_later(limits.identify, |act, ctx| {
+            if !act.identified {
+                act.limit_reached("identify", ctx);
+            }
+        });
+        let idle = limits.idle;
+        ctx.run_interval(idle / 4, move |act, ctx| {
+            if act.tunnel.is_none() && act.last_message.elapsed() >= idle {
+                act.limit_reached("idle", ctx);
+            }
+        });
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use elfin_actors::query::QueryFormat;
 use elfin_actors::store::embedded::EmbeddedStore;
 use elfin_actors::store::Store;
-use elfin_actors::{Config, Hub, ShutdownError, Workers};
+use elfin_actors::{Config, Hub, Limits, ShutdownError, Workers};
 
 /// How long a peer waits for anything (virtual time on a paused clock).
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -24,6 +24,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub fn config() -> Config {
     Config {
         require_known_user: true,
+        verbose_reasons: false,
+        limits: Limits::default(),
         query: QueryFormat {
             time_zone: chrono_tz::Europe::Budapest,
             time_format: "%Y. %m. %d. %H:%M:%S".into(),

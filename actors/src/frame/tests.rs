@@ -389,3 +389,23 @@ fn a_payload_ending_in_keyword_and_uuid_waits_for_the_next_byte() {
         ]
     );
 }
+
+#[test]
+fn a_junk_byte_before_every_message_costs_linear_time() {
+    let mut input = Vec::new();
+    for _ in 0..200_000 {
+        input.extend_from_slice(b"xbeat;u;m;h;0");
+    }
+    let started = std::time::Instant::now();
+    let frames = decode_all(&input);
+    let beats = frames
+        .iter()
+        .filter(|f| matches!(f, Frame::Beat(_)))
+        .count();
+    assert_eq!(beats, 200_000);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
