@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tokio::net::TcpListener;
 
 use elfin_actors::store::{self, Store};
 use elfin_actors::Hub;
@@ -95,7 +94,7 @@ fn main() -> ExitCode {
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     let open_files = raise_open_files_limit();
     let addr = settings.listen_addr()?;
-    let listener = listen(addr, settings.server.backlog)
+    let listener = elfin_actors::server::bind(addr, settings.server.backlog)
         .with_context(|| format!("cannot listen on {addr}"))?;
     let store = store::open(&settings.store_backend(), true).await?;
     let mut config = settings.gateway_config()?;
@@ -149,22 +148,6 @@ fn raise_open_files_limit() -> Option<u64> {
             None
         }
     }
-}
-
-/// The listening socket, with room for `backlog` connections waiting to be accepted
-/// (a reconnect storm), capped by the system's own limit.
-fn listen(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-        .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok())
-        .unwrap_or(4096);
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(i32::try_from(backlog.min(somaxconn)).unwrap_or(i32::MAX))?;
-    TcpListener::from_std(socket.into())
 }
 
 async fn shutdown_signal() {

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use actix::prelude::*;
-use socket2::{SockRef, TcpKeepalive};
+use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +23,21 @@ use crate::session::Session;
 
 /// How long shutdown waits for sessions to write what is queued and close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The listening socket, with room for `backlog` connections waiting to be accepted
+/// (a reconnect storm), capped by the system's own limit.
+pub fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(4096);
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog.min(somaxconn)).unwrap_or(i32::MAX))?;
+    TcpListener::from_std(socket.into())
+}
 
 /// Serves connections from `listener` until `shutdown` completes, then closes them and
 /// flushes the hub.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use elfin_actors::query::QueryFormat;
@@ -71,7 +71,7 @@ impl TestGateway {
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("elfin.db")).unwrap());
         let mut config = config();
         tune(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = elfin_actors::server::bind("127.0.0.1:0".parse().unwrap(), 4096).unwrap();
         let addr = listener.local_addr().unwrap();
         let hub = Hub::start(store.clone(), config);
         let (stop, stopped) = oneshot::channel::<()>();
@@ -154,7 +154,10 @@ pub struct Peer {
 
 impl Peer {
     pub async fn connect(addr: SocketAddr) -> Peer {
-        let stream = TcpStream::connect(addr).await.unwrap();
+        Peer::from_stream(TcpStream::connect(addr).await.unwrap())
+    }
+
+    pub fn from_stream(stream: TcpStream) -> Peer {
         stream.set_nodelay(true).unwrap();
         Peer {
             stream,
