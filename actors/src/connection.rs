@@ -4,6 +4,8 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -33,26 +35,31 @@ const CLOSE_DRAIN: Duration = Duration::from_secs(5);
 /// The socket's read half as a stream of chunks. Each chunk is split off one buffer,
 /// so consecutive chunks are usually contiguous and the session's `unsplit` of them
 /// costs nothing. Reads start small and double while they fill the buffer, up to the
-/// configured size; a short read halves them again, so an idle connection (a beat now
-/// and then) holds a small block, and a busy tunnel reads 64 KiB at a time.
+/// current limit (the session raises it to the configured read size while it carries
+/// a tunnel; beats and requests need no more than [`UNTUNNELLED_READ`]); a short read
+/// (the peer paused) drops back to the smallest size and lets a large block go. So an
+/// idle device holds about a kilobyte, and a busy tunnel reads 64 KiB at a time.
 pub struct ReadChunks {
     io: OwnedReadHalf,
     buf: BytesMut,
     size: usize,
-    max: usize,
+    limit: Arc<AtomicUsize>,
 }
 
 /// The smallest read: a heartbeat or a short request fits many times.
 const MIN_READ: usize = 1024;
 
+/// The largest read of a connection that carries no tunnel.
+pub const UNTUNNELLED_READ: usize = 4096;
+
 impl ReadChunks {
-    /// Reads at most `max` bytes at a time.
-    pub fn new(io: OwnedReadHalf, max: usize) -> Self {
+    /// Reads at most `limit` bytes at a time (the caller may change it any time).
+    pub fn new(io: OwnedReadHalf, limit: Arc<AtomicUsize>) -> Self {
         Self {
             io,
             buf: BytesMut::new(),
-            size: MIN_READ.min(max),
-            max,
+            size: MIN_READ,
+            limit,
         }
     }
 }
@@ -62,6 +69,8 @@ impl Stream for ReadChunks {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        let max = this.limit.load(Ordering::Relaxed).max(1);
+        this.size = this.size.min(max);
         let spare = this.buf.capacity();
         if spare < this.size / 4 || spare > this.size * 4 {
             // A fresh block, rather than growing the old one in place, so a buffer
@@ -76,12 +85,15 @@ impl Stream for ReadChunks {
         )) {
             Ok(0) => Poll::Ready(None),
             Ok(n) => {
+                let chunk = this.buf.split();
                 if n == room {
-                    this.size = (this.size * 2).min(this.max);
+                    this.size = (this.size * 2).min(max);
                 } else if n < this.size / 8 {
-                    this.size = (this.size / 2).max(MIN_READ.min(this.max));
+                    // The peer paused: keep no spare block while it is quiet.
+                    this.size = MIN_READ.min(max);
+                    this.buf = BytesMut::new();
                 }
-                Poll::Ready(Some(Ok(this.buf.split())))
+                Poll::Ready(Some(Ok(chunk)))
             }
             Err(e) => Poll::Ready(Some(Err(e))),
         }

@@ -26,6 +26,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use actix::prelude::*;
 use bytes::{Bytes, BytesMut};
@@ -36,7 +38,7 @@ use tokio::time::Instant;
 
 use crate::bridge::{Cause, Unlink};
 use crate::command::{answer, Command};
-use crate::connection::{write_loop, Lease, ReadChunks};
+use crate::connection::{write_loop, Lease, ReadChunks, UNTUNNELLED_READ};
 use crate::debouncer;
 use crate::device::Identity;
 use crate::frame::{Decoder, Frame, Header, Kind, Reply};
@@ -73,6 +75,8 @@ pub struct Session {
     identified: bool,
     last_message: Instant,
     requests: TokenBucket,
+    /// The largest read: the configured size while in a tunnel, small otherwise.
+    read_limit: Arc<AtomicUsize>,
     /// Dropped with the session: tells the writer task to finish.
     _closing: oneshot::Sender<()>,
     /// Dropped with the session: its place in the limits, and shutdown's wait.
@@ -88,7 +92,8 @@ impl Session {
         let (out, queue) = link::outbox(config.out_queue, config.limits.output_queue_bytes);
         let (closing, closed) = oneshot::channel();
         actix_rt::spawn(write_loop(write, queue, closed));
-        let chunks = ReadChunks::new(read, config.read_buffer);
+        let read_limit = Arc::new(AtomicUsize::new(UNTUNNELLED_READ.min(config.read_buffer)));
+        let chunks = ReadChunks::new(read, read_limit.clone());
         let requests =
             TokenBucket::new(config.limits.requests_per_sec, config.limits.request_burst);
         Ok(Session::create(move |ctx| {
@@ -110,6 +115,7 @@ impl Session {
                 identified: false,
                 last_message: Instant::now(),
                 requests,
+                read_limit,
                 _closing: closing,
                 _lease: lease,
                 hub,
@@ -394,6 +400,8 @@ impl Session {
         if tunnel > self.cleared && tunnel > current {
             self.tunnel = Some((tunnel, peer));
             self.latest = self.latest.max(tunnel);
+            self.read_limit
+                .store(self.hub.config.read_buffer, Ordering::Relaxed);
         }
     }
 
@@ -413,6 +421,8 @@ impl Session {
         self.cleared = self.cleared.max(tunnel);
         if self.tunnel.as_ref().is_some_and(|(t, _)| *t <= tunnel) {
             self.tunnel = None;
+            let small = UNTUNNELLED_READ.min(self.hub.config.read_buffer);
+            self.read_limit.store(small, Ordering::Relaxed);
         }
         tunnel >= self.latest
     }
