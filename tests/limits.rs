@@ -263,3 +263,63 @@ async fn a_flooding_peer_does_not_stall_other_tunnels() {
         "a round trip took {worst:?}"
     );
 }
+
+/// `query` for a user with 18 000 devices, asked over and over, does not hold up
+/// another user's tunnel (real time: this is about CPU on the session's thread).
+#[actix_rt::test]
+async fn a_huge_query_does_not_stall_other_tunnels() {
+    let gw = TestGateway::start_with(|c| {
+        c.limits.requests_per_sec = 1000.0;
+        c.limits.request_burst = 1000.0;
+    })
+    .await;
+    let big = gw.add_user("big").await;
+    let fleet: Vec<Sighting> = (0..18_000)
+        .map(|i| Sighting {
+            uuid: big.clone().into(),
+            mac: format!("{i:012X}").into(),
+            host: format!("meter-{i}").into(),
+            at: chrono::Utc::now(),
+        })
+        .collect();
+    gw.store.record(&fleet).await.unwrap();
+    let uuid = gw.add_user("alice").await;
+    let mut device = gw.device(&uuid, MAC, "plc-1").await;
+    let mut client = gw.tunnel(&uuid, MAC).await;
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // The askers run on threads of their own: reading 1.7 MB replies is their CPU,
+    // not the gateway's.
+    let mut askers = Vec::new();
+    for _ in 0..4 {
+        let (big, answered, addr) = (big.clone(), answered.clone(), gw.addr);
+        askers.push(std::thread::spawn(move || {
+            let mut asker = common::BlockingPeer::connect(addr);
+            for _ in 0..5 {
+                asker.send(format!("query;{big}\n").as_bytes());
+                let reply = asker.line();
+                assert!(reply.len() > 18_000 * 80, "{}", reply.len());
+                answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }));
+    }
+    // Round trips for as long as the queries are being answered.
+    let mut worst = Duration::ZERO;
+    let mut i = 0u8;
+    while answered.load(std::sync::atomic::Ordering::SeqCst) < 20 {
+        i = i.wrapping_add(1);
+        let digit = b'0' + i % 10;
+        let started = std::time::Instant::now();
+        client
+            .send(format!("data;{uuid};T;T;1;{}", digit as char))
+            .await;
+        assert_eq!(device.bytes(1).await, [digit]);
+        worst = worst.max(started.elapsed());
+    }
+    for asker in askers {
+        asker.join().unwrap();
+    }
+    assert!(
+        worst < Duration::from_millis(50),
+        "a round trip took {worst:?}"
+    );
+}
