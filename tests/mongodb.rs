@@ -11,27 +11,14 @@ use std::time::Duration;
 use bson::oid::ObjectId;
 use bson::spec::ElementType;
 use bson::{doc, Bson, Document};
-use chrono::{DateTime, Utc};
 
 use common::mongo::{CommandCounter, Mongo};
 use common::Binary;
+use common::{at, sighting};
 use elfin_actors::store::mongo::MongoStore;
 use elfin_actors::store::{Sighting, Store};
 
 const MAC: &str = "F0FE6B2A1C3D";
-
-fn at(secs: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap()
-}
-
-fn sighting(uuid: &str, mac: &str, host: &str, secs: i64) -> Sighting {
-    Sighting {
-        uuid: uuid.into(),
-        mac: mac.into(),
-        host: host.into(),
-        at: at(secs),
-    }
-}
 
 async fn open_store(mongo: &Mongo) -> (MongoStore, CommandCounter) {
     let (options, counter) = mongo.options().await;

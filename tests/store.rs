@@ -4,25 +4,11 @@
 
 mod common;
 
-use chrono::{DateTime, Utc};
-
 use common::mongo::Mongo;
+use common::{at, sighting};
 use elfin_actors::store::embedded::EmbeddedStore;
 use elfin_actors::store::mongo::MongoStore;
 use elfin_actors::store::{Recorded, Sighting, Store, StoreError};
-
-fn at(secs: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap()
-}
-
-fn sighting(uuid: &str, mac: &str, host: &str, secs: i64) -> Sighting {
-    Sighting {
-        uuid: uuid.into(),
-        mac: mac.into(),
-        host: host.into(),
-        at: at(secs),
-    }
-}
 
 /// Writes one sighting and checks it was written.
 async fn record(store: &dyn Store, s: Sighting) {

@@ -10,3 +10,18 @@ pub mod mongo;
 pub use binary::{failed_reason, repo_file, Binary, Peer as BlockingPeer, TIMEOUT};
 #[allow(unused_imports)]
 pub use inproc::{Peer, TestGateway};
+
+/// A moment a fixed number of seconds into a fixed day, for stored sightings.
+pub fn at(secs: i64) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap()
+}
+
+/// A sighting of device `mac` of user `uuid` at [`at`]`(secs)`.
+pub fn sighting(uuid: &str, mac: &str, host: &str, secs: i64) -> elfin_actors::store::Sighting {
+    elfin_actors::store::Sighting {
+        uuid: uuid.into(),
+        mac: mac.into(),
+        host: host.into(),
+        at: at(secs),
+    }
+}
