@@ -7,25 +7,11 @@ mod common;
 use std::time::Duration;
 
 use common::{Peer, TestGateway};
-use elfin_actors::store::{Sighting, Store};
 
 const MAC: &str = "F0FE6B2A1C3D";
 
 /// Held by each test: the wall-clock measurements must not share the cores.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Stores `count` devices for the user, as if each had been seen once.
-async fn stored_fleet(gw: &TestGateway, uuid: &str, count: usize) {
-    let fleet: Vec<Sighting> = (0..count)
-        .map(|i| Sighting {
-            uuid: uuid.into(),
-            mac: format!("{i:012X}").into(),
-            host: format!("meter-{i}").into(),
-            at: chrono::Utc::now(),
-        })
-        .collect();
-    gw.store.record(&fleet).await.unwrap();
-}
 
 /// One byte through the tunnel and back to the test, timed on the wall clock. Digits
 /// only: no payload byte could start a header, so none is held back.
@@ -77,7 +63,7 @@ async fn a_huge_query_does_not_stall_other_tunnels() {
     })
     .await;
     let big = gw.add_user("big").await;
-    stored_fleet(&gw, &big, 18_000).await;
+    gw.store_fleet(&big, 18_000).await;
     let uuid = gw.add_user("alice").await;
     let mut device = gw.device(&uuid, MAC, "plc-1").await;
     let mut client = gw.tunnel(&uuid, MAC).await;

@@ -12,22 +12,8 @@ use tokio::net::TcpSocket;
 use tokio::time::Instant;
 
 use common::{failed_reason, Peer, TestGateway};
-use elfin_actors::store::{Sighting, Store};
 
 const MAC: &str = "F0FE6B2A1C3D";
-
-/// Stores `count` devices for the user, as if each had been seen once.
-async fn stored_fleet(gw: &TestGateway, uuid: &str, count: usize) {
-    let fleet: Vec<Sighting> = (0..count)
-        .map(|i| Sighting {
-            uuid: uuid.into(),
-            mac: format!("{i:012X}").into(),
-            host: format!("meter-{i}").into(),
-            at: chrono::Utc::now(),
-        })
-        .collect();
-    gw.store.record(&fleet).await.unwrap();
-}
 
 /// A connection from a chosen loopback source address.
 async fn connect_from(source: [u8; 4], to: SocketAddr) -> Peer {
@@ -154,7 +140,7 @@ async fn a_client_that_never_reads_its_replies_is_closed_after_the_stall_time() 
     })
     .await;
     let uuid = gw.add_user("alice").await;
-    stored_fleet(&gw, &uuid, 2000).await;
+    gw.store_fleet(&uuid, 2000).await;
     // A small receive window, so the kernel buffers fill up soon.
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();

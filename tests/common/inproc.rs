@@ -101,6 +101,19 @@ impl TestGateway {
         uuid
     }
 
+    /// Stores `count` devices for the user, as if each had been seen once.
+    pub async fn store_fleet(&self, uuid: &str, count: usize) {
+        let fleet: Vec<elfin_actors::store::Sighting> = (0..count)
+            .map(|i| elfin_actors::store::Sighting {
+                uuid: uuid.into(),
+                mac: format!("{i:012X}").into(),
+                host: format!("meter-{i}").into(),
+                at: chrono::Utc::now(),
+            })
+            .collect();
+        self.store.record(&fleet).await.unwrap();
+    }
+
     pub async fn connect(&self) -> Peer {
         Peer::connect(self.addr).await
     }
