@@ -21,6 +21,10 @@
 //! token bucket; one turn handles at most `turn_bytes` of input before other
 //! connections run; the output queue is bounded in bytes, and an idle connection keeps
 //! no read buffer.
+//!
+//! (About 520 lines: one actor's state — input, identity, tunnel, timers — reads best
+//! in one place; its socket halves are in `connection.rs`, its commands in
+//! `command.rs`.)
 
 use std::future::Future;
 use std::io;
