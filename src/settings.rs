@@ -500,6 +500,13 @@ mod tests {
         s.server.listen = "nowhere".into();
         assert!(s.check().unwrap_err().to_string().contains("server.listen"));
         let mut s = Settings::default();
+        s.limits.identify_secs = 0;
+        assert!(s
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("limits.identify_secs"));
+        let mut s = Settings::default();
         s.persistence.max_batch = 0;
         assert!(s
             .check()
