@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use elfin_actors::store::{self, Store};
+use elfin_actors::tls::Tls;
 use elfin_actors::Hub;
 use settings::Settings;
 
@@ -96,8 +97,10 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let addr = settings.listen_addr()?;
     let listener = elfin_actors::server::bind(addr, settings.server.backlog)
         .with_context(|| format!("cannot listen on {addr}"))?;
+    let tls = settings.tls_files().map(Tls::load).transpose()?;
     let store = store::open(&settings.store_backend(), true).await?;
     let mut config = settings.gateway_config()?;
+    config.tls = tls.clone();
     // Keep descriptors for the database, logs and the metrics endpoint, so that an
     // accept never fails for want of one.
     if let Some(limit) = open_files {
@@ -124,6 +127,9 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         listener.local_addr()?,
         settings.storage.backend
     );
+    if let Some(tls) = tls {
+        actix_rt::spawn(reload_on_sighup(tls));
+    }
     let hub = Hub::start(store, config);
     elfin_actors::serve(listener, hub, shutdown_signal()).await?;
     log::info!("stopped");
@@ -146,6 +152,24 @@ fn raise_open_files_limit() -> Option<u64> {
         Err(e) => {
             log::warn!("cannot raise the open files limit: {e}");
             None
+        }
+    }
+}
+
+/// SIGHUP reads the certificate and key again (after a renewal); a broken or
+/// mismatched pair keeps the one in use.
+async fn reload_on_sighup(tls: Arc<Tls>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        return log::warn!("cannot watch SIGHUP: the TLS certificate cannot be reloaded");
+    };
+    while hangups.recv().await.is_some() {
+        match tls.reload() {
+            Ok(()) => log::info!(
+                "TLS certificate reloaded from {}",
+                tls.files().cert.display()
+            ),
+            Err(e) => log::error!("TLS certificate not reloaded, keeping the one in use: {e}"),
         }
     }
 }

@@ -30,6 +30,7 @@ pub struct Settings {
     pub persistence: Persistence,
     pub query: Query,
     pub auth: Auth,
+    pub tls: Tls,
     pub limits: Limits,
     pub log: Log,
     pub metrics: Metrics,
@@ -211,6 +212,8 @@ impl Default for Query {
 pub struct Auth {
     pub require_known_user: bool,
     pub verbose_reasons: bool,
+    pub clients: Clients,
+    pub trusted_networks: Vec<ipnet::IpNet>,
 }
 
 impl Default for Auth {
@@ -218,8 +221,51 @@ impl Default for Auth {
         Self {
             require_known_user: true,
             verbose_reasons: false,
+            clients: Clients::Any,
+            trusted_networks: Vec::new(),
         }
     }
+}
+
+/// `auth.clients`: who may send connme, connthem and query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Clients {
+    Any,
+    Tls,
+    ClientCert,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain; empty = no TLS.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// PEM CA of accepted client certificates; empty = none.
+    pub client_ca: PathBuf,
+    pub min_version: TlsVersion,
+    pub handshake_timeout_secs: u64,
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Self {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            client_ca: PathBuf::new(),
+            min_version: TlsVersion::V13,
+            handshake_timeout_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    V12,
+    #[serde(rename = "1.3")]
+    V13,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -343,10 +389,27 @@ impl Settings {
                 u64::from(self.limits.requests_per_sec),
             ),
             ("limits.request_burst", u64::from(self.limits.request_burst)),
+            (
+                "tls.handshake_timeout_secs",
+                self.tls.handshake_timeout_secs,
+            ),
         ] {
             if value == 0 {
                 bail!("settings: {key}: must be greater than 0");
             }
+        }
+        let (cert, key) = (&self.tls.cert, &self.tls.key);
+        if cert.as_os_str().is_empty() != key.as_os_str().is_empty() {
+            bail!("settings: tls.cert and tls.key: set both, or neither");
+        }
+        if self.auth.clients != Clients::Any && cert.as_os_str().is_empty() {
+            bail!(
+                "settings: auth.clients: {:?} needs tls.cert and tls.key",
+                self.auth.clients
+            );
+        }
+        if self.auth.clients == Clients::ClientCert && self.tls.client_ca.as_os_str().is_empty() {
+            bail!("settings: auth.clients: \"client-cert\" needs tls.client_ca");
         }
         if self.log.level.parse::<log::LevelFilter>().is_err() {
             bail!(
@@ -360,6 +423,21 @@ impl Settings {
             })?;
         }
         Ok(())
+    }
+
+    /// The TLS files, if TLS is on.
+    pub fn tls_files(&self) -> Option<elfin_actors::tls::TlsFiles> {
+        let t = &self.tls;
+        if t.cert.as_os_str().is_empty() {
+            return None;
+        }
+        Some(elfin_actors::tls::TlsFiles {
+            cert: t.cert.clone(),
+            key: t.key.clone(),
+            client_ca: (!t.client_ca.as_os_str().is_empty()).then(|| t.client_ca.clone()),
+            allow_tls12: t.min_version == TlsVersion::V12,
+            handshake_timeout: Duration::from_secs(t.handshake_timeout_secs),
+        })
     }
 
     pub fn listen_addr(&self) -> anyhow::Result<SocketAddr> {
@@ -405,6 +483,15 @@ impl Settings {
         Ok(Config {
             require_known_user: self.auth.require_known_user,
             verbose_reasons: self.auth.verbose_reasons,
+            clients: elfin_actors::tls::ClientPolicy {
+                clients: match self.auth.clients {
+                    Clients::Any => elfin_actors::tls::Clients::Any,
+                    Clients::Tls => elfin_actors::tls::Clients::Tls,
+                    Clients::ClientCert => elfin_actors::tls::Clients::ClientCert,
+                },
+                trusted_networks: self.auth.trusted_networks.clone(),
+            },
+            tls: None,
             limits: elfin_actors::Limits {
                 max_connections: l.max_connections,
                 max_connections_per_ip: l.max_connections_per_ip,

@@ -116,6 +116,14 @@ fn start_up_failures_print_one_line_naming_the_cause() {
             ],
             "cannot open the database file",
         ),
+        (
+            vec![
+                ("ELFIN__SERVER__LISTEN", "127.0.0.1:0"),
+                ("ELFIN__TLS__CERT", "/nonexistent/cert.pem"),
+                ("ELFIN__TLS__KEY", "/nonexistent/key.pem"),
+            ],
+            "/nonexistent/cert.pem",
+        ),
     ] {
         let (ok, err) = run_with(&env);
         assert!(!ok, "{env:?} started");
@@ -137,6 +145,8 @@ fn bad_settings_fail_at_start_naming_the_key() {
         ),
         ("ELFIN__QUERY__TIME_ZONE", "Mars/Olympus", "query.time_zone"),
         ("ELFIN__STORAGE__BACKEND", "floppy", "storage.backend"),
+        ("ELFIN__AUTH__CLIENTS", "tls", "auth.clients"),
+        ("ELFIN__TLS__MIN_VERSION", "1.1", "tls.min_version"),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_elfin-gateway"))
             .current_dir(dir.path())
@@ -240,4 +250,52 @@ fn a_stalled_tunnel_is_logged_naming_the_device_and_its_client_is_closed() {
         "{warning}"
     );
     client.expect_closed();
+}
+
+#[test]
+fn sighup_reloads_the_tls_certificate_and_a_broken_file_keeps_the_one_in_use() {
+    let pki = common::pki::Pki::new();
+    pki.issue("localhost", "server");
+    let (cert, key) = (pki.path("server.pem"), pki.path("server.key"));
+    let gw = Binary::start(&[
+        ("ELFIN__TLS__CERT", cert.to_str().unwrap()),
+        ("ELFIN__TLS__KEY", key.to_str().unwrap()),
+    ]);
+    std::fs::write(&key, "not a key").unwrap();
+    gw.signal("HUP");
+    let error = gw.wait_log("not reloaded");
+    assert!(
+        error.contains("ERROR") && error.contains("server.key"),
+        "{error}"
+    );
+    let other = common::pki::Pki::new();
+    other.issue("localhost", "server");
+    std::fs::copy(other.path("server.key"), &key).unwrap();
+    std::fs::copy(other.path("server.pem"), &cert).unwrap();
+    gw.signal("HUP");
+    gw.wait_log("TLS certificate reloaded");
+    // Plain devices are still served on the same port.
+    let uuid = gw.add_user("alice");
+    let _device = gw.device(&uuid, MAC, "plc-1");
+}
+
+#[test]
+fn a_tls_client_on_a_gateway_without_tls_is_closed_and_warned_about_once() {
+    let gw = Binary::start(&[]);
+    for _ in 0..3 {
+        let mut tls_client = gw.connect();
+        tls_client.send(&[0x16, 0x03, 0x01, 0x00, 0x10]);
+        tls_client.expect_closed();
+    }
+    let warning = gw.wait_log("a TLS client connected");
+    assert!(
+        warning.contains("tls.cert") && warning.contains("WARN"),
+        "{warning}"
+    );
+    let log = gw.log.lock().unwrap().clone();
+    let warnings = log
+        .iter()
+        .filter(|l| l.contains("a TLS client connected"))
+        .count();
+    assert_eq!(warnings, 1, "{log:?}");
 }

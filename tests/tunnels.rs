@@ -354,6 +354,7 @@ async fn a_tunnel_announced_after_its_removal_is_not_reinstalled() {
     let fake = PeerLink {
         id: u64::MAX,
         remote: "127.0.0.1:9".parse().unwrap(),
+        transport: elfin_actors::tls::Transport::Plain,
         events: Sink.start().recipient(),
         out,
     };

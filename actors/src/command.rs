@@ -56,6 +56,9 @@ pub enum Refusal {
     DeviceToItself,
     #[error("gateway is shutting down")]
     ShuttingDown,
+    /// `auth.clients` asks for more than this connection has.
+    #[error("{0}")]
+    Requires(&'static str),
 }
 
 impl Refusal {
@@ -67,6 +70,7 @@ impl Refusal {
             Refusal::Offline(_) => "offline",
             Refusal::ToItself | Refusal::DeviceToItself => "to_itself",
             Refusal::ShuttingDown => "shutting_down",
+            Refusal::Requires(_) => "transport",
         }
     }
 }
@@ -116,6 +120,10 @@ impl Command {
     /// Carries the command out for the connection `me` and queues its reply there.
     /// Returns the tunnel `me` is now one end of, if any.
     pub async fn apply(self, hub: &Hub, me: &PeerLink) -> Result<Option<Tunnel>, Unread> {
+        if let Err(required) = hub.config.clients.check(me.transport, me.remote.ip()) {
+            let reply = Reply::from(Refusal::Requires(required));
+            return answer(hub, &me.out, reply.encode()).await.map(|()| None);
+        }
         let reply = match self {
             Command::Connme { uuid, mac } => match connme(hub, &uuid, mac, me).await {
                 // The success reply is already queued, ahead of the device's data.

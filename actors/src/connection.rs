@@ -1,6 +1,6 @@
-//! A connection's socket: its read half as a stream of chunks, its write half drained
-//! from the session's output queue by a writer task; and the [`Lease`] the server
-//! gives each connection.
+//! A connection's socket, plain TCP or TLS ([`Io`]): its read half as a stream of
+//! chunks, its write half drained from the session's output queue by a writer task;
+//! and the [`Lease`] the server gives each connection.
 
 use std::io;
 use std::pin::Pin;
@@ -11,13 +11,45 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::Stream;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::limits::Ticket;
 use crate::link::OutQueue;
+use crate::tls::Transport;
+
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// An accepted connection's two halves, and how it reached the gateway.
+pub struct Io {
+    pub read: Reader,
+    pub write: Writer,
+    pub transport: Transport,
+}
+
+impl Io {
+    pub fn plain(stream: TcpStream) -> Io {
+        let (read, write) = stream.into_split();
+        Io {
+            read: Box::new(read),
+            write: Box::new(write),
+            transport: Transport::Plain,
+        }
+    }
+
+    pub fn tls(stream: tokio_rustls::server::TlsStream<TcpStream>) -> Io {
+        let client_cert = stream.get_ref().1.peer_certificates().is_some();
+        let (read, write) = tokio::io::split(stream);
+        Io {
+            read: Box::new(read),
+            write: Box::new(write),
+            transport: Transport::Tls { client_cert },
+        }
+    }
+}
 
 /// What the server gives each connection: when to stop reading (shutdown), and what
 /// it holds until it has closed (the server waits for every `alive`; the ticket is
@@ -40,7 +72,7 @@ const CLOSE_DRAIN: Duration = Duration::from_secs(5);
 /// (the peer paused) drops back to the smallest size and lets a large block go. So an
 /// idle device holds about a kilobyte, and a busy tunnel reads 64 KiB at a time.
 pub struct ReadChunks {
-    io: OwnedReadHalf,
+    io: Reader,
     buf: BytesMut,
     size: usize,
     limit: Arc<AtomicUsize>,
@@ -54,7 +86,7 @@ pub const UNTUNNELLED_READ: usize = 4096;
 
 impl ReadChunks {
     /// Reads at most `limit` bytes at a time (the caller may change it any time).
-    pub fn new(io: OwnedReadHalf, limit: Arc<AtomicUsize>) -> Self {
+    pub fn new(io: Reader, limit: Arc<AtomicUsize>) -> Self {
         Self {
             io,
             buf: BytesMut::new(),
@@ -102,11 +134,7 @@ impl Stream for ReadChunks {
 
 /// Drains a session's output queue into its socket; once the session is gone, writes
 /// what is still queued (bounded by the queue and [`CLOSE_DRAIN`]) and closes.
-pub async fn write_loop(
-    mut io: OwnedWriteHalf,
-    mut queue: OutQueue,
-    mut closed: oneshot::Receiver<()>,
-) {
+pub async fn write_loop(mut io: Writer, mut queue: OutQueue, mut closed: oneshot::Receiver<()>) {
     loop {
         let chunk = tokio::select! {
             biased;

@@ -13,6 +13,7 @@ use crate::persistence::{Flush, Persistence};
 use crate::query::QueryFormat;
 use crate::registry::DeviceRegistry;
 use crate::store::Store;
+use crate::tls::{ClientPolicy, Tls};
 use crate::users::UserDirectory;
 
 /// Run-time settings of the gateway's library side.
@@ -23,6 +24,10 @@ pub struct Config {
     /// Tell "unknown user" apart from "device offline" in `failed` replies (helps
     /// whoever guesses uuids, so off by default).
     pub verbose_reasons: bool,
+    /// Who may send `connme`, `connthem` and `query` over what.
+    pub clients: ClientPolicy,
+    /// TLS on the listener, if configured.
+    pub tls: Option<Arc<Tls>>,
     pub limits: Limits,
     pub query: QueryFormat,
     /// Period of the heartbeat debouncer's timers.

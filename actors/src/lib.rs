@@ -31,6 +31,7 @@ pub mod registry;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod tls;
 pub mod users;
 
 pub use hub::{Config, Hub, ShutdownError, Workers};

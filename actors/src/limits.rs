@@ -81,8 +81,32 @@ pub struct Admission {
     max_per_ip: usize,
     open: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
-    /// When each address was last warned about, so a flood logs once a minute.
-    warned: Mutex<HashMap<IpAddr, Instant>>,
+    /// Refusals are logged once a minute per address.
+    pub warnings: Warnings,
+}
+
+/// When each address was last warned about, so a flood logs once a minute.
+#[derive(Debug, Default)]
+pub struct Warnings {
+    last: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+impl Warnings {
+    /// True at most once a minute per address: whether to log.
+    pub fn should_warn(&self, ip: IpAddr) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if last.len() > 10_000 {
+            last.retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
+        }
+        match last.get(&ip) {
+            Some(at) if now.duration_since(*at) < Duration::from_secs(60) => false,
+            _ => {
+                last.insert(ip, now);
+                true
+            }
+        }
+    }
 }
 
 /// One admitted connection; dropping it gives its place back.
@@ -99,7 +123,7 @@ impl Admission {
             max_per_ip,
             open: AtomicUsize::new(0),
             per_ip: Mutex::default(),
-            warned: Mutex::default(),
+            warnings: Warnings::default(),
         })
     }
 
@@ -123,22 +147,6 @@ impl Admission {
             ip,
             admission: self.clone(),
         })
-    }
-
-    /// True at most once a minute per address: whether to log a refusal.
-    pub fn should_warn(&self, ip: IpAddr) -> bool {
-        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if warned.len() > 10_000 {
-            warned.retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
-        }
-        match warned.get(&ip) {
-            Some(at) if now.duration_since(*at) < Duration::from_secs(60) => false,
-            _ => {
-                warned.insert(ip, now);
-                true
-            }
-        }
     }
 }
 
@@ -277,11 +285,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn refusals_are_logged_once_a_minute_per_address() {
-        let admission = Admission::new(1, 1);
-        assert!(admission.should_warn(ip(1)));
-        assert!(!admission.should_warn(ip(1)));
-        assert!(admission.should_warn(ip(2)));
+        let warnings = Warnings::default();
+        assert!(warnings.should_warn(ip(1)));
+        assert!(!warnings.should_warn(ip(1)));
+        assert!(warnings.should_warn(ip(2)));
         tokio::time::sleep(Duration::from_secs(60)).await;
-        assert!(admission.should_warn(ip(1)));
+        assert!(warnings.should_warn(ip(1)));
     }
 }

@@ -15,6 +15,8 @@ use bytestring::ByteString;
 use tokio::sync::mpsc::error::{SendError, TrySendError};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use crate::tls::Transport;
+
 /// A connection, numbered in accept order for the life of the process.
 pub type SessionId = u64;
 
@@ -120,6 +122,7 @@ impl OutQueue {
 pub struct PeerLink {
     pub id: SessionId,
     pub remote: SocketAddr,
+    pub transport: Transport,
     pub events: Recipient<PeerEvent>,
     pub out: Outbox,
 }

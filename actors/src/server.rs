@@ -8,6 +8,8 @@
 //! [`Hub::shutdown`].
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -16,9 +18,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::connection::Lease;
+use crate::connection::{Io, Lease};
 use crate::hub::{Hub, ShutdownError, Workers};
-use crate::limits::Admission;
+use crate::limits::{Admission, Warnings};
 use crate::session::Session;
 
 /// How long shutdown waits for sessions to write what is queued and close.
@@ -54,6 +56,7 @@ pub async fn serve(
     let (alive, mut all_closed) = mpsc::channel::<()>(1);
     let limits = &hub.config.limits;
     let admission = Admission::new(limits.max_connections, limits.max_connections_per_ip);
+    let tls_warnings = Arc::new(Warnings::default());
     tokio::pin!(shutdown);
     let mut next = 0;
     let mut failing = false;
@@ -66,11 +69,11 @@ pub async fn serve(
             Ok((stream, peer)) => {
                 failing = false;
                 match admission.admit(peer.ip()) {
-                    Ok(ticket) => (stream, ticket),
+                    Ok(ticket) => ((stream, peer), ticket),
                     Err(refused) => {
                         metrics::counter!("elfin_connections_refused_total", "limit" => refused.label())
                             .increment(1);
-                        if admission.should_warn(peer.ip()) {
+                        if admission.warnings.should_warn(peer.ip()) {
                             log::warn!("refused connections from {}: {refused}", peer.ip());
                         }
                         continue;
@@ -89,6 +92,7 @@ pub async fn serve(
                 continue;
             }
         };
+        let (stream, peer) = stream;
         let stream = match configure(stream, &hub) {
             Ok(stream) => stream,
             Err(e) => {
@@ -101,17 +105,20 @@ pub async fn serve(
             alive: alive.clone(),
             ticket,
         };
-        let hub = hub.clone();
-        let start = move |stream: std::net::TcpStream| {
-            if let Err(e) = TcpStream::from_std(stream).and_then(|s| Session::start(s, hub, lease))
-            {
-                log::debug!("connection lost before its session started: {e}");
+        let (hub, tls_warnings) = (hub.clone(), tls_warnings.clone());
+        let start = async move {
+            let stream = match TcpStream::from_std(stream) {
+                Ok(stream) => stream,
+                Err(e) => return log::debug!("connection lost at accept: {e}"),
+            };
+            if let Some(io) = transport(stream, peer, &hub, &tls_warnings).await {
+                Session::start(io, peer, hub, lease);
             }
         };
         if workers.is_empty() {
-            start(stream);
+            actix_rt::spawn(start);
         } else {
-            workers[next].spawn(async move { start(stream) });
+            workers[next].spawn(start);
             next = (next + 1) % workers.len();
         }
     }
@@ -131,6 +138,64 @@ pub async fn serve(
         worker.stop();
     }
     flushed
+}
+
+/// A TLS record starts with this byte; a protocol v1 message with an ASCII keyword.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Plain TCP or TLS, told by the first byte the peer sends. A TLS handshake must
+/// finish within its timeout; a TLS client on a gateway without TLS is closed at once.
+async fn transport(
+    stream: TcpStream,
+    peer: SocketAddr,
+    hub: &Hub,
+    warnings: &Warnings,
+) -> Option<Io> {
+    let mut first = [0u8; 1];
+    let identify = hub.config.limits.identify;
+    match tokio::time::timeout(identify, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {}
+        // Protocol v1 (or a peer that already left: its session sees the end).
+        Ok(Ok(_)) => return Some(Io::plain(stream)),
+        Err(_) => {
+            metrics::counter!("elfin_connections_closed_total", "limit" => "identify").increment(1);
+            log::debug!("{peer}: sent nothing within {identify:?}");
+            return None;
+        }
+        Ok(Err(e)) => {
+            log::debug!("{peer}: connection lost before its first byte: {e}");
+            return None;
+        }
+    }
+    let Some(tls) = &hub.config.tls else {
+        metrics::counter!("elfin_tls_handshakes_total", "result" => "not_configured").increment(1);
+        if warnings.should_warn(peer.ip()) {
+            log::warn!(
+                "a TLS client connected from {}, but tls.cert and tls.key are not set: closed",
+                peer.ip()
+            );
+        }
+        return None;
+    };
+    match tokio::time::timeout(tls.handshake_timeout(), tls.acceptor().accept(stream)).await {
+        Ok(Ok(stream)) => {
+            metrics::counter!("elfin_tls_handshakes_total", "result" => "ok").increment(1);
+            Some(Io::tls(stream))
+        }
+        Ok(Err(e)) => {
+            metrics::counter!("elfin_tls_handshakes_total", "result" => "failed").increment(1);
+            log::debug!("{peer}: TLS handshake failed: {e}");
+            None
+        }
+        Err(_) => {
+            metrics::counter!("elfin_tls_handshakes_total", "result" => "timeout").increment(1);
+            log::debug!(
+                "{peer}: TLS handshake not finished in {:?}",
+                tls.handshake_timeout()
+            );
+            None
+        }
+    }
 }
 
 /// Low latency (no Nagle) and keepalive probes to find dead peers; returns the socket

@@ -36,13 +36,12 @@ use std::sync::Arc;
 use actix::prelude::*;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::bridge::{Cause, Unlink};
 use crate::command::{answer, Command};
-use crate::connection::{write_loop, Lease, ReadChunks, UNTUNNELLED_READ};
+use crate::connection::{write_loop, Io, Lease, ReadChunks, UNTUNNELLED_READ};
 use crate::debouncer;
 use crate::device::Identity;
 use crate::frame::{Decoder, Frame, Header, Kind, Reply};
@@ -51,6 +50,7 @@ use crate::limits::TokenBucket;
 use crate::link::{self, next_session_id, Outbox, PeerEvent, PeerLink, SessionId, TunnelId};
 use crate::persistence;
 use crate::registry::{Register, Unregister};
+use crate::tls::Transport;
 use crate::users::Access;
 
 pub struct Session {
@@ -81,6 +81,7 @@ pub struct Session {
     requests: TokenBucket,
     /// The largest read: the configured size while in a tunnel, small otherwise.
     read_limit: Arc<AtomicUsize>,
+    transport: Transport,
     /// Dropped with the session: tells the writer task to finish.
     _closing: oneshot::Sender<()>,
     /// Dropped with the session: its place in the limits, and shutdown's wait.
@@ -89,9 +90,12 @@ pub struct Session {
 
 impl Session {
     /// Starts a session for an accepted connection on the current arbiter.
-    pub fn start(stream: TcpStream, hub: Hub, lease: Lease) -> io::Result<Addr<Session>> {
-        let remote = stream.peer_addr()?;
-        let (read, write) = stream.into_split();
+    pub fn start(io: Io, remote: SocketAddr, hub: Hub, lease: Lease) -> Addr<Session> {
+        let Io {
+            read,
+            write,
+            transport,
+        } = io;
         let config = &hub.config;
         let (out, queue) = link::outbox(config.out_queue, config.limits.output_queue_bytes);
         let (closing, closed) = oneshot::channel();
@@ -100,7 +104,7 @@ impl Session {
         let chunks = ReadChunks::new(read, read_limit.clone());
         let requests =
             TokenBucket::new(config.limits.requests_per_sec, config.limits.request_burst);
-        Ok(Session::create(move |ctx| {
+        Session::create(move |ctx| {
             // Gateway shutdown ends the input like an end of file.
             ctx.add_stream(chunks.take_until(lease.stop.clone().cancelled_owned()));
             Session {
@@ -122,15 +126,17 @@ impl Session {
                 read_limit,
                 _closing: closing,
                 _lease: lease,
+                transport,
                 hub,
             }
-        }))
+        })
     }
 
     fn link(&self, ctx: &Context<Self>) -> PeerLink {
         PeerLink {
             id: self.id,
             remote: self.remote,
+            transport: self.transport,
             events: ctx.address().recipient(),
             out: self.out.clone(),
         }
@@ -443,8 +449,9 @@ impl Actor for Session {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        metrics::counter!("elfin_connections_total").increment(1);
-        metrics::gauge!("elfin_connections_open").increment(1);
+        let transport = self.transport.label();
+        metrics::counter!("elfin_connections_total", "transport" => transport).increment(1);
+        metrics::gauge!("elfin_connections_open", "transport" => transport).increment(1);
         log::debug!("{}: connected", self.remote);
         let limits = &self.hub.config.limits;
         ctx.run_later(limits.identify, |act, ctx| {
@@ -461,7 +468,8 @@ impl Actor for Session {
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        metrics::gauge!("elfin_connections_open").decrement(1);
+        metrics::gauge!("elfin_connections_open", "transport" => self.transport.label())
+            .decrement(1);
         log::debug!("{}: disconnected", self.remote);
         if let Some((d, _)) = self.device.take() {
             log::info!(

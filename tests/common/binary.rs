@@ -175,6 +175,26 @@ impl Binary {
         self.log.lock().unwrap().iter().any(|l| l.contains(text))
     }
 
+    /// Sends a signal (`HUP`, `TERM`, ...) to the gateway.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let _ = Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status();
+    }
+
+    /// Waits until a log line contains `text`.
+    pub fn wait_log(&self, text: &str) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(line) = self.log.lock().unwrap().iter().find(|l| l.contains(text)) {
+                return line.clone();
+            }
+            assert!(Instant::now() < deadline, "no log line with {text:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM, then waits for the exit.
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");

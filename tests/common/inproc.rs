@@ -25,6 +25,8 @@ pub fn config() -> Config {
     Config {
         require_known_user: true,
         verbose_reasons: false,
+        clients: Default::default(),
+        tls: None,
         limits: Limits::default(),
         query: QueryFormat {
             time_zone: chrono_tz::Europe::Budapest,
@@ -124,6 +126,24 @@ impl TestGateway {
         device.send(format!("beat;{uuid};{mac};{host};0")).await;
         self.wait_online(uuid, mac).await;
         device
+    }
+
+    /// A device connection that has sent its first heartbeat, waited for through the
+    /// registry (for gateways that refuse a plain `query`).
+    pub async fn device_registered(&self, uuid: &str, mac: &str, host: &str) -> Peer {
+        let mut device = self.connect().await;
+        device.send(format!("beat;{uuid};{mac};{host};0")).await;
+        for _ in 0..500 {
+            let lookup = elfin_actors::registry::Lookup {
+                uuid: uuid.to_owned().into(),
+                mac: mac.to_owned().into(),
+            };
+            if self.hub.registry.send(lookup).await.unwrap().is_some() {
+                return device;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{mac} never registered");
     }
 
     /// Polls `query` until the device is listed online.

@@ -5,6 +5,7 @@
 pub mod binary;
 pub mod inproc;
 pub mod mongo;
+pub mod pki;
 
 #[allow(unused_imports)]
 pub use binary::{failed_reason, repo_file, Binary, Peer as BlockingPeer, TIMEOUT};

@@ -1,0 +1,300 @@
+//! TLS on the gateway's own port (in-process, real sockets, a throw-away CA made here
+//! with rcgen, a rustls client): TLS clients and plain devices on one port, TLS 1.3
+//! only by default, bounded handshakes, certificate reload, client certificates and
+//! session resumption.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use common::pki::{Leaf, Pki};
+use common::{failed_reason, TestGateway};
+use elfin_actors::tls::{ClientPolicy, Clients, Tls, TlsFiles};
+
+const MAC: &str = "F0FE6B2A1C3D";
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A client trusting `pki`'s CA, with TLS 1.3 (or only 1.2), and a certificate if given.
+fn client_config(pki: &Pki, only_tls12: bool, cert: Option<Leaf>) -> Arc<ClientConfig> {
+    let versions: &[&rustls::SupportedProtocolVersion] = if only_tls12 {
+        &[&rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13]
+    };
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(pki.roots());
+    Arc::new(match cert {
+        Some(leaf) => builder.with_client_auth_cert(leaf.chain, leaf.key).unwrap(),
+        None => builder.with_no_client_auth(),
+    })
+}
+
+async fn tls_connect(
+    gw: &TestGateway,
+    config: Arc<ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(gw.addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = ServerName::try_from("localhost").unwrap();
+    TlsConnector::from(config).connect(name, tcp).await
+}
+
+async fn line(stream: &mut TlsStream<TcpStream>) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte))
+            .await
+            .expect("a reply")
+            .unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&line));
+        if byte[0] == b'\n' {
+            return String::from_utf8(line).unwrap();
+        }
+        line.push(byte[0]);
+    }
+}
+
+async fn gateway(tune: impl FnOnce(&mut elfin_actors::Config), tls: TlsFiles) -> TestGateway {
+    let tls = Tls::load(tls).unwrap();
+    TestGateway::start_with(move |c| {
+        c.tls = Some(tls);
+        tune(c);
+    })
+    .await
+}
+
+#[actix_rt::test]
+async fn a_tls_client_tunnels_to_a_plain_device_on_the_same_port() {
+    let pki = Pki::new();
+    pki.issue("localhost", "server");
+    let gw = gateway(|_| {}, pki.files(false, false)).await;
+    let uuid = gw.add_user("alice").await;
+    let mut device = gw.device(&uuid, MAC, "plc-1").await;
+
+    let config = client_config(&pki, false, None);
+    let mut query = tls_connect(&gw, config.clone()).await.unwrap();
+    query
+        .write_all(format!("query;{uuid}").as_bytes())
+        .await
+        .unwrap();
+    let listed: serde_json::Value = serde_json::from_str(&line(&mut query).await).unwrap();
+    assert_eq!(listed[0]["macaddress"], MAC);
+
+    let mut client = tls_connect(&gw, config).await.unwrap();
+    client
+        .write_all(format!("connme;{uuid};{MAC}").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(line(&mut client).await, r#"{"status":"success"}"#);
+    let all: Vec<u8> = (0..=255).collect();
+    let big: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    for payload in [&all, &big] {
+        let frame = [format!("data;{uuid};T1;T1;1;").as_bytes(), payload].concat();
+        let (writer, reader) =
+            futures::join!(client.write_all(&frame), device.bytes(payload.len()));
+        writer.unwrap();
+        assert!(reader == *payload, "client -> device");
+        let frame = [format!("data;{uuid};{MAC};plc-1;0;").as_bytes(), payload].concat();
+        let mut got = vec![0u8; payload.len()];
+        let (writer, reader) = futures::join!(device.send(&frame), client.read_exact(&mut got));
+        let () = writer;
+        reader.unwrap();
+        assert!(got == *payload, "device -> client");
+    }
+}
+
+#[actix_rt::test]
+async fn tls_1_2_is_refused_unless_allowed() {
+    let pki = Pki::new();
+    pki.issue("localhost", "server");
+    let strict = gateway(|_| {}, pki.files(false, false)).await;
+    assert!(tls_connect(&strict, client_config(&pki, true, None))
+        .await
+        .is_err());
+    let lenient = gateway(|_| {}, pki.files(true, false)).await;
+    let uuid = lenient.add_user("alice").await;
+    let mut client = tls_connect(&lenient, client_config(&pki, true, None))
+        .await
+        .unwrap();
+    client
+        .write_all(format!("query;{uuid}").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(line(&mut client).await, "[]");
+}
+
+#[actix_rt::test]
+async fn a_handshake_that_never_finishes_is_closed_after_the_timeout() {
+    tokio::time::pause();
+    let pki = Pki::new();
+    pki.issue("localhost", "server");
+    let gw = gateway(|_| {}, pki.files(false, false)).await;
+    let mut stalled = TcpStream::connect(gw.addr).await.unwrap();
+    stalled.write_all(&[0x16, 0x03, 0x01]).await.unwrap(); // a record header, cut short
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(30), stalled.read(&mut buf))
+        .await
+        .expect("closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(10) && waited < Duration::from_secs(11),
+        "{waited:?}"
+    );
+}
+
+#[actix_rt::test]
+async fn a_tls_client_on_a_gateway_without_tls_is_closed_at_once() {
+    let pki = Pki::new();
+    let gw = TestGateway::start().await;
+    let started = std::time::Instant::now();
+    assert!(tls_connect(&gw, client_config(&pki, false, None))
+        .await
+        .is_err());
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+#[actix_rt::test]
+async fn a_reloaded_certificate_serves_new_handshakes_while_open_tunnels_keep_flowing() {
+    let pki = Pki::new();
+    pki.issue("localhost", "server");
+    let tls = Tls::load(pki.files(false, false)).unwrap();
+    let shared = tls.clone();
+    let gw = TestGateway::start_with(move |c| c.tls = Some(shared)).await;
+    let uuid = gw.add_user("alice").await;
+    let mut device = gw.device(&uuid, MAC, "plc-1").await;
+    let mut client = tls_connect(&gw, client_config(&pki, false, None))
+        .await
+        .unwrap();
+    client
+        .write_all(format!("connme;{uuid};{MAC}").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(line(&mut client).await, r#"{"status":"success"}"#);
+
+    // A broken file: the pair in use stays, and the error names the file.
+    std::fs::write(pki.path("server.key"), "not a key").unwrap();
+    let err = tls.reload().unwrap_err();
+    assert!(err.to_string().contains("server.key"), "{err}");
+    assert!(tls_connect(&gw, client_config(&pki, false, None))
+        .await
+        .is_ok());
+
+    // A new certificate from another CA: new handshakes see it, old trust fails.
+    let other = Pki::new();
+    other.issue("localhost", "server");
+    for file in ["server.pem", "server.key"] {
+        std::fs::copy(other.path(file), pki.path(file)).unwrap();
+    }
+    tls.reload().unwrap();
+    assert!(tls_connect(&gw, client_config(&other, false, None))
+        .await
+        .is_ok());
+    assert!(tls_connect(&gw, client_config(&pki, false, None))
+        .await
+        .is_err());
+
+    // The tunnel opened before the reload still flows.
+    client
+        .write_all(format!("data;{uuid};T1;T1;1;still").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(device.bytes(5).await, b"still");
+}
+
+#[actix_rt::test]
+async fn with_client_certificates_a_sniffed_uuid_opens_no_tunnel() {
+    let pki = Pki::new();
+    pki.issue("localhost", "server");
+    let engineer = pki.issue("engineer", "engineer");
+    let outsider_ca = Pki::new();
+    let outsider = outsider_ca.issue("engineer", "outsider");
+    let gw = gateway(
+        |c| {
+            c.clients = ClientPolicy {
+                clients: Clients::ClientCert,
+                trusted_networks: vec!["127.0.0.2/32".parse().unwrap()],
+            }
+        },
+        pki.files(false, true),
+    )
+    .await;
+    let uuid = gw.add_user("alice").await;
+    // A plain-TCP device still registers.
+    let mut device = gw.device_registered(&uuid, MAC, "plc-1").await;
+
+    // Plain TCP and TLS without a certificate: refused, saying what is required.
+    let mut plain = gw.connect().await;
+    plain.send(format!("connme;{uuid};{MAC}")).await;
+    assert!(failed_reason(&plain.line().await).contains("client certificate"));
+    let mut anonymous = tls_connect(&gw, client_config(&pki, false, None))
+        .await
+        .unwrap();
+    anonymous
+        .write_all(format!("query;{uuid}").as_bytes())
+        .await
+        .unwrap();
+    assert!(failed_reason(&line(&mut anonymous).await).contains("client certificate"));
+
+    // A certificate from another CA does not get through the handshake.
+    let refused = match tls_connect(&gw, client_config(&pki, false, Some(outsider))).await {
+        Err(_) => true,
+        Ok(mut s) => {
+            let _ = s.write_all(format!("query;{uuid}").as_bytes()).await;
+            let mut buf = [0u8; 64];
+            !matches!(s.read(&mut buf).await, Ok(n) if n > 0 && buf.starts_with(b"["))
+        }
+    };
+    assert!(refused, "a certificate from another CA was accepted");
+
+    // The engineer's certificate tunnels; its second connection resumes the session.
+    let config = client_config(&pki, false, Some(engineer));
+    let mut client = tls_connect(&gw, config.clone()).await.unwrap();
+    client
+        .write_all(format!("connme;{uuid};{MAC}").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(line(&mut client).await, r#"{"status":"success"}"#);
+    client
+        .write_all(format!("data;{uuid};T1;T1;1;hello").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(device.bytes(5).await, b"hello");
+    // Read the session tickets the first connection was sent.
+    let mut second = tls_connect(&gw, config).await.unwrap();
+    assert_eq!(
+        second.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed),
+        "the second connection did not resume"
+    );
+    second
+        .write_all(format!("query;{uuid}").as_bytes())
+        .await
+        .unwrap();
+    assert!(line(&mut second).await.starts_with('['));
+
+    // A trusted network is served in plain TCP.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut trusted = common::Peer::from_stream(socket.connect(gw.addr).await.unwrap());
+    trusted.send(format!("query;{uuid}")).await;
+    assert!(trusted.line().await.starts_with("[{"));
+}
