@@ -8,13 +8,16 @@
 //!   could start a header, so the gateway holds it back (`server.header_hold_ms`):
 //!   how often a poll pays that, and how much;
 //!
-//! and the same through a relay that only does `tokio::io::copy_bidirectional`.
+//! and the same through a relay that only does `tokio::io::copy_bidirectional`, and
+//! through the gateway with the client on TLS 1.3 (same port, same run).
 //! Everything runs on loopback; the numbers include this process's own work.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 const BULK: usize = 1 << 30;
@@ -22,10 +25,14 @@ const ROUND_TRIPS: usize = 20_000;
 const POLLS: usize = 3_000;
 const MAC: &str = "BENCH0000001";
 
+/// A client connection: plain TCP or TLS.
+trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
+
 /// A connected device and client, and what each must put before its bytes.
 struct Tunnel {
     device: TcpStream,
-    client: TcpStream,
+    client: Box<dyn Duplex>,
     client_header: Vec<u8>,
     device_header: Vec<u8>,
 }
@@ -49,7 +56,7 @@ async fn raw_relay() -> Tunnel {
     });
     let device = connect(port).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let client = connect(port).await;
+    let client = Box::new(connect(port).await);
     Tunnel {
         device,
         client,
@@ -58,14 +65,21 @@ async fn raw_relay() -> Tunnel {
     }
 }
 
-async fn gateway_tunnel(port: u16, uuid: &str) -> Tunnel {
+async fn gateway_tunnel(port: u16, uuid: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Tunnel {
     let mut device = connect(port).await;
     device
         .write_all(format!("beat;{uuid};{MAC};bench;0").as_bytes())
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut client = connect(port).await;
+    let mut client: Box<dyn Duplex> = match tls {
+        None => Box::new(connect(port).await),
+        Some(config) => {
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let connector = tokio_rustls::TlsConnector::from(config.clone());
+            Box::new(connector.connect(name, connect(port).await).await.unwrap())
+        }
+    };
     client
         .write_all(format!("connme;{uuid};{MAC}").as_bytes())
         .await
@@ -90,7 +104,7 @@ async fn throughput(t: Tunnel) -> f64 {
         client_header,
         ..
     } = t;
-    let (_read, mut write) = client.into_split();
+    let (_read, mut write) = tokio::io::split(client);
     let started = Instant::now();
     let sender = tokio::spawn(async move {
         write.write_all(&client_header).await.unwrap();
@@ -127,6 +141,7 @@ async fn latency(t: Tunnel) -> [f64; 3] {
     for i in 0..ROUND_TRIPS + 1000 {
         let started = Instant::now();
         client.write_all(&request).await.unwrap();
+        client.flush().await.unwrap();
         device.read_exact(&mut buf).await.unwrap();
         device.write_all(&response).await.unwrap();
         client.read_exact(&mut buf).await.unwrap();
@@ -187,13 +202,35 @@ fn describe_polls(name: &str, mut samples: Vec<f64>) {
     );
 }
 
+/// A certificate for `localhost` written into `dir`, and a client that trusts it.
+fn tls_setup(dir: &std::path::Path) -> Arc<rustls::ClientConfig> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
 #[tokio::main]
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let binary = env!("CARGO_BIN_EXE_elfin-gateway");
+    let tls = tls_setup(dir.path());
     let env = [
         ("ELFIN__SERVER__LISTEN", "127.0.0.1:0"),
         ("ELFIN__LOG__LEVEL", "info"),
+        ("ELFIN__TLS__CERT", "cert.pem"),
+        ("ELFIN__TLS__KEY", "key.pem"),
     ];
     let out = Command::new(binary)
         .current_dir(dir.path())
@@ -225,11 +262,13 @@ async fn main() {
     tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
 
     let raw_mbs = throughput(raw_relay().await).await;
-    let gw_mbs = throughput(gateway_tunnel(port, &uuid).await).await;
+    let gw_mbs = throughput(gateway_tunnel(port, &uuid, None).await).await;
+    let tls_mbs = throughput(gateway_tunnel(port, &uuid, Some(&tls)).await).await;
     let raw_rtt = latency(raw_relay().await).await;
-    let gw_rtt = latency(gateway_tunnel(port, &uuid).await).await;
+    let gw_rtt = latency(gateway_tunnel(port, &uuid, None).await).await;
+    let tls_rtt = latency(gateway_tunnel(port, &uuid, Some(&tls)).await).await;
     let raw_polls = polls(raw_relay().await).await;
-    let gw_polls = polls(gateway_tunnel(port, &uuid).await).await;
+    let gw_polls = polls(gateway_tunnel(port, &uuid, None).await).await;
 
     println!(
         "tunnel benchmark (loopback, {} cores)",
@@ -242,6 +281,7 @@ async fn main() {
     for (name, mbs, rtt) in [
         ("raw tokio relay", raw_mbs, raw_rtt),
         ("elfin-gateway", gw_mbs, gw_rtt),
+        ("elfin-gateway, TLS 1.3", tls_mbs, tls_rtt),
     ] {
         println!(
             "{name:<22} {mbs:>10.0} {:>10.1} {:>10.1} {:>10.1}",
@@ -252,6 +292,11 @@ async fn main() {
         "gateway / raw: throughput {:.2}x, added p50 latency {:.1} us",
         gw_mbs / raw_mbs,
         gw_rtt[0] - raw_rtt[0]
+    );
+    println!(
+        "TLS / plain: throughput {:.2}x, added p50 latency {:.1} us",
+        tls_mbs / gw_mbs,
+        tls_rtt[0] - gw_rtt[0]
     );
     println!("\n{POLLS} polls of 32 random bytes each way (held: round trip over 10 ms)");
     println!(
