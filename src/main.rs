@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 
 use elfin_actors::store::{self, Store};
 use elfin_actors::tls::Tls;
-use elfin_actors::Hub;
+use elfin_actors::{Hub, Listen};
 use settings::Settings;
 
 #[derive(Parser)]
@@ -97,6 +97,14 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let addr = settings.listen_addr()?;
     let listener = elfin_actors::server::bind(addr, settings.server.backlog)
         .with_context(|| format!("cannot listen on {addr}"))?;
+    let mut listeners = vec![(listener, Listen::Detect)];
+    if !settings.tls.listen.is_empty() {
+        let addr: std::net::SocketAddr = settings.tls.listen.parse()?;
+        let tls_only = elfin_actors::server::bind(addr, settings.server.backlog)
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        log::info!("TLS only on {}", tls_only.local_addr()?);
+        listeners.push((tls_only, Listen::TlsOnly));
+    }
     let tls = settings.tls_files().map(Tls::load).transpose()?;
     let store = store::open(&settings.store_backend(), true).await?;
     let mut config = settings.gateway_config()?;
@@ -122,16 +130,17 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         log::info!("metrics on http://{addr}/metrics");
     }
     log::info!(
-        "elfin-gateway {} listening on {} ({} storage)",
+        "elfin-gateway {} listening on {} ({} storage{})",
         env!("CARGO_PKG_VERSION"),
-        listener.local_addr()?,
-        settings.storage.backend
+        listeners[0].0.local_addr()?,
+        settings.storage.backend,
+        if tls.is_some() { ", TLS" } else { "" }
     );
     if let Some(tls) = tls {
         actix_rt::spawn(reload_on_sighup(tls));
     }
     let hub = Hub::start(store, config);
-    elfin_actors::serve(listener, hub, shutdown_signal()).await?;
+    elfin_actors::serve_all(listeners, hub, shutdown_signal()).await?;
     log::info!("stopped");
     Ok(())
 }

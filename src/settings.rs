@@ -239,6 +239,8 @@ pub enum Clients {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Tls {
+    /// A second, TLS-only listener (e.g. "0.0.0.0:443"); empty = none.
+    pub listen: String,
     /// PEM certificate chain; empty = no TLS.
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -251,6 +253,7 @@ pub struct Tls {
 impl Default for Tls {
     fn default() -> Self {
         Self {
+            listen: String::new(),
             cert: PathBuf::new(),
             key: PathBuf::new(),
             client_ca: PathBuf::new(),
@@ -401,6 +404,15 @@ impl Settings {
         let (cert, key) = (&self.tls.cert, &self.tls.key);
         if cert.as_os_str().is_empty() != key.as_os_str().is_empty() {
             bail!("settings: tls.cert and tls.key: set both, or neither");
+        }
+        if !self.tls.listen.is_empty() {
+            if cert.as_os_str().is_empty() {
+                bail!("settings: tls.listen needs tls.cert and tls.key");
+            }
+            self.tls
+                .listen
+                .parse::<SocketAddr>()
+                .map_err(|e| anyhow::anyhow!("settings: tls.listen: {:?}: {e}", self.tls.listen))?;
         }
         if self.auth.clients != Clients::Any && cert.as_os_str().is_empty() {
             bail!(

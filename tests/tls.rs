@@ -46,7 +46,14 @@ async fn tls_connect(
     gw: &TestGateway,
     config: Arc<ClientConfig>,
 ) -> std::io::Result<TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(gw.addr).await?;
+    tls_connect_to(gw.addr, config).await
+}
+
+async fn tls_connect_to(
+    addr: std::net::SocketAddr,
+    config: Arc<ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     let name = ServerName::try_from("localhost").unwrap();
     TlsConnector::from(config).connect(name, tcp).await
@@ -297,4 +304,42 @@ async fn with_client_certificates_a_sniffed_uuid_opens_no_tunnel() {
     let mut trusted = common::Peer::from_stream(socket.connect(gw.addr).await.unwrap());
     trusted.send(format!("query;{uuid}")).await;
     assert!(trusted.line().await.starts_with("[{"));
+}
+
+#[actix_rt::test]
+async fn a_tls_only_port_serves_tls_clients_and_closes_plain_ones() {
+    let pki = Pki::new();
+    pki.issue("localhost", "server");
+    let tls = Tls::load(pki.files(false, false)).unwrap();
+    let gw = TestGateway::start_with_tls_port(move |c| c.tls = Some(tls)).await;
+    let tls_port = gw.tls_addr.unwrap();
+    let uuid = gw.add_user("alice").await;
+    let mut device = gw.device(&uuid, MAC, "plc-1").await;
+    // Plain protocol v1 on the TLS-only port: a TLS alert and closed, never parsed.
+    let mut plain = TcpStream::connect(tls_port).await.unwrap();
+    plain
+        .write_all(format!("query;{uuid}").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "still open");
+    assert!(
+        !answer.contains(&b'['),
+        "answered in plain text: {answer:?}"
+    );
+    // A TLS client there tunnels to the device on the main port.
+    let mut client = tls_connect_to(tls_port, client_config(&pki, false, None))
+        .await
+        .unwrap();
+    client
+        .write_all(format!("connme;{uuid};{MAC}").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(line(&mut client).await, r#"{"status":"success"}"#);
+    client
+        .write_all(format!("data;{uuid};T1;T1;1;via 443").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(device.bytes(7).await, b"via 443");
 }

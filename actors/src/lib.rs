@@ -36,4 +36,4 @@ pub mod users;
 
 pub use hub::{Config, Hub, ShutdownError, Workers};
 pub use limits::Limits;
-pub use server::serve;
+pub use server::{serve, serve_all, Listen};

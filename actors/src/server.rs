@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +42,15 @@ pub fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpList
     TcpListener::from_std(socket.into())
 }
 
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    /// TLS or protocol v1, told by the first byte (the gateway's own port).
+    Detect,
+    /// TLS only (`tls.listen`, e.g. port 443 for networks that pass nothing else).
+    TlsOnly,
+}
+
 /// Serves connections from `listener` until `shutdown` completes, then closes them and
 /// flushes the hub.
 pub async fn serve(
@@ -48,85 +58,53 @@ pub async fn serve(
     hub: Hub,
     shutdown: impl Future,
 ) -> Result<(), ShutdownError> {
+    serve_all(vec![(listener, Listen::Detect)], hub, shutdown).await
+}
+
+/// What every accept loop shares.
+struct Accepting {
+    hub: Hub,
+    admission: Arc<Admission>,
+    tls_warnings: Warnings,
+    stop: CancellationToken,
+    alive: mpsc::Sender<()>,
+    workers: Vec<ArbiterHandle>,
+    next: AtomicUsize,
+}
+
+/// [`serve`] on several listeners, one accept loop each, sharing the limits.
+pub async fn serve_all(
+    listeners: Vec<(TcpListener, Listen)>,
+    hub: Hub,
+    shutdown: impl Future,
+) -> Result<(), ShutdownError> {
     let workers: Vec<Arbiter> = match hub.config.workers {
         Workers::Caller => Vec::new(),
         Workers::Threads(n) => (0..n.max(1)).map(|_| Arbiter::new()).collect(),
     };
-    let stop = CancellationToken::new();
     let (alive, mut all_closed) = mpsc::channel::<()>(1);
     let limits = &hub.config.limits;
-    let admission = Admission::new(limits.max_connections, limits.max_connections_per_ip);
-    let tls_warnings = Arc::new(Warnings::default());
-    tokio::pin!(shutdown);
-    let mut next = 0;
-    let mut failing = false;
-    loop {
-        let accepted = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, ticket) = match accepted {
-            Ok((stream, peer)) => {
-                failing = false;
-                match admission.admit(peer.ip()) {
-                    Ok(ticket) => ((stream, peer), ticket),
-                    Err(refused) => {
-                        metrics::counter!("elfin_connections_refused_total", "limit" => refused.label())
-                            .increment(1);
-                        if admission.warnings.should_warn(peer.ip()) {
-                            log::warn!("refused connections from {}: {refused}", peer.ip());
-                        }
-                        continue;
-                    }
-                }
-            }
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning,
-                // and say so once per episode.
-                if !failing {
-                    log::warn!("accept failed: {e}");
-                    failing = true;
-                }
-                metrics::counter!("elfin_accept_errors_total").increment(1);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let (stream, peer) = stream;
-        let stream = match configure(stream, &hub) {
-            Ok(stream) => stream,
-            Err(e) => {
-                log::debug!("connection lost at accept: {e}");
-                continue;
-            }
-        };
-        let lease = Lease {
-            stop: stop.clone(),
-            alive: alive.clone(),
-            ticket,
-        };
-        let (hub, tls_warnings) = (hub.clone(), tls_warnings.clone());
-        let start = async move {
-            let stream = match TcpStream::from_std(stream) {
-                Ok(stream) => stream,
-                Err(e) => return log::debug!("connection lost at accept: {e}"),
-            };
-            if let Some(io) = transport(stream, peer, &hub, &tls_warnings).await {
-                Session::start(io, peer, hub, lease);
-            }
-        };
-        if workers.is_empty() {
-            actix_rt::spawn(start);
-        } else {
-            workers[next].spawn(start);
-            next = (next + 1) % workers.len();
-        }
-    }
+    let shared = Arc::new(Accepting {
+        admission: Admission::new(limits.max_connections, limits.max_connections_per_ip),
+        tls_warnings: Warnings::default(),
+        stop: CancellationToken::new(),
+        alive,
+        workers: workers.iter().map(Arbiter::handle).collect(),
+        next: AtomicUsize::new(0),
+        hub: hub.clone(),
+    });
+    let loops: Vec<_> = listeners
+        .into_iter()
+        .map(|(listener, mode)| actix_rt::spawn(accept_loop(listener, mode, shared.clone())))
+        .collect();
+    shutdown.await;
 
     log::info!("shutting down");
-    drop(listener);
-    stop.cancel();
-    drop(alive);
+    shared.stop.cancel();
+    for accept in loops {
+        let _ = accept.await;
+    }
+    drop(shared);
     if tokio::time::timeout(CLOSE_TIMEOUT, all_closed.recv())
         .await
         .is_err()
@@ -140,17 +118,91 @@ pub async fn serve(
     flushed
 }
 
+/// Accepts until the gateway stops: admits each connection, hands it to a worker,
+/// and waits on nothing else.
+async fn accept_loop(listener: TcpListener, mode: Listen, s: Arc<Accepting>) {
+    let mut failing = false;
+    loop {
+        let accepted = tokio::select! {
+            _ = s.stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => {
+                failing = false;
+                accepted
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning,
+                // and say so once per episode.
+                if !failing {
+                    log::warn!("accept failed: {e}");
+                    failing = true;
+                }
+                metrics::counter!("elfin_accept_errors_total").increment(1);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let ticket = match s.admission.admit(peer.ip()) {
+            Ok(ticket) => ticket,
+            Err(refused) => {
+                metrics::counter!("elfin_connections_refused_total", "limit" => refused.label())
+                    .increment(1);
+                if s.admission.warnings.should_warn(peer.ip()) {
+                    log::warn!("refused connections from {}: {refused}", peer.ip());
+                }
+                continue;
+            }
+        };
+        let stream = match configure(stream, &s.hub) {
+            Ok(stream) => stream,
+            Err(e) => {
+                log::debug!("connection lost at accept: {e}");
+                continue;
+            }
+        };
+        let lease = Lease {
+            stop: s.stop.clone(),
+            alive: s.alive.clone(),
+            ticket,
+        };
+        let shared = s.clone();
+        let start = async move {
+            let stream = match TcpStream::from_std(stream) {
+                Ok(stream) => stream,
+                Err(e) => return log::debug!("connection lost at accept: {e}"),
+            };
+            let hub = &shared.hub;
+            if let Some(io) = transport(stream, peer, mode, hub, &shared.tls_warnings).await {
+                Session::start(io, peer, hub.clone(), lease);
+            }
+        };
+        if s.workers.is_empty() {
+            actix_rt::spawn(start);
+        } else {
+            let next = s.next.fetch_add(1, Ordering::Relaxed) % s.workers.len();
+            s.workers[next].spawn(start);
+        }
+    }
+}
+
 /// A TLS record starts with this byte; a protocol v1 message with an ASCII keyword.
 const TLS_HANDSHAKE: u8 = 0x16;
 
-/// Plain TCP or TLS, told by the first byte the peer sends. A TLS handshake must
-/// finish within its timeout; a TLS client on a gateway without TLS is closed at once.
+/// Plain TCP or TLS, told by the first byte the peer sends (or TLS only). A TLS
+/// handshake must finish within its timeout; a TLS client on a gateway without TLS is
+/// closed at once.
 async fn transport(
     stream: TcpStream,
     peer: SocketAddr,
+    mode: Listen,
     hub: &Hub,
     warnings: &Warnings,
 ) -> Option<Io> {
+    if mode == Listen::TlsOnly {
+        return handshake(stream, peer, hub, warnings).await;
+    }
     let mut first = [0u8; 1];
     let identify = hub.config.limits.identify;
     match tokio::time::timeout(identify, stream.peek(&mut first)).await {
@@ -167,6 +219,16 @@ async fn transport(
             return None;
         }
     }
+    handshake(stream, peer, hub, warnings).await
+}
+
+/// The server side of a TLS handshake, bounded by its timeout.
+async fn handshake(
+    stream: TcpStream,
+    peer: SocketAddr,
+    hub: &Hub,
+    warnings: &Warnings,
+) -> Option<Io> {
     let Some(tls) = &hub.config.tls else {
         metrics::counter!("elfin_tls_handshakes_total", "result" => "not_configured").increment(1);
         if warnings.should_warn(peer.ip()) {

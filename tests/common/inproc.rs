@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use elfin_actors::query::QueryFormat;
 use elfin_actors::store::embedded::EmbeddedStore;
 use elfin_actors::store::Store;
-use elfin_actors::{Config, Hub, Limits, ShutdownError, Workers};
+use elfin_actors::{Config, Hub, Limits, Listen, ShutdownError, Workers};
 
 /// How long a peer waits for anything (virtual time on a paused clock).
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -48,6 +48,8 @@ pub fn config() -> Config {
 
 pub struct TestGateway {
     pub addr: SocketAddr,
+    /// The TLS-only listener, if started with one.
+    pub tls_addr: Option<SocketAddr>,
     pub hub: Hub,
     pub store: Arc<EmbeddedStore>,
     pub dir: Arc<tempfile::TempDir>,
@@ -70,18 +72,40 @@ impl TestGateway {
         dir: Arc<tempfile::TempDir>,
         tune: impl FnOnce(&mut Config),
     ) -> TestGateway {
+        Self::start_listening(dir, tune, false).await
+    }
+
+    /// Starts with a second, TLS-only listener as well (`tls.listen`).
+    pub async fn start_with_tls_port(tune: impl FnOnce(&mut Config)) -> TestGateway {
+        Self::start_listening(Arc::new(tempfile::tempdir().unwrap()), tune, true).await
+    }
+
+    async fn start_listening(
+        dir: Arc<tempfile::TempDir>,
+        tune: impl FnOnce(&mut Config),
+        tls_port: bool,
+    ) -> TestGateway {
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("elfin.db")).unwrap());
         let mut config = config();
         tune(&mut config);
-        let listener = elfin_actors::server::bind("127.0.0.1:0".parse().unwrap(), 4096).unwrap();
+        let bind = || elfin_actors::server::bind("127.0.0.1:0".parse().unwrap(), 4096).unwrap();
+        let listener = bind();
         let addr = listener.local_addr().unwrap();
+        let mut listeners = vec![(listener, Listen::Detect)];
+        let mut tls_addr = None;
+        if tls_port {
+            let tls_only = bind();
+            tls_addr = Some(tls_only.local_addr().unwrap());
+            listeners.push((tls_only, Listen::TlsOnly));
+        }
         let hub = Hub::start(store.clone(), config);
         let (stop, stopped) = oneshot::channel::<()>();
-        let served = actix_rt::spawn(elfin_actors::serve(listener, hub.clone(), async {
+        let served = actix_rt::spawn(elfin_actors::serve_all(listeners, hub.clone(), async {
             let _ = stopped.await;
         }));
         TestGateway {
             addr,
+            tls_addr,
             hub,
             store,
             dir,
