@@ -15,6 +15,7 @@ use elfin_actors::store::{self, Store};
 use elfin_actors::tls::Tls;
 use elfin_actors::{Hub, Listen};
 use settings::Settings;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 #[derive(Parser)]
 #[command(
@@ -129,6 +130,11 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             .context("cannot start the metrics endpoint")?;
         log::info!("metrics on http://{addr}/metrics");
     }
+    let term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    if let Some(tls) = &tls {
+        let hangups = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+        actix_rt::spawn(reload_on_sighup(hangups, tls.clone()));
+    }
     log::info!(
         "elfin-gateway {} listening on {} ({} storage{})",
         env!("CARGO_PKG_VERSION"),
@@ -136,11 +142,8 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         settings.storage.backend,
         if tls.is_some() { ", TLS" } else { "" }
     );
-    if let Some(tls) = tls {
-        actix_rt::spawn(reload_on_sighup(tls));
-    }
     let hub = Hub::start(store, config);
-    elfin_actors::serve_all(listeners, hub, shutdown_signal()).await?;
+    elfin_actors::serve_all(listeners, hub, shutdown_signal(term)).await?;
     log::info!("stopped");
     Ok(())
 }
@@ -167,11 +170,7 @@ fn raise_open_files_limit() -> Option<u64> {
 
 /// SIGHUP reads the certificate and key again (after a renewal); a broken or
 /// mismatched pair keeps the one in use.
-async fn reload_on_sighup(tls: Arc<Tls>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        return log::warn!("cannot watch SIGHUP: the TLS certificate cannot be reloaded");
-    };
+async fn reload_on_sighup(mut hangups: Signal, tls: Arc<Tls>) {
     while hangups.recv().await.is_some() {
         match tls.reload() {
             Ok(()) => log::info!(
@@ -183,19 +182,12 @@ async fn reload_on_sighup(tls: Arc<Tls>) {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(e) => {
-            log::warn!("cannot watch SIGTERM: {e}");
-            let _ = tokio::signal::ctrl_c().await;
-        }
+/// Completes on SIGTERM or Ctrl-C. The handlers are installed by the caller before
+/// the gateway says it listens, so no early signal meets the default action.
+async fn shutdown_signal(mut term: Signal) {
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }
 
