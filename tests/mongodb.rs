@@ -13,7 +13,6 @@ use bson::spec::ElementType;
 use bson::{doc, Bson, Document};
 
 use common::mongo::{CommandCounter, Mongo};
-use common::Binary;
 use common::{at, sighting};
 use elfin_actors::store::mongo::MongoStore;
 use elfin_actors::store::{Sighting, Store};
@@ -320,7 +319,7 @@ async fn a_database_outage_loses_no_sighting() {
         took < Duration::from_secs(3),
         "query took {took:?} during the outage"
     );
-    assert!(wait_log(&gw, "database write failed").await);
+    tokio::task::block_in_place(|| gw.wait_log("database write failed"));
 
     mongo.restart();
     let device = wait_for_device(&db, "BBBBBBBBBBBB").await;
@@ -340,7 +339,7 @@ async fn a_database_outage_loses_no_sighting() {
         "renamed"
     );
     assert!(all_devices(&user_doc(&db, "ua").await).contains(&device.get_object_id("_id").unwrap()));
-    assert!(wait_log(&gw, "database is back").await);
+    tokio::task::block_in_place(|| gw.wait_log("database is back"));
     drop((before, during));
 }
 
@@ -356,16 +355,6 @@ async fn wait_for_device(db: &mongodb::Database, mac: &str) -> Document {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("{mac} never written");
-}
-
-async fn wait_log(gw: &Binary, text: &str) -> bool {
-    for _ in 0..200 {
-        if gw.log_contains(text) {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

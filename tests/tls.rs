@@ -59,6 +59,17 @@ async fn tls_connect_to(
     TlsConnector::from(config).connect(name, tcp).await
 }
 
+/// One request over TLS (one write, as the desktop client does).
+async fn send(stream: &mut TlsStream<TcpStream>, message: impl AsRef<[u8]>) {
+    stream.write_all(message.as_ref()).await.unwrap();
+}
+
+/// `connme` over TLS, success checked.
+async fn connme(stream: &mut TlsStream<TcpStream>, uuid: &str) {
+    send(stream, format!("connme;{uuid};{MAC}")).await;
+    assert_eq!(line(stream).await, r#"{"status":"success"}"#);
+}
+
 async fn line(stream: &mut TlsStream<TcpStream>) -> String {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
@@ -94,19 +105,12 @@ async fn a_tls_client_tunnels_to_a_plain_device_on_the_same_port() {
 
     let config = client_config(&pki, false, None);
     let mut query = tls_connect(&gw, config.clone()).await.unwrap();
-    query
-        .write_all(format!("query;{uuid}").as_bytes())
-        .await
-        .unwrap();
+    send(&mut query, format!("query;{uuid}")).await;
     let listed: serde_json::Value = serde_json::from_str(&line(&mut query).await).unwrap();
     assert_eq!(listed[0]["macaddress"], MAC);
 
     let mut client = tls_connect(&gw, config).await.unwrap();
-    client
-        .write_all(format!("connme;{uuid};{MAC}").as_bytes())
-        .await
-        .unwrap();
-    assert_eq!(line(&mut client).await, r#"{"status":"success"}"#);
+    connme(&mut client, &uuid).await;
     let all: Vec<u8> = (0..=255).collect();
     let big: Vec<u8> = (0..1u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
@@ -139,10 +143,7 @@ async fn tls_1_2_is_refused_unless_allowed() {
     let mut client = tls_connect(&lenient, client_config(&pki, true, None))
         .await
         .unwrap();
-    client
-        .write_all(format!("query;{uuid}").as_bytes())
-        .await
-        .unwrap();
+    send(&mut client, format!("query;{uuid}")).await;
     assert_eq!(line(&mut client).await, "[]");
 }
 
@@ -191,11 +192,7 @@ async fn a_reloaded_certificate_serves_new_handshakes_while_open_tunnels_keep_fl
     let mut client = tls_connect(&gw, client_config(&pki, false, None))
         .await
         .unwrap();
-    client
-        .write_all(format!("connme;{uuid};{MAC}").as_bytes())
-        .await
-        .unwrap();
-    assert_eq!(line(&mut client).await, r#"{"status":"success"}"#);
+    connme(&mut client, &uuid).await;
 
     // A broken file: the pair in use stays, and the error names the file.
     std::fs::write(pki.path("server.key"), "not a key").unwrap();
@@ -220,10 +217,7 @@ async fn a_reloaded_certificate_serves_new_handshakes_while_open_tunnels_keep_fl
         .is_err());
 
     // The tunnel opened before the reload still flows.
-    client
-        .write_all(format!("data;{uuid};T1;T1;1;still").as_bytes())
-        .await
-        .unwrap();
+    send(&mut client, format!("data;{uuid};T1;T1;1;still")).await;
     assert_eq!(device.bytes(5).await, b"still");
 }
 
@@ -255,10 +249,7 @@ async fn with_client_certificates_a_sniffed_uuid_opens_no_tunnel() {
     let mut anonymous = tls_connect(&gw, client_config(&pki, false, None))
         .await
         .unwrap();
-    anonymous
-        .write_all(format!("query;{uuid}").as_bytes())
-        .await
-        .unwrap();
+    send(&mut anonymous, format!("query;{uuid}")).await;
     assert!(failed_reason(&line(&mut anonymous).await).contains("client certificate"));
 
     // A certificate from another CA does not get through the handshake.
@@ -275,15 +266,8 @@ async fn with_client_certificates_a_sniffed_uuid_opens_no_tunnel() {
     // The engineer's certificate tunnels; its second connection resumes the session.
     let config = client_config(&pki, false, Some(engineer));
     let mut client = tls_connect(&gw, config.clone()).await.unwrap();
-    client
-        .write_all(format!("connme;{uuid};{MAC}").as_bytes())
-        .await
-        .unwrap();
-    assert_eq!(line(&mut client).await, r#"{"status":"success"}"#);
-    client
-        .write_all(format!("data;{uuid};T1;T1;1;hello").as_bytes())
-        .await
-        .unwrap();
+    connme(&mut client, &uuid).await;
+    send(&mut client, format!("data;{uuid};T1;T1;1;hello")).await;
     assert_eq!(device.bytes(5).await, b"hello");
     // Read the session tickets the first connection was sent.
     let mut second = tls_connect(&gw, config).await.unwrap();
@@ -292,10 +276,7 @@ async fn with_client_certificates_a_sniffed_uuid_opens_no_tunnel() {
         Some(rustls::HandshakeKind::Resumed),
         "the second connection did not resume"
     );
-    second
-        .write_all(format!("query;{uuid}").as_bytes())
-        .await
-        .unwrap();
+    send(&mut second, format!("query;{uuid}")).await;
     assert!(line(&mut second).await.starts_with('['));
 
     // A trusted network is served in plain TCP.
@@ -332,14 +313,7 @@ async fn a_tls_only_port_serves_tls_clients_and_closes_plain_ones() {
     let mut client = tls_connect_to(tls_port, client_config(&pki, false, None))
         .await
         .unwrap();
-    client
-        .write_all(format!("connme;{uuid};{MAC}").as_bytes())
-        .await
-        .unwrap();
-    assert_eq!(line(&mut client).await, r#"{"status":"success"}"#);
-    client
-        .write_all(format!("data;{uuid};T1;T1;1;via 443").as_bytes())
-        .await
-        .unwrap();
+    connme(&mut client, &uuid).await;
+    send(&mut client, format!("data;{uuid};T1;T1;1;via 443")).await;
     assert_eq!(device.bytes(7).await, b"via 443");
 }
