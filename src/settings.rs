@@ -286,17 +286,19 @@ pub struct Limits {
 }
 
 impl Default for Limits {
+    /// The library's defaults, in the units of the settings file.
     fn default() -> Self {
+        let l = elfin_actors::Limits::default();
         Self {
-            max_connections: 50_000,
-            max_connections_per_ip: 2_000,
-            identify_secs: 10,
-            idle_secs: 180,
-            output_queue_bytes: 1 << 20,
-            requests_per_sec: 20,
-            request_burst: 40,
-            failed_lookups_per_min: 30,
-            failed_lookup_delay_ms: 1_000,
+            max_connections: l.max_connections,
+            max_connections_per_ip: l.max_connections_per_ip,
+            identify_secs: l.identify.as_secs(),
+            idle_secs: l.idle.as_secs(),
+            output_queue_bytes: l.output_queue_bytes,
+            requests_per_sec: l.requests_per_sec as u32,
+            request_burst: l.request_burst as u32,
+            failed_lookups_per_min: l.failed_lookups_per_min,
+            failed_lookup_delay_ms: l.failed_lookup_delay.as_millis() as u64,
         }
     }
 }
