@@ -63,10 +63,14 @@ async fn a_connection_that_sends_no_valid_message_is_closed_after_the_identify_t
     let gw = TestGateway::start_with(|c| c.limits.identify = Duration::from_secs(10)).await;
     let mut silent = gw.connect().await;
     let mut vandal = gw.connect().await;
+    let mut late = gw.connect().await;
     vandal.send("hello there\n").await;
     silent.expect_silence(Duration::from_secs(9)).await;
+    // A byte at 9 s does not buy a new identify time: it counts from accept.
+    late.send("x").await;
     silent.expect_closed_within(Duration::from_secs(2)).await;
     vandal.expect_closed_within(Duration::from_secs(1)).await;
+    late.expect_closed_within(Duration::from_millis(1500)).await;
 }
 
 #[actix_rt::test]

@@ -56,6 +56,8 @@ impl Io {
 /// its place in the connection limits).
 #[derive(Debug)]
 pub struct Lease {
+    /// When the connection was accepted: its time limits count from here.
+    pub accepted: tokio::time::Instant,
     pub stop: CancellationToken,
     pub alive: mpsc::Sender<()>,
     pub ticket: Ticket,

@@ -163,6 +163,7 @@ async fn accept_loop(listener: TcpListener, mode: Listen, s: Arc<Accepting>) {
             }
         };
         let lease = Lease {
+            accepted: tokio::time::Instant::now(),
             stop: s.stop.clone(),
             alive: s.alive.clone(),
             ticket,

@@ -84,8 +84,9 @@ pub struct Session {
     transport: Transport,
     /// Dropped with the session: tells the writer task to finish.
     _closing: oneshot::Sender<()>,
-    /// Dropped with the session: its place in the limits, and shutdown's wait.
-    _lease: Lease,
+    /// Its place in the limits and shutdown's wait (released when the session is
+    /// dropped), and when it was accepted.
+    lease: Lease,
 }
 
 impl Session {
@@ -125,7 +126,7 @@ impl Session {
                 requests,
                 read_limit,
                 _closing: closing,
-                _lease: lease,
+                lease,
                 transport,
                 hub,
             }
@@ -454,7 +455,10 @@ impl Actor for Session {
         metrics::gauge!("elfin_connections_open", "transport" => transport).increment(1);
         log::debug!("{}: connected", self.remote);
         let limits = &self.hub.config.limits;
-        ctx.run_later(limits.identify, |act, ctx| {
+        // Counted from accept: the server already spent some of it telling TLS apart.
+        let identify =
+            (self.lease.accepted + limits.identify).saturating_duration_since(Instant::now());
+        ctx.run_later(identify, |act, ctx| {
             if !act.identified {
                 act.limit_reached("identify", ctx);
             }
