@@ -126,76 +126,74 @@ async fn throughput(t: Tunnel) -> f64 {
     BULK as f64 / secs / 1e6
 }
 
-/// p50, p99 and p99.9 in microseconds of 64-byte round trips.
-async fn latency(t: Tunnel) -> [f64; 3] {
+/// Microseconds of each request/response round trip (client -> device -> client),
+/// after `warm_up` untimed ones; every byte is checked.
+async fn round_trips(
+    t: Tunnel,
+    count: usize,
+    warm_up: usize,
+    mut payloads: impl FnMut() -> (Vec<u8>, Vec<u8>),
+) -> Vec<f64> {
     let Tunnel {
         mut device,
         mut client,
         client_header,
         device_header,
     } = t;
-    let request = [client_header, vec![0x11; 64]].concat();
-    let response = [device_header, vec![0x22; 64]].concat();
-    let mut buf = [0u8; 64];
-    let mut samples = Vec::with_capacity(ROUND_TRIPS);
-    for i in 0..ROUND_TRIPS + 1000 {
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..warm_up + count {
+        let (request, response) = payloads();
+        let (request_frame, response_frame) = (
+            [&client_header[..], &request].concat(),
+            [&device_header[..], &response].concat(),
+        );
+        let mut buf = vec![0u8; request.len().max(response.len())];
         let started = Instant::now();
-        client.write_all(&request).await.unwrap();
+        client.write_all(&request_frame).await.unwrap();
         client.flush().await.unwrap();
-        device.read_exact(&mut buf).await.unwrap();
-        device.write_all(&response).await.unwrap();
-        client.read_exact(&mut buf).await.unwrap();
-        if i >= 1000 {
+        device.read_exact(&mut buf[..request.len()]).await.unwrap();
+        assert_eq!(buf[..request.len()], request);
+        device.write_all(&response_frame).await.unwrap();
+        client.read_exact(&mut buf[..response.len()]).await.unwrap();
+        assert_eq!(buf[..response.len()], response);
+        if i >= warm_up {
             samples.push(started.elapsed().as_secs_f64() * 1e6);
         }
     }
+    samples
+}
+
+/// The value below which a share `q` of the samples lie.
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
+}
+
+/// p50, p99 and p99.9 in microseconds of 64-byte round trips.
+async fn latency(t: Tunnel) -> [f64; 3] {
+    let mut samples = round_trips(t, ROUND_TRIPS, 1000, || (vec![0x11; 64], vec![0x22; 64])).await;
     samples.sort_by(f64::total_cmp);
-    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    [at(0.5), at(0.99), at(0.999)]
+    [0.5, 0.99, 0.999].map(|q| percentile(&samples, q))
 }
 
 /// Round-trip times in microseconds of 32-byte random requests and responses.
 async fn polls(t: Tunnel) -> Vec<f64> {
     use rand::{Rng, SeedableRng};
-    let Tunnel {
-        mut device,
-        mut client,
-        client_header,
-        device_header,
-    } = t;
     let mut rng = rand::rngs::StdRng::seed_from_u64(32);
-    let mut buf = [0u8; 32];
-    let mut samples = Vec::with_capacity(POLLS);
-    for _ in 0..POLLS {
-        let request: [u8; 32] = rng.random();
-        let response: [u8; 32] = rng.random();
-        let started = Instant::now();
-        client
-            .write_all(&[&client_header[..], &request].concat())
-            .await
-            .unwrap();
-        device.read_exact(&mut buf).await.unwrap();
-        assert_eq!(buf, request);
-        device
-            .write_all(&[&device_header[..], &response].concat())
-            .await
-            .unwrap();
-        client.read_exact(&mut buf).await.unwrap();
-        assert_eq!(buf, response);
-        samples.push(started.elapsed().as_secs_f64() * 1e6);
-    }
-    samples
+    round_trips(t, POLLS, 0, || {
+        let (request, response): ([u8; 32], [u8; 32]) = (rng.random(), rng.random());
+        (request.to_vec(), response.to_vec())
+    })
+    .await
 }
 
 fn describe_polls(name: &str, mut samples: Vec<f64>) {
     let held = samples.iter().filter(|&&us| us > 10_000.0).count();
     let mean = samples.iter().sum::<f64>() / samples.len() as f64;
     samples.sort_by(f64::total_cmp);
-    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
     println!(
         "{name:<22} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>9.2}%",
-        at(0.5),
-        at(0.99),
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.99),
         mean,
         samples[samples.len() - 1],
         100.0 * held as f64 / samples.len() as f64
