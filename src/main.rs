@@ -1,7 +1,10 @@
 //! `elfin-gateway`: the command line. `serve` (the default) runs the gateway until
-//! SIGTERM or Ctrl-C; `user` and `device` are operator commands on its database.
-//! Everything else lives in the `elfin-actors` library.
+//! SIGTERM or Ctrl-C, with its admin server ([`admin`]); `user` and `device` are
+//! operator commands on its database. Everything else lives in the `elfin-actors`
+//! library.
 
+mod admin;
+mod logging;
 mod settings;
 
 use std::path::PathBuf;
@@ -14,6 +17,7 @@ use clap::{Parser, Subcommand};
 use elfin_actors::store::{self, Store};
 use elfin_actors::tls::Tls;
 use elfin_actors::{Hub, Listen};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use settings::Settings;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -71,10 +75,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    env_logger::Builder::new()
-        .parse_filters(&settings.log.level)
-        .parse_env("RUST_LOG")
-        .init();
+    logging::init(&settings.log.level, settings.log.format);
     let result = actix_rt::System::new().block_on(async move {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(settings).await,
@@ -106,6 +107,13 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         log::info!("TLS only on {}", tls_only.local_addr()?);
         listeners.push((tls_only, Listen::TlsOnly));
     }
+    let admin_listener = match settings.admin_addr()? {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen on {addr} (admin.listen)"))?,
+        ),
+        None => None,
+    };
     let tls = settings.tls_files().map(Tls::load).transpose()?;
     let store = store::open(&settings.store_backend(), true).await?;
     let mut config = settings.gateway_config()?;
@@ -122,19 +130,30 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             config.limits.max_connections = room;
         }
     }
-    if !settings.metrics.listen.is_empty() {
-        let addr = settings.metrics.listen.parse::<std::net::SocketAddr>()?;
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .context("cannot start the metrics endpoint")?;
-        log::info!("metrics on http://{addr}/metrics");
-    }
+    // Metrics are recorded only when the admin server can show them.
+    let prometheus = admin_listener
+        .as_ref()
+        .map(|_| install_metrics())
+        .transpose()?;
     let term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     if let Some(tls) = &tls {
         let hangups = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
         actix_rt::spawn(reload_on_sighup(hangups, tls.clone()));
     }
+    let hub = Hub::start(store, config);
+    let admin = match admin_listener.zip(prometheus) {
+        Some((listener, prometheus)) => {
+            let token = settings.admin.token.expose().map(str::to_owned);
+            let addr = listener.local_addr()?;
+            let server = admin::start(listener, token, hub.clone(), prometheus)
+                .context("cannot start the admin server")?;
+            log::info!("admin pages on http://{addr}/");
+            let handle = server.handle();
+            actix_rt::spawn(server);
+            Some(handle)
+        }
+        None => None,
+    };
     log::info!(
         "elfin-gateway {} listening on {} ({} storage{})",
         env!("CARGO_PKG_VERSION"),
@@ -142,10 +161,26 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         settings.storage.backend,
         if tls.is_some() { ", TLS" } else { "" }
     );
-    let hub = Hub::start(store, config);
-    elfin_actors::serve_all(listeners, hub, shutdown_signal(term)).await?;
+    let served = elfin_actors::serve_all(listeners, hub, shutdown_signal(term)).await;
+    if let Some(admin) = admin {
+        admin.stop(true).await;
+    }
+    served?;
     log::info!("stopped");
     Ok(())
+}
+
+/// Installs the Prometheus recorder for the admin server.
+fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    let seconds = [
+        0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        10.0,
+    ];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)?
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+    Ok(handle)
 }
 
 /// File descriptors kept back from connections.

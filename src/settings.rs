@@ -33,7 +33,7 @@ pub struct Settings {
     pub tls: Tls,
     pub limits: Limits,
     pub log: Log,
-    pub metrics: Metrics,
+    pub admin: Admin,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -307,22 +307,59 @@ impl Default for Limits {
 #[serde(default, deny_unknown_fields)]
 pub struct Log {
     pub level: String,
+    pub format: crate::logging::Format,
 }
 
 impl Default for Log {
     fn default() -> Self {
         Self {
             level: "info".into(),
+            format: crate::logging::Format::Text,
         }
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct Metrics {
-    /// Address of the Prometheus endpoint; empty = off.
+pub struct Admin {
+    /// Address of the admin HTTP server; empty = off.
     pub listen: String,
+    /// Required on every request when set; without it, listen must be loopback.
+    pub token: Secret,
 }
+
+impl Default for Admin {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9100".into(),
+            token: Secret::default(),
+        }
+    }
+}
+
+/// A secret setting: shown as `****` in `Debug` when set.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> Option<&str> {
+        (!self.0.is_empty()).then_some(self.0.as_str())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "\"****\""
+        })
+    }
+}
+
+/// The shortest admin token accepted.
+const MIN_TOKEN_LEN: usize = 16;
 
 impl Settings {
     /// Reads defaults, then the file (required only if `explicit`), then the
@@ -431,12 +468,39 @@ impl Settings {
                 self.log.level
             );
         }
-        if !self.metrics.listen.is_empty() {
-            self.metrics.listen.parse::<SocketAddr>().map_err(|e| {
-                anyhow::anyhow!("settings: metrics.listen: {:?}: {e}", self.metrics.listen)
-            })?;
-        }
+        self.admin_addr()?;
         Ok(())
+    }
+
+    /// The admin server's address, if it is on. Without a token it must be loopback;
+    /// a token must be long and cookie-safe.
+    pub fn admin_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        let a = &self.admin;
+        if a.listen.is_empty() {
+            return Ok(None);
+        }
+        let addr: SocketAddr = a
+            .listen
+            .parse()
+            .map_err(|e| anyhow::anyhow!("settings: admin.listen: {:?}: {e}", a.listen))?;
+        match a.token.expose() {
+            None if !addr.ip().is_loopback() => bail!(
+                "settings: admin.listen: {addr} is not a loopback address; set admin.token \
+                 to serve the admin pages there"
+            ),
+            Some(token)
+                if token.len() < MIN_TOKEN_LEN
+                    || !token
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b)) =>
+            {
+                bail!(
+                    "settings: admin.token: use at least {MIN_TOKEN_LEN} characters of \
+                     A-Z a-z 0-9 - . _ ~ + / = (e.g. the output of `openssl rand -hex 32`)"
+                )
+            }
+            _ => Ok(Some(addr)),
+        }
     }
 
     /// The TLS files, if TLS is on.

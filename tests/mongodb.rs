@@ -395,3 +395,31 @@ fn relay_uris_keep_credentials_and_options() {
     );
     assert_eq!(host_port("mongodb://localhost/?x=1"), "localhost:27017");
 }
+
+#[test]
+fn readiness_follows_the_database() {
+    let mut mongo = Mongo::start();
+    let gw = mongo.gateway();
+    let ready = || gw.get("/readyz");
+    let wait_for = |status: u16| {
+        let deadline = std::time::Instant::now() + common::TIMEOUT;
+        loop {
+            let got = ready();
+            if got.status == status {
+                return got;
+            }
+            assert!(std::time::Instant::now() < deadline, "{got:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for(200);
+    mongo.stop();
+    let down = wait_for(503);
+    assert_eq!(down.json()["ready"], false);
+    let reason = down.json()["reason"].as_str().unwrap().to_owned();
+    assert!(reason.contains("store"), "{reason}");
+    // Liveness does not depend on the database.
+    assert_eq!(gw.get("/healthz").status, 200);
+    mongo.restart();
+    wait_for(200);
+}

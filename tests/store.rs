@@ -125,6 +125,10 @@ async fn a_batch_is_written_whole_and_devices_keep_their_order(store: &dyn Store
     assert_eq!(store.devices(None).await.unwrap().len(), 300);
 }
 
+async fn a_ping_answers_while_the_database_is_reachable(store: &dyn Store) {
+    store.ping().await.unwrap();
+}
+
 /// One test per contract case and backend.
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
@@ -160,4 +164,5 @@ contract!(
     a_device_reporting_another_uuid_changes_owner,
     duplicate_users_are_refused,
     a_batch_is_written_whole_and_devices_keep_their_order,
+    a_ping_answers_while_the_database_is_reachable,
 );

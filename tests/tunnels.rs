@@ -9,7 +9,7 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use common::{Peer, TestGateway};
-use elfin_actors::link::{outbox, PeerEvent, PeerLink};
+use elfin_actors::link::{outbox, Meter, PeerEvent, PeerLink, Role};
 use elfin_actors::registry::Lookup;
 
 const MAC: &str = "F0FE6B2A1C3D";
@@ -366,6 +366,7 @@ async fn a_tunnel_announced_after_its_removal_is_not_reinstalled() {
     session.events.do_send(PeerEvent::Linked {
         tunnel: 1_000,
         peer: fake.clone(),
+        sent: Meter::towards(&Role::Client),
     });
     device.send(format!("data;{uuid};{MAC};plc-1;0;dead")).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -375,6 +376,7 @@ async fn a_tunnel_announced_after_its_removal_is_not_reinstalled() {
     session.events.do_send(PeerEvent::Linked {
         tunnel: 1_001,
         peer: fake,
+        sent: Meter::towards(&Role::Client),
     });
     device.send(format!("data;{uuid};{MAC};plc-1;0;live")).await;
     let got = tokio::time::timeout(Duration::from_secs(1), received.recv()).await;

@@ -6,6 +6,10 @@
 //! session writes straight into its peer's output queue, so tunnel data never passes
 //! through here.
 //!
+//! Each direction of a tunnel has a [`Meter`] its sending session counts on; the
+//! manager reads them for [`Tunnels`] (the status page) and keeps the total of ended
+//! tunnels, so the gateway's tunnel throughput is one sum.
+//!
 //! A connection is in at most one tunnel: linking a connection that is already
 //! tunnelled removes its old tunnel first. A tunnel ends like a TCP relay's
 //! (`docs/PROTOCOL.md` §4): when one end goes away (closed, taken over, relinked) or
@@ -13,17 +17,30 @@
 //! queued output is written; a device end stays connected.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
 
-use crate::link::{End, PeerEvent, Role, SessionId, TunnelId};
+use crate::link::{End, Meter, PeerEvent, Role, SessionId, TunnelId};
 
 #[derive(Default)]
 pub struct BridgeManager {
-    /// Each tunnelled session -> (tunnel, its own role, the other end).
-    tunnels: HashMap<SessionId, (TunnelId, Role, End)>,
+    /// Each tunnelled session -> its side of its tunnel.
+    tunnels: HashMap<SessionId, Side>,
     last_id: TunnelId,
+    /// Bytes carried by tunnels that have ended.
+    ended_bytes: u64,
+}
+
+/// One session's side of a tunnel.
+struct Side {
+    tunnel: TunnelId,
+    /// What this session forwards to the other end.
+    sent: Meter,
+    other: End,
+    opened: SystemTime,
+    /// Whether this is the `a` end of its [`Link`].
+    first: bool,
 }
 
 impl Actor for BridgeManager {
@@ -34,11 +51,42 @@ impl Actor for BridgeManager {
 /// without, the caller tells them (a `connme` requester queues its reply first, so that
 /// it reaches the client ahead of any data from the device).
 #[derive(Message)]
-#[rtype(result = "TunnelId")]
+#[rtype(result = "Opened")]
 pub struct Link {
     pub a: End,
     pub b: End,
     pub notify: bool,
+}
+
+/// A new tunnel, and the meters `a` and `b` count what they send on.
+#[derive(Debug, Clone, MessageResponse)]
+pub struct Opened {
+    pub tunnel: TunnelId,
+    pub a_sent: Meter,
+    pub b_sent: Meter,
+}
+
+/// The open tunnels, and every byte tunnels have carried.
+#[derive(Message)]
+#[rtype(result = "TunnelReport")]
+pub struct Tunnels;
+
+#[derive(Debug, Clone, MessageResponse)]
+pub struct TunnelReport {
+    pub open: Vec<TunnelInfo>,
+    /// Bytes carried since start, by open and ended tunnels, both ways.
+    pub total_bytes: u64,
+}
+
+/// An open tunnel: its ends in the order they were linked, and what each has sent.
+#[derive(Debug, Clone)]
+pub struct TunnelInfo {
+    pub id: TunnelId,
+    pub a: End,
+    pub b: End,
+    pub opened: SystemTime,
+    pub a_sent: u64,
+    pub b_sent: u64,
 }
 
 /// Why a session's tunnel ends.
@@ -64,12 +112,24 @@ impl BridgeManager {
     /// Removes `session`'s tunnel. The other end is told, and closes if it is a client;
     /// after a stall the session itself is told too, so a client on either side closes.
     fn remove(&mut self, session: SessionId, cause: Cause) {
-        let Some((tunnel, _, other)) = self.tunnels.remove(&session) else {
+        let Some(Side {
+            tunnel,
+            other,
+            sent,
+            ..
+        }) = self.tunnels.remove(&session)
+        else {
             return;
         };
-        let Some((_, _, me)) = self.tunnels.remove(&other.link.id) else {
+        let Some(Side {
+            other: me,
+            sent: received,
+            ..
+        }) = self.tunnels.remove(&other.link.id)
+        else {
             return;
         };
+        self.ended_bytes += sent.get() + received.get();
         let has_client = me.role == Role::Client || other.role == Role::Client;
         match cause {
             Cause::Closed => log::info!("tunnel {tunnel} closed by {}", name(&me)),
@@ -100,7 +160,7 @@ impl BridgeManager {
     }
 
     fn report(&self) {
-        metrics::gauge!("elfin_tunnels_active").set((self.tunnels.len() / 2) as f64);
+        metrics::gauge!("elfin_tunnels_open").set((self.tunnels.len() / 2) as f64);
     }
 }
 
@@ -113,32 +173,45 @@ fn name(end: &End) -> String {
 }
 
 impl Handler<Link> for BridgeManager {
-    type Result = TunnelId;
+    type Result = Opened;
 
-    fn handle(&mut self, msg: Link, _: &mut Context<Self>) -> TunnelId {
-        self.remove(msg.a.link.id, Cause::Relinked);
-        self.remove(msg.b.link.id, Cause::Relinked);
+    fn handle(&mut self, msg: Link, _: &mut Context<Self>) -> Opened {
+        let Link { a, b, notify } = msg;
+        self.remove(a.link.id, Cause::Relinked);
+        self.remove(b.link.id, Cause::Relinked);
         self.last_id += 1;
-        let tunnel = self.last_id;
-        if msg.notify {
-            for (to, peer) in [(&msg.a, &msg.b), (&msg.b, &msg.a)] {
+        let opened = Opened {
+            tunnel: self.last_id,
+            a_sent: Meter::towards(&b.role),
+            b_sent: Meter::towards(&a.role),
+        };
+        let tunnel = opened.tunnel;
+        if notify {
+            for (to, peer, sent) in [(&a, &b, &opened.a_sent), (&b, &a, &opened.b_sent)] {
                 to.link.events.do_send(PeerEvent::Linked {
                     tunnel,
                     peer: peer.link.clone(),
+                    sent: sent.clone(),
                 });
             }
         }
-        log::info!(
-            "tunnel {tunnel} opened: {} <-> {}",
-            name(&msg.a),
-            name(&msg.b)
-        );
-        let (a_id, b_id) = (msg.a.link.id, msg.b.link.id);
-        let (a_role, b_role) = (msg.a.role.clone(), msg.b.role.clone());
-        self.tunnels.insert(a_id, (tunnel, a_role, msg.b));
-        self.tunnels.insert(b_id, (tunnel, b_role, msg.a));
+        log::info!("tunnel {tunnel} opened: {} <-> {}", name(&a), name(&b));
+        let now = SystemTime::now();
+        for (me, other, sent, first) in [
+            (&a, &b, &opened.a_sent, true),
+            (&b, &a, &opened.b_sent, false),
+        ] {
+            let side = Side {
+                tunnel,
+                sent: sent.clone(),
+                other: other.clone(),
+                opened: now,
+                first,
+            };
+            self.tunnels.insert(me.link.id, side);
+        }
         self.report();
-        tunnel
+        opened
     }
 }
 
@@ -148,5 +221,35 @@ impl Handler<Unlink> for BridgeManager {
     fn handle(&mut self, msg: Unlink, _: &mut Context<Self>) {
         self.remove(msg.session, msg.cause);
         self.report();
+    }
+}
+
+impl Handler<Tunnels> for BridgeManager {
+    type Result = TunnelReport;
+
+    fn handle(&mut self, _: Tunnels, _: &mut Context<Self>) -> TunnelReport {
+        let mut total_bytes = self.ended_bytes;
+        let mut open: Vec<TunnelInfo> = Vec::with_capacity(self.tunnels.len() / 2);
+        for side in self.tunnels.values() {
+            total_bytes += side.sent.get();
+            // Each tunnel once, from its `a` side.
+            if !side.first {
+                continue;
+            }
+            let Some(back) = self.tunnels.get(&side.other.link.id) else {
+                continue;
+            };
+            let a = back.other.clone();
+            open.push(TunnelInfo {
+                id: side.tunnel,
+                a,
+                b: side.other.clone(),
+                opened: side.opened,
+                a_sent: side.sent.get(),
+                b_sent: back.sent.get(),
+            });
+        }
+        open.sort_by_key(|t| t.id);
+        TunnelReport { open, total_bytes }
     }
 }

@@ -19,7 +19,7 @@ use crate::bridge::Link;
 use crate::clock::Stamp;
 use crate::frame::{Reply, Request};
 use crate::hub::Hub;
-use crate::link::{End, Outbox, PeerEvent, PeerLink, Role, TunnelId};
+use crate::link::{End, Meter, Outbox, PeerEvent, PeerLink, Role, TunnelId};
 use crate::persistence::PendingFor;
 use crate::registry::{LiveDevices, Lookup};
 use crate::users::Access;
@@ -92,7 +92,7 @@ pub struct Unread;
 const RENDER_INLINE_ROWS: usize = 500;
 
 /// A tunnel a command made for the requester, for the session to install.
-pub type Tunnel = (TunnelId, PeerLink);
+pub type Tunnel = (TunnelId, PeerLink, Meter);
 
 impl Command {
     pub fn from_frame(request: Request, fields: Vec<ByteString>) -> Result<Command, Refusal> {
@@ -174,7 +174,7 @@ async fn connme(
         },
         notify: false,
     };
-    let tunnel = hub
+    let opened = hub
         .bridge
         .send(link)
         .await
@@ -183,10 +183,11 @@ async fn connme(
     // reaches the client ahead of any data from the device.
     let _ = me.out.send(Reply::Success.encode()).await;
     device.events.do_send(PeerEvent::Linked {
-        tunnel,
+        tunnel: opened.tunnel,
         peer: me.clone(),
+        sent: opened.b_sent,
     });
-    Ok((tunnel, device))
+    Ok((opened.tunnel, device, opened.a_sent))
 }
 
 async fn connthem(
@@ -226,7 +227,11 @@ async fn query(hub: &Hub, uuid: &ByteString, me: &PeerLink) -> Bytes {
         return Reply::Devices(Vec::new()).encode();
     }
     let stored = async {
-        match hub.store.user_devices(uuid).await {
+        let started = std::time::Instant::now();
+        let read = hub.store.user_devices(uuid).await;
+        metrics::histogram!("elfin_store_round_trip_seconds", "op" => "user_devices")
+            .record(started.elapsed());
+        match read {
             Ok(devices) => devices.unwrap_or_default(),
             Err(e) => {
                 log::debug!("query answered from memory: {e}");

@@ -66,6 +66,17 @@ pub enum Request {
     Query,
 }
 
+impl Request {
+    /// Its keyword, as on the wire.
+    pub fn keyword(self) -> &'static str {
+        match self {
+            Request::Connme => "connme",
+            Request::Connthem => "connthem",
+            Request::Query => "query",
+        }
+    }
+}
+
 /// One decoded unit of a connection's input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {

@@ -1,14 +1,15 @@
 //! The [`Hub`]: handles to the shared actors and the run-time settings, cloned into
 //! every session; and the flush that ends the gateway's life without losing a sighting.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
 
 use crate::bridge::BridgeManager;
 use crate::debouncer::{FlushAll, HeartbeatDebouncer};
-use crate::limits::{Limits, LookupGuard};
+use crate::limits::{Admission, Limits, LookupGuard};
 use crate::persistence::{Flush, Persistence};
 use crate::query::QueryFormat;
 use crate::registry::DeviceRegistry;
@@ -70,6 +71,11 @@ pub struct Hub {
     pub users: Arc<UserDirectory>,
     /// Failed uuid look-ups per source address (abuse brake).
     pub lookups: Arc<LookupGuard>,
+    /// Open connections, in all and per source address.
+    pub admission: Arc<Admission>,
+    /// Whether the server accepts connections (from start until shutdown begins).
+    pub accepting: Arc<AtomicBool>,
+    pub started: SystemTime,
     pub config: Arc<Config>,
 }
 
@@ -98,9 +104,20 @@ impl Hub {
                 config.limits.failed_lookups_per_min,
                 config.limits.failed_lookup_delay,
             )),
+            admission: Admission::new(
+                config.limits.max_connections,
+                config.limits.max_connections_per_ip,
+            ),
+            accepting: Arc::default(),
+            started: SystemTime::now(),
             store,
             config: Arc::new(config),
         }
+    }
+
+    /// Whether the server accepts connections now.
+    pub fn is_accepting(&self) -> bool {
+        self.accepting.load(Ordering::Relaxed)
     }
 
     /// Persists every device the debouncer tracks and writes everything pending, for

@@ -145,12 +145,48 @@ pub struct End {
     pub role: Role,
 }
 
+/// The bytes one end has forwarded into its tunnel: counted by its session, read by
+/// the bridge for the status page. `towards` names the receiving side for the
+/// `elfin_tunnel_bytes_total` metric.
+#[derive(Clone, Debug)]
+pub struct Meter {
+    bytes: Arc<AtomicU64>,
+    pub towards: &'static str,
+}
+
+impl Meter {
+    /// A meter for bytes sent to an end with this role.
+    pub fn towards(role: &Role) -> Meter {
+        Meter {
+            bytes: Arc::default(),
+            towards: match role {
+                Role::Client => "to_client",
+                Role::Device(_) => "to_device",
+            },
+        }
+    }
+
+    pub fn add(&self, n: u64) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!("elfin_tunnel_bytes_total", "direction" => self.towards).increment(n);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
 /// What the bridge and the registry tell a session.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub enum PeerEvent {
-    /// This session is now one end of `tunnel`, `peer` the other.
-    Linked { tunnel: TunnelId, peer: PeerLink },
+    /// This session is now one end of `tunnel`, `peer` the other; what it forwards
+    /// is counted on `sent`.
+    Linked {
+        tunnel: TunnelId,
+        peer: PeerLink,
+        sent: Meter,
+    },
     /// `tunnel` is gone. With `close`, this session is a client whose tunnel ended from
     /// the device side: it writes what is queued and closes.
     Unlinked { tunnel: TunnelId, close: bool },

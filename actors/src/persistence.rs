@@ -106,7 +106,10 @@ impl Persistence {
         self.in_flight = batch.len();
         let store = self.store.clone();
         async move {
+            let started = std::time::Instant::now();
             let result = store.record(&batch).await;
+            metrics::histogram!("elfin_store_round_trip_seconds", "op" => "record")
+                .record(started.elapsed());
             (batch, result)
         }
         .into_actor(self)
@@ -327,6 +330,9 @@ mod tests {
         }
         async fn devices(&self, owner: Option<&str>) -> Result<Vec<OwnedDevice>, StoreError> {
             self.inner.devices(owner).await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.inner.ping().await
         }
     }
 

@@ -64,6 +64,19 @@ pub struct LiveDevices {
     pub uuid: ByteString,
 }
 
+/// Every live device, for the status page.
+#[derive(Message)]
+#[rtype(result = "Vec<Connected>")]
+pub struct AllLive;
+
+/// A live device and where its connection comes from.
+#[derive(Debug, Clone)]
+pub struct Connected {
+    pub uuid: ByteString,
+    pub device: LiveDevice,
+    pub remote: std::net::SocketAddr,
+}
+
 #[derive(Debug, Clone)]
 pub struct LiveDevice {
     pub mac: ByteString,
@@ -139,19 +152,36 @@ impl Handler<Lookup> for DeviceRegistry {
     }
 }
 
+impl Handler<AllLive> for DeviceRegistry {
+    type Result = MessageResult<AllLive>;
+
+    fn handle(&mut self, _: AllLive, _: &mut Context<Self>) -> Self::Result {
+        let all = self.users.iter().flat_map(|(uuid, devices)| {
+            devices.values().map(move |e| Connected {
+                uuid: uuid.clone(),
+                device: e.live(),
+                remote: e.link.remote,
+            })
+        });
+        MessageResult(all.collect())
+    }
+}
+
+impl Entry {
+    fn live(&self) -> LiveDevice {
+        LiveDevice {
+            mac: self.device.mac.clone(),
+            host: self.device.host.clone(),
+            last_seen: self.device.activity.last_seen(),
+        }
+    }
+}
+
 impl Handler<LiveDevices> for DeviceRegistry {
     type Result = MessageResult<LiveDevices>;
 
     fn handle(&mut self, msg: LiveDevices, _: &mut Context<Self>) -> Self::Result {
         let devices = self.users.get(&msg.uuid).into_iter().flatten();
-        MessageResult(
-            devices
-                .map(|(mac, e)| LiveDevice {
-                    mac: mac.clone(),
-                    host: e.device.host.clone(),
-                    last_seen: e.device.activity.last_seen(),
-                })
-                .collect(),
-        )
+        MessageResult(devices.map(|(_, e)| e.live()).collect())
     }
 }

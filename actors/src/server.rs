@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::connection::{Io, Lease};
 use crate::hub::{Hub, ShutdownError, Workers};
-use crate::limits::{Admission, Warnings};
+use crate::limits::Warnings;
 use crate::session::Session;
 
 /// How long shutdown waits for sessions to write what is queued and close.
@@ -64,7 +64,6 @@ pub async fn serve(
 /// What every accept loop shares.
 struct Accepting {
     hub: Hub,
-    admission: Arc<Admission>,
     tls_warnings: Warnings,
     stop: CancellationToken,
     alive: mpsc::Sender<()>,
@@ -83,9 +82,7 @@ pub async fn serve_all(
         Workers::Threads(n) => (0..n.max(1)).map(|_| Arbiter::new()).collect(),
     };
     let (alive, mut all_closed) = mpsc::channel::<()>(1);
-    let limits = &hub.config.limits;
     let shared = Arc::new(Accepting {
-        admission: Admission::new(limits.max_connections, limits.max_connections_per_ip),
         tls_warnings: Warnings::default(),
         stop: CancellationToken::new(),
         alive,
@@ -97,9 +94,11 @@ pub async fn serve_all(
         .into_iter()
         .map(|(listener, mode)| actix_rt::spawn(accept_loop(listener, mode, shared.clone())))
         .collect();
+    hub.accepting.store(true, Ordering::Relaxed);
     shutdown.await;
 
     log::info!("shutting down");
+    hub.accepting.store(false, Ordering::Relaxed);
     shared.stop.cancel();
     for accept in loops {
         let _ = accept.await;
@@ -144,12 +143,12 @@ async fn accept_loop(listener: TcpListener, mode: Listen, s: Arc<Accepting>) {
                 continue;
             }
         };
-        let ticket = match s.admission.admit(peer.ip()) {
+        let ticket = match s.hub.admission.admit(peer.ip()) {
             Ok(ticket) => ticket,
             Err(refused) => {
                 metrics::counter!("elfin_connections_refused_total", "limit" => refused.label())
                     .increment(1);
-                if s.admission.warnings.should_warn(peer.ip()) {
+                if s.hub.admission.warnings.should_warn(peer.ip()) {
                     log::warn!("refused connections from {}: {refused}", peer.ip());
                 }
                 continue;

@@ -43,11 +43,11 @@ use crate::bridge::{Cause, Unlink};
 use crate::command::{answer, Command};
 use crate::connection::{write_loop, Io, Lease, ReadChunks, UNTUNNELLED_READ};
 use crate::debouncer;
-use crate::device::Identity;
+use crate::device::{masked, Identity};
 use crate::frame::{Decoder, Frame, Header, Kind, Reply};
 use crate::hub::Hub;
 use crate::limits::TokenBucket;
-use crate::link::{self, next_session_id, Outbox, PeerEvent, PeerLink, SessionId, TunnelId};
+use crate::link::{self, next_session_id, Meter, Outbox, PeerEvent, PeerLink, SessionId, TunnelId};
 use crate::persistence;
 use crate::registry::{Register, Unregister};
 use crate::tls::Transport;
@@ -63,7 +63,8 @@ pub struct Session {
     /// The device this connection speaks for, and whether its sightings are stored
     /// (not for guests, see [`Access`]).
     device: Option<(Identity, bool)>,
-    tunnel: Option<(TunnelId, PeerLink)>,
+    /// The tunnel, its other end, and the meter of what this session sends into it.
+    tunnel: Option<(TunnelId, PeerLink, Meter)>,
     /// The newest tunnel this session has been in: only its end may close the session.
     latest: TunnelId,
     /// Tunnels up to this id are gone for this session; a late `Linked` for one of
@@ -82,6 +83,9 @@ pub struct Session {
     /// The largest read: the configured size while in a tunnel, small otherwise.
     read_limit: Arc<AtomicUsize>,
     transport: Transport,
+    /// What this connection has shown itself to be: "unidentified", "device" or
+    /// "client" (the `role` label of `elfin_connections_open`).
+    role: &'static str,
     /// Dropped with the session: tells the writer task to finish.
     _closing: oneshot::Sender<()>,
     /// Its place in the limits and shutdown's wait (released when the session is
@@ -128,6 +132,7 @@ impl Session {
                 _closing: closing,
                 lease,
                 transport,
+                role: "unidentified",
                 hub,
             }
         })
@@ -238,10 +243,15 @@ impl Session {
     }
 
     fn handle_frame(&mut self, frame: Frame, ctx: &mut Context<Self>) -> ControlFlow<()> {
-        if matches!(
-            frame,
-            Frame::Beat(_) | Frame::Data(_) | Frame::Request { .. }
-        ) {
+        let kind = match &frame {
+            Frame::Beat(_) => Some("beat"),
+            Frame::Data(h) if h.kind == Kind::Device => Some("device_data"),
+            Frame::Data(_) => Some("client_data"),
+            Frame::Request { request, .. } => Some(request.keyword()),
+            _ => None,
+        };
+        if let Some(kind) = kind {
+            metrics::counter!("elfin_messages_total", "type" => kind).increment(1);
             self.identified = true;
             self.last_message = Instant::now();
         }
@@ -251,6 +261,9 @@ impl Session {
             Frame::Data(header) if header.kind == Kind::Device => self.sighted(header, false, ctx),
             Frame::Data(_) => ControlFlow::Continue(()),
             Frame::Request { request, fields } => {
+                if self.device.is_none() {
+                    self.set_role("client");
+                }
                 let (hub, me) = (self.hub.clone(), self.link(ctx));
                 let wait = self.requests.take();
                 let step = async move {
@@ -267,7 +280,7 @@ impl Session {
                     }
                 };
                 self.pause(ctx, step, |act, applied, ctx| match applied {
-                    Ok(Some((tunnel, peer))) => act.linked(tunnel, peer),
+                    Ok(Some((tunnel, peer, sent))) => act.linked(tunnel, peer, sent),
                     Ok(None) => {}
                     Err(_unread) => act.limit_reached("unread_replies", ctx),
                 })
@@ -299,14 +312,14 @@ impl Session {
     /// that takes nothing for the stall time ends the tunnel.
     fn forward(&mut self, bytes: Bytes, ctx: &mut Context<Self>) -> ControlFlow<()> {
         let len = bytes.len() as u64;
-        let Some((tunnel, peer)) = &self.tunnel else {
+        let Some((tunnel, peer, sent)) = &self.tunnel else {
             log::debug!("{}: no tunnel, dropped {len} payload bytes", self.remote);
             metrics::counter!("elfin_payload_dropped_bytes_total").increment(len);
             return ControlFlow::Continue(());
         };
         let bytes = match peer.out.try_send(bytes) {
             Ok(()) => {
-                metrics::counter!("elfin_tunnel_bytes_total").increment(len);
+                sent.add(len);
                 return ControlFlow::Continue(());
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -316,11 +329,11 @@ impl Session {
             }
             Err(mpsc::error::TrySendError::Full(bytes)) => bytes,
         };
-        let (tunnel, out) = (*tunnel, peer.out.clone());
+        let (tunnel, out, sent) = (*tunnel, peer.out.clone(), sent.clone());
         let stall = self.hub.config.stall_timeout;
         let step = async move { tokio::time::timeout(stall, out.send(bytes)).await };
-        self.pause(ctx, step, move |act, sent, _| match sent {
-            Ok(Ok(())) => metrics::counter!("elfin_tunnel_bytes_total").increment(len),
+        self.pause(ctx, step, move |act, result, _| match result {
+            Ok(Ok(())) => sent.add(len),
             Ok(Err(_closed)) => {
                 metrics::counter!("elfin_payload_dropped_bytes_total").increment(len)
             }
@@ -373,7 +386,7 @@ impl Session {
                     "device {} ({}) of user {} online from {}",
                     h.mac,
                     h.host,
-                    short(&h.uuid),
+                    masked(&h.uuid),
                     self.remote
                 );
             }
@@ -382,7 +395,20 @@ impl Session {
             device: device.clone(),
             link: self.link(ctx),
         });
+        self.set_role("device");
         self.device = Some((device, access == Access::Member));
+    }
+
+    /// Moves this connection to another `role` in `elfin_connections_open`.
+    fn set_role(&mut self, role: &'static str) {
+        if self.role != role {
+            let transport = self.transport.label();
+            metrics::gauge!("elfin_connections_open", "transport" => transport, "role" => self.role)
+                .decrement(1);
+            metrics::gauge!("elfin_connections_open", "transport" => transport, "role" => role)
+                .increment(1);
+            self.role = role;
+        }
     }
 
     fn unregister(&self, device: Identity) {
@@ -406,10 +432,10 @@ impl Session {
 
     /// This session is now one end of `tunnel`, unless that tunnel is already gone or
     /// older than the one it is in.
-    fn linked(&mut self, tunnel: TunnelId, peer: PeerLink) {
-        let current = self.tunnel.as_ref().map_or(0, |(t, _)| *t);
+    fn linked(&mut self, tunnel: TunnelId, peer: PeerLink, sent: Meter) {
+        let current = self.tunnel.as_ref().map_or(0, |(t, ..)| *t);
         if tunnel > self.cleared && tunnel > current {
-            self.tunnel = Some((tunnel, peer));
+            self.tunnel = Some((tunnel, peer, sent));
             self.latest = self.latest.max(tunnel);
             self.read_limit
                 .store(self.hub.config.read_buffer, Ordering::Relaxed);
@@ -430,7 +456,7 @@ impl Session {
     /// whether it was the newest this session has been in.
     fn unlinked(&mut self, tunnel: TunnelId) -> bool {
         self.cleared = self.cleared.max(tunnel);
-        if self.tunnel.as_ref().is_some_and(|(t, _)| *t <= tunnel) {
+        if self.tunnel.as_ref().is_some_and(|(t, ..)| *t <= tunnel) {
             self.tunnel = None;
             let small = UNTUNNELLED_READ.min(self.hub.config.read_buffer);
             self.read_limit.store(small, Ordering::Relaxed);
@@ -439,20 +465,14 @@ impl Session {
     }
 }
 
-/// The first characters of a uuid, enough to tell users apart in logs without
-/// writing their secret there.
-fn short(uuid: &str) -> String {
-    let end = uuid.char_indices().nth(8).map_or(uuid.len(), |(i, _)| i);
-    format!("{}…", &uuid[..end])
-}
-
 impl Actor for Session {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         let transport = self.transport.label();
         metrics::counter!("elfin_connections_total", "transport" => transport).increment(1);
-        metrics::gauge!("elfin_connections_open", "transport" => transport).increment(1);
+        metrics::gauge!("elfin_connections_open", "transport" => transport, "role" => self.role)
+            .increment(1);
         log::debug!("{}: connected", self.remote);
         let limits = &self.hub.config.limits;
         // Counted from accept: the server already spent some of it telling TLS apart.
@@ -472,7 +492,8 @@ impl Actor for Session {
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        metrics::gauge!("elfin_connections_open", "transport" => self.transport.label())
+        let transport = self.transport.label();
+        metrics::gauge!("elfin_connections_open", "transport" => transport, "role" => self.role)
             .decrement(1);
         log::debug!("{}: disconnected", self.remote);
         if let Some((d, _)) = self.device.take() {
@@ -480,7 +501,7 @@ impl Actor for Session {
                 "device {} ({}) of user {} went away",
                 d.mac,
                 d.host,
-                short(&d.uuid)
+                masked(&d.uuid)
             );
             self.unregister(d);
         }
@@ -520,7 +541,7 @@ impl Handler<PeerEvent> for Session {
 
     fn handle(&mut self, event: PeerEvent, ctx: &mut Context<Self>) {
         match event {
-            PeerEvent::Linked { tunnel, peer } => self.linked(tunnel, peer),
+            PeerEvent::Linked { tunnel, peer, sent } => self.linked(tunnel, peer, sent),
             PeerEvent::Unlinked { tunnel, close } => {
                 if self.unlinked(tunnel) && close {
                     log::debug!("{}: tunnel {tunnel} ended; closing", self.remote);

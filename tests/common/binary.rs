@@ -15,6 +15,8 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Binary {
     child: Option<Child>,
     pub addr: SocketAddr,
+    /// The admin server's address, if it is on.
+    pub admin: Option<SocketAddr>,
     pub dir: Arc<tempfile::TempDir>,
     env: Vec<(String, String)>,
     pub log: Arc<Mutex<Vec<String>>>,
@@ -45,6 +47,7 @@ impl Binary {
                 dir.path().join("elfin.db").display().to_string(),
             ),
             ("ELFIN__PERSISTENCE__FLUSH_INTERVAL_MS".into(), "50".into()),
+            ("ELFIN__ADMIN__LISTEN".into(), "127.0.0.1:0".into()),
             ("RUST_LOG".into(), "info".into()),
         ];
         for (k, v) in env {
@@ -62,16 +65,20 @@ impl Binary {
         let (tx, rx) = mpsc::channel();
         let lines = log.clone();
         std::thread::spawn(move || {
+            let mut admin = None;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("admin pages on http://").nth(1) {
+                    admin = addr.split('/').next().and_then(|a| a.parse().ok());
+                }
                 if let Some(addr) = line.split(" listening on ").nth(1) {
                     let addr = addr.split_whitespace().next().unwrap_or_default();
-                    let _ = tx.send(addr.parse::<SocketAddr>().ok());
+                    let _ = tx.send(addr.parse::<SocketAddr>().ok().map(|a| (a, admin)));
                 }
                 lines.lock().unwrap().push(line);
             }
         });
-        let addr = match rx.recv_timeout(TIMEOUT) {
-            Ok(Some(addr)) => addr,
+        let (addr, admin) = match rx.recv_timeout(TIMEOUT) {
+            Ok(Some(addrs)) => addrs,
             _ => {
                 let _ = child.kill();
                 panic!("gateway did not start: {:?}", log.lock().unwrap());
@@ -80,10 +87,60 @@ impl Binary {
         Binary {
             child: Some(child),
             addr,
+            admin,
             dir,
             env: all,
             log,
         }
+    }
+
+    /// A request to the admin server: (status, response headers, body). Redirects are
+    /// returned, not followed.
+    pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        form: Option<&[(&str, &str)]>,
+    ) -> Http {
+        let url = format!("http://{}{path}", self.admin.expect("admin server on"));
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .timeout_global(Some(TIMEOUT))
+            .build()
+            .into();
+        let response = match method {
+            "GET" => {
+                let mut req = agent.get(&url);
+                for (k, v) in headers {
+                    req = req.header(*k, *v);
+                }
+                req.call()
+            }
+            _ => {
+                let mut req = agent.post(&url);
+                for (k, v) in headers {
+                    req = req.header(*k, *v);
+                }
+                req.send_form(form.unwrap_or_default().iter().copied())
+            }
+        };
+        let mut response = response.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        Http {
+            status: response.status().as_u16(),
+            headers: response
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
+                .collect(),
+            body: response.body_mut().read_to_string().unwrap_or_default(),
+        }
+    }
+
+    /// `GET path` from the admin server, without credentials.
+    pub fn get(&self, path: &str) -> Http {
+        self.http("GET", path, &[], None)
     }
 
     /// Runs an operator command against this gateway's settings; returns stdout.
@@ -236,6 +293,27 @@ fn command(dir: &tempfile::TempDir, env: &[(String, String)]) -> Command {
 /// The repository root, for files shipped with it.
 pub fn repo_file(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// An admin server's answer.
+#[derive(Debug)]
+pub struct Http {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Http {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
 }
 
 /// One TCP connection to the gateway.

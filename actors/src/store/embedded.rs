@@ -217,6 +217,14 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.with(|conn| {
+            conn.query_row("SELECT count(*) FROM users", [], |_| Ok(()))
+                .map_err(|e| StoreError::Transient(e.to_string()))
+        })
+        .await
+    }
+
     async fn devices(&self, owner: Option<&str>) -> Result<Vec<OwnedDevice>, StoreError> {
         let owner = owner.map(str::to_owned);
         self.with(move |conn| {

@@ -146,4 +146,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// All devices, or those of one user.
     async fn devices(&self, owner: Option<&str>) -> Result<Vec<OwnedDevice>, StoreError>;
+
+    /// One round trip that touches the database, for the readiness check.
+    async fn ping(&self) -> Result<(), StoreError>;
 }

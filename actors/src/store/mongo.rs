@@ -487,6 +487,11 @@ impl Store for MongoStore {
             .collect())
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        let pong = self.db.run_command(doc! { "ping": 1 }).await;
+        self.health.watch(pong).map(drop).map_err(unavailable)
+    }
+
     async fn devices(&self, owner: Option<&str>) -> Result<Vec<OwnedDevice>, StoreError> {
         let filter = owner.map_or_else(Document::new, |uuid| doc! { "uuid": uuid });
         let users = self

@@ -1,0 +1,252 @@
+//! The admin server (`admin.listen`) of the real binary: health and readiness, the
+//! Prometheus metrics, the status API, access with and without a token, and the logs
+//! an operator reads. The page in a real browser is `tests/status_page.rs`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Binary, TIMEOUT};
+
+const MAC: &str = "F0FE6B2A1C3D";
+const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+/// Polls `get` until `done` holds for its result, or fails with the last one.
+fn eventually<T: std::fmt::Debug>(mut get: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let value = get();
+        if done(&value) {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "gave up waiting: {value:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn health_and_readiness_answer_on_loopback_without_a_token() {
+    let gw = Binary::start(&[]);
+    let health = gw.get("/healthz");
+    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+    let ready = gw.get("/readyz");
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    assert_eq!(ready.json()["ready"], true);
+}
+
+#[test]
+fn metrics_follow_prometheus_conventions_and_count_what_happened() {
+    let gw = Binary::start(&[]);
+    let uuid = gw.add_user("alice");
+    let mut device = gw.device(&uuid, MAC, "plc-1");
+    let mut client = gw.tunnel(&uuid, MAC);
+    client.send(format!("data;{uuid};T;T;1;12345").as_bytes());
+    assert_eq!(device.bytes(5), b"12345");
+    let mut vandal = gw.connect();
+    vandal.send(b"garbage garbage\n");
+    let scrape = eventually(
+        || gw.get("/metrics").body,
+        |body| body.contains("elfin_garbage_bytes_total 16") && body.contains("op=\"record\""),
+    );
+    for series in [
+        "elfin_connections_open{transport=\"plain\",role=\"device\"} 1",
+        "elfin_connections_open{transport=\"plain\",role=\"client\"} 1",
+        "elfin_devices_online 1",
+        "elfin_tunnels_open 1",
+        "elfin_messages_total{type=\"beat\"}",
+        "elfin_messages_total{type=\"connme\"} 1",
+        "elfin_tunnel_bytes_total{direction=\"to_device\"} 5",
+        "elfin_store_round_trip_seconds_bucket{op=\"record\",le=\"0.001\"}",
+        "elfin_store_batches_total",
+        "# TYPE elfin_garbage_bytes_total counter",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+    ] {
+        assert!(scrape.contains(series), "no {series} in\n{scrape}");
+    }
+    assert_eq!(
+        gw.get("/metrics").header("content-type"),
+        Some("text/plain; version=0.0.4")
+    );
+}
+
+#[test]
+fn the_status_api_lists_devices_and_tunnels_and_never_a_whole_uuid() {
+    let gw = Binary::start(&[("ELFIN__QUERY__TIME_ZONE", "UTC")]);
+    let uuid = gw.add_user("alice");
+    // One device that came and went (stored, offline) and one that stays.
+    drop(gw.device(&uuid, "AABBCCDDEEFF", "meter-7"));
+    let mut device = gw.device(&uuid, MAC, "plc-1");
+    let mut client = gw.tunnel(&uuid, MAC);
+    client.send(&[format!("data;{uuid};T;T;1;").as_bytes(), &[0u8; 1000]].concat());
+    device.bytes(1000);
+    device.send(
+        &[
+            format!("data;{uuid};{MAC};plc-1;0;").as_bytes(),
+            &[1u8; 300],
+        ]
+        .concat(),
+    );
+    client.bytes(300);
+
+    let status = eventually(
+        || gw.get("/api/status"),
+        |s| {
+            let s = s.json();
+            s["totals"]["devices_offline"] == 1 && s["tunnels"][0]["bytes_b_to_a"] == 300
+        },
+    );
+    assert!(!status.body.contains(&uuid), "{}", status.body);
+    let s = status.json();
+    assert_eq!(s["totals"]["devices_online"], 1);
+    assert_eq!(s["totals"]["tunnels"], 1);
+    assert_eq!(s["totals"]["connections"], 2);
+    let user = &s["users"][0];
+    assert_eq!(user["name"], "alice");
+    assert_eq!(user["uuid"], format!("{}…", &uuid[..8]));
+    let rows = user["devices"].as_array().unwrap();
+    let row = |mac: &str| rows.iter().find(|d| d["mac"] == mac).unwrap().clone();
+    let (online, offline) = (row(MAC), row("AABBCCDDEEFF"));
+    assert_eq!(online["online"], true);
+    assert_eq!(online["host"], "plc-1");
+    let from = online["connected_from"].as_str().unwrap();
+    assert!(from.starts_with("127.0.0.1:"), "{from}");
+    assert_eq!(offline["online"], false);
+    assert_eq!(offline["connected_from"], serde_json::Value::Null);
+    // Last seen in the configured zone and format.
+    let today = chrono::Utc::now().format("%Y. %m. %d.").to_string();
+    assert!(
+        online["last_seen"].as_str().unwrap().starts_with(&today),
+        "{online}"
+    );
+
+    let tunnel = &s["tunnels"][0];
+    assert_eq!(tunnel["a"]["kind"], "client");
+    assert_eq!(tunnel["b"]["kind"], "device");
+    assert_eq!(tunnel["b"]["mac"], MAC);
+    assert_eq!(tunnel["bytes_a_to_b"], 1000);
+    assert_eq!(tunnel["bytes_b_to_a"], 300);
+
+    // Throughput history: samples every 2 s, the bytes show up as a rate.
+    let s = eventually(
+        || gw.get("/api/status").json(),
+        |s| s["history"].as_array().is_some_and(|h| h.len() >= 2),
+    );
+    let peak = s["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["bytes_per_sec"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert!(peak > 0.0, "{}", s["history"]);
+    assert_eq!(
+        gw.get("/api/status").header("cache-control"),
+        Some("no-store")
+    );
+}
+
+#[test]
+fn with_a_token_every_request_needs_it_and_the_login_form_sets_a_cookie() {
+    let gw = Binary::start(&[
+        ("ELFIN__ADMIN__TOKEN", TOKEN),
+        // With a token, any address may be served; the test still uses loopback.
+        ("ELFIN__ADMIN__LISTEN", "127.0.0.1:0"),
+    ]);
+    for path in ["/healthz", "/readyz", "/metrics", "/api/status"] {
+        let refused = gw.get(path);
+        assert_eq!(refused.status, 401, "{path}");
+        assert_eq!(refused.header("www-authenticate"), Some("Bearer"));
+        let wrong = gw.http("GET", path, &[("Authorization", "Bearer 0123")], None);
+        assert_eq!(wrong.status, 401, "{path}");
+        let bearer = format!("Bearer {TOKEN}");
+        let right = gw.http("GET", path, &[("Authorization", &bearer)], None);
+        assert_eq!(right.status, 200, "{path}: {}", right.body);
+    }
+    // A browser goes to the login form first.
+    let page = gw.get("/");
+    assert_eq!(page.status, 303);
+    assert_eq!(page.header("location"), Some("/login"));
+    assert_eq!(gw.get("/login").status, 200);
+
+    let started = Instant::now();
+    let wrong = gw.http("POST", "/login", &[], Some(&[("token", "guess")]));
+    assert_eq!(wrong.status, 401);
+    assert!(wrong.body.contains("not the admin token"));
+    assert!(wrong.header("set-cookie").is_none());
+    assert!(started.elapsed() >= Duration::from_millis(900));
+
+    let signed_in = gw.http("POST", "/login", &[], Some(&[("token", TOKEN)]));
+    assert_eq!(signed_in.status, 303);
+    assert_eq!(signed_in.header("location"), Some("/"));
+    let cookie = signed_in.header("set-cookie").unwrap().to_owned();
+    assert!(cookie.contains("HttpOnly"), "{cookie}");
+    assert!(cookie.contains("SameSite=Strict"), "{cookie}");
+    let pair = cookie.split(';').next().unwrap();
+    let page = gw.http("GET", "/", &[("Cookie", pair)], None);
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("Elfin Connect gateway"));
+    let api = gw.http("GET", "/api/status", &[("Cookie", pair)], None);
+    assert_eq!(api.status, 200);
+    let forged = gw.http("GET", "/api/status", &[("Cookie", "elfin_admin=x")], None);
+    assert_eq!(forged.status, 401);
+}
+
+#[test]
+fn the_page_and_its_assets_are_served_from_the_binary() {
+    let gw = Binary::start(&[]);
+    let page = gw.get("/");
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("<script src=\"/app.js\""));
+    let csp = page.header("content-security-policy").unwrap();
+    assert!(csp.contains("default-src 'self'"), "{csp}");
+    assert!(!page.body.contains("http://") && !page.body.contains("https://"));
+    let script = gw.get("/app.js");
+    assert_eq!(script.status, 200);
+    assert!(script.body.contains("/api/status"));
+    // Device-supplied text is set as text, never as markup.
+    assert!(!script.body.contains("innerHTML"));
+    assert_eq!(gw.get("/style.css").status, 200);
+    assert_eq!(gw.get("/nothing-here").status, 404);
+}
+
+#[test]
+fn the_log_tells_each_device_and_tunnel_coming_and_going_with_masked_uuids() {
+    let gw = Binary::start(&[]);
+    let uuid = gw.add_user("alice");
+    let device = gw.device(&uuid, MAC, "plc-1");
+    let client = gw.tunnel(&uuid, MAC);
+    client.close();
+    gw.wait_log("closed by client");
+    device.close();
+    gw.wait_log("went away");
+    let masked = format!("{}…", &uuid[..8]);
+    let log = gw.log.lock().unwrap().join("\n");
+    for line in [
+        format!("device {MAC} (plc-1) of user {masked} online from 127.0.0.1:"),
+        "tunnel 1 opened: client 127.0.0.1:".into(),
+        format!("device {MAC} (plc-1) of user {masked} went away"),
+    ] {
+        assert!(log.contains(&line), "no {line:?} in\n{log}");
+    }
+    assert!(!log.contains(&uuid), "the whole uuid is in the log:\n{log}");
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let gw = Binary::start(&[("ELFIN__LOG__FORMAT", "json")]);
+    let uuid = gw.add_user("alice");
+    let _device = gw.device(&uuid, MAC, "plc-1");
+    gw.wait_log("online from");
+    let lines = gw.log.lock().unwrap().clone();
+    assert!(lines.len() >= 3, "{lines:?}");
+    for line in &lines {
+        let entry: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        for key in ["ts", "level", "target", "msg"] {
+            assert!(entry[key].is_string(), "{key} missing: {line}");
+        }
+    }
+    assert!(lines
+        .iter()
+        .any(|l| l.contains("\"level\":\"INFO\"") && l.contains("online from")));
+}
