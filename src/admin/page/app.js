@@ -31,15 +31,20 @@ function end(e) {
   return who + " (" + e.address + (e.transport === "tls" ? ", TLS" : "") + ")";
 }
 
-// A line chart of `values` into an <svg>, scaled to its largest value.
-function chart(svg, values, label) {
+// A line chart of `key` over the last 15 minutes of `history` into an <svg>,
+// scaled to its largest value.
+const SPAN_SECS = 15 * 60;
+
+function chart(svg, history, key, label) {
   while (svg.firstChild) svg.removeChild(svg.firstChild);
   const ns = "http://www.w3.org/2000/svg";
+  const values = history.map(h => h[key]);
   const max = Math.max(1, ...values);
-  const n = Math.max(values.length - 1, 1);
+  const end = history.length ? history[history.length - 1].at : 0;
   const line = document.createElementNS(ns, "polyline");
-  line.setAttribute("points", values.map((v, i) =>
-    (i * 300 / n).toFixed(1) + "," + (78 - v * 70 / max).toFixed(1)).join(" "));
+  line.setAttribute("points", history.map(h =>
+    (300 - (end - h.at) * 300 / SPAN_SECS).toFixed(1) + "," +
+    (78 - h[key] * 70 / max).toFixed(1)).join(" "));
   svg.appendChild(line);
   const text = document.createElementNS(ns, "text");
   text.setAttribute("x", "2");
@@ -92,8 +97,8 @@ function render(s) {
   omitted.hidden = s.rows_omitted === 0;
   omitted.textContent = s.rows_omitted + " more devices not shown.";
 
-  chart($("chart-connections"), s.history.map(h => h.connections), v => v.toFixed(0));
-  chart($("chart-throughput"), s.history.map(h => h.bytes_per_sec), v => bytes(v) + "/s");
+  chart($("chart-connections"), s.history, "connections", v => v.toFixed(0));
+  chart($("chart-throughput"), s.history, "bytes_per_sec", v => bytes(v) + "/s");
   $("updated").textContent = "updated " + new Date().toLocaleTimeString();
 }
 
