@@ -9,7 +9,9 @@
 //!   how often a poll pays that, and how much;
 //!
 //! and the same through a relay that only does `tokio::io::copy_bidirectional`, and
-//! through the gateway with the client on TLS 1.3 (same port, same run).
+//! through the gateway with the client on TLS 1.3 (same port, same run); and the
+//! latency again while the admin status page is open and refreshing (eight viewers'
+//! worth of `/api/status` and `/metrics` requests).
 //! Everything runs on loopback; the numbers include this process's own work.
 
 use std::process::{Command, Stdio};
@@ -200,6 +202,40 @@ fn describe_polls(name: &str, mut samples: Vec<f64>) {
     );
 }
 
+/// Eight open status pages: `/api/status` and `/metrics` every 250 ms (a page asks
+/// every 2 s), on a thread of their own, until stopped.
+struct AdminViewers {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<usize>,
+}
+
+impl AdminViewers {
+    fn start(base: &str) -> AdminViewers {
+        use std::sync::atomic::Ordering;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, base) = (stop.clone(), base.to_owned());
+        let thread = std::thread::spawn(move || {
+            let mut requests = 0;
+            while !flag.load(Ordering::Relaxed) {
+                for path in ["/api/status", "/metrics"] {
+                    let mut reply = ureq::get(format!("{base}{path}")).call().unwrap();
+                    reply.body_mut().read_to_string().unwrap();
+                    requests += 1;
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            requests
+        });
+        AdminViewers { stop, thread }
+    }
+
+    /// Stops; returns how many requests were made.
+    fn stop(self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 /// A certificate for `localhost` written into `dir`, and a client that trusts it.
 fn tls_setup(dir: &std::path::Path) -> Arc<rustls::ClientConfig> {
     let key = rcgen::KeyPair::generate().unwrap();
@@ -229,6 +265,7 @@ async fn main() {
         ("ELFIN__LOG__LEVEL", "info"),
         ("ELFIN__TLS__CERT", "cert.pem"),
         ("ELFIN__TLS__KEY", "key.pem"),
+        ("ELFIN__ADMIN__LISTEN", "127.0.0.1:0"),
     ];
     let out = Command::new(binary)
         .current_dir(dir.path())
@@ -250,8 +287,12 @@ async fn main() {
         .spawn()
         .unwrap();
     let mut log = BufReader::new(gateway.stderr.take().unwrap()).lines();
+    let mut admin = String::new();
     let port: u16 = loop {
         let line = log.next_line().await.unwrap().expect("gateway exited");
+        if let Some(rest) = line.split("admin pages on ").nth(1) {
+            admin = rest.trim_end_matches('/').to_owned();
+        }
         if let Some(rest) = line.split(" listening on ").nth(1) {
             let addr = rest.split_whitespace().next().unwrap();
             break addr.rsplit(':').next().unwrap().parse().unwrap();
@@ -265,6 +306,9 @@ async fn main() {
     let raw_rtt = latency(raw_relay().await).await;
     let gw_rtt = latency(gateway_tunnel(port, &uuid, None).await).await;
     let tls_rtt = latency(gateway_tunnel(port, &uuid, Some(&tls)).await).await;
+    let viewers = AdminViewers::start(&admin);
+    let admin_rtt = latency(gateway_tunnel(port, &uuid, None).await).await;
+    let refreshes = viewers.stop();
     let raw_polls = polls(raw_relay().await).await;
     let gw_polls = polls(gateway_tunnel(port, &uuid, None).await).await;
 
@@ -280,9 +324,15 @@ async fn main() {
         ("raw tokio relay", raw_mbs, raw_rtt),
         ("elfin-gateway", gw_mbs, gw_rtt),
         ("elfin-gateway, TLS 1.3", tls_mbs, tls_rtt),
+        ("gateway, admin open", f64::NAN, admin_rtt),
     ] {
+        let mbs = if mbs.is_nan() {
+            "-".to_owned()
+        } else {
+            format!("{mbs:.0}")
+        };
         println!(
-            "{name:<22} {mbs:>10.0} {:>10.1} {:>10.1} {:>10.1}",
+            "{name:<22} {mbs:>10} {:>10.1} {:>10.1} {:>10.1}",
             rtt[0], rtt[1], rtt[2]
         );
     }
@@ -295,6 +345,11 @@ async fn main() {
         "TLS / plain: throughput {:.2}x, added p50 latency {:.1} us",
         tls_mbs / gw_mbs,
         tls_rtt[0] - gw_rtt[0]
+    );
+    println!(
+        "admin page open / closed: added p50 latency {:.1} us, p99 {:.1} us ({refreshes} status and metrics requests)",
+        admin_rtt[0] - gw_rtt[0],
+        admin_rtt[1] - gw_rtt[1],
     );
     println!("\n{POLLS} polls of 32 random bytes each way (held: round trip over 10 ms)");
     println!(

@@ -76,6 +76,11 @@ fn the_status_api_lists_devices_and_tunnels_and_never_a_whole_uuid() {
     let uuid = gw.add_user("alice");
     // One device that came and went (stored, offline) and one that stays.
     drop(gw.device(&uuid, "AABBCCDDEEFF", "meter-7"));
+    // Stored before the page first reads the store (it keeps that listing for 10 s).
+    eventually(
+        || gw.cli(&["device", "list"]),
+        |list| list.contains("AABBCCDDEEFF"),
+    );
     let mut device = gw.device(&uuid, MAC, "plc-1");
     let mut client = gw.tunnel(&uuid, MAC);
     client.send(&[format!("data;{uuid};T;T;1;").as_bytes(), &[0u8; 1000]].concat());

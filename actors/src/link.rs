@@ -146,29 +146,37 @@ pub struct End {
 }
 
 /// The bytes one end has forwarded into its tunnel: counted by its session, read by
-/// the bridge for the status page. `towards` names the receiving side for the
-/// `elfin_tunnel_bytes_total` metric.
-#[derive(Clone, Debug)]
+/// the bridge for the status page, and added to `elfin_tunnel_bytes_total` by the
+/// receiving side's role.
+#[derive(Clone)]
 pub struct Meter {
     bytes: Arc<AtomicU64>,
-    pub towards: &'static str,
+    /// `elfin_tunnel_bytes_total` of this direction, looked up once per tunnel.
+    total: metrics::Counter,
+}
+
+impl std::fmt::Debug for Meter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Meter({})", self.get())
+    }
 }
 
 impl Meter {
     /// A meter for bytes sent to an end with this role.
     pub fn towards(role: &Role) -> Meter {
+        let direction = match role {
+            Role::Client => "to_client",
+            Role::Device(_) => "to_device",
+        };
         Meter {
             bytes: Arc::default(),
-            towards: match role {
-                Role::Client => "to_client",
-                Role::Device(_) => "to_device",
-            },
+            total: metrics::counter!("elfin_tunnel_bytes_total", "direction" => direction),
         }
     }
 
     pub fn add(&self, n: u64) {
         self.bytes.fetch_add(n, Ordering::Relaxed);
-        metrics::counter!("elfin_tunnel_bytes_total", "direction" => self.towards).increment(n);
+        self.total.increment(n);
     }
 
     pub fn get(&self) -> u64 {

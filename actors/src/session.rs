@@ -44,7 +44,7 @@ use crate::command::{answer, Command};
 use crate::connection::{write_loop, Io, Lease, ReadChunks, UNTUNNELLED_READ};
 use crate::debouncer;
 use crate::device::{masked, Identity};
-use crate::frame::{Decoder, Frame, Header, Kind, Reply};
+use crate::frame::{Decoder, Frame, Header, Kind, Reply, Request};
 use crate::hub::Hub;
 use crate::limits::TokenBucket;
 use crate::link::{self, next_session_id, Meter, Outbox, PeerEvent, PeerLink, SessionId, TunnelId};
@@ -243,15 +243,8 @@ impl Session {
     }
 
     fn handle_frame(&mut self, frame: Frame, ctx: &mut Context<Self>) -> ControlFlow<()> {
-        let kind = match &frame {
-            Frame::Beat(_) => Some("beat"),
-            Frame::Data(h) if h.kind == Kind::Device => Some("device_data"),
-            Frame::Data(_) => Some("client_data"),
-            Frame::Request { request, .. } => Some(request.keyword()),
-            _ => None,
-        };
-        if let Some(kind) = kind {
-            metrics::counter!("elfin_messages_total", "type" => kind).increment(1);
+        if let Some(counter) = MESSAGES.of(&frame) {
+            counter.increment(1);
             self.identified = true;
             self.last_message = Instant::now();
         }
@@ -464,6 +457,46 @@ impl Session {
         tunnel >= self.latest
     }
 }
+
+/// `elfin_messages_total` by type, looked up once: a look-up per message would cost
+/// more than decoding a beat.
+struct MessageCounters {
+    beat: metrics::Counter,
+    device_data: metrics::Counter,
+    client_data: metrics::Counter,
+    connme: metrics::Counter,
+    connthem: metrics::Counter,
+    query: metrics::Counter,
+}
+
+impl MessageCounters {
+    /// The counter of a message; none for payload, garbage and rejected input.
+    fn of(&self, frame: &Frame) -> Option<&metrics::Counter> {
+        Some(match frame {
+            Frame::Beat(_) => &self.beat,
+            Frame::Data(h) if h.kind == Kind::Device => &self.device_data,
+            Frame::Data(_) => &self.client_data,
+            Frame::Request { request, .. } => match request {
+                Request::Connme => &self.connme,
+                Request::Connthem => &self.connthem,
+                Request::Query => &self.query,
+            },
+            _ => return None,
+        })
+    }
+}
+
+static MESSAGES: std::sync::LazyLock<MessageCounters> = std::sync::LazyLock::new(|| {
+    let of = |kind: &'static str| metrics::counter!("elfin_messages_total", "type" => kind);
+    MessageCounters {
+        beat: of("beat"),
+        device_data: of("device_data"),
+        client_data: of("client_data"),
+        connme: of(Request::Connme.keyword()),
+        connthem: of(Request::Connthem.keyword()),
+        query: of(Request::Query.keyword()),
+    }
+});
 
 impl Actor for Session {
     type Context = Context<Self>;

@@ -166,7 +166,7 @@ impl StatusBoard {
             self.hub.bridge.send(Tunnels)
         );
         let live = live.unwrap_or_default();
-        let (tunnel_report, open) = match tunnels {
+        let (tunnel_bytes, open) = match tunnels {
             Ok(report) => (report.total_bytes, report.open),
             Err(_) => (0, Vec::new()),
         };
@@ -188,7 +188,7 @@ impl StatusBoard {
                 devices_offline: offline,
                 connections: self.hub.admission.open(),
                 tunnels: open.len(),
-                tunnel_bytes: tunnel_report,
+                tunnel_bytes,
                 bytes_per_sec: history.last().map_or(0.0, |s| s.bytes_per_sec),
             },
             users,
