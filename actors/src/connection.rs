@@ -2,14 +2,14 @@
 //! chunks, its write half drained from the session's output queue by a writer task;
 //! and the [`Lease`] the server gives each connection.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::limits::Ticket;
-use crate::link::OutQueue;
+use crate::link::{OutQueue, Queued};
 use crate::tls::Transport;
 
 type Reader = Box<dyn AsyncRead + Send + Unpin>;
@@ -134,8 +134,16 @@ impl Stream for ReadChunks {
     }
 }
 
+/// Chunks written with one system call at most, and their largest total.
+const WRITE_BATCH: usize = 16;
+const WRITE_BATCH_BYTES: usize = 256 * 1024;
+
 /// Drains a session's output queue into its socket; once the session is gone, writes
 /// what is still queued (bounded by the queue and [`CLOSE_DRAIN`]) and closes.
+///
+/// Chunks queued together go out in one vectored write: a tunnel carrying 16 KiB
+/// frames hands over one chunk per frame, and a system call per chunk would cost more
+/// than the copy. A lone chunk (a reply, a small frame) is written at once, as it is.
 pub async fn write_loop(mut io: Writer, mut queue: OutQueue, mut closed: oneshot::Receiver<()>) {
     loop {
         let chunk = tokio::select! {
@@ -143,18 +151,66 @@ pub async fn write_loop(mut io: Writer, mut queue: OutQueue, mut closed: oneshot
             _ = &mut closed => break,
             chunk = queue.recv() => chunk,
         };
-        let Some((chunk, _budget)) = chunk else { break };
-        if io.write_all(&chunk).await.is_err() {
+        let Some(first) = chunk else { break };
+        if write_batch(&mut io, first, &mut queue).await.is_err() {
             queue.close();
             return;
         }
     }
     queue.close();
     let rest = async {
-        while let Some((chunk, _budget)) = queue.recv().await {
-            io.write_all(&chunk).await?;
+        while let Some(first) = queue.recv().await {
+            write_batch(&mut io, first, &mut queue).await?;
         }
         io.shutdown().await
     };
     let _ = tokio::time::timeout(CLOSE_DRAIN, rest).await;
+}
+
+/// Writes `first` and whatever else is queued right now (up to a batch); each chunk
+/// keeps its share of the queue's byte budget until it is written.
+async fn write_batch(io: &mut Writer, first: Queued, queue: &mut OutQueue) -> io::Result<()> {
+    let mut bytes = first.0.len();
+    let Some(second) = (bytes < WRITE_BATCH_BYTES)
+        .then(|| queue.try_recv())
+        .flatten()
+    else {
+        return io.write_all(&first.0).await;
+    };
+    bytes += second.0.len();
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    batch.extend([first, second]);
+    while batch.len() < WRITE_BATCH && bytes < WRITE_BATCH_BYTES {
+        let Some(next) = queue.try_recv() else { break };
+        bytes += next.0.len();
+        batch.push(next);
+    }
+    let mut done = 0;
+    loop {
+        while batch.get(done).is_some_and(|(c, _)| c.is_empty()) {
+            done += 1;
+        }
+        if done == batch.len() {
+            return Ok(());
+        }
+        let mut slices = [IoSlice::new(&[]); WRITE_BATCH];
+        let count = batch.len() - done;
+        for (slice, (chunk, _)) in slices.iter_mut().zip(&batch[done..]) {
+            *slice = IoSlice::new(chunk);
+        }
+        let mut n = io.write_vectored(&slices[..count]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        // Drop what is written, and advance into a chunk written in part.
+        while n > 0 {
+            let chunk = &mut batch[done].0;
+            let take = n.min(chunk.len());
+            chunk.advance(take);
+            n -= take;
+            if chunk.is_empty() {
+                done += 1;
+            }
+        }
+    }
 }

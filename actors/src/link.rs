@@ -109,6 +109,11 @@ impl OutQueue {
         self.chunks.recv().await
     }
 
+    /// The next chunk if one is queued now.
+    pub fn try_recv(&mut self) -> Option<Queued> {
+        self.chunks.try_recv().ok()
+    }
+
     /// Refuses further chunks (and wakes whoever waits for room); what is queued can
     /// still be received.
     pub fn close(&mut self) {

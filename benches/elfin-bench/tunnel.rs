@@ -1,0 +1,387 @@
+//! Scenarios 1 to 3: one tunnel's throughput and latency, and a thousand tunnels at
+//! once, each against a relay with the gateway's read size in the same run.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::gateway::Gateway;
+use crate::net::{self, percentile, Pattern};
+use crate::plot::Figures;
+use crate::report::{Row, Target};
+
+const FRAME: usize = 16 * 1024;
+const SMALL: usize = 32;
+
+/// A gateway tunnel: (client, device), with device 0 online.
+async fn gateway_tunnel(gw: &Gateway, i: usize) -> (TcpStream, TcpStream) {
+    let device = net::device(i, gw.addr, &gw.uuid).await;
+    net::wait_online(gw.addr, &gw.uuid, 1, Instant::now()).await;
+    let client = net::client(i, gw.addr, &gw.uuid).await;
+    (client, device)
+}
+
+/// Streams `total` bytes each way at once through (a, b) in 16 KiB frames with
+/// headers; every byte is checked. Returns MB/s both ways together and the
+/// throughput over time (seconds, MB/s).
+async fn both_ways(
+    (a, b): (TcpStream, TcpStream),
+    headers: (Vec<u8>, Vec<u8>),
+    relayed: bool,
+    total: u64,
+) -> (f64, Vec<(f64, f64)>) {
+    let pattern = Arc::new(Pattern::new());
+    let received = Arc::new(AtomicU64::new(0));
+    let (ar, aw) = a.into_split();
+    let (br, bw) = b.into_split();
+    let started = Instant::now();
+    // Writers stay open until both directions are read: the gateway ends a tunnel
+    // when its client closes, as a relay would not for a half-close.
+    let mut senders = Vec::new();
+    for (header, mut writer) in [(headers.0.clone(), aw), (headers.1.clone(), bw)] {
+        let pattern = pattern.clone();
+        senders.push(tokio::spawn(async move {
+            net::send_frames(&mut writer, total, FRAME, &header, &pattern).await;
+            writer
+        }));
+    }
+    let mut tasks = Vec::new();
+    // What a relay forwards still has the sender's headers in it.
+    let framing = |h: &Vec<u8>| relayed.then_some((h.len(), FRAME));
+    let (from_b, from_a) = (framing(&headers.1), framing(&headers.0));
+    for (mut reader, frame) in [(ar, from_b), (br, from_a)] {
+        let (pattern, received) = (pattern.clone(), received.clone());
+        tasks.push(tokio::spawn(async move {
+            let seen = AtomicU64::new(0);
+            net::receive_checked(&mut reader, total, frame, &pattern, |got| {
+                let before = seen.swap(got, Ordering::Relaxed);
+                received.fetch_add(got - before, Ordering::Relaxed);
+            })
+            .await;
+        }));
+    }
+    let sampler = {
+        let received = received.clone();
+        tokio::spawn(async move {
+            let mut timeline = Vec::new();
+            let mut last = (Instant::now(), 0);
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let now = (Instant::now(), received.load(Ordering::Relaxed));
+                let mbs =
+                    (now.1 - last.1) as f64 / now.0.duration_since(last.0).as_secs_f64() / 1e6;
+                timeline.push((now.0.duration_since(started).as_secs_f64(), mbs));
+                last = now;
+                if now.1 >= 2 * total {
+                    return timeline;
+                }
+            }
+        })
+    };
+    for task in tasks {
+        task.await.expect("a tunnel end failed");
+    }
+    let secs = started.elapsed().as_secs_f64();
+    for sender in senders {
+        drop(sender.await.expect("a tunnel end failed"));
+    }
+    let timeline = sampler.await.unwrap();
+    (2.0 * total as f64 / secs / 1e6, timeline)
+}
+
+pub async fn throughput(gw: &Gateway, full: bool, figures: &mut Figures) -> Vec<Row> {
+    let total: u64 = if full { 2 << 30 } else { 128 << 20 };
+    let headers = (
+        net::client_header(&gw.uuid),
+        net::device_header(&gw.uuid, 0),
+    );
+    let relay = net::relay(1).await;
+    let (base, base_timeline) = both_ways(
+        net::relay_pair(1, relay.addr).await,
+        headers.clone(),
+        true,
+        total,
+    )
+    .await;
+    let tunnel = gateway_tunnel(gw, 0).await;
+    let (gwv, gw_timeline) = both_ways(tunnel, headers, false, total).await;
+    figures.throughput = Some((gw_timeline, base_timeline));
+    vec![Row::new(
+        "tunnel-throughput",
+        format!("{} MiB each way, 16 KiB frames, all checked", total >> 20),
+        "MB/s",
+        gwv,
+        Some(base),
+        Target::RatioAtLeast(0.9),
+    )]
+}
+
+/// Round trips of `request`/`response` payloads (client -> device -> client), every
+/// byte checked; microseconds each, after `warm_up` untimed ones.
+pub async fn round_trips(
+    (mut client, mut device): (TcpStream, TcpStream),
+    headers: (&[u8], &[u8]),
+    relayed: bool,
+    count: usize,
+    warm_up: usize,
+    mut payloads: impl FnMut(usize) -> (Vec<u8>, Vec<u8>),
+) -> Vec<f64> {
+    let mut samples = Vec::with_capacity(count);
+    let mut buf = vec![0u8; 4096];
+    for i in 0..warm_up + count {
+        let (request, response) = payloads(i);
+        let frames = (
+            [headers.0, &request].concat(),
+            [headers.1, &response].concat(),
+        );
+        // What arrives: the payload, or through the relay the whole frame.
+        let arrives =
+            |frame: &[u8], payload: &[u8]| if relayed { frame.len() } else { payload.len() };
+        let started = Instant::now();
+        client.write_all(&frames.0).await.unwrap();
+        let n = arrives(&frames.0, &request);
+        device.read_exact(&mut buf[..n]).await.unwrap();
+        assert!(buf[..n].ends_with(&request), "request corrupted");
+        device.write_all(&frames.1).await.unwrap();
+        let n = arrives(&frames.1, &response);
+        client.read_exact(&mut buf[..n]).await.unwrap();
+        assert!(buf[..n].ends_with(&response), "response corrupted");
+        if i >= warm_up {
+            samples.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    samples.sort_by(f64::total_cmp);
+    samples
+}
+
+/// Fixed 32-byte payloads from the pattern (none ends in a header's first byte).
+fn fixed(i: usize) -> (Vec<u8>, Vec<u8>) {
+    thread_local!(static PATTERN: Pattern = Pattern::new());
+    PATTERN.with(|p| {
+        (
+            p.at((i * 2 * SMALL) as u64, SMALL).to_vec(),
+            p.at((i * 2 * SMALL + SMALL) as u64, SMALL).to_vec(),
+        )
+    })
+}
+
+/// p50 and p99 of 32-byte round trips through the gateway and the relay.
+async fn latency_pair(gw: &Gateway, count: usize) -> (Vec<f64>, Vec<f64>) {
+    let relay = net::relay(1).await;
+    let (ch, dh) = (
+        net::client_header(&gw.uuid),
+        net::device_header(&gw.uuid, 0),
+    );
+    let (a, b) = net::relay_pair(2, relay.addr).await;
+    let base = round_trips((a, b), (&ch, &dh), true, count, count / 10, fixed).await;
+    let tunnel = gateway_tunnel(gw, 0).await;
+    let gateway = round_trips(tunnel, (&ch, &dh), false, count, count / 10, fixed).await;
+    (gateway, base)
+}
+
+fn latency_rows(label: &str, gateway: &[f64], base: &[f64]) -> Vec<Row> {
+    vec![
+        Row::new(
+            "tunnel-latency",
+            format!("p50, {label}"),
+            "us",
+            percentile(gateway, 0.5),
+            Some(percentile(base, 0.5)),
+            Target::AtMostBaselinePlus(10.0),
+        ),
+        Row::new(
+            "tunnel-latency",
+            format!("p99, {label}"),
+            "us",
+            percentile(gateway, 0.99),
+            Some(percentile(base, 0.99)),
+            Target::RatioAtMost(1.5),
+        ),
+    ]
+}
+
+pub async fn latency(gw: &Gateway, full: bool, figures: &mut Figures) -> Vec<Row> {
+    let count = if full { 50_000 } else { 5_000 };
+    let (gateway, base) = latency_pair(gw, count).await;
+    let mut rows = latency_rows("32 B each way", &gateway, &base);
+    figures.latency = Some((gateway, base));
+
+    // Random payloads: a response or request ending in b, c, d or q waits for the
+    // header hold (it could start the next header).
+    let polls = if full { 5_000 } else { 1_000 };
+    let (ch, dh) = (
+        net::client_header(&gw.uuid),
+        net::device_header(&gw.uuid, 0),
+    );
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut random = move |_| {
+        let mut bytes = || {
+            (0..SMALL)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect::<Vec<u8>>()
+        };
+        (bytes(), bytes())
+    };
+    let samples = round_trips(
+        gateway_tunnel(gw, 0).await,
+        (&ch, &dh),
+        false,
+        polls,
+        0,
+        &mut random,
+    )
+    .await;
+    let held = samples.iter().filter(|&&us| us > 10_000.0).count();
+    rows.push(Row::new(
+        "tunnel-latency",
+        "random 32 B: round trips held back",
+        "%",
+        100.0 * held as f64 / samples.len() as f64,
+        None,
+        Target::None,
+    ));
+    rows
+}
+
+/// A request/response loop on each (client, device) pair at once for `run`, the
+/// device of pair k sending as device `first + k`: (round trips a second, p99 us).
+async fn many_loops(
+    pairs: Vec<(TcpStream, TcpStream)>,
+    uuid: &str,
+    first: usize,
+    relayed: bool,
+    run: Duration,
+) -> (f64, f64) {
+    let until = Instant::now() + run;
+    let mut tasks = Vec::new();
+    for (i, (mut client, mut device)) in pairs.into_iter().enumerate() {
+        let headers = (
+            net::client_header(uuid),
+            net::device_header(uuid, first + i),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut buf = vec![0u8; 256];
+            let mut n = i;
+            while Instant::now() < until {
+                let (request, response) = fixed(n);
+                n += 1;
+                let frames = (
+                    [&headers.0[..], &request].concat(),
+                    [&headers.1[..], &response].concat(),
+                );
+                let started = Instant::now();
+                client.write_all(&frames.0).await.unwrap();
+                let len = if relayed { frames.0.len() } else { SMALL };
+                device.read_exact(&mut buf[..len]).await.unwrap();
+                assert!(buf[..len].ends_with(&request));
+                device.write_all(&frames.1).await.unwrap();
+                let len = if relayed { frames.1.len() } else { SMALL };
+                client.read_exact(&mut buf[..len]).await.unwrap();
+                assert!(buf[..len].ends_with(&response));
+                samples.push(started.elapsed().as_secs_f64() * 1e6);
+            }
+            samples
+        }));
+    }
+    let started = Instant::now();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    let secs = started.elapsed().as_secs_f64();
+    all.sort_by(f64::total_cmp);
+    (all.len() as f64 / secs, percentile(&all, 0.99))
+}
+
+/// The gateway's `tunnels` tunnels (devices 1..=tunnels, each with a client).
+async fn gateway_tunnels(gw: &Gateway, tunnels: usize) -> Vec<(TcpStream, TcpStream)> {
+    let mut devices = Vec::new();
+    for i in 1..=tunnels {
+        devices.push(net::device(i, gw.addr, &gw.uuid).await);
+    }
+    net::wait_online(gw.addr, &gw.uuid, tunnels, Instant::now()).await;
+    let mut pairs = Vec::new();
+    for (i, device) in (1..=tunnels).zip(devices) {
+        pairs.push((net::client(i, gw.addr, &gw.uuid).await, device));
+    }
+    pairs
+}
+
+/// With `target`, on that gateway as it is; otherwise on gateways of our own with 1
+/// worker and with one per core.
+pub async fn many_tunnels(target: Option<&Gateway>, full: bool) -> Vec<Row> {
+    let tunnels = 1000;
+    let run = Duration::from_secs(if full { 10 } else { 2 });
+    let mut rows = Vec::new();
+    let mut per_workers = Vec::new();
+    for workers in [1usize, 0] {
+        // Our own gateway with that many workers, or the one given (as it is).
+        let started;
+        let gw = match target {
+            Some(gw) => gw,
+            None => {
+                started = Gateway::start(&[("ELFIN__SERVER__WORKERS", &workers.to_string())]);
+                &started
+            }
+        };
+        let threads = if workers == 0 { 2 } else { workers };
+        let relay = net::relay(threads).await;
+        let mut pairs = Vec::new();
+        for i in 0..tunnels {
+            pairs.push(net::relay_pair(10_000 + i, relay.addr).await);
+        }
+        let (base_rate, base_p99) = many_loops(pairs, &gw.uuid, 1, true, run).await;
+        let pairs = gateway_tunnels(gw, tunnels).await;
+        let (rate, p99) = many_loops(pairs, &gw.uuid, 1, false, run).await;
+        let label = if workers == 0 {
+            "workers = 0 (2 cores)".to_owned()
+        } else {
+            format!("workers = {workers}")
+        };
+        rows.push(Row::new(
+            "many-tunnels",
+            format!("{tunnels} tunnels, {label}"),
+            "rt/s",
+            rate,
+            Some(base_rate),
+            Target::None,
+        ));
+        rows.push(Row::new(
+            "many-tunnels",
+            format!("p99, {label}"),
+            "us",
+            p99,
+            Some(base_p99),
+            Target::None,
+        ));
+        per_workers.push(rate);
+        if workers == 0 {
+            let count = if full { 20_000 } else { 3_000 };
+            let (gateway, base) = latency_pair(gw, count).await;
+            rows.extend(latency_rows("one tunnel, workers = 0", &gateway, &base));
+        }
+        if target.is_some() {
+            break;
+        }
+    }
+    if let [one, two] = per_workers[..] {
+        rows.push(Row::new(
+            "many-tunnels",
+            "aggregate, 2 workers / 1 worker",
+            "x",
+            two / one,
+            None,
+            Target::AtLeast(1.6),
+        ));
+    }
+    rows
+}
