@@ -380,6 +380,6 @@ async fn a_tunnel_announced_after_its_removal_is_not_reinstalled() {
     });
     device.send(format!("data;{uuid};{MAC};plc-1;0;live")).await;
     let got = tokio::time::timeout(Duration::from_secs(1), received.recv()).await;
-    assert_eq!(got.unwrap().unwrap().0, &b"live"[..]);
+    assert_eq!(got.unwrap().unwrap(), &b"live"[..]);
     device.expect_silence(Duration::from_millis(10)).await;
 }

@@ -9,15 +9,15 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures::Stream;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::limits::Ticket;
-use crate::link::{OutQueue, Queued};
+use crate::link::OutQueue;
 use crate::tls::Transport;
 
 type Reader = Box<dyn AsyncRead + Send + Unpin>;
@@ -71,8 +71,9 @@ const CLOSE_DRAIN: Duration = Duration::from_secs(5);
 /// costs nothing. Reads start small and double while they fill the buffer, up to the
 /// current limit (the session raises it to the configured read size while it carries
 /// a tunnel; beats and requests need no more than [`UNTUNNELLED_READ`]); a short read
-/// (the peer paused) drops back to the smallest size and lets a large block go. So an
-/// idle device holds about a kilobyte, and a busy tunnel reads 64 KiB at a time.
+/// (the peer paused) drops back to the smallest size and lets a large block go. Reads
+/// of the smallest size go through the stack and are copied out, so an idle device
+/// holds no read buffer at all, and a busy tunnel reads 64 KiB at a time.
 pub struct ReadChunks {
     io: Reader,
     buf: BytesMut,
@@ -98,6 +99,27 @@ impl ReadChunks {
     }
 }
 
+impl ReadChunks {
+    /// A small read through the stack, so a quiet connection holds no read buffer
+    /// while it waits (a block per idle device would be most of its memory).
+    fn poll_small(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<BytesMut>>> {
+        let mut stack = [0u8; MIN_READ];
+        let mut read = ReadBuf::new(&mut stack[..self.size]);
+        if let Err(e) = ready!(Pin::new(&mut self.io).poll_read(cx, &mut read)) {
+            return Poll::Ready(Some(Err(e)));
+        }
+        let filled = read.filled();
+        if filled.is_empty() {
+            return Poll::Ready(None);
+        }
+        if filled.len() == self.size {
+            // More is coming: the next reads go to a growing block on the heap.
+            self.size = (self.size * 2).min(self.limit.load(Ordering::Relaxed).max(1));
+        }
+        Poll::Ready(Some(Ok(BytesMut::from(filled))))
+    }
+}
+
 impl Stream for ReadChunks {
     type Item = io::Result<BytesMut>;
 
@@ -105,6 +127,9 @@ impl Stream for ReadChunks {
         let this = &mut *self;
         let max = this.limit.load(Ordering::Relaxed).max(1);
         this.size = this.size.min(max);
+        if this.size <= MIN_READ && this.buf.capacity() == 0 {
+            return this.poll_small(cx);
+        }
         let spare = this.buf.capacity();
         if spare < this.size / 4 || spare > this.size * 4 {
             // A fresh block, rather than growing the old one in place, so a buffer
@@ -167,27 +192,38 @@ pub async fn write_loop(mut io: Writer, mut queue: OutQueue, mut closed: oneshot
     let _ = tokio::time::timeout(CLOSE_DRAIN, rest).await;
 }
 
-/// Writes `first` and whatever else is queued right now (up to a batch); each chunk
-/// keeps its share of the queue's byte budget until it is written.
-async fn write_batch(io: &mut Writer, first: Queued, queue: &mut OutQueue) -> io::Result<()> {
-    let mut bytes = first.0.len();
+/// Writes `first` and whatever else is queued right now (up to a batch), then gives
+/// their bytes back to the queue's budget.
+async fn write_batch(io: &mut Writer, first: Bytes, queue: &mut OutQueue) -> io::Result<()> {
+    let mut cost = queue.cost(&first);
+    let mut bytes = first.len();
     let Some(second) = (bytes < WRITE_BATCH_BYTES)
         .then(|| queue.try_recv())
         .flatten()
     else {
-        return io.write_all(&first.0).await;
+        io.write_all(&first).await?;
+        queue.written(cost);
+        return Ok(());
     };
-    bytes += second.0.len();
+    bytes += second.len();
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     batch.extend([first, second]);
     while batch.len() < WRITE_BATCH && bytes < WRITE_BATCH_BYTES {
         let Some(next) = queue.try_recv() else { break };
-        bytes += next.0.len();
+        bytes += next.len();
         batch.push(next);
     }
+    cost += batch[1..].iter().map(|c| queue.cost(c)).sum::<usize>();
+    write_all_vectored(io, &mut batch).await?;
+    queue.written(cost);
+    Ok(())
+}
+
+/// Writes every chunk of `batch`, as few system calls as the socket takes.
+async fn write_all_vectored(io: &mut Writer, batch: &mut [Bytes]) -> io::Result<()> {
     let mut done = 0;
     loop {
-        while batch.get(done).is_some_and(|(c, _)| c.is_empty()) {
+        while batch.get(done).is_some_and(Bytes::is_empty) {
             done += 1;
         }
         if done == batch.len() {
@@ -195,7 +231,7 @@ async fn write_batch(io: &mut Writer, first: Queued, queue: &mut OutQueue) -> io
         }
         let mut slices = [IoSlice::new(&[]); WRITE_BATCH];
         let count = batch.len() - done;
-        for (slice, (chunk, _)) in slices.iter_mut().zip(&batch[done..]) {
+        for (slice, chunk) in slices.iter_mut().zip(&batch[done..]) {
             *slice = IoSlice::new(chunk);
         }
         let mut n = io.write_vectored(&slices[..count]).await?;
@@ -204,7 +240,7 @@ async fn write_batch(io: &mut Writer, first: Queued, queue: &mut OutQueue) -> io
         }
         // Drop what is written, and advance into a chunk written in part.
         while n > 0 {
-            let chunk = &mut batch[done].0;
+            let chunk = &mut batch[done];
             let take = n.min(chunk.len());
             chunk.advance(take);
             n -= take;

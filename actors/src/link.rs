@@ -13,7 +13,7 @@ use actix::prelude::*;
 use bytes::Bytes;
 use bytestring::ByteString;
 use tokio::sync::mpsc::error::{SendError, TrySendError};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 
 use crate::tls::Transport;
 
@@ -33,21 +33,23 @@ pub fn next_session_id() -> SessionId {
 /// A connection's output queue: replies and tunnel payloads, written to its socket in
 /// order by the session's writer task. Bounded in chunks and in bytes; a full queue
 /// pauses whoever fills it.
+///
+/// A chunk's bytes are taken from the byte budget when it is queued and given back
+/// by the writer once it is written ([`OutQueue::written`]); the queue holds the bare
+/// chunks, so its block of slots (allocated for every connection) stays small.
 #[derive(Clone, Debug)]
 pub struct Outbox {
-    chunks: mpsc::Sender<Queued>,
+    chunks: mpsc::Sender<Bytes>,
     bytes: Arc<Semaphore>,
     max_bytes: usize,
 }
 
-/// A chunk in an output queue, holding its share of the byte budget until written.
-pub type Queued = (Bytes, OwnedSemaphorePermit);
-
 /// The writer's end of an [`Outbox`].
 #[derive(Debug)]
 pub struct OutQueue {
-    chunks: mpsc::Receiver<Queued>,
+    chunks: mpsc::Receiver<Bytes>,
     bytes: Arc<Semaphore>,
+    max_bytes: usize,
 }
 
 /// An output queue of at most `chunks` chunks and `bytes` bytes (a larger chunk takes
@@ -65,53 +67,64 @@ pub fn outbox(chunks: usize, bytes: usize) -> (Outbox, OutQueue) {
         OutQueue {
             chunks: rx,
             bytes: budget,
+            max_bytes,
         },
     )
 }
 
+/// What a chunk takes of a byte budget of `max` bytes.
+fn cost(chunk: &Bytes, max: usize) -> usize {
+    chunk.len().min(max)
+}
+
 impl Outbox {
     fn cost(&self, chunk: &Bytes) -> u32 {
-        u32::try_from(chunk.len().min(self.max_bytes)).unwrap_or(u32::MAX)
+        u32::try_from(cost(chunk, self.max_bytes)).unwrap_or(u32::MAX)
     }
 
     /// Queues `chunk` if there is room for it now.
     pub fn try_send(&self, chunk: Bytes) -> Result<(), TrySendError<Bytes>> {
-        let permit = match self.bytes.clone().try_acquire_many_owned(self.cost(&chunk)) {
+        let permit = match self.bytes.try_acquire_many(self.cost(&chunk)) {
             Ok(permit) => permit,
             Err(tokio::sync::TryAcquireError::NoPermits) => return Err(TrySendError::Full(chunk)),
             Err(tokio::sync::TryAcquireError::Closed) => return Err(TrySendError::Closed(chunk)),
         };
-        self.chunks.try_send((chunk, permit)).map_err(|e| match e {
-            TrySendError::Full((chunk, _)) => TrySendError::Full(chunk),
-            TrySendError::Closed((chunk, _)) => TrySendError::Closed(chunk),
-        })
+        self.chunks.try_send(chunk)?;
+        // The writer gives the bytes back once the chunk is written.
+        permit.forget();
+        Ok(())
     }
 
     /// Queues `chunk`, waiting for room.
     pub async fn send(&self, chunk: Bytes) -> Result<(), SendError<Bytes>> {
-        let Ok(permit) = self
-            .bytes
-            .clone()
-            .acquire_many_owned(self.cost(&chunk))
-            .await
-        else {
+        let Ok(permit) = self.bytes.acquire_many(self.cost(&chunk)).await else {
             return Err(SendError(chunk));
         };
-        self.chunks
-            .send((chunk, permit))
-            .await
-            .map_err(|SendError((chunk, _))| SendError(chunk))
+        self.chunks.send(chunk).await?;
+        permit.forget();
+        Ok(())
     }
 }
 
 impl OutQueue {
-    pub async fn recv(&mut self) -> Option<Queued> {
+    pub async fn recv(&mut self) -> Option<Bytes> {
         self.chunks.recv().await
     }
 
     /// The next chunk if one is queued now.
-    pub fn try_recv(&mut self) -> Option<Queued> {
+    pub fn try_recv(&mut self) -> Option<Bytes> {
         self.chunks.try_recv().ok()
+    }
+
+    /// What `chunk` took of the byte budget (ask before writing any of it).
+    pub fn cost(&self, chunk: &Bytes) -> usize {
+        cost(chunk, self.max_bytes)
+    }
+
+    /// Gives back the budget of chunks written: `cost` bytes, as [`OutQueue::cost`]
+    /// told of them.
+    pub fn written(&self, cost: usize) {
+        self.bytes.add_permits(cost);
     }
 
     /// Refuses further chunks (and wakes whoever waits for room); what is queued can
