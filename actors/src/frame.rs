@@ -40,6 +40,17 @@ pub const MAX_HEADER: usize = 4 * (MAX_FIELD + 1) + "connthem;".len();
 
 const KEYWORDS: [&[u8]; 5] = [b"beat;", b"data;", b"connme;", b"connthem;", b"query;"];
 
+/// Which bytes start a keyword: only a tail starting with one can start a message.
+const STARTS_KEYWORD: [bool; 256] = {
+    let mut starts = [false; 256];
+    let mut k = 0;
+    while k < KEYWORDS.len() {
+        starts[KEYWORDS[k][0] as usize] = true;
+        k += 1;
+    }
+    starts
+};
+
 /// The fifth header field: who is talking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -434,8 +445,11 @@ fn find_boundary(finder: &memmem::Finder<'_>, buf: &[u8]) -> Option<usize> {
 /// more input shows whether it is payload.
 fn held_suffix(buf: &[u8], uuid: &[u8]) -> usize {
     let longest = "connthem;".len() + uuid.len() + 1;
-    (1..=buf.len().min(longest))
-        .rev()
+    // Longest first; a random tail has one candidate start in about 64 bytes, so the
+    // check per payload costs a scan of its last few dozen bytes.
+    (buf.len().saturating_sub(longest)..buf.len())
+        .filter(|&at| STARTS_KEYWORD[usize::from(buf[at])])
+        .map(|at| buf.len() - at)
         .find(|&n| {
             let tail = &buf[buf.len() - n..];
             KEYWORDS.iter().any(|k| {

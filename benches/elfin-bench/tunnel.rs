@@ -120,7 +120,8 @@ pub async fn throughput(gw: &Gateway, full: bool, figures: &mut Figures) -> Vec<
 }
 
 /// Round trips of `request`/`response` payloads (client -> device -> client), every
-/// byte checked; microseconds each, after `warm_up` untimed ones.
+/// byte checked; microseconds each (in order), after `warm_up` untimed ones. Hands
+/// the connections back.
 pub async fn round_trips(
     (mut client, mut device): (TcpStream, TcpStream),
     headers: (&[u8], &[u8]),
@@ -128,7 +129,7 @@ pub async fn round_trips(
     count: usize,
     warm_up: usize,
     mut payloads: impl FnMut(usize) -> (Vec<u8>, Vec<u8>),
-) -> Vec<f64> {
+) -> (Vec<f64>, (TcpStream, TcpStream)) {
     let mut samples = Vec::with_capacity(count);
     let mut buf = vec![0u8; 4096];
     for i in 0..warm_up + count {
@@ -153,8 +154,7 @@ pub async fn round_trips(
             samples.push(started.elapsed().as_secs_f64() * 1e6);
         }
     }
-    samples.sort_by(f64::total_cmp);
-    samples
+    (samples, (client, device))
 }
 
 /// Fixed 32-byte payloads from the pattern (none ends in a header's first byte).
@@ -168,17 +168,35 @@ fn fixed(i: usize) -> (Vec<u8>, Vec<u8>) {
     })
 }
 
-/// p50 and p99 of 32-byte round trips through the gateway and the relay.
+/// Sorted round-trip times of 32-byte payloads through the gateway and through the
+/// relay, taken in alternating blocks so that drift on a shared machine (another
+/// process waking up, frequency changes) falls on both alike.
 async fn latency_pair(gw: &Gateway, count: usize) -> (Vec<f64>, Vec<f64>) {
+    const BLOCKS: usize = 10;
     let relay = net::relay(1).await;
     let (ch, dh) = (
         net::client_header(&gw.uuid),
         net::device_header(&gw.uuid, 0),
     );
-    let (a, b) = net::relay_pair(2, relay.addr).await;
-    let base = round_trips((a, b), (&ch, &dh), true, count, count / 10, fixed).await;
-    let tunnel = gateway_tunnel(gw, 0).await;
-    let gateway = round_trips(tunnel, (&ch, &dh), false, count, count / 10, fixed).await;
+    let mut relayed = net::relay_pair(2, relay.addr).await;
+    let mut tunnel = gateway_tunnel(gw, 0).await;
+    let (mut gateway, mut base) = (Vec::new(), Vec::new());
+    let per_block = count / BLOCKS;
+    for block in 0..BLOCKS {
+        let first = block * per_block;
+        let warm_up = if block == 0 { count / 10 } else { 0 };
+        let payloads = |i: usize| fixed(first + i);
+        let (samples, pair) =
+            round_trips(relayed, (&ch, &dh), true, per_block, warm_up, payloads).await;
+        base.extend(samples);
+        relayed = pair;
+        let (samples, pair) =
+            round_trips(tunnel, (&ch, &dh), false, per_block, warm_up, payloads).await;
+        gateway.extend(samples);
+        tunnel = pair;
+    }
+    gateway.sort_by(f64::total_cmp);
+    base.sort_by(f64::total_cmp);
     (gateway, base)
 }
 
@@ -230,7 +248,7 @@ pub async fn latency(gw: &Gateway, full: bool, figures: &mut Figures) -> Vec<Row
         };
         (bytes(), bytes())
     };
-    let samples = round_trips(
+    let (samples, _) = round_trips(
         gateway_tunnel(gw, 0).await,
         (&ch, &dh),
         false,
