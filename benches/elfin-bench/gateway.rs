@@ -9,6 +9,10 @@ use std::time::Duration;
 
 pub struct Gateway {
     pub addr: SocketAddr,
+    /// The admin server, when the bench started the gateway.
+    pub admin: Option<SocketAddr>,
+    /// A client configuration that trusts the gateway's certificate, when it has one.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// A user whose devices the scenarios simulate.
     pub uuid: String,
     pid: Option<u32>,
@@ -18,14 +22,22 @@ pub struct Gateway {
 
 impl Gateway {
     /// Starts the binary on loopback with a fresh embedded database and `env` on top
-    /// of the defaults, and adds a user.
-    pub fn start(env: &[(&str, &str)]) -> Gateway {
+    /// of the defaults, and adds a user. With `tls`, it has a certificate for
+    /// `localhost` (clients choose TLS or plain on the same port).
+    pub fn start_with(env: &[(&str, &str)], tls: bool) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let mut all = vec![
             ("ELFIN__SERVER__LISTEN", "127.0.0.1:0"),
             ("ELFIN__ADMIN__LISTEN", "127.0.0.1:0"),
             ("ELFIN__LOG__LEVEL", "warn"),
         ];
+        let client_tls = tls.then(|| {
+            all.extend([
+                ("ELFIN__TLS__CERT", "cert.pem"),
+                ("ELFIN__TLS__KEY", "key.pem"),
+            ]);
+            certificate(dir.path())
+        });
         all.extend_from_slice(env);
         let binary = env!("CARGO_BIN_EXE_elfin-gateway");
         let out = Command::new(binary)
@@ -49,11 +61,15 @@ impl Gateway {
             .spawn()
             .expect("start elfin-gateway");
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut admin = None;
         let addr = loop {
             let line = lines
                 .next()
                 .and_then(Result::ok)
                 .expect("the gateway exited at start");
+            if let Some(rest) = line.split("admin pages on http://").nth(1) {
+                admin = rest.split('/').next().and_then(|a| a.parse().ok());
+            }
             if let Some(rest) = line.split(" listening on ").nth(1) {
                 break rest.split_whitespace().next().unwrap().parse().unwrap();
             }
@@ -65,6 +81,8 @@ impl Gateway {
         });
         Gateway {
             addr,
+            admin,
+            tls: client_tls,
             uuid,
             pid: Some(child.id()),
             child: Some(child),
@@ -76,11 +94,18 @@ impl Gateway {
     pub fn target(addr: SocketAddr, uuid: String, pid: Option<u32>) -> Gateway {
         Gateway {
             addr,
+            admin: None,
+            tls: None,
             uuid,
             pid,
             child: None,
             _dir: None,
         }
+    }
+
+    /// [`Gateway::start_with`] without TLS.
+    pub fn start(env: &[(&str, &str)]) -> Gateway {
+        Gateway::start_with(env, false)
     }
 
     /// The gateway's resident memory, when its process is known.
@@ -98,4 +123,24 @@ impl Drop for Gateway {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+/// A self-signed certificate for `localhost` written into `dir`, and a TLS 1.3 client
+/// that trusts it.
+fn certificate(dir: &std::path::Path) -> std::sync::Arc<rustls::ClientConfig> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
 }

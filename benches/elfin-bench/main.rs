@@ -125,7 +125,7 @@ fn main() {
                 let gw = match &target {
                     Some(gw) => gw,
                     None => {
-                        own = Gateway::start(&[]);
+                        own = Gateway::start_with(&[], true);
                         &own
                     }
                 };

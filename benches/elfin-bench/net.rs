@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Connections per loopback source address, so that ports never run out and no
@@ -30,6 +30,11 @@ pub async fn connect(i: usize, to: SocketAddr) -> TcpStream {
     stream
 }
 
+/// A connection of either kind: plain TCP or TLS.
+pub trait Duplex: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Duplex for T {}
+pub type Stream = Box<dyn Duplex>;
+
 pub fn mac(i: usize) -> String {
     format!("BE{i:010X}")
 }
@@ -52,9 +57,23 @@ pub async fn device(i: usize, to: SocketAddr, uuid: &str) -> TcpStream {
     stream
 }
 
-/// A client tunnelled to device `i` (`connme`, success checked).
-pub async fn client(i: usize, to: SocketAddr, uuid: &str) -> TcpStream {
-    let mut stream = connect(i, to).await;
+/// A client tunnelled to device `i` (`connme`, success checked), over TLS with
+/// `tls`.
+pub async fn client(
+    i: usize,
+    to: SocketAddr,
+    uuid: &str,
+    tls: Option<&std::sync::Arc<rustls::ClientConfig>>,
+) -> Stream {
+    let tcp = connect(i, to).await;
+    let mut stream: Stream = match tls {
+        None => Box::new(tcp),
+        Some(config) => {
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let connector = tokio_rustls::TlsConnector::from(config.clone());
+            Box::new(connector.connect(name, tcp).await.expect("TLS handshake"))
+        }
+    };
     stream
         .write_all(format!("connme;{uuid};{}", mac(i)).as_bytes())
         .await

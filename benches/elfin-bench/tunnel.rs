@@ -6,37 +6,44 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::gateway::Gateway;
-use crate::net::{self, percentile, Pattern};
+use crate::net::{self, percentile, Pattern, Stream};
 use crate::plot::Figures;
 use crate::report::{Row, Target};
 
 const FRAME: usize = 16 * 1024;
 const SMALL: usize = 32;
 
-/// A gateway tunnel: (client, device), with device 0 online.
-async fn gateway_tunnel(gw: &Gateway, i: usize) -> (TcpStream, TcpStream) {
+/// A gateway tunnel: (client, device), with device `i` online; the client on TLS
+/// when `tls` (the gateway must have a certificate).
+async fn gateway_tunnel(gw: &Gateway, i: usize, tls: bool) -> (Stream, Stream) {
     let device = net::device(i, gw.addr, &gw.uuid).await;
     net::wait_online(gw.addr, &gw.uuid, 1, Instant::now()).await;
-    let client = net::client(i, gw.addr, &gw.uuid).await;
-    (client, device)
+    let config = tls.then(|| gw.tls.as_ref().expect("a gateway with TLS"));
+    let client = net::client(i, gw.addr, &gw.uuid, config).await;
+    (client, Box::new(device))
+}
+
+/// Both ends of relay pair `i`, as the scenarios take them.
+async fn relay_pair(i: usize, relay: &net::Relay) -> (Stream, Stream) {
+    let (a, b) = net::relay_pair(i, relay.addr).await;
+    (Box::new(a), Box::new(b))
 }
 
 /// Streams `total` bytes each way at once through (a, b) in 16 KiB frames with
 /// headers; every byte is checked. Returns MB/s both ways together and the
 /// throughput over time (seconds, MB/s).
 async fn both_ways(
-    (a, b): (TcpStream, TcpStream),
+    (a, b): (Stream, Stream),
     headers: (Vec<u8>, Vec<u8>),
     relayed: bool,
     total: u64,
 ) -> (f64, Vec<(f64, f64)>) {
     let pattern = Arc::new(Pattern::new());
     let received = Arc::new(AtomicU64::new(0));
-    let (ar, aw) = a.into_split();
-    let (br, bw) = b.into_split();
+    let (ar, aw) = tokio::io::split(a);
+    let (br, bw) = tokio::io::split(b);
     let started = Instant::now();
     // Writers stay open until both directions are read: the gateway ends a tunnel
     // when its client closes, as a relay would not for a half-close.
@@ -99,37 +106,45 @@ pub async fn throughput(gw: &Gateway, full: bool, figures: &mut Figures) -> Vec<
         net::device_header(&gw.uuid, 0),
     );
     let relay = net::relay(1).await;
-    let (base, base_timeline) = both_ways(
-        net::relay_pair(1, relay.addr).await,
-        headers.clone(),
-        true,
-        total,
-    )
-    .await;
-    let tunnel = gateway_tunnel(gw, 0).await;
-    let (gwv, gw_timeline) = both_ways(tunnel, headers, false, total).await;
+    let relayed = relay_pair(1, &relay).await;
+    let (base, base_timeline) = both_ways(relayed, headers.clone(), true, total).await;
+    let tunnel = gateway_tunnel(gw, 0, false).await;
+    let (plain, gw_timeline) = both_ways(tunnel, headers.clone(), false, total).await;
     figures.throughput = Some((gw_timeline, base_timeline));
-    vec![Row::new(
+    let mut rows = vec![Row::new(
         "tunnel-throughput",
         format!("{} MiB each way, 16 KiB frames, all checked", total >> 20),
         "MB/s",
-        gwv,
+        plain,
         Some(base),
         Target::RatioAtLeast(0.9),
-    )]
+    )];
+    if gw.tls.is_some() {
+        let tunnel = gateway_tunnel(gw, 0, true).await;
+        let (tls, _) = both_ways(tunnel, headers, false, total).await;
+        rows.push(Row::new(
+            "tunnel-throughput",
+            "client on TLS 1.3 (baseline: plain client)",
+            "MB/s",
+            tls,
+            Some(plain),
+            Target::RatioAtLeast(0.5),
+        ));
+    }
+    rows
 }
 
 /// Round trips of `request`/`response` payloads (client -> device -> client), every
 /// byte checked; microseconds each (in order), after `warm_up` untimed ones. Hands
 /// the connections back.
 pub async fn round_trips(
-    (mut client, mut device): (TcpStream, TcpStream),
+    (mut client, mut device): (Stream, Stream),
     headers: (&[u8], &[u8]),
     relayed: bool,
     count: usize,
     warm_up: usize,
     mut payloads: impl FnMut(usize) -> (Vec<u8>, Vec<u8>),
-) -> (Vec<f64>, (TcpStream, TcpStream)) {
+) -> (Vec<f64>, (Stream, Stream)) {
     let mut samples = Vec::with_capacity(count);
     let mut buf = vec![0u8; 4096];
     for i in 0..warm_up + count {
@@ -171,15 +186,15 @@ fn fixed(i: usize) -> (Vec<u8>, Vec<u8>) {
 /// Sorted round-trip times of 32-byte payloads through the gateway and through the
 /// relay, taken in alternating blocks so that drift on a shared machine (another
 /// process waking up, frequency changes) falls on both alike.
-async fn latency_pair(gw: &Gateway, count: usize) -> (Vec<f64>, Vec<f64>) {
+async fn latency_pair(gw: &Gateway, count: usize, tls: bool) -> (Vec<f64>, Vec<f64>) {
     const BLOCKS: usize = 10;
     let relay = net::relay(1).await;
     let (ch, dh) = (
         net::client_header(&gw.uuid),
         net::device_header(&gw.uuid, 0),
     );
-    let mut relayed = net::relay_pair(2, relay.addr).await;
-    let mut tunnel = gateway_tunnel(gw, 0).await;
+    let mut relayed = relay_pair(2, &relay).await;
+    let mut tunnel = gateway_tunnel(gw, 0, tls).await;
     let (mut gateway, mut base) = (Vec::new(), Vec::new());
     let per_block = count / BLOCKS;
     for block in 0..BLOCKS {
@@ -223,9 +238,30 @@ fn latency_rows(label: &str, gateway: &[f64], base: &[f64]) -> Vec<Row> {
 
 pub async fn latency(gw: &Gateway, full: bool, figures: &mut Figures) -> Vec<Row> {
     let count = if full { 50_000 } else { 5_000 };
-    let (gateway, base) = latency_pair(gw, count).await;
+    let (gateway, base) = latency_pair(gw, count, false).await;
     let mut rows = latency_rows("32 B each way", &gateway, &base);
     figures.latency = Some((gateway, base));
+    if gw.tls.is_some() {
+        let (tls, base) = latency_pair(gw, count / 2, true).await;
+        rows.push(Row::new(
+            "tunnel-latency",
+            "p50, client on TLS 1.3",
+            "us",
+            percentile(&tls, 0.5),
+            Some(percentile(&base, 0.5)),
+            Target::None,
+        ));
+    }
+    if let Some(admin) = gw.admin {
+        let viewers = AdminViewers::start(admin);
+        let (gateway, base) = latency_pair(gw, count / 2, false).await;
+        let requests = viewers.stop();
+        rows.extend(latency_rows(
+            &format!("status page open ({requests} admin requests)"),
+            &gateway,
+            &base,
+        ));
+    }
 
     // Random payloads: a response or request ending in b, c, d or q waits for the
     // header hold (it could start the next header).
@@ -249,7 +285,7 @@ pub async fn latency(gw: &Gateway, full: bool, figures: &mut Figures) -> Vec<Row
         (bytes(), bytes())
     };
     let (samples, _) = round_trips(
-        gateway_tunnel(gw, 0).await,
+        gateway_tunnel(gw, 0, false).await,
         (&ch, &dh),
         false,
         polls,
@@ -272,7 +308,7 @@ pub async fn latency(gw: &Gateway, full: bool, figures: &mut Figures) -> Vec<Row
 /// A request/response loop on each (client, device) pair at once for `run`, the
 /// device of pair k sending as device `first + k`: (round trips a second, p99 us).
 async fn many_loops(
-    pairs: Vec<(TcpStream, TcpStream)>,
+    pairs: Vec<(Stream, Stream)>,
     uuid: &str,
     first: usize,
     relayed: bool,
@@ -321,7 +357,7 @@ async fn many_loops(
 }
 
 /// The gateway's `tunnels` tunnels (devices 1..=tunnels, each with a client).
-async fn gateway_tunnels(gw: &Gateway, tunnels: usize) -> Vec<(TcpStream, TcpStream)> {
+async fn gateway_tunnels(gw: &Gateway, tunnels: usize) -> Vec<(Stream, Stream)> {
     let mut devices = Vec::new();
     for i in 1..=tunnels {
         devices.push(net::device(i, gw.addr, &gw.uuid).await);
@@ -329,7 +365,8 @@ async fn gateway_tunnels(gw: &Gateway, tunnels: usize) -> Vec<(TcpStream, TcpStr
     net::wait_online(gw.addr, &gw.uuid, tunnels, Instant::now()).await;
     let mut pairs = Vec::new();
     for (i, device) in (1..=tunnels).zip(devices) {
-        pairs.push((net::client(i, gw.addr, &gw.uuid).await, device));
+        let device: Stream = Box::new(device);
+        pairs.push((net::client(i, gw.addr, &gw.uuid, None).await, device));
     }
     pairs
 }
@@ -355,7 +392,7 @@ pub async fn many_tunnels(target: Option<&Gateway>, full: bool) -> Vec<Row> {
         let relay = net::relay(threads).await;
         let mut pairs = Vec::new();
         for i in 0..tunnels {
-            pairs.push(net::relay_pair(10_000 + i, relay.addr).await);
+            pairs.push(relay_pair(10_000 + i, &relay).await);
         }
         let (base_rate, base_p99) = many_loops(pairs, &gw.uuid, 1, true, run).await;
         let pairs = gateway_tunnels(gw, tunnels).await;
@@ -384,7 +421,7 @@ pub async fn many_tunnels(target: Option<&Gateway>, full: bool) -> Vec<Row> {
         per_workers.push(rate);
         if workers == 0 {
             let count = if full { 20_000 } else { 3_000 };
-            let (gateway, base) = latency_pair(gw, count).await;
+            let (gateway, base) = latency_pair(gw, count, false).await;
             rows.extend(latency_rows("one tunnel, workers = 0", &gateway, &base));
         }
         if target.is_some() {
@@ -402,4 +439,37 @@ pub async fn many_tunnels(target: Option<&Gateway>, full: bool) -> Vec<Row> {
         ));
     }
     rows
+}
+
+/// Eight open status pages: `/api/status` and `/metrics` every 250 ms (a page asks
+/// every 2 s), on a thread of their own until stopped.
+struct AdminViewers {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<usize>,
+}
+
+impl AdminViewers {
+    fn start(admin: std::net::SocketAddr) -> AdminViewers {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut requests = 0;
+            while !flag.load(Ordering::Relaxed) {
+                for path in ["/api/status", "/metrics"] {
+                    let mut reply = ureq::get(format!("http://{admin}{path}")).call().unwrap();
+                    reply.body_mut().read_to_string().unwrap();
+                    requests += 1;
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            requests
+        });
+        AdminViewers { stop, thread }
+    }
+
+    /// Stops; returns how many requests were made.
+    fn stop(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
 }
