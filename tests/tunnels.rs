@@ -350,7 +350,15 @@ async fn a_tunnel_announced_after_its_removal_is_not_reinstalled() {
         .await
         .unwrap()
         .expect("registered");
-    let (out, mut received) = outbox(16, 1 << 20);
+    // The fake peer's queue, handed over when its first chunk arrives.
+    let (started, mut queue) = tokio::sync::oneshot::channel();
+    let out = outbox(
+        16,
+        1 << 20,
+        Box::new(move |q| {
+            let _ = started.send(q);
+        }),
+    );
     let fake = PeerLink {
         id: u64::MAX,
         remote: "127.0.0.1:9".parse().unwrap(),
@@ -370,7 +378,7 @@ async fn a_tunnel_announced_after_its_removal_is_not_reinstalled() {
     });
     device.send(format!("data;{uuid};{MAC};plc-1;0;dead")).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let nothing = tokio::time::timeout(Duration::from_millis(10), received.recv()).await;
+    let nothing = tokio::time::timeout(Duration::from_millis(10), &mut queue).await;
     assert!(nothing.is_err(), "a dead tunnel carried data");
     // A newer tunnel is installed as usual.
     session.events.do_send(PeerEvent::Linked {
@@ -379,6 +387,10 @@ async fn a_tunnel_announced_after_its_removal_is_not_reinstalled() {
         sent: Meter::towards(&Role::Client),
     });
     device.send(format!("data;{uuid};{MAC};plc-1;0;live")).await;
+    let mut received = tokio::time::timeout(Duration::from_secs(1), queue)
+        .await
+        .unwrap()
+        .unwrap();
     let got = tokio::time::timeout(Duration::from_secs(1), received.recv()).await;
     assert_eq!(got.unwrap().unwrap(), &b"live"[..]);
     device.expect_silence(Duration::from_millis(10)).await;

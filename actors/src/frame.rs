@@ -129,7 +129,9 @@ pub struct Decoder {
     state: State,
     /// Searches payloads for the uuid of the current data message's user; kept across
     /// messages since a connection almost always speaks for one user.
-    finder: Option<memmem::Finder<'static>>,
+    /// Boxed: it is a few hundred bytes, and most connections (beats, requests)
+    /// never need one.
+    finder: Option<Box<memmem::Finder<'static>>>,
 }
 
 impl Decoder {
@@ -312,7 +314,7 @@ impl Decoder {
 
     fn enter_payload(&mut self, uuid: &[u8], discard: bool) {
         if self.finder.as_ref().is_none_or(|f| f.needle() != uuid) {
-            self.finder = Some(memmem::Finder::new(uuid).into_owned());
+            self.finder = Some(Box::new(memmem::Finder::new(uuid).into_owned()));
         }
         self.state = State::Payload { discard };
     }

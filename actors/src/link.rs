@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use actix::prelude::*;
 use bytes::Bytes;
@@ -34,14 +34,32 @@ pub fn next_session_id() -> SessionId {
 /// order by the session's writer task. Bounded in chunks and in bytes; a full queue
 /// pauses whoever fills it.
 ///
-/// A chunk's bytes are taken from the byte budget when it is queued and given back
-/// by the writer once it is written ([`OutQueue::written`]); the queue holds the bare
-/// chunks, so its block of slots (allocated for every connection) stays small.
-#[derive(Clone, Debug)]
-pub struct Outbox {
-    chunks: mpsc::Sender<Bytes>,
+/// The queue and its writer task come into being with the first chunk: most devices
+/// never receive a byte (they beat, and stream data nobody tunnels), and a channel
+/// block and a task would be a third of such a connection's memory. A chunk's bytes
+/// are taken from the byte budget when it is queued and given back by the writer once
+/// it is written ([`OutQueue::written`]), so the channel carries bare chunks.
+#[derive(Clone)]
+pub struct Outbox(Arc<Out>);
+
+struct Out {
+    chunks: OnceLock<mpsc::Sender<Bytes>>,
+    /// Starts the writer on the queue's receiving end; taken by the first chunk, or
+    /// dropped by [`Outbox::close_unused`].
+    writer: Mutex<Option<StartWriter>>,
+    capacity: usize,
     bytes: Arc<Semaphore>,
     max_bytes: usize,
+}
+
+/// What starts a connection's writer task, given its queue.
+pub type StartWriter = Box<dyn FnOnce(OutQueue) + Send>;
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let started = self.0.chunks.get().is_some();
+        write!(f, "Outbox {{ started: {started} }}")
+    }
 }
 
 /// The writer's end of an [`Outbox`].
@@ -53,23 +71,15 @@ pub struct OutQueue {
 }
 
 /// An output queue of at most `chunks` chunks and `bytes` bytes (a larger chunk takes
-/// the whole byte budget).
-pub fn outbox(chunks: usize, bytes: usize) -> (Outbox, OutQueue) {
-    let max_bytes = bytes.clamp(1, Semaphore::MAX_PERMITS);
-    let (tx, rx) = mpsc::channel(chunks.max(1));
-    let budget = Arc::new(Semaphore::new(max_bytes));
-    (
-        Outbox {
-            chunks: tx,
-            bytes: budget.clone(),
-            max_bytes,
-        },
-        OutQueue {
-            chunks: rx,
-            bytes: budget,
-            max_bytes,
-        },
-    )
+/// the whole byte budget), whose first chunk calls `writer` with the queue to drain.
+pub fn outbox(chunks: usize, bytes: usize, writer: StartWriter) -> Outbox {
+    Outbox(Arc::new(Out {
+        chunks: OnceLock::new(),
+        writer: Mutex::new(Some(writer)),
+        capacity: chunks.max(1),
+        bytes: Arc::new(Semaphore::new(bytes.clamp(1, Semaphore::MAX_PERMITS))),
+        max_bytes: bytes.clamp(1, Semaphore::MAX_PERMITS),
+    }))
 }
 
 /// What a chunk takes of a byte budget of `max` bytes.
@@ -79,17 +89,35 @@ fn cost(chunk: &Bytes, max: usize) -> usize {
 
 impl Outbox {
     fn cost(&self, chunk: &Bytes) -> u32 {
-        u32::try_from(cost(chunk, self.max_bytes)).unwrap_or(u32::MAX)
+        u32::try_from(cost(chunk, self.0.max_bytes)).unwrap_or(u32::MAX)
+    }
+
+    /// The queue, made (and its writer started) on first use. Once the writer is
+    /// gone, or was never started and has been dropped, sends fail as closed.
+    fn chunks(&self) -> &mpsc::Sender<Bytes> {
+        let out = &self.0;
+        out.chunks.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(out.capacity);
+            let writer = out.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(start) = writer {
+                start(OutQueue {
+                    chunks: rx,
+                    bytes: out.bytes.clone(),
+                    max_bytes: out.max_bytes,
+                });
+            }
+            tx
+        })
     }
 
     /// Queues `chunk` if there is room for it now.
     pub fn try_send(&self, chunk: Bytes) -> Result<(), TrySendError<Bytes>> {
-        let permit = match self.bytes.try_acquire_many(self.cost(&chunk)) {
+        let permit = match self.0.bytes.try_acquire_many(self.cost(&chunk)) {
             Ok(permit) => permit,
             Err(tokio::sync::TryAcquireError::NoPermits) => return Err(TrySendError::Full(chunk)),
             Err(tokio::sync::TryAcquireError::Closed) => return Err(TrySendError::Closed(chunk)),
         };
-        self.chunks.try_send(chunk)?;
+        self.chunks().try_send(chunk)?;
         // The writer gives the bytes back once the chunk is written.
         permit.forget();
         Ok(())
@@ -97,12 +125,25 @@ impl Outbox {
 
     /// Queues `chunk`, waiting for room.
     pub async fn send(&self, chunk: Bytes) -> Result<(), SendError<Bytes>> {
-        let Ok(permit) = self.bytes.acquire_many(self.cost(&chunk)).await else {
+        let Ok(permit) = self.0.bytes.acquire_many(self.cost(&chunk)).await else {
             return Err(SendError(chunk));
         };
-        self.chunks.send(chunk).await?;
+        self.chunks().send(chunk).await?;
         permit.forget();
         Ok(())
+    }
+
+    /// The connection is closing: if nothing was ever queued, its writer (and with it
+    /// the socket's write half) is dropped now rather than with the last clone of
+    /// this outbox; later chunks are refused.
+    pub fn close_unused(&self) {
+        let unused = self
+            .0
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        drop(unused);
     }
 }
 

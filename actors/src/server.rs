@@ -63,7 +63,8 @@ pub async fn serve(
 
 /// What every accept loop shares.
 struct Accepting {
-    hub: Hub,
+    /// Shared by every session (one pointer each, not a copy of its handles).
+    hub: Arc<Hub>,
     tls_warnings: Warnings,
     stop: CancellationToken,
     alive: mpsc::Sender<()>,
@@ -88,7 +89,7 @@ pub async fn serve_all(
         alive,
         workers: workers.iter().map(Arbiter::handle).collect(),
         next: AtomicUsize::new(0),
-        hub: hub.clone(),
+        hub: Arc::new(hub.clone()),
     });
     let loops: Vec<_> = listeners
         .into_iter()

@@ -56,7 +56,7 @@ use crate::users::Access;
 pub struct Session {
     id: SessionId,
     remote: SocketAddr,
-    hub: Hub,
+    hub: Arc<Hub>,
     out: Outbox,
     inbox: BytesMut,
     decoder: Decoder,
@@ -95,16 +95,22 @@ pub struct Session {
 
 impl Session {
     /// Starts a session for an accepted connection on the current arbiter.
-    pub fn start(io: Io, remote: SocketAddr, hub: Hub, lease: Lease) -> Addr<Session> {
+    pub fn start(io: Io, remote: SocketAddr, hub: Arc<Hub>, lease: Lease) -> Addr<Session> {
         let Io {
             read,
             write,
             transport,
         } = io;
         let config = &hub.config;
-        let (out, queue) = link::outbox(config.out_queue, config.limits.output_queue_bytes);
         let (closing, closed) = oneshot::channel();
-        actix_rt::spawn(write_loop(write, queue, closed));
+        let arbiter = actix_rt::Arbiter::current();
+        let out = link::outbox(
+            config.out_queue,
+            config.limits.output_queue_bytes,
+            Box::new(move |queue| {
+                arbiter.spawn(write_loop(write, queue, closed));
+            }),
+        );
         let read_limit = Arc::new(AtomicUsize::new(UNTUNNELLED_READ.min(config.read_buffer)));
         let chunks = ReadChunks::new(read, read_limit.clone());
         let requests =
@@ -525,6 +531,7 @@ impl Actor for Session {
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
+        self.out.close_unused();
         let transport = self.transport.label();
         metrics::gauge!("elfin_connections_open", "transport" => transport, "role" => self.role)
             .decrement(1);
