@@ -64,7 +64,8 @@ pub struct Session {
     /// (not for guests, see [`Access`]).
     device: Option<(Identity, bool)>,
     /// The tunnel, its other end, and the meter of what this session sends into it.
-    tunnel: Option<(TunnelId, PeerLink, Meter)>,
+    /// (Boxed: most connections never carry a tunnel.)
+    tunnel: Option<Box<(TunnelId, PeerLink, Meter)>>,
     /// The newest tunnel this session has been in: only its end may close the session.
     latest: TunnelId,
     /// Tunnels up to this id are gone for this session; a late `Linked` for one of
@@ -311,7 +312,7 @@ impl Session {
     /// that takes nothing for the stall time ends the tunnel.
     fn forward(&mut self, bytes: Bytes, ctx: &mut Context<Self>) -> ControlFlow<()> {
         let len = bytes.len() as u64;
-        let Some((tunnel, peer, sent)) = &self.tunnel else {
+        let Some((tunnel, peer, sent)) = self.tunnel.as_deref() else {
             log::debug!("{}: no tunnel, dropped {len} payload bytes", self.remote);
             metrics::counter!("elfin_payload_dropped_bytes_total").increment(len);
             return ControlFlow::Continue(());
@@ -432,9 +433,9 @@ impl Session {
     /// This session is now one end of `tunnel`, unless that tunnel is already gone or
     /// older than the one it is in.
     fn linked(&mut self, tunnel: TunnelId, peer: PeerLink, sent: Meter) {
-        let current = self.tunnel.as_ref().map_or(0, |(t, ..)| *t);
+        let current = self.tunnel.as_deref().map_or(0, |(t, ..)| *t);
         if tunnel > self.cleared && tunnel > current {
-            self.tunnel = Some((tunnel, peer, sent));
+            self.tunnel = Some(Box::new((tunnel, peer, sent)));
             self.latest = self.latest.max(tunnel);
             self.read_limit
                 .store(self.hub.config.read_buffer, Ordering::Relaxed);
@@ -455,7 +456,7 @@ impl Session {
     /// whether it was the newest this session has been in.
     fn unlinked(&mut self, tunnel: TunnelId) -> bool {
         self.cleared = self.cleared.max(tunnel);
-        if self.tunnel.as_ref().is_some_and(|(t, ..)| *t <= tunnel) {
+        if self.tunnel.as_deref().is_some_and(|(t, ..)| *t <= tunnel) {
             self.tunnel = None;
             let small = UNTUNNELLED_READ.min(self.hub.config.read_buffer);
             self.read_limit.store(small, Ordering::Relaxed);

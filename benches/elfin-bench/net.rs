@@ -332,6 +332,27 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// Waits (at most 20 s) until the kernel has let go of the sockets of earlier
+/// scenarios: tearing down tens of thousands of them competes with the next one.
+pub async fn settle() {
+    let in_use = || {
+        std::fs::read_to_string("/proc/net/sockstat")
+            .ok()
+            .and_then(|t| {
+                let line = t.lines().find(|l| l.starts_with("TCP:"))?.to_owned();
+                let mut words = line.split_whitespace();
+                words.position(|w| w == "inuse")?;
+                words.next()?.parse::<u64>().ok()
+            })
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while in_use() > 1_000 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
 /// The kernel's count of connections dropped because a listen queue was full.
 pub fn listen_overflows() -> u64 {
     let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
