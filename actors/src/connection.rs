@@ -103,8 +103,8 @@ impl ReadChunks {
     /// A small read through the stack, so a quiet connection holds no read buffer
     /// while it waits (a block per idle device would be most of its memory).
     fn poll_small(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<BytesMut>>> {
-        let mut stack = [0u8; MIN_READ];
-        let mut read = ReadBuf::new(&mut stack[..self.size]);
+        let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); MIN_READ];
+        let mut read = ReadBuf::uninit(&mut stack[..self.size]);
         if let Err(e) = ready!(Pin::new(&mut self.io).poll_read(cx, &mut read)) {
             return Poll::Ready(Some(Err(e)));
         }

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 /// How a figure is judged.
 #[derive(Debug, Clone, Copy, Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
 pub enum Target {
     /// Informational only.
     None,
