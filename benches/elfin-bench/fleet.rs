@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::gateway::Gateway;
+use crate::gateway::{self, Gateway};
 use crate::net::{self, percentile};
 use crate::plot::Figures;
 use crate::report::{Row, Target};
@@ -141,14 +141,7 @@ pub async fn device_fleet(target: Option<&Gateway>, full: bool, figures: &mut Fi
     } else {
         2_000.min(limit)
     };
-    let own;
-    let gw = match target {
-        Some(gw) => gw,
-        None => {
-            own = Gateway::start(&[]);
-            &own
-        }
-    };
+    let gw = gateway::target_or_start(target, &[], false);
     let mut rows = vec![Row::new(
         "device-fleet",
         "devices held (open files limit allows)",
@@ -253,14 +246,7 @@ pub async fn reconnect_storm(target: Option<&Gateway>, full: bool) -> Vec<Row> {
     drop(acceptor);
     net::settle().await;
 
-    let own;
-    let gw = match target {
-        Some(gw) => gw,
-        None => {
-            own = Gateway::start(&[]);
-            &own
-        }
-    };
+    let gw = gateway::target_or_start(target, &[], false);
     let overflows = net::listen_overflows();
     let started = Instant::now();
     let devices = connect_devices(0, n, gw.addr, &gw.uuid).await;

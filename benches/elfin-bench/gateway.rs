@@ -24,7 +24,7 @@ impl Gateway {
     /// Starts the binary on loopback with a fresh embedded database and `env` on top
     /// of the defaults, and adds a user. With `tls`, it has a certificate for
     /// `localhost` (clients choose TLS or plain on the same port).
-    pub fn start_with(env: &[(&str, &str)], tls: bool) -> Gateway {
+    pub fn start(env: &[(&str, &str)], tls: bool) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let mut all = vec![
             ("ELFIN__SERVER__LISTEN", "127.0.0.1:0"),
@@ -103,11 +103,6 @@ impl Gateway {
         }
     }
 
-    /// [`Gateway::start_with`] without TLS.
-    pub fn start(env: &[(&str, &str)]) -> Gateway {
-        Gateway::start_with(env, false)
-    }
-
     /// The gateway's resident memory, when its process is known.
     pub fn rss_kib(&self) -> Option<u64> {
         self.pid.and_then(crate::net::rss_kib)
@@ -143,4 +138,34 @@ fn certificate(dir: &std::path::Path) -> std::sync::Arc<rustls::ClientConfig> {
             .with_root_certificates(roots)
             .with_no_client_auth(),
     )
+}
+
+/// The gateway a scenario runs on: the one given with `--target`, or a fresh one of
+/// its own.
+pub enum Under<'a> {
+    Target(&'a Gateway),
+    Own(Gateway),
+}
+
+impl std::ops::Deref for Under<'_> {
+    type Target = Gateway;
+
+    fn deref(&self) -> &Gateway {
+        match self {
+            Under::Target(gw) => gw,
+            Under::Own(gw) => gw,
+        }
+    }
+}
+
+/// `target`, or a gateway started with `env` (and a certificate with `tls`).
+pub fn target_or_start<'a>(
+    target: Option<&'a Gateway>,
+    env: &[(&str, &str)],
+    tls: bool,
+) -> Under<'a> {
+    match target {
+        Some(gw) => Under::Target(gw),
+        None => Under::Own(Gateway::start(env, tls)),
+    }
 }

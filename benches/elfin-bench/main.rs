@@ -121,14 +121,7 @@ fn main() {
                     .expect("store-writes failed")
             }
             _ => runtime.block_on(async {
-                let own;
-                let gw = match &target {
-                    Some(gw) => gw,
-                    None => {
-                        own = Gateway::start_with(&[], true);
-                        &own
-                    }
-                };
+                let gw = &*gateway::target_or_start(target.as_ref(), &[], true);
                 match scenario {
                     Scenario::TunnelThroughput => {
                         tunnel::throughput(gw, cli.full, &mut figures).await

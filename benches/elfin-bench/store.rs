@@ -15,7 +15,7 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use elfin_actors::persistence::{Flush, Persistence, Record};
 use elfin_actors::store::embedded::EmbeddedStore;
-use elfin_actors::store::mongo::MongoStore;
+use elfin_actors::store::mongo::{MongoStore, HOUSEKEEPING_COMMANDS};
 use elfin_actors::store::{Sighting, Store};
 
 use crate::report::{Row, Target};
@@ -179,16 +179,6 @@ impl Drop for StandIn {
     }
 }
 
-const HOUSEKEEPING: &[&str] = &[
-    "hello",
-    "isMaster",
-    "ismaster",
-    "ping",
-    "endSessions",
-    "killCursors",
-    "buildInfo",
-];
-
 pub fn store_writes(full: bool, mongodb_uri: Option<String>) -> Vec<Row> {
     actix_rt::System::new().block_on(async move {
         let mut out = Vec::new();
@@ -233,15 +223,16 @@ pub fn store_writes(full: bool, mongodb_uri: Option<String>) -> Vec<Row> {
         options.command_event_handler =
             Some(mongodb::event::EventHandler::callback(move |event| {
                 if let mongodb::event::command::CommandEvent::Started(started) = event {
-                    if !HOUSEKEEPING.contains(&started.command_name.as_str()) {
+                    if !HOUSEKEEPING_COMMANDS.contains(&started.command_name.as_str()) {
                         *seen.lock().unwrap() += 1;
                     }
                 }
             }));
         let database = format!("elfin_bench_{}", std::process::id());
         let mongo: Arc<dyn Store> = Arc::new(MongoStore::with_options(options, &database).unwrap());
-        // The stand-in (mongomock in Python) takes about 5 ms a sighting.
-        let n = if full { 5_000 } else { 500 };
+        // The stand-in (mongomock in Python) takes milliseconds a sighting; a batch is
+        // 1000, so fewer would not show round trips per 1000.
+        let n = if full { 5_000 } else { 1_000 };
         out.extend(rows(
             "mongodb",
             n,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::gateway::Gateway;
+use crate::gateway::{self, Gateway};
 use crate::net::{self, percentile, Pattern, Stream};
 use crate::plot::Figures;
 use crate::report::{Row, Target};
@@ -380,14 +380,12 @@ pub async fn many_tunnels(target: Option<&Gateway>, full: bool) -> Vec<Row> {
     let mut per_workers = Vec::new();
     for workers in [1usize, 0] {
         // Our own gateway with that many workers, or the one given (as it is).
-        let started;
-        let gw = match target {
-            Some(gw) => gw,
-            None => {
-                started = Gateway::start(&[("ELFIN__SERVER__WORKERS", &workers.to_string())]);
-                &started
-            }
-        };
+        let workers_setting = workers.to_string();
+        let gw = &*gateway::target_or_start(
+            target,
+            &[("ELFIN__SERVER__WORKERS", &workers_setting)],
+            false,
+        );
         let threads = if workers == 0 { 2 } else { workers };
         let relay = net::relay(threads).await;
         let mut pairs = Vec::new();

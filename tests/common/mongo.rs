@@ -14,20 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bson::{doc, Document};
+use elfin_actors::store::mongo::HOUSEKEEPING_COMMANDS;
 use mongodb::event::command::CommandEvent;
 use mongodb::event::EventHandler;
 use mongodb::options::ClientOptions;
-
-/// Commands that are not reads or writes of data.
-const HOUSEKEEPING: &[&str] = &[
-    "hello",
-    "isMaster",
-    "ismaster",
-    "ping",
-    "endSessions",
-    "killCursors",
-    "buildInfo",
-];
 
 pub struct Mongo {
     /// What the gateway is configured with.
@@ -127,7 +117,7 @@ impl Mongo {
         let seen = counter.0.clone();
         options.command_event_handler = Some(EventHandler::callback(move |event| {
             if let CommandEvent::Started(started) = event {
-                if !HOUSEKEEPING.contains(&started.command_name.as_str()) {
+                if !HOUSEKEEPING_COMMANDS.contains(&started.command_name.as_str()) {
                     seen.lock().unwrap().push(started.command_name);
                 }
             }

@@ -39,6 +39,19 @@ pub const USER_TTL: Duration = Duration::from_secs(60);
 /// While the database is unreachable, how often a read tries it again.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
+/// Commands the driver sends on its own (handshakes, monitoring, cursor and session
+/// clean-up): not round trips of the gateway's reads and writes, which is what the
+/// tests and the benchmark count.
+pub const HOUSEKEEPING_COMMANDS: &[&str] = &[
+    "hello",
+    "isMaster",
+    "ismaster",
+    "ping",
+    "endSessions",
+    "killCursors",
+    "buildInfo",
+];
+
 pub struct MongoStore {
     db: Database,
     users: Collection<Document>,
