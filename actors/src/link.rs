@@ -261,3 +261,64 @@ pub enum PeerEvent {
     /// it ends its tunnel, writes what is queued and closes.
     Replaced { uuid: ByteString, mac: ByteString },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// An outbox whose writer start is recorded, and the queue it would drain.
+    fn recorded() -> (Outbox, Arc<AtomicUsize>, Arc<Mutex<Option<OutQueue>>>) {
+        let (starts, queue) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(None)));
+        let (s, q) = (starts.clone(), queue.clone());
+        let out = outbox(
+            4,
+            100,
+            Box::new(move |queue| {
+                s.fetch_add(1, Ordering::SeqCst);
+                *q.lock().unwrap() = Some(queue);
+            }),
+        );
+        (out, starts, queue)
+    }
+
+    #[test]
+    fn the_writer_starts_with_the_first_chunk_and_only_once() {
+        let (out, starts, queue) = recorded();
+        let clone = out.clone();
+        assert_eq!(
+            starts.load(Ordering::SeqCst),
+            0,
+            "an idle outbox starts nothing"
+        );
+        out.try_send(Bytes::from_static(b"a")).unwrap();
+        clone.try_send(Bytes::from_static(b"b")).unwrap();
+        assert_eq!(starts.load(Ordering::SeqCst), 1);
+        let mut queue = queue.lock().unwrap().take().unwrap();
+        assert_eq!(queue.try_recv().unwrap(), &b"a"[..]);
+        assert_eq!(queue.try_recv().unwrap(), &b"b"[..]);
+    }
+
+    #[test]
+    fn bytes_come_back_to_the_budget_only_when_written() {
+        let (out, _, queue) = recorded();
+        out.try_send(Bytes::from(vec![1; 60])).unwrap();
+        let full = out.try_send(Bytes::from(vec![2; 60]));
+        assert!(matches!(full, Err(TrySendError::Full(_))), "60 + 60 > 100");
+        let queue = queue.lock().unwrap().take().unwrap();
+        queue.written(60);
+        out.try_send(Bytes::from(vec![2; 60])).unwrap();
+    }
+
+    #[test]
+    fn an_outbox_closed_unused_refuses_chunks_and_never_starts_a_writer() {
+        let (out, starts, _) = recorded();
+        out.close_unused();
+        let refused = out.try_send(Bytes::from_static(b"late"));
+        assert!(
+            matches!(refused, Err(TrySendError::Closed(_))),
+            "{refused:?}"
+        );
+        assert_eq!(starts.load(Ordering::SeqCst), 0);
+    }
+}

@@ -22,7 +22,7 @@
 //! connections run; the output queue is bounded in bytes, and an idle connection keeps
 //! no read buffer.
 //!
-//! (About 520 lines: one actor's state — input, identity, tunnel, timers — reads best
+//! (About 600 lines: one actor's state — input, identity, tunnel, timers — reads best
 //! in one place; its socket halves are in `connection.rs`, its commands in
 //! `command.rs`.)
 
