@@ -355,6 +355,8 @@ async fn a_tunnel_announced_after_its_removal_is_not_reinstalled() {
     let out = outbox(
         16,
         1 << 20,
+        Box::new(tokio::io::sink()),
+        false,
         Box::new(move |q| {
             let _ = started.send(q);
         }),

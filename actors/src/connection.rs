@@ -11,17 +11,16 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures::Stream;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::limits::Ticket;
-use crate::link::OutQueue;
+use crate::link::{OutQueue, Writer};
 use crate::tls::Transport;
 
 type Reader = Box<dyn AsyncRead + Send + Unpin>;
-type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// An accepted connection's two halves, and how it reached the gateway.
 pub struct Io {
@@ -166,10 +165,13 @@ const WRITE_BATCH_BYTES: usize = 256 * 1024;
 /// Drains a session's output queue into its socket; once the session is gone, writes
 /// what is still queued (bounded by the queue and [`CLOSE_DRAIN`]) and closes.
 ///
+/// It holds the socket's write half while chunks wait, and hands it back to the
+/// outbox when none do, so senders write directly again (see [`crate::link::Outbox`]).
 /// Chunks queued together go out in one vectored write: a tunnel carrying 16 KiB
 /// frames hands over one chunk per frame, and a system call per chunk would cost more
-/// than the copy. A lone chunk (a reply, a small frame) is written at once, as it is.
-pub async fn write_loop(mut io: Writer, mut queue: OutQueue, mut closed: oneshot::Receiver<()>) {
+/// than the copy.
+pub async fn write_loop(mut queue: OutQueue, mut closed: oneshot::Receiver<()>) {
+    let mut io: Option<Writer> = None;
     loop {
         let chunk = tokio::select! {
             biased;
@@ -177,14 +179,21 @@ pub async fn write_loop(mut io: Writer, mut queue: OutQueue, mut closed: oneshot
             chunk = queue.recv() => chunk,
         };
         let Some(first) = chunk else { break };
-        if write_batch(&mut io, first, &mut queue).await.is_err() {
-            queue.close();
-            return;
+        queue.take_writer(&mut io);
+        let Some(writer) = io.as_mut() else { break };
+        match write_batch(writer, first, &mut queue).await {
+            Ok((chunks, cost)) => queue.written(&mut io, chunks, cost),
+            Err(_) => {
+                queue.close();
+                return;
+            }
         }
     }
     queue.close();
+    queue.take_writer(&mut io);
+    let Some(mut io) = io else { return };
     let rest = async {
-        while let Some(first) = queue.recv().await {
+        while let Some(first) = queue.try_recv() {
             write_batch(&mut io, first, &mut queue).await?;
         }
         io.shutdown().await
@@ -192,9 +201,13 @@ pub async fn write_loop(mut io: Writer, mut queue: OutQueue, mut closed: oneshot
     let _ = tokio::time::timeout(CLOSE_DRAIN, rest).await;
 }
 
-/// Writes `first` and whatever else is queued right now (up to a batch), then gives
-/// their bytes back to the queue's budget.
-async fn write_batch(io: &mut Writer, first: Bytes, queue: &mut OutQueue) -> io::Result<()> {
+/// Writes `first` and whatever else is queued right now (up to a batch); returns how
+/// many chunks that was and what they took of the byte budget.
+async fn write_batch(
+    io: &mut Writer,
+    first: Bytes,
+    queue: &mut OutQueue,
+) -> io::Result<(usize, usize)> {
     let mut cost = queue.cost(&first);
     let mut bytes = first.len();
     let Some(second) = (bytes < WRITE_BATCH_BYTES)
@@ -202,8 +215,7 @@ async fn write_batch(io: &mut Writer, first: Bytes, queue: &mut OutQueue) -> io:
         .flatten()
     else {
         io.write_all(&first).await?;
-        queue.written(cost);
-        return Ok(());
+        return Ok((1, cost));
     };
     bytes += second.len();
     let mut batch = Vec::with_capacity(WRITE_BATCH);
@@ -215,8 +227,7 @@ async fn write_batch(io: &mut Writer, first: Bytes, queue: &mut OutQueue) -> io:
     }
     cost += batch[1..].iter().map(|c| queue.cost(c)).sum::<usize>();
     write_all_vectored(io, &mut batch).await?;
-    queue.written(cost);
-    Ok(())
+    Ok((batch.len(), cost))
 }
 
 /// Writes every chunk of `batch`, as few system calls as the socket takes.

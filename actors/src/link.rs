@@ -7,11 +7,12 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use bytestring::ByteString;
+use tokio::io::AsyncWrite;
 use tokio::sync::mpsc::error::{SendError, TrySendError};
 use tokio::sync::{mpsc, Semaphore};
 
@@ -30,26 +31,43 @@ pub fn next_session_id() -> SessionId {
     NEXT_SESSION.fetch_add(1, Ordering::Relaxed)
 }
 
-/// A connection's output queue: replies and tunnel payloads, written to its socket in
-/// order by the session's writer task. Bounded in chunks and in bytes; a full queue
+/// A socket's write half.
+pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// A connection's output: replies and tunnel payloads, written to its socket in the
+/// order each sender hands them over. Bounded in chunks and in bytes; a full queue
 /// pauses whoever fills it.
 ///
-/// The queue and its writer task come into being with the first chunk: most devices
-/// never receive a byte (they beat, and stream data nobody tunnels), and a channel
-/// block and a task would be a third of such a connection's memory. A chunk's bytes
-/// are taken from the byte budget when it is queued and given back by the writer once
-/// it is written ([`OutQueue::written`]), so the channel carries bare chunks.
+/// When nothing is queued and no writer task holds the socket, a chunk is written
+/// straight into the socket by the sender (plain TCP only: a TLS write would buffer
+/// inside the TLS session). That is a tunnel's common case, and it saves a hand-over
+/// to another task per frame. What the socket does not take at once goes to a queue
+/// drained by the connection's writer task, which is started then: most devices never
+/// receive a byte and never get one. A chunk's bytes are taken from the byte budget
+/// while it waits and given back once it is written.
 #[derive(Clone)]
 pub struct Outbox(Arc<Out>);
 
 struct Out {
-    chunks: OnceLock<mpsc::Sender<Bytes>>,
-    /// Starts the writer on the queue's receiving end; taken by the first chunk, or
-    /// dropped by [`Outbox::close_unused`].
-    writer: Mutex<Option<StartWriter>>,
+    port: Mutex<Port>,
     capacity: usize,
     bytes: Arc<Semaphore>,
     max_bytes: usize,
+    /// Whether senders may write into the socket themselves.
+    direct: bool,
+}
+
+/// Who holds the socket's write half, and the writer task's queue.
+struct Port {
+    /// The write half, while no writer task holds it.
+    idle: Option<Writer>,
+    /// The writer task's queue, once a chunk had to wait.
+    chunks: Option<mpsc::Sender<Bytes>>,
+    /// Starts the writer task; taken by the first chunk that has to wait.
+    start: Option<StartWriter>,
+    /// Chunks handed to the queue and not yet written. Direct writes happen only at
+    /// zero, so they never overtake a queued chunk.
+    queued: usize,
 }
 
 /// What starts a connection's writer task, given its queue.
@@ -57,28 +75,46 @@ pub type StartWriter = Box<dyn FnOnce(OutQueue) + Send>;
 
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let started = self.0.chunks.get().is_some();
-        write!(f, "Outbox {{ started: {started} }}")
+        let queued = self.0.port().queued;
+        write!(f, "Outbox {{ queued: {queued} }}")
     }
 }
 
-/// The writer's end of an [`Outbox`].
-#[derive(Debug)]
+/// The writer task's end of an [`Outbox`].
 pub struct OutQueue {
     chunks: mpsc::Receiver<Bytes>,
-    bytes: Arc<Semaphore>,
-    max_bytes: usize,
+    out: Arc<Out>,
 }
 
-/// An output queue of at most `chunks` chunks and `bytes` bytes (a larger chunk takes
-/// the whole byte budget), whose first chunk calls `writer` with the queue to drain.
-pub fn outbox(chunks: usize, bytes: usize, writer: StartWriter) -> Outbox {
+impl std::fmt::Debug for OutQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OutQueue")
+    }
+}
+
+/// The output of a connection whose socket's write half is `writer`: at most
+/// `chunks` chunks and `bytes` bytes wait (a larger chunk takes the whole byte
+/// budget); with `direct`, senders write into the socket when nothing waits; `start`
+/// starts the writer task when the first chunk has to wait.
+pub fn outbox(
+    chunks: usize,
+    bytes: usize,
+    writer: Writer,
+    direct: bool,
+    start: StartWriter,
+) -> Outbox {
+    let max_bytes = bytes.clamp(1, Semaphore::MAX_PERMITS);
     Outbox(Arc::new(Out {
-        chunks: OnceLock::new(),
-        writer: Mutex::new(Some(writer)),
+        port: Mutex::new(Port {
+            idle: Some(writer),
+            chunks: None,
+            start: Some(start),
+            queued: 0,
+        }),
         capacity: chunks.max(1),
-        bytes: Arc::new(Semaphore::new(bytes.clamp(1, Semaphore::MAX_PERMITS))),
-        max_bytes: bytes.clamp(1, Semaphore::MAX_PERMITS),
+        bytes: Arc::new(Semaphore::new(max_bytes)),
+        max_bytes,
+        direct,
     }))
 }
 
@@ -87,63 +123,130 @@ fn cost(chunk: &Bytes, max: usize) -> usize {
     chunk.len().min(max)
 }
 
+impl Out {
+    fn port(&self) -> std::sync::MutexGuard<'_, Port> {
+        self.port.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 impl Outbox {
-    fn cost(&self, chunk: &Bytes) -> u32 {
-        u32::try_from(cost(chunk, self.0.max_bytes)).unwrap_or(u32::MAX)
+    fn cost(&self, chunk: &Bytes) -> usize {
+        cost(chunk, self.0.max_bytes)
     }
 
-    /// The queue, made (and its writer started) on first use. Once the writer is
-    /// gone, or was never started and has been dropped, sends fail as closed.
-    fn chunks(&self) -> &mpsc::Sender<Bytes> {
-        let out = &self.0;
-        out.chunks.get_or_init(|| {
-            let (tx, rx) = mpsc::channel(out.capacity);
-            let writer = out.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
-            if let Some(start) = writer {
-                start(OutQueue {
-                    chunks: rx,
-                    bytes: out.bytes.clone(),
-                    max_bytes: out.max_bytes,
-                });
+    /// Writes as much of `chunk` as the socket takes now, if nothing is queued and
+    /// the socket is idle; returns what is left (all of it if nothing was written).
+    fn write_now(&self, port: &mut Port, mut chunk: Bytes) -> Option<Bytes> {
+        if !self.0.direct || port.queued > 0 {
+            return Some(chunk);
+        }
+        let Some(io) = port.idle.as_mut() else {
+            return Some(chunk);
+        };
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        while !chunk.is_empty() {
+            match std::pin::Pin::new(&mut **io).poll_write(&mut cx, &chunk) {
+                std::task::Poll::Ready(Ok(n)) if n > 0 => chunk.advance(n),
+                // Would block, or failed: the writer task finds out and closes.
+                _ => return Some(chunk),
             }
-            tx
-        })
+        }
+        None
     }
 
-    /// Queues `chunk` if there is room for it now.
+    /// The writer task's queue, started on first use; `None` once the output is
+    /// closed.
+    fn queue(&self, port: &mut Port) -> Option<mpsc::Sender<Bytes>> {
+        if port.chunks.is_none() {
+            let start = port.start.take()?;
+            let (tx, rx) = mpsc::channel(self.0.capacity);
+            start(OutQueue {
+                chunks: rx,
+                out: self.0.clone(),
+            });
+            port.chunks = Some(tx);
+        }
+        port.chunks.clone()
+    }
+
+    /// Hands `chunk` on if there is room for it now: written directly when it can be,
+    /// queued otherwise.
     pub fn try_send(&self, chunk: Bytes) -> Result<(), TrySendError<Bytes>> {
-        let permit = match self.0.bytes.try_acquire_many(self.cost(&chunk)) {
+        self.offer(chunk, true)
+    }
+
+    /// Queues `chunk` for the writer task if there is room, never writing it
+    /// directly: for a sender that has more chunks at hand, which the writer then
+    /// sends together with one vectored write.
+    pub fn try_queue(&self, chunk: Bytes) -> Result<(), TrySendError<Bytes>> {
+        self.offer(chunk, false)
+    }
+
+    fn offer(&self, chunk: Bytes, direct: bool) -> Result<(), TrySendError<Bytes>> {
+        let cost = self.cost(&chunk);
+        let permit = match self.0.bytes.try_acquire_many(cost as u32) {
             Ok(permit) => permit,
             Err(tokio::sync::TryAcquireError::NoPermits) => return Err(TrySendError::Full(chunk)),
             Err(tokio::sync::TryAcquireError::Closed) => return Err(TrySendError::Closed(chunk)),
         };
-        self.chunks().try_send(chunk)?;
-        // The writer gives the bytes back once the chunk is written.
+        let mut port = self.0.port();
+        let rest = if direct {
+            match self.write_now(&mut port, chunk) {
+                None => return Ok(()), // written: the permit goes back
+                Some(rest) => rest,
+            }
+        } else {
+            chunk
+        };
+        let Some(queue) = self.queue(&mut port) else {
+            return Err(TrySendError::Closed(rest));
+        };
+        // Nothing was written unless nothing was queued, so a partly written chunk
+        // always finds room.
+        let rest_cost = self.cost(&rest);
+        queue.try_send(rest)?;
+        port.queued += 1;
         permit.forget();
+        self.0.bytes.add_permits(cost - rest_cost);
         Ok(())
     }
 
     /// Queues `chunk`, waiting for room.
     pub async fn send(&self, chunk: Bytes) -> Result<(), SendError<Bytes>> {
-        let Ok(permit) = self.0.bytes.acquire_many(self.cost(&chunk)).await else {
+        let cost = self.cost(&chunk);
+        let Ok(permit) = self.0.bytes.acquire_many(cost as u32).await else {
             return Err(SendError(chunk));
         };
-        self.chunks().send(chunk).await?;
+        let (queue, rest) = {
+            let mut port = self.0.port();
+            let Some(rest) = self.write_now(&mut port, chunk) else {
+                return Ok(());
+            };
+            let Some(queue) = self.queue(&mut port) else {
+                return Err(SendError(rest));
+            };
+            // Counted before it is in the queue, so no direct write overtakes it.
+            port.queued += 1;
+            (queue, rest)
+        };
+        let rest_cost = self.cost(&rest);
+        if let Err(e) = queue.send(rest).await {
+            self.0.port().queued -= 1;
+            return Err(e);
+        }
         permit.forget();
+        self.0.bytes.add_permits(cost - rest_cost);
         Ok(())
     }
 
-    /// The connection is closing: if nothing was ever queued, its writer (and with it
-    /// the socket's write half) is dropped now rather than with the last clone of
-    /// this outbox; later chunks are refused.
+    /// The connection is closing: if its writer task never started, the socket's
+    /// write half is dropped now (closing it) rather than with the last clone of this
+    /// outbox, and later chunks are refused.
     pub fn close_unused(&self) {
-        let unused = self
-            .0
-            .writer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        drop(unused);
+        let mut port = self.0.port();
+        if port.start.take().is_some() {
+            port.idle = None;
+        }
     }
 }
 
@@ -159,20 +262,32 @@ impl OutQueue {
 
     /// What `chunk` took of the byte budget (ask before writing any of it).
     pub fn cost(&self, chunk: &Bytes) -> usize {
-        cost(chunk, self.max_bytes)
+        cost(chunk, self.out.max_bytes)
     }
 
-    /// Gives back the budget of chunks written: `cost` bytes, as [`OutQueue::cost`]
-    /// told of them.
-    pub fn written(&self, cost: usize) {
-        self.bytes.add_permits(cost);
+    /// The socket's write half, unless the writer task holds it already.
+    pub fn take_writer(&self, io: &mut Option<Writer>) {
+        if io.is_none() {
+            *io = self.out.port().idle.take();
+        }
+    }
+
+    /// `chunks` chunks of `cost` bytes are written: their budget goes back, and the
+    /// write half too if nothing else is queued (senders write directly again).
+    pub fn written(&self, io: &mut Option<Writer>, chunks: usize, cost: usize) {
+        self.out.bytes.add_permits(cost);
+        let mut port = self.out.port();
+        port.queued -= chunks;
+        if port.queued == 0 && self.out.direct {
+            port.idle = io.take();
+        }
     }
 
     /// Refuses further chunks (and wakes whoever waits for room); what is queued can
     /// still be received.
     pub fn close(&mut self) {
         self.chunks.close();
-        self.bytes.close();
+        self.out.bytes.close();
     }
 }
 
@@ -266,30 +381,34 @@ pub enum PeerEvent {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+    use tokio::io::AsyncReadExt;
 
-    /// An outbox whose writer start is recorded, and the queue it would drain.
-    fn recorded() -> (Outbox, Arc<AtomicUsize>, Arc<Mutex<Option<OutQueue>>>) {
-        let (starts, queue) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(None)));
+    type Started = Arc<Mutex<Option<OutQueue>>>;
+
+    /// An outbox on `writer` whose writer-task start is recorded, with the queue it
+    /// would drain.
+    fn recorded(writer: Writer, direct: bool) -> (Outbox, Arc<AtomicUsize>, Started) {
+        let (starts, queue) = (Arc::new(AtomicUsize::new(0)), Started::default());
         let (s, q) = (starts.clone(), queue.clone());
-        let out = outbox(
-            4,
-            100,
-            Box::new(move |queue| {
-                s.fetch_add(1, Ordering::SeqCst);
-                *q.lock().unwrap() = Some(queue);
-            }),
-        );
-        (out, starts, queue)
+        let start = Box::new(move |queue| {
+            s.fetch_add(1, Ordering::SeqCst);
+            *q.lock().unwrap() = Some(queue);
+        });
+        (outbox(4, 100, writer, direct, start), starts, queue)
+    }
+
+    fn sink() -> Writer {
+        Box::new(tokio::io::sink())
     }
 
     #[test]
-    fn the_writer_starts_with_the_first_chunk_and_only_once() {
-        let (out, starts, queue) = recorded();
+    fn the_writer_task_starts_with_the_first_waiting_chunk_and_only_once() {
+        let (out, starts, queue) = recorded(sink(), false);
         let clone = out.clone();
         assert_eq!(
             starts.load(Ordering::SeqCst),
             0,
-            "an idle outbox starts nothing"
+            "an idle output starts nothing"
         );
         out.try_send(Bytes::from_static(b"a")).unwrap();
         clone.try_send(Bytes::from_static(b"b")).unwrap();
@@ -301,18 +420,18 @@ mod tests {
 
     #[test]
     fn bytes_come_back_to_the_budget_only_when_written() {
-        let (out, _, queue) = recorded();
+        let (out, _, queue) = recorded(sink(), false);
         out.try_send(Bytes::from(vec![1; 60])).unwrap();
         let full = out.try_send(Bytes::from(vec![2; 60]));
         assert!(matches!(full, Err(TrySendError::Full(_))), "60 + 60 > 100");
         let queue = queue.lock().unwrap().take().unwrap();
-        queue.written(60);
+        queue.written(&mut None, 1, 60);
         out.try_send(Bytes::from(vec![2; 60])).unwrap();
     }
 
     #[test]
-    fn an_outbox_closed_unused_refuses_chunks_and_never_starts_a_writer() {
-        let (out, starts, _) = recorded();
+    fn an_output_closed_unused_refuses_chunks_and_never_starts_a_writer() {
+        let (out, starts, _) = recorded(sink(), false);
         out.close_unused();
         let refused = out.try_send(Bytes::from_static(b"late"));
         assert!(
@@ -320,5 +439,51 @@ mod tests {
             "{refused:?}"
         );
         assert_eq!(starts.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn senders_write_directly_until_the_socket_is_full_and_never_overtake_the_queue() {
+        let (socket, mut peer) = tokio::io::duplex(64);
+        let (out, starts, queue) = recorded(Box::new(socket), true);
+        out.try_send(Bytes::from_static(b"hello")).unwrap();
+        assert_eq!(
+            starts.load(Ordering::SeqCst),
+            0,
+            "written without a writer task"
+        );
+        let mut got = [0u8; 5];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
+
+        // The socket takes 64 of 90 bytes; the rest waits, and so does what follows.
+        let big: Vec<u8> = (0..90).collect();
+        out.try_send(Bytes::from(big.clone())).unwrap();
+        out.try_send(Bytes::from_static(b"tail")).unwrap();
+        assert_eq!(starts.load(Ordering::SeqCst), 1);
+        let mut queue = queue.lock().unwrap().take().unwrap();
+        let mut io = None;
+        queue.take_writer(&mut io);
+        let mut first = vec![0u8; 64];
+        peer.read_exact(&mut first).await.unwrap();
+        assert_eq!(first, big[..64]);
+        // Play the writer task: write what waits, in order.
+        let writer = io.as_mut().expect("the writer task takes the write half");
+        for _ in 0..2 {
+            let chunk = queue.try_recv().unwrap();
+            tokio::io::AsyncWriteExt::write_all(writer, &chunk)
+                .await
+                .unwrap();
+        }
+        let mut rest = vec![0u8; 30];
+        peer.read_exact(&mut rest).await.unwrap();
+        assert_eq!(rest[..26], big[64..]);
+        assert_eq!(&rest[26..], b"tail");
+        // Nothing waits: the write half goes back, and senders write directly again.
+        queue.written(&mut io, 2, 26 + 4);
+        assert!(io.is_none());
+        out.try_send(Bytes::from_static(b"again")).unwrap();
+        let mut again = [0u8; 5];
+        peer.read_exact(&mut again).await.unwrap();
+        assert_eq!(&again, b"again");
     }
 }

@@ -108,8 +108,10 @@ impl Session {
         let out = link::outbox(
             config.out_queue,
             config.limits.output_queue_bytes,
+            write,
+            transport == Transport::Plain,
             Box::new(move |queue| {
-                arbiter.spawn(write_loop(write, queue, closed));
+                arbiter.spawn(write_loop(queue, closed));
             }),
         );
         let read_limit = Arc::new(AtomicUsize::new(UNTUNNELLED_READ.min(config.read_buffer)));
@@ -317,7 +319,14 @@ impl Session {
             metrics::counter!("elfin_payload_dropped_bytes_total").increment(len);
             return ControlFlow::Continue(());
         };
-        let bytes = match peer.out.try_send(bytes) {
+        // With more input at hand, queue: the peer's writer sends this read's frames
+        // with one system call. The last (or only) one may be written directly.
+        let handed = if self.inbox.is_empty() {
+            peer.out.try_send(bytes)
+        } else {
+            peer.out.try_queue(bytes)
+        };
+        let bytes = match handed {
             Ok(()) => {
                 sent.add(len);
                 return ControlFlow::Continue(());
