@@ -281,3 +281,45 @@ fn a_tls_client_on_a_gateway_without_tls_is_closed_and_warned_about_once() {
         .count();
     assert_eq!(warnings, 1, "{log:?}");
 }
+
+#[test]
+fn tunnels_stay_byte_exact_with_their_ends_on_different_workers() {
+    // Connections are dealt to the two workers in turn: devices k..k+3 alternate, and
+    // so do the clients, with one spare connection between the second and third, so
+    // either the first two tunnels or the last two have their ends on different
+    // workers (a sender then writes into a socket of the other worker).
+    let gw = Binary::start(&[("ELFIN__SERVER__WORKERS", "2")]);
+    let uuid = gw.add_user("alice");
+    let macs: Vec<String> = (0..4).map(|i| format!("AABBCCDDEE{i:02X}")).collect();
+    let devices: Vec<_> = macs
+        .iter()
+        .map(|mac| {
+            let mut device = gw.connect();
+            device.send(format!("beat;{uuid};{mac};plc;0").as_bytes());
+            device
+        })
+        .collect();
+    for mac in &macs {
+        gw.wait_online(&uuid, mac);
+    }
+    let mut clients = Vec::new();
+    let mut spare = None;
+    for (i, mac) in macs.iter().enumerate() {
+        if i == 2 {
+            spare = Some(gw.connect());
+        }
+        clients.push(gw.tunnel(&uuid, mac));
+    }
+    let payload: Vec<u8> = (0..64 * 1024).map(|i| (i * 7 % 256) as u8).collect();
+    for ((mac, mut device), mut client) in macs.iter().zip(devices).zip(clients) {
+        for chunk in payload.chunks(1500) {
+            client.send(&[format!("data;{uuid};T;T;1;").as_bytes(), chunk].concat());
+        }
+        assert_eq!(device.bytes(payload.len()), payload, "to {mac}");
+        for chunk in payload.chunks(1500) {
+            device.send(&[format!("data;{uuid};{mac};plc;0;").as_bytes(), chunk].concat());
+        }
+        assert_eq!(client.bytes(payload.len()), payload, "from {mac}");
+    }
+    drop(spare);
+}
