@@ -3,50 +3,20 @@
 //! its own (`elfin-bench __acceptor`): the least any tokio server holding the same
 //! connections costs.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::gateway::{self, Gateway};
-use crate::net::{self, percentile};
+use crate::net::{self, percentile, Baseline};
 use crate::plot::Figures;
 use crate::report::{Row, Target};
 
 /// The baseline server: accepts, writes one byte, reads and discards.
-pub struct Acceptor {
-    child: Child,
-    pub addr: SocketAddr,
-}
-
-impl Acceptor {
-    pub fn start() -> Acceptor {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .arg("__acceptor")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the baseline acceptor");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line.trim().parse().expect("acceptor address");
-        Acceptor { child, addr }
-    }
-
-    pub fn rss_kib(&self) -> u64 {
-        net::rss_kib(self.child.id()).unwrap_or(0)
-    }
-}
-
-impl Drop for Acceptor {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn acceptor() -> Baseline {
+    Baseline::start(&["__acceptor"])
 }
 
 /// The acceptor's main: serves until killed.
@@ -151,7 +121,7 @@ pub async fn device_fleet(target: Option<&Gateway>, full: bool, figures: &mut Fi
         Target::None,
     )];
     net::settle().await;
-    let acceptor = Acceptor::start();
+    let acceptor = acceptor();
     let (base_points, held) =
         rss_curve(n, acceptor.addr, &gw.uuid, || acceptor.rss_kib(), false).await;
     drop(held);
@@ -225,7 +195,7 @@ pub async fn reconnect_storm(target: Option<&Gateway>, full: bool) -> Vec<Row> {
     let n = if full { 15_000 } else { 3_000 }.min(fleet_limit());
     net::settle().await;
     // Baseline: the same storm at a bare acceptor; all accepted = each got its byte.
-    let acceptor = Acceptor::start();
+    let acceptor = acceptor();
     let started = Instant::now();
     let tasks: Vec<_> = (0..n)
         .map(|i| {

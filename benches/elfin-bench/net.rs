@@ -230,31 +230,42 @@ pub async fn send_frames(
 /// __relay <threads>`): pairs connections by an 8-byte id each sends first, then
 /// copies both ways with a 64 KiB buffer, as the gateway reads (a
 /// `copy_bidirectional` copies through 8 KiB).
-pub async fn relay(threads: usize) -> Relay {
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["__relay", &threads.to_string()])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the baseline relay");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    Relay {
-        addr: line.trim().parse().expect("relay address"),
-        child,
-    }
+pub fn relay(threads: usize) -> Baseline {
+    Baseline::start(&["__relay", &threads.to_string()])
 }
 
-/// A running baseline relay; stops when dropped.
-pub struct Relay {
+/// A baseline server in a process of its own (this binary, run with `args`), which
+/// prints its address first; stops when dropped.
+pub struct Baseline {
     pub addr: SocketAddr,
     child: std::process::Child,
 }
 
-impl Drop for Relay {
+impl Baseline {
+    pub fn start(args: &[&str]) -> Baseline {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start the baseline {args:?}: {e}"));
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        Baseline {
+            addr: line.trim().parse().expect("the baseline's address"),
+            child,
+        }
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.child.id()).unwrap_or(0)
+    }
+}
+
+impl Drop for Baseline {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

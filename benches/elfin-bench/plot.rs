@@ -83,58 +83,43 @@ fn cdf(sorted: &[f64]) -> Vec<(f64, f64)> {
 /// Writes every plot there is data for into `dir`; returns the files.
 pub fn write(dir: &Path, figures: &Figures) -> Vec<String> {
     std::fs::create_dir_all(dir).unwrap();
-    let gateway = RGBColor(42, 111, 176);
-    let baseline = RGBColor(200, 110, 30);
-    let mut written = Vec::new();
-    let mut emit = |name: &str, result: Result<(), Box<dyn std::error::Error>>| match result {
-        Ok(()) => written.push(dir.join(name).display().to_string()),
-        Err(e) => eprintln!("cannot draw {name}: {e}"),
-    };
-    if let Some((g, b)) = &figures.latency {
-        let (g, b) = (cdf(g), cdf(b));
-        let path = dir.join("latency-cdf.svg");
-        emit(
+    let relay = "relay, 64 KiB reads";
+    let latency = figures.latency.as_ref().map(|(g, b)| (cdf(g), cdf(b)));
+    let plots = [
+        (
             "latency-cdf.svg",
-            draw(
-                &path,
-                "tunnel-latency: 32-byte round trips (CDF to p99.9)",
-                ("round trip (us)", "share of round trips"),
-                [
-                    ("elfin-gateway", &g, gateway),
-                    ("relay, 64 KiB reads", &b, baseline),
-                ],
-            ),
-        );
-    }
-    if let Some((g, b)) = &figures.throughput {
-        let path = dir.join("throughput.svg");
-        emit(
+            "tunnel-latency: 32-byte round trips (CDF to p99.9)",
+            ("round trip (us)", "share of round trips"),
+            latency.as_ref(),
+            relay,
+        ),
+        (
             "throughput.svg",
-            draw(
-                &path,
-                "tunnel-throughput: both directions, 16 KiB frames",
-                ("seconds", "MB/s (both ways)"),
-                [
-                    ("elfin-gateway", g, gateway),
-                    ("relay, 64 KiB reads", b, baseline),
-                ],
-            ),
-        );
-    }
-    if let Some((g, b)) = &figures.rss {
-        let path = dir.join("rss.svg");
-        emit(
+            "tunnel-throughput: both directions, 16 KiB frames",
+            ("seconds", "MB/s (both ways)"),
+            figures.throughput.as_ref(),
+            relay,
+        ),
+        (
             "rss.svg",
-            draw(
-                &path,
-                "device-fleet: resident memory against devices connected",
-                ("devices", "RSS (KiB)"),
-                [
-                    ("elfin-gateway", g, gateway),
-                    ("bare tokio acceptor", b, baseline),
-                ],
-            ),
-        );
+            "device-fleet: resident memory against devices connected",
+            ("devices", "RSS (KiB)"),
+            figures.rss.as_ref(),
+            "bare tokio acceptor",
+        ),
+    ];
+    let mut written = Vec::new();
+    for (name, title, axes, lines, baseline) in plots {
+        let Some((g, b)) = lines else { continue };
+        let path = dir.join(name);
+        let series = [
+            ("elfin-gateway", &g[..], RGBColor(42, 111, 176)),
+            (baseline, &b[..], RGBColor(200, 110, 30)),
+        ];
+        match draw(&path, title, axes, series) {
+            Ok(()) => written.push(path.display().to_string()),
+            Err(e) => eprintln!("cannot draw {name}: {e}"),
+        }
     }
     written
 }

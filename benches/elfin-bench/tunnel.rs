@@ -26,7 +26,7 @@ async fn gateway_tunnel(gw: &Gateway, i: usize, tls: bool) -> (Stream, Stream) {
 }
 
 /// Both ends of relay pair `i`, as the scenarios take them.
-async fn relay_pair(i: usize, relay: &net::Relay) -> (Stream, Stream) {
+async fn relay_pair(i: usize, relay: &net::Baseline) -> (Stream, Stream) {
     let (a, b) = net::relay_pair(i, relay.addr).await;
     (Box::new(a), Box::new(b))
 }
@@ -105,7 +105,7 @@ pub async fn throughput(gw: &Gateway, full: bool, figures: &mut Figures) -> Vec<
         net::client_header(&gw.uuid),
         net::device_header(&gw.uuid, 0),
     );
-    let relay = net::relay(1).await;
+    let relay = net::relay(1);
     let relayed = relay_pair(1, &relay).await;
     let (base, base_timeline) = both_ways(relayed, headers.clone(), true, total).await;
     let tunnel = gateway_tunnel(gw, 0, false).await;
@@ -149,27 +149,48 @@ pub async fn round_trips(
     let mut buf = vec![0u8; 4096];
     for i in 0..warm_up + count {
         let (request, response) = payloads(i);
-        let frames = (
-            [headers.0, &request].concat(),
-            [headers.1, &response].concat(),
-        );
-        // What arrives: the payload, or through the relay the whole frame.
-        let arrives =
-            |frame: &[u8], payload: &[u8]| if relayed { frame.len() } else { payload.len() };
-        let started = Instant::now();
-        client.write_all(&frames.0).await.unwrap();
-        let n = arrives(&frames.0, &request);
-        device.read_exact(&mut buf[..n]).await.unwrap();
-        assert!(buf[..n].ends_with(&request), "request corrupted");
-        device.write_all(&frames.1).await.unwrap();
-        let n = arrives(&frames.1, &response);
-        client.read_exact(&mut buf[..n]).await.unwrap();
-        assert!(buf[..n].ends_with(&response), "response corrupted");
+        let took = round_trip(
+            &mut client,
+            &mut device,
+            headers,
+            relayed,
+            (&request, &response),
+            &mut buf,
+        )
+        .await;
         if i >= warm_up {
-            samples.push(started.elapsed().as_secs_f64() * 1e6);
+            samples.push(took);
         }
     }
     (samples, (client, device))
+}
+
+/// One request from the client to the device and its response back, each after its
+/// header; every byte is checked. Microseconds.
+async fn round_trip(
+    client: &mut Stream,
+    device: &mut Stream,
+    headers: (&[u8], &[u8]),
+    relayed: bool,
+    (request, response): (&[u8], &[u8]),
+    buf: &mut [u8],
+) -> f64 {
+    let frames = (
+        [headers.0, request].concat(),
+        [headers.1, response].concat(),
+    );
+    // What arrives: the payload, or through the relay the whole frame.
+    let arrives = |frame: &[u8], payload: &[u8]| if relayed { frame.len() } else { payload.len() };
+    let started = Instant::now();
+    client.write_all(&frames.0).await.unwrap();
+    let n = arrives(&frames.0, request);
+    device.read_exact(&mut buf[..n]).await.unwrap();
+    assert!(buf[..n].ends_with(request), "request corrupted");
+    device.write_all(&frames.1).await.unwrap();
+    let n = arrives(&frames.1, response);
+    client.read_exact(&mut buf[..n]).await.unwrap();
+    assert!(buf[..n].ends_with(response), "response corrupted");
+    started.elapsed().as_secs_f64() * 1e6
 }
 
 /// Fixed 32-byte payloads from the pattern (none ends in a header's first byte).
@@ -188,7 +209,7 @@ fn fixed(i: usize) -> (Vec<u8>, Vec<u8>) {
 /// process waking up, frequency changes) falls on both alike.
 async fn latency_pair(gw: &Gateway, count: usize, tls: bool) -> (Vec<f64>, Vec<f64>) {
     const BLOCKS: usize = 10;
-    let relay = net::relay(1).await;
+    let relay = net::relay(1);
     let (ch, dh) = (
         net::client_header(&gw.uuid),
         net::device_header(&gw.uuid, 0),
@@ -328,20 +349,17 @@ async fn many_loops(
             while Instant::now() < until {
                 let (request, response) = fixed(n);
                 n += 1;
-                let frames = (
-                    [&headers.0[..], &request].concat(),
-                    [&headers.1[..], &response].concat(),
+                let headers = (&headers.0[..], &headers.1[..]);
+                let payloads = (&request[..], &response[..]);
+                let took = round_trip(
+                    &mut client,
+                    &mut device,
+                    headers,
+                    relayed,
+                    payloads,
+                    &mut buf,
                 );
-                let started = Instant::now();
-                client.write_all(&frames.0).await.unwrap();
-                let len = if relayed { frames.0.len() } else { SMALL };
-                device.read_exact(&mut buf[..len]).await.unwrap();
-                assert!(buf[..len].ends_with(&request));
-                device.write_all(&frames.1).await.unwrap();
-                let len = if relayed { frames.1.len() } else { SMALL };
-                client.read_exact(&mut buf[..len]).await.unwrap();
-                assert!(buf[..len].ends_with(&response));
-                samples.push(started.elapsed().as_secs_f64() * 1e6);
+                samples.push(took.await);
             }
             samples
         }));
@@ -387,7 +405,7 @@ pub async fn many_tunnels(target: Option<&Gateway>, full: bool) -> Vec<Row> {
             false,
         );
         let threads = if workers == 0 { 2 } else { workers };
-        let relay = net::relay(threads).await;
+        let relay = net::relay(threads);
         let mut pairs = Vec::new();
         for i in 0..tunnels {
             pairs.push(relay_pair(10_000 + i, &relay).await);
