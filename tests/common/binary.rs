@@ -183,12 +183,7 @@ impl Binary {
         let deadline = Instant::now() + TIMEOUT;
         loop {
             let devices = self.query(uuid);
-            let online = devices
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|d| d["macaddress"] == mac && d["status"] == "online");
-            if online {
+            if super::lists_online(&devices, mac) {
                 return;
             }
             assert!(

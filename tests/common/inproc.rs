@@ -174,12 +174,7 @@ impl TestGateway {
     pub async fn wait_online(&self, uuid: &str, mac: &str) {
         for _ in 0..500 {
             let devices = self.query(uuid).await;
-            let online = devices
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|d| d["macaddress"] == mac && d["status"] == "online");
-            if online {
+            if super::lists_online(&devices, mac) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

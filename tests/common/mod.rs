@@ -26,3 +26,12 @@ pub fn sighting(uuid: &str, mac: &str, host: &str, secs: i64) -> elfin_actors::s
         at: at(secs),
     }
 }
+
+/// Whether a `query` reply lists device `mac` as online.
+pub fn lists_online(devices: &serde_json::Value, mac: &str) -> bool {
+    devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|d| d["macaddress"] == mac && d["status"] == "online")
+}
