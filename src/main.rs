@@ -140,7 +140,13 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         let hangups = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
         actix_rt::spawn(reload_on_sighup(hangups, tls.clone()));
     }
-    let hub = Hub::start(store, config);
+    let mut hub = Hub::start(store, config);
+    let cluster = settings.cluster_config();
+    let node = cluster.as_ref().map(|c| c.node.clone());
+    if let Some(cluster) = cluster {
+        let joined = elfin_actors::cluster::join(cluster, hub.registry.clone(), hub.bridge.clone());
+        hub.cluster = Some(joined.await.context("cannot join the cluster")?);
+    }
     let admin = match admin_listener.zip(prometheus) {
         Some((listener, prometheus)) => {
             let token = settings.admin.token.expose().map(str::to_owned);
@@ -155,11 +161,13 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         None => None,
     };
     log::info!(
-        "elfin-gateway {} listening on {} ({} storage{})",
+        "elfin-gateway {} listening on {} ({} storage{}{})",
         env!("CARGO_PKG_VERSION"),
         listeners[0].0.local_addr()?,
         settings.storage.backend,
-        if tls.is_some() { ", TLS" } else { "" }
+        if tls.is_some() { ", TLS" } else { "" },
+        node.map(|n| format!(", cluster node {n}"))
+            .unwrap_or_default()
     );
     let served = elfin_actors::serve_all(listeners, hub, shutdown_signal(term)).await;
     if let Some(admin) = admin {

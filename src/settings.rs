@@ -34,6 +34,7 @@ pub struct Settings {
     pub limits: Limits,
     pub log: Log,
     pub admin: Admin,
+    pub cluster: Cluster,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -337,6 +338,55 @@ impl Default for Admin {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Cluster {
+    /// NATS servers, comma-separated; empty = this gateway runs alone.
+    pub nats_url: String,
+    /// This node's name in the cluster; empty = the host name.
+    pub node_id: String,
+    pub subject_prefix: String,
+    pub subject_key: Secret,
+    pub token: Secret,
+    pub user: String,
+    pub password: Secret,
+    pub nkey_seed: Secret,
+    pub credentials_file: PathBuf,
+    pub tls_ca: PathBuf,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub require_tls: bool,
+    pub tunnel_window_bytes: u64,
+    pub request_timeout_ms: u64,
+    pub node_timeout_secs: u64,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self {
+            nats_url: String::new(),
+            node_id: String::new(),
+            subject_prefix: "elfin".into(),
+            subject_key: Secret::default(),
+            token: Secret::default(),
+            user: String::new(),
+            password: Secret::default(),
+            nkey_seed: Secret::default(),
+            credentials_file: PathBuf::new(),
+            tls_ca: PathBuf::new(),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+            require_tls: false,
+            tunnel_window_bytes: 1 << 20,
+            request_timeout_ms: 1000,
+            node_timeout_secs: 10,
+        }
+    }
+}
+
+/// The smallest cross-node credit window: a few of the largest messages.
+const MIN_TUNNEL_WINDOW: u64 = 256 * 1024;
+
 /// A secret setting: shown as `****` in `Debug` when set.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -469,7 +519,97 @@ impl Settings {
             );
         }
         self.admin_addr()?;
+        self.check_cluster()?;
         Ok(())
+    }
+
+    fn check_cluster(&self) -> anyhow::Result<()> {
+        let c = &self.cluster;
+        if c.nats_url.trim().is_empty() {
+            return Ok(());
+        }
+        if self.storage.backend != Backend::Mongodb {
+            bail!(
+                "settings: cluster.nats_url: cluster mode needs storage.backend = \"mongodb\" \
+                 (every node shares its database)"
+            );
+        }
+        if c.subject_prefix.is_empty()
+            || !c
+                .subject_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            || c.subject_prefix.starts_with('.')
+            || c.subject_prefix.ends_with('.')
+        {
+            bail!(
+                "settings: cluster.subject_prefix: {:?}: use A-Z a-z 0-9 - _ and dots between \
+                 words",
+                c.subject_prefix
+            );
+        }
+        if c.tunnel_window_bytes < MIN_TUNNEL_WINDOW {
+            bail!("settings: cluster.tunnel_window_bytes: must be at least {MIN_TUNNEL_WINDOW}");
+        }
+        for (key, value) in [
+            ("cluster.request_timeout_ms", c.request_timeout_ms),
+            ("cluster.node_timeout_secs", c.node_timeout_secs),
+        ] {
+            if value == 0 {
+                bail!("settings: {key}: must be greater than 0");
+            }
+        }
+        if c.user.is_empty() != c.password.expose().is_none() {
+            bail!("settings: cluster.user and cluster.password: set both, or neither");
+        }
+        if c.tls_cert.as_os_str().is_empty() != c.tls_key.as_os_str().is_empty() {
+            bail!("settings: cluster.tls_cert and cluster.tls_key: set both, or neither");
+        }
+        Ok(())
+    }
+
+    /// How this node joins its cluster; `None` when it runs alone.
+    pub fn cluster_config(&self) -> Option<elfin_actors::cluster::ClusterConfig> {
+        let c = &self.cluster;
+        if c.nats_url.trim().is_empty() {
+            return None;
+        }
+        let path = |p: &PathBuf| (!p.as_os_str().is_empty()).then(|| p.clone());
+        let secret = |s: &Secret| s.expose().map(str::to_owned);
+        let node = match c.node_id.as_str() {
+            "" => gethostname::gethostname().to_string_lossy().into_owned(),
+            id => id.to_owned(),
+        };
+        let stall = Duration::from_secs(self.server.tunnel_stall_secs);
+        Some(elfin_actors::cluster::ClusterConfig {
+            servers: c
+                .nats_url
+                .split(',')
+                .map(|url| url.trim().to_owned())
+                .filter(|url| !url.is_empty())
+                .collect(),
+            node,
+            subjects: elfin_actors::cluster::wire::Subjects::new(
+                &c.subject_prefix,
+                c.subject_key.expose().unwrap_or_default(),
+            ),
+            auth: elfin_actors::cluster::NatsAuth {
+                token: secret(&c.token),
+                user: secret(&c.password).map(|password| (c.user.clone(), password)),
+                nkey_seed: secret(&c.nkey_seed),
+                credentials_file: path(&c.credentials_file),
+                tls_ca: path(&c.tls_ca),
+                tls_client: path(&c.tls_cert).zip(path(&c.tls_key)),
+                require_tls: c.require_tls,
+            },
+            window: c.tunnel_window_bytes,
+            request_timeout: Duration::from_millis(c.request_timeout_ms),
+            // A silent node's tunnels end within the stall time, as a stalled one's.
+            node_timeout: Duration::from_secs(c.node_timeout_secs).min(stall),
+            stall,
+            out_chunks: self.server.output_queue_chunks,
+            out_bytes: self.limits.output_queue_bytes,
+        })
     }
 
     /// The admin server's address, if it is on. Without a token it must be loopback;
@@ -671,6 +811,21 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("limits.identify_secs"));
+        let mut s = Settings::default();
+        s.cluster.nats_url = "nats://127.0.0.1:4222".into();
+        assert!(s
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("storage.backend = \"mongodb\""));
+        s.storage.backend = Backend::Mongodb;
+        s.check().unwrap();
+        s.cluster.subject_prefix = "elfin.>".into();
+        assert!(s
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("cluster.subject_prefix"));
         let mut s = Settings::default();
         s.persistence.max_batch = 0;
         assert!(s

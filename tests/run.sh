@@ -6,21 +6,26 @@
 # (tests/mongo/standin.py) that needs two PyPI packages; they go into a virtualenv
 # under target/. With MONGODB_URI set, those tests use that server instead.
 #
-# The status page is tested in headless Chromium driven by chromedriver: Debian's
-# chromium and chromium-driver packages are installed if missing, and the test
-# fails rather than skips without them (ELFIN_REQUIRE_BROWSER).
+# The status page is tested in headless Chromium driven by chromedriver, and cluster
+# mode against a real NATS server: Debian's chromium, chromium-driver and nats-server
+# packages are installed if missing, and those tests fail rather than skip without
+# them (ELFIN_REQUIRE_BROWSER, ELFIN_REQUIRE_NATS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! [ -x /usr/bin/chromium ] || ! [ -x /usr/bin/chromedriver ]; then
-  echo "installing Debian's chromium and chromium-driver for the status page test" >&2
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+[ -x /usr/sbin/nats-server ] || [ -x /usr/bin/nats-server ] || missing+=(nats-server)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing Debian's ${missing[*]} for the tests" >&2
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   export DEBIAN_FRONTEND=noninteractive
-  $sudo apt-get install -y -q chromium chromium-driver >/dev/null ||
-    { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q chromium chromium-driver >/dev/null; }
+  $sudo apt-get install -y -q "${missing[@]}" >/dev/null ||
+    { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q "${missing[@]}" >/dev/null; }
 fi
-export ELFIN_REQUIRE_BROWSER=1
+export ELFIN_REQUIRE_BROWSER=1 ELFIN_REQUIRE_NATS=1
 
 venv=target/standin-venv
 if [ -z "${MONGODB_URI:-}" ] && ! "$venv/bin/python" -c "import mockupdb, mongomock" 2>/dev/null; then

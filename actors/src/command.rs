@@ -17,6 +17,7 @@ use bytestring::ByteString;
 
 use crate::bridge::Link;
 use crate::clock::Stamp;
+use crate::cluster::{Gather, Open, Probe};
 use crate::frame::{Reply, Request};
 use crate::hub::Hub;
 use crate::link::{End, Meter, Outbox, PeerEvent, PeerLink, Role, TunnelId};
@@ -159,7 +160,8 @@ async fn connme(
     mac: ByteString,
     me: &PeerLink,
 ) -> Result<Tunnel, Refusal> {
-    let device = find_device(hub, uuid, &mac, me).await?;
+    let found = locate(hub, uuid, &mac, me).await?;
+    let device = reach(hub, found, uuid, &mac, me, Role::Client).await?;
     if device.id == me.id {
         return Err(Refusal::ToItself);
     }
@@ -200,16 +202,20 @@ async fn connthem(
     if mac1 == mac2 {
         return Err(Refusal::DeviceToItself);
     }
-    let a = find_device(hub, uuid, &mac1, me).await?;
-    let b = find_device(hub, uuid, &mac2, me).await?;
+    // Both must be live before either is touched.
+    let a = locate(hub, uuid, &mac1, me).await?;
+    let b = locate(hub, uuid, &mac2, me).await?;
+    let (role1, role2) = (Role::Device(owned(&mac1)), Role::Device(owned(&mac2)));
+    let a = reach(hub, a, uuid, &mac1, me, role2.clone()).await?;
+    let b = reach(hub, b, uuid, &mac2, me, role1.clone()).await?;
     let link = Link {
         a: End {
             link: a,
-            role: Role::Device(owned(&mac1)),
+            role: role1,
         },
         b: End {
             link: b,
-            role: Role::Device(owned(&mac2)),
+            role: role2,
         },
         notify: true,
     };
@@ -241,8 +247,19 @@ async fn query(hub: &Hub, uuid: &ByteString, me: &PeerLink) -> Bytes {
     };
     let pending = hub.persistence.send(PendingFor { uuid: uuid.clone() });
     let live = hub.registry.send(LiveDevices { uuid: uuid.clone() });
-    let (stored, pending, live) = futures::join!(stored, pending, live);
-    let (pending, live) = (pending.unwrap_or_default(), live.unwrap_or_default());
+    // Devices live on other nodes count as sightings not yet stored.
+    let elsewhere = async {
+        match &hub.cluster {
+            Some(cluster) => cluster
+                .send(Gather { uuid: uuid.clone() })
+                .await
+                .unwrap_or_default(),
+            None => Vec::new(),
+        }
+    };
+    let (stored, pending, live, elsewhere) = futures::join!(stored, pending, live, elsewhere);
+    let (mut pending, live) = (pending.unwrap_or_default(), live.unwrap_or_default());
+    pending.extend(elsewhere);
     let rows = stored.len().max(live.len()) + pending.len();
     let format = hub.config.query.clone();
     let render = move || {
@@ -257,14 +274,21 @@ async fn query(hub: &Hub, uuid: &ByteString, me: &PeerLink) -> Bytes {
         .unwrap_or_else(|_| Reply::Devices(Vec::new()).encode())
 }
 
-/// The live connection of the user's device, checking the user first. A uuid that is
-/// no user's slows its source address down once it has failed too often.
-async fn find_device(
+/// Where a user's device is live.
+enum Found {
+    Here(PeerLink),
+    /// On another node of the cluster.
+    Elsewhere,
+}
+
+/// Finds the user's device, checking the user first. A uuid that is no user's slows
+/// its source address down once it has failed too often.
+async fn locate(
     hub: &Hub,
     uuid: &ByteString,
     mac: &ByteString,
     me: &PeerLink,
-) -> Result<PeerLink, Refusal> {
+) -> Result<Found, Refusal> {
     if hub.users.access(uuid).await == Access::Refused {
         slow_down(hub, me).await;
         return Err(if hub.config.verbose_reasons {
@@ -273,11 +297,46 @@ async fn find_device(
             Refusal::Offline(mac.clone())
         });
     }
-    hub.registry
-        .send(Lookup {
-            uuid: uuid.clone(),
-            mac: mac.clone(),
-        })
+    let lookup = Lookup {
+        uuid: uuid.clone(),
+        mac: mac.clone(),
+    };
+    if let Some(link) = hub.registry.send(lookup).await.ok().flatten() {
+        return Ok(Found::Here(link));
+    }
+    let probe = Probe {
+        uuid: uuid.clone(),
+        mac: mac.clone(),
+    };
+    match &hub.cluster {
+        Some(cluster) if cluster.send(probe).await.unwrap_or(false) => Ok(Found::Elsewhere),
+        _ => Err(Refusal::Offline(mac.clone())),
+    }
+}
+
+/// The link to tunnel to a device found: its connection, or for a device on another
+/// node a new end here that stands for it (`me`'s side in `role` there).
+async fn reach(
+    hub: &Hub,
+    found: Found,
+    uuid: &ByteString,
+    mac: &ByteString,
+    me: &PeerLink,
+    role: Role,
+) -> Result<PeerLink, Refusal> {
+    let cluster = match (found, &hub.cluster) {
+        (Found::Here(link), _) => return Ok(link),
+        (Found::Elsewhere, Some(cluster)) => cluster,
+        (Found::Elsewhere, None) => return Err(Refusal::Offline(mac.clone())),
+    };
+    let open = Open {
+        uuid: uuid.clone(),
+        mac: owned(mac),
+        role,
+        remote: me.remote,
+    };
+    cluster
+        .send(open)
         .await
         .ok()
         .flatten()

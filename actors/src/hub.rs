@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use actix::prelude::*;
 
 use crate::bridge::BridgeManager;
+use crate::cluster::Cluster;
 use crate::debouncer::{FlushAll, HeartbeatDebouncer};
 use crate::limits::{Admission, Limits, LookupGuard};
 use crate::persistence::{Flush, Persistence};
@@ -77,6 +78,8 @@ pub struct Hub {
     pub accepting: Arc<AtomicBool>,
     pub started: SystemTime,
     pub config: Arc<Config>,
+    /// This node's member of a cluster, in cluster mode ([`crate::cluster`]).
+    pub cluster: Option<Addr<Cluster>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +115,7 @@ impl Hub {
             started: SystemTime::now(),
             store,
             config: Arc::new(config),
+            cluster: None,
         }
     }
 

@@ -17,6 +17,7 @@
 
 pub mod bridge;
 pub mod clock;
+pub mod cluster;
 pub mod command;
 pub mod connection;
 pub mod debouncer;

@@ -1,9 +1,10 @@
 //! The `query` reply: the user's devices as a JSON array (`docs/PROTOCOL.md` §3).
 //!
 //! Three sources are merged by mac, the newest last-seen winning: the store, sightings
-//! the persistence actor has not written yet, and the registry's live connections. So
-//! a sighting shows at once, and the reply still lists what the gateway knows while
-//! the database is unreachable.
+//! not stored yet (the persistence actor's pending ones, and in cluster mode devices
+//! live on other nodes) and the registry's live connections. So a sighting shows at
+//! once, and the reply still lists what the gateway knows while the database is
+//! unreachable.
 
 use std::collections::HashMap;
 

@@ -5,6 +5,10 @@
 //! device (`docs/PROTOCOL.md` §4): a newer connection of the same device replaces the
 //! older one, which is told [`PeerEvent::Replaced`] and closes (it is usually a
 //! half-open socket the device already gave up on).
+//!
+//! In cluster mode the registry tells the cluster ([`Watch`]) when a device becomes
+//! live here or stops being, and the cluster evicts a device that connected to another
+//! node since ([`Evict`]).
 
 use std::collections::HashMap;
 
@@ -25,6 +29,7 @@ pub struct DeviceRegistry {
     /// uuid -> mac -> live connection.
     users: HashMap<ByteString, HashMap<ByteString, Entry>>,
     online: usize,
+    watcher: Option<Recipient<Presence>>,
 }
 
 impl Actor for DeviceRegistry {
@@ -47,6 +52,29 @@ pub struct Unregister {
     pub uuid: ByteString,
     pub mac: ByteString,
     pub session: SessionId,
+}
+
+/// A device became live here, or stopped being (not told when a newer connection of
+/// a live device replaces its older one).
+#[derive(Message, Debug, Clone, PartialEq, Eq)]
+#[rtype(result = "()")]
+pub enum Presence {
+    Online { uuid: ByteString, mac: ByteString },
+    Offline { uuid: ByteString, mac: ByteString },
+}
+
+/// Tell this recipient of every [`Presence`] change, starting with every live device.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Watch(pub Recipient<Presence>);
+
+/// The device went live on another node: its connection here is closed as if a newer
+/// connection had replaced it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Evict {
+    pub uuid: ByteString,
+    pub mac: ByteString,
 }
 
 /// The live connection of device (uuid, mac).
@@ -88,13 +116,44 @@ impl DeviceRegistry {
     fn report(&self) {
         metrics::gauge!("elfin_devices_online").set(self.online as f64);
     }
+
+    fn tell(&self, change: Presence) {
+        if let Some(watcher) = &self.watcher {
+            watcher.do_send(change);
+        }
+    }
+
+    /// Removes the entry of (uuid, mac) if `keep` accepts it.
+    fn remove(
+        &mut self,
+        uuid: &ByteString,
+        mac: &ByteString,
+        keep: impl FnOnce(&Entry) -> bool,
+    ) -> Option<Entry> {
+        let devices = self.users.get_mut(uuid)?;
+        if !devices.get(mac).is_some_and(keep) {
+            return None;
+        }
+        let entry = devices.remove(mac)?;
+        self.online -= 1;
+        if devices.is_empty() {
+            self.users.remove(uuid);
+        }
+        self.report();
+        self.tell(Presence::Offline {
+            uuid: uuid.clone(),
+            mac: mac.clone(),
+        });
+        Some(entry)
+    }
 }
 
 impl Handler<Register> for DeviceRegistry {
     type Result = ();
 
     fn handle(&mut self, msg: Register, _: &mut Context<Self>) {
-        let devices = self.users.entry(msg.device.uuid.clone()).or_default();
+        let uuid = msg.device.uuid.clone();
+        let devices = self.users.entry(uuid.clone()).or_default();
         let mac = msg.device.mac.clone();
         let entry = Entry {
             device: msg.device,
@@ -114,7 +173,10 @@ impl Handler<Register> for DeviceRegistry {
                 });
             }
             Some(_) => {}
-            None => self.online += 1,
+            None => {
+                self.online += 1;
+                self.tell(Presence::Online { uuid, mac });
+            }
         }
         self.report();
     }
@@ -124,20 +186,37 @@ impl Handler<Unregister> for DeviceRegistry {
     type Result = ();
 
     fn handle(&mut self, msg: Unregister, _: &mut Context<Self>) {
-        let Some(devices) = self.users.get_mut(&msg.uuid) else {
-            return;
-        };
-        if devices
-            .get(&msg.mac)
-            .is_some_and(|e| e.link.id == msg.session)
-        {
-            devices.remove(&msg.mac);
-            self.online -= 1;
-            if devices.is_empty() {
-                self.users.remove(&msg.uuid);
-            }
-            self.report();
+        self.remove(&msg.uuid, &msg.mac, |e| e.link.id == msg.session);
+    }
+}
+
+impl Handler<Evict> for DeviceRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Evict, _: &mut Context<Self>) {
+        if let Some(old) = self.remove(&msg.uuid, &msg.mac, |_| true) {
+            metrics::counter!("elfin_device_takeovers_total").increment(1);
+            old.link.events.do_send(PeerEvent::Replaced {
+                uuid: old.device.uuid,
+                mac: old.device.mac,
+            });
         }
+    }
+}
+
+impl Handler<Watch> for DeviceRegistry {
+    type Result = ();
+
+    fn handle(&mut self, Watch(watcher): Watch, _: &mut Context<Self>) {
+        for (uuid, devices) in &self.users {
+            for mac in devices.keys() {
+                watcher.do_send(Presence::Online {
+                    uuid: uuid.clone(),
+                    mac: mac.clone(),
+                });
+            }
+        }
+        self.watcher = Some(watcher);
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod binary;
 pub mod inproc;
 pub mod mongo;
+pub mod nats;
 pub mod pki;
 
 #[allow(unused_imports)]

@@ -1,0 +1,739 @@
+//! Cluster mode: several gateway nodes serve one fleet, over NATS and a shared store.
+//!
+//! The [`Cluster`] actor is this node's member of the cluster. It owns the NATS
+//! client and three things:
+//!
+//! - **Presence.** For each device live here (the registry tells it, [`Presence`]) it
+//!   subscribes to the device's subject ([`wire::Subjects::device`], a hash, never
+//!   the uuid), so NATS's interest graph is the presence table: a node that dies
+//!   takes its entries with it. A device that goes live here publishes a claim there,
+//!   and the node that held it before closes its stale connection ([`Evict`]).
+//! - **Reaching devices elsewhere.** `connme`/`connthem` for a device live on another
+//!   node ask that node, on the device's subject, to tunnel it to a [`remote::Remote`]
+//!   here; `query` asks every node for the user's live devices ([`Gather`]).
+//! - **Membership.** Every node says hello every so often; a node not heard from
+//!   for [`ClusterConfig::node_timeout`] is gone and its tunnels end. A lost NATS
+//!   connection ends every cross-node tunnel; the client reconnects in the background
+//!   and subscribes again, which rebuilds presence.
+//!
+//! The shared MongoDB store does the rest: users, and devices' last-seen, are the same
+//! on every node.
+
+pub mod remote;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use async_nats::{Client, Event, Message};
+use bytestring::ByteString;
+use futures::StreamExt;
+use tokio::time::Instant;
+
+use crate::bridge::{BridgeManager, Link};
+use crate::link::{End, PeerLink, Role, SessionId};
+use crate::registry::{DeviceRegistry, Evict, LiveDevices, Lookup, Presence, Watch};
+use crate::store::Sighting;
+use remote::{Lost, Remote, Tracked};
+use wire::{Answer, Ask, Hello, LiveElsewhere, QueryAnswer, QueryAsk, Subjects};
+
+/// How this node joins the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// NATS servers (`nats://host:4222`, `tls://…`), tried in turn.
+    pub servers: Vec<String>,
+    /// This node's name, unique in the cluster.
+    pub node: String,
+    pub subjects: Subjects,
+    pub auth: NatsAuth,
+    /// Bytes a cross-node tunnel end may send ahead of the other end's reading.
+    pub window: u64,
+    /// How long a request to another node waits for its answer.
+    pub request_timeout: Duration,
+    /// A node not heard from for this long is gone.
+    pub node_timeout: Duration,
+    /// The gateway's stall time, and a cross-node end's output queue.
+    pub stall: Duration,
+    pub out_chunks: usize,
+    pub out_bytes: usize,
+}
+
+/// Credentials and TLS for NATS, as the server asks for them.
+#[derive(Debug, Clone, Default)]
+pub struct NatsAuth {
+    pub token: Option<String>,
+    pub user: Option<(String, String)>,
+    pub nkey_seed: Option<String>,
+    pub credentials_file: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_client: Option<(PathBuf, PathBuf)>,
+    pub require_tls: bool,
+}
+
+impl ClusterConfig {
+    /// How often this node says hello.
+    fn hello_every(&self) -> Duration {
+        self.node_timeout / 4
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("cannot read the NATS credentials file: {0}")]
+    Credentials(std::io::Error),
+    #[error("NATS: {0}")]
+    Nats(String),
+}
+
+/// A device, as the cluster keys it.
+type Key = (ByteString, ByteString);
+
+pub struct Cluster {
+    nats: Client,
+    config: Arc<ClusterConfig>,
+    registry: Addr<DeviceRegistry>,
+    bridge: Addr<BridgeManager>,
+    /// Devices live here, with their subject's stream (`None` while subscribing).
+    held: HashMap<Key, Option<SpawnHandle>>,
+    /// Users with devices live here, by their name in `query` requests: uuid, and how
+    /// many devices.
+    users: HashMap<String, (ByteString, usize)>,
+    /// Other nodes, and when each last said hello.
+    nodes: HashMap<String, Instant>,
+    /// Cross-node tunnel ends here, with the node of their other end.
+    remotes: HashMap<SessionId, (String, Addr<Remote>)>,
+    connected: bool,
+}
+
+/// Everything that reaches the cluster actor from NATS.
+enum Incoming {
+    Event(Event),
+    Device(Key, Message),
+    Query(Message),
+    Hello(Message),
+}
+
+/// Connects to NATS (in the background: a node whose NATS is down runs alone until it
+/// answers) and starts this node's [`Cluster`] actor.
+pub async fn join(
+    config: ClusterConfig,
+    registry: Addr<DeviceRegistry>,
+    bridge: Addr<BridgeManager>,
+) -> Result<Addr<Cluster>, JoinError> {
+    let (events, incoming) = tokio::sync::mpsc::unbounded_channel();
+    let mut options = match &config.auth.credentials_file {
+        Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(JoinError::Credentials)?,
+        None => async_nats::ConnectOptions::new(),
+    };
+    let auth = &config.auth;
+    if let Some(token) = &auth.token {
+        options = options.token(token.clone());
+    }
+    if let Some((user, password)) = &auth.user {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(seed) = &auth.nkey_seed {
+        options = options.nkey(seed.clone());
+    }
+    if let Some(ca) = &auth.tls_ca {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let Some((cert, key)) = &auth.tls_client {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    let nats = options
+        .require_tls(auth.require_tls)
+        .name(format!("elfin-gateway {}", config.node))
+        // This node's own hellos, claims and queries are not for itself.
+        .no_echo()
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(2))
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis(100u64 << attempts.min(5)).min(Duration::from_secs(2))
+        })
+        // Enough for a full credit window of the smallest messages, per tunnel.
+        .subscription_capacity((config.window / remote::MESSAGE_COST) as usize + 1024)
+        .event_callback(move |event| {
+            let events = events.clone();
+            async move {
+                let _ = events.send(event);
+            }
+        })
+        .connect(config.servers.as_slice())
+        .await
+        .map_err(|e| JoinError::Nats(e.to_string()))?;
+    let query = nats
+        .subscribe(config.subjects.query())
+        .await
+        .map_err(|e| JoinError::Nats(e.to_string()))?;
+    let hello = nats
+        .subscribe(config.subjects.hello())
+        .await
+        .map_err(|e| JoinError::Nats(e.to_string()))?;
+    let watched = registry.clone();
+    let cluster = Cluster::create(move |ctx| {
+        ctx.add_stream(tokio_stream_of(incoming).map(Incoming::Event));
+        ctx.add_stream(query.map(Incoming::Query));
+        ctx.add_stream(hello.map(Incoming::Hello));
+        Cluster {
+            nats,
+            config: Arc::new(config),
+            registry,
+            bridge,
+            held: HashMap::new(),
+            users: HashMap::new(),
+            nodes: HashMap::new(),
+            remotes: HashMap::new(),
+            connected: false,
+        }
+    });
+    watched.do_send(Watch(cluster.clone().recipient()));
+    Ok(cluster)
+}
+
+/// An unbounded receiver as a stream.
+fn tokio_stream_of<T: 'static>(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+impl Actor for Cluster {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        log::info!(
+            "cluster node {} joining over NATS at {}",
+            self.config.node,
+            self.config.servers.join(",")
+        );
+        ctx.run_interval(self.config.hello_every(), |act, _| act.tick());
+        // The first attempt has had its connection timeout by then.
+        ctx.run_later(Duration::from_millis(2500), |act, _| {
+            if !act.connected {
+                log::warn!(
+                    "NATS at {} does not answer: this node runs alone (its own devices \
+                     only) and keeps trying in the background",
+                    act.config.servers.join(",")
+                );
+            }
+        });
+        self.report();
+    }
+}
+
+impl Cluster {
+    fn report(&self) {
+        metrics::gauge!("elfin_cluster_connected").set(if self.connected { 1.0 } else { 0.0 });
+        metrics::gauge!("elfin_cluster_nodes").set(self.nodes.len() as f64);
+        metrics::gauge!("elfin_cluster_tunnel_ends").set(self.remotes.len() as f64);
+    }
+
+    /// Says hello, and ends the tunnels of nodes that stopped saying it.
+    fn tick(&mut self) {
+        self.publish(
+            self.config.subjects.hello(),
+            wire::encode(&Hello {
+                node: self.config.node.clone(),
+            }),
+        );
+        let timeout = self.config.node_timeout;
+        let gone: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(_, seen)| seen.elapsed() >= timeout)
+            .map(|(node, _)| node.clone())
+            .collect();
+        for node in gone {
+            self.nodes.remove(&node);
+            let why = format!("node {node} stopped answering for {timeout:?}");
+            let ends = self.end_tunnels(|n| *n == node, &why);
+            log::warn!("{why}; ended its {ends} cross-node tunnel ends");
+        }
+        self.report();
+    }
+
+    /// Ends the cross-node tunnel ends whose other node `matches`; returns how many.
+    fn end_tunnels(&mut self, matches: impl Fn(&String) -> bool, why: &str) -> usize {
+        let mut ended = 0;
+        for (node, end) in self.remotes.values() {
+            if matches(node) {
+                end.do_send(Lost(why.to_owned()));
+                ended += 1;
+            }
+        }
+        ended
+    }
+
+    fn publish(&self, subject: String, payload: bytes::Bytes) {
+        let nats = self.nats.clone();
+        actix_rt::spawn(async move {
+            let _ = nats.publish(subject, payload).await;
+        });
+    }
+
+    fn reply(&self, to: &Message, payload: bytes::Bytes) {
+        if let Some(reply) = &to.reply {
+            self.publish(reply.to_string(), payload);
+        }
+    }
+
+    fn nats_event(&mut self, event: Event) {
+        match event {
+            Event::Connected => {
+                self.connected = true;
+                log::info!(
+                    "connected to NATS; {} devices live here are reachable from other nodes",
+                    self.held.len()
+                );
+                self.tick();
+            }
+            Event::Disconnected => {
+                self.connected = false;
+                self.nodes.clear();
+                let ended = self.end_tunnels(|_| true, "the NATS connection was lost");
+                log::warn!(
+                    "lost the NATS connection: {ended} cross-node tunnel ends closed; local \
+                     tunnels keep flowing; reconnecting in the background"
+                );
+            }
+            Event::SlowConsumer(sid) => {
+                log::warn!("NATS dropped messages for subscription {sid} (slow consumer)")
+            }
+            other => log::info!("NATS: {other}"),
+        }
+        self.report();
+    }
+
+    fn device_message(&mut self, (uuid, mac): Key, message: Message, ctx: &mut Context<Self>) {
+        let Ok(ask) = serde_json::from_slice::<Ask>(&message.payload) else {
+            log::debug!("cluster: unreadable request on {}", message.subject);
+            return;
+        };
+        match ask {
+            Ask::Claim { node } => {
+                log::info!("device {mac} connected to node {node}; closing its connection here");
+                self.registry.do_send(Evict { uuid, mac });
+            }
+            Ask::Probe => {
+                let lookup = self.registry.send(Lookup { uuid, mac });
+                ctx.spawn(lookup.into_actor(self).map(move |found, act, _| {
+                    let answer = match found.ok().flatten() {
+                        Some(_) => Answer::Present,
+                        None => Answer::Failed {
+                            reason: "offline".into(),
+                        },
+                    };
+                    act.reply(&message, wire::encode(&answer));
+                }));
+            }
+            Ask::Open {
+                node,
+                inbox,
+                remote,
+                role,
+                window,
+            } => {
+                let far = Far {
+                    node,
+                    inbox,
+                    remote,
+                    window,
+                };
+                let accept = self.accept(uuid, mac, far, role.into(), ctx);
+                ctx.spawn(accept.into_actor(self).map(move |answer, act, _| {
+                    act.reply(&message, wire::encode(&answer));
+                }));
+            }
+        }
+    }
+
+    /// Tunnels device (uuid, mac), live here, to an end on another node.
+    fn accept(
+        &self,
+        uuid: ByteString,
+        mac: ByteString,
+        far: Far,
+        role: Role,
+        ctx: &mut Context<Self>,
+    ) -> impl std::future::Future<Output = Answer> + 'static {
+        let (registry, bridge) = (self.registry.clone(), self.bridge.clone());
+        let (nats, config) = (self.nats.clone(), self.config.clone());
+        let tracker = ctx.address().recipient();
+        async move {
+            let offline = || Answer::Failed {
+                reason: "offline".into(),
+            };
+            let Ok(Some(device)) = registry
+                .send(Lookup {
+                    uuid,
+                    mac: mac.clone(),
+                })
+                .await
+            else {
+                return offline();
+            };
+            let remote = device.remote;
+            let Ok((inbox, end)) = open_end(&nats, &config, far, tracker, &bridge).await else {
+                return offline();
+            };
+            let link = Link {
+                a: End { link: end, role },
+                b: End {
+                    link: device,
+                    role: Role::Device(mac),
+                },
+                notify: true,
+            };
+            if bridge.send(link).await.is_err() {
+                return offline();
+            }
+            Answer::Opened {
+                node: config.node.clone(),
+                inbox,
+                remote,
+                window: config.window,
+            }
+        }
+    }
+
+    fn query_message(&mut self, message: Message, ctx: &mut Context<Self>) {
+        let Ok(ask) = serde_json::from_slice::<QueryAsk>(&message.payload) else {
+            return;
+        };
+        let node = self.config.node.clone();
+        let live = match self.users.get(&ask.user) {
+            Some((uuid, _)) => Some(self.registry.send(LiveDevices { uuid: uuid.clone() })),
+            None => None,
+        };
+        let answer = async move {
+            let live = match live {
+                Some(live) => live.await.unwrap_or_default(),
+                None => Vec::new(),
+            };
+            let devices = live
+                .into_iter()
+                .map(|d| LiveElsewhere {
+                    mac: d.mac.to_string(),
+                    host: d.host.to_string(),
+                    seen_ms: d.last_seen.to_utc().timestamp_millis(),
+                })
+                .collect();
+            QueryAnswer { node, devices }
+        };
+        ctx.spawn(answer.into_actor(self).map(move |answer, act, _| {
+            act.reply(&message, wire::encode(&answer));
+        }));
+    }
+
+    fn hello_message(&mut self, message: Message) {
+        let Ok(hello) = serde_json::from_slice::<Hello>(&message.payload) else {
+            return;
+        };
+        if hello.node == self.config.node {
+            return;
+        }
+        if self
+            .nodes
+            .insert(hello.node.clone(), Instant::now())
+            .is_none()
+        {
+            log::info!("cluster node {} is up", hello.node);
+            self.report();
+        }
+    }
+
+    fn online(&mut self, uuid: ByteString, mac: ByteString, ctx: &mut Context<Self>) {
+        let key = (uuid, mac);
+        if self.held.contains_key(&key) {
+            return;
+        }
+        self.held.insert(key.clone(), None);
+        let user = self.config.subjects.user(&key.0);
+        self.users
+            .entry(user)
+            .or_insert_with(|| (key.0.clone(), 0))
+            .1 += 1;
+        let subject = self.config.subjects.device(&key.0, &key.1);
+        let claim = Ask::Claim {
+            node: self.config.node.clone(),
+        };
+        self.publish(subject.clone(), wire::encode(&claim));
+        let nats = self.nats.clone();
+        let subscribe = async move { nats.subscribe(subject).await };
+        ctx.spawn(subscribe.into_actor(self).map(move |subscribed, act, ctx| {
+            let Ok(subscription) = subscribed else { return };
+            // Still live, and not subscribed by a later `Online`?
+            if act.held.get(&key).is_some_and(Option::is_none) {
+                let k = key.clone();
+                let stream =
+                    ctx.add_stream(subscription.map(move |m| Incoming::Device(k.clone(), m)));
+                act.held.insert(key, Some(stream));
+            }
+        }));
+    }
+
+    fn offline(&mut self, uuid: ByteString, mac: ByteString, ctx: &mut Context<Self>) {
+        let key = (uuid, mac);
+        if let Some(stream) = self.held.remove(&key).flatten() {
+            ctx.cancel_future(stream);
+        }
+        let user = self.config.subjects.user(&key.0);
+        if let Some((_, devices)) = self.users.get_mut(&user) {
+            *devices -= 1;
+            if *devices == 0 {
+                self.users.remove(&user);
+            }
+        }
+    }
+}
+
+/// The other end of a tunnel being opened: its node, its data inbox, the address of
+/// the connection it stands for, and its receive window.
+struct Far {
+    node: String,
+    inbox: String,
+    remote: SocketAddr,
+    window: u64,
+}
+
+/// Subscribes a new end's inbox and starts its [`Remote`]; returns the inbox and the
+/// end's link.
+async fn open_end(
+    nats: &Client,
+    config: &ClusterConfig,
+    far: Far,
+    tracker: Recipient<Tracked>,
+    bridge: &Addr<BridgeManager>,
+) -> Result<(String, PeerLink), async_nats::SubscribeError> {
+    let inbox = nats.new_inbox();
+    let (data, credits) = subscribe_end(nats, &inbox).await?;
+    Ok((
+        inbox,
+        start_end(nats, config, far, data, credits, tracker, bridge),
+    ))
+}
+
+async fn subscribe_end(
+    nats: &Client,
+    inbox: &str,
+) -> Result<(async_nats::Subscriber, async_nats::Subscriber), async_nats::SubscribeError> {
+    let data = nats.subscribe(inbox.to_owned()).await?;
+    let credits = nats.subscribe(format!("{inbox}.credit")).await?;
+    Ok((data, credits))
+}
+
+fn start_end(
+    nats: &Client,
+    config: &ClusterConfig,
+    far: Far,
+    data: async_nats::Subscriber,
+    credits: async_nats::Subscriber,
+    tracker: Recipient<Tracked>,
+    bridge: &Addr<BridgeManager>,
+) -> PeerLink {
+    remote::start(remote::Parts {
+        nats: nats.clone(),
+        node: far.node,
+        data,
+        credits,
+        peer_inbox: far.inbox,
+        remote: far.remote,
+        // At least two full messages fit, whatever the other node asks for.
+        send_credit: far.window.max(4 * remote::BATCH_BYTES as u64),
+        receive_window: config.window,
+        stall: config.stall,
+        out_chunks: config.out_chunks,
+        out_bytes: config.out_bytes,
+        bridge: bridge.clone(),
+        tracker,
+    })
+}
+
+impl StreamHandler<Incoming> for Cluster {
+    fn handle(&mut self, incoming: Incoming, ctx: &mut Context<Self>) {
+        match incoming {
+            Incoming::Event(event) => self.nats_event(event),
+            Incoming::Device(key, message) => self.device_message(key, message, ctx),
+            Incoming::Query(message) => self.query_message(message, ctx),
+            Incoming::Hello(message) => self.hello_message(message),
+        }
+    }
+
+    /// A device's stream ends when it goes offline; the others never end.
+    fn finished(&mut self, _: &mut Context<Self>) {}
+}
+
+impl Handler<Presence> for Cluster {
+    type Result = ();
+
+    fn handle(&mut self, change: Presence, ctx: &mut Context<Self>) {
+        match change {
+            Presence::Online { uuid, mac } => self.online(uuid, mac, ctx),
+            Presence::Offline { uuid, mac } => self.offline(uuid, mac, ctx),
+        }
+    }
+}
+
+impl Handler<Tracked> for Cluster {
+    type Result = ();
+
+    fn handle(&mut self, tracked: Tracked, _: &mut Context<Self>) {
+        match tracked {
+            Tracked::Open { id, node, end } => {
+                self.remotes.insert(id, (node, end));
+            }
+            Tracked::Closed(id) => {
+                self.remotes.remove(&id);
+            }
+        }
+        self.report();
+    }
+}
+
+/// Is device (uuid, mac) live on another node?
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct Probe {
+    pub uuid: ByteString,
+    pub mac: ByteString,
+}
+
+impl Handler<Probe> for Cluster {
+    type Result = ResponseFuture<bool>;
+
+    fn handle(&mut self, Probe { uuid, mac }: Probe, _: &mut Context<Self>) -> Self::Result {
+        let (nats, config) = (self.nats.clone(), self.config.clone());
+        Box::pin(async move {
+            let subject = config.subjects.device(&uuid, &mac);
+            let asked = nats.request(subject, wire::encode(&Ask::Probe));
+            matches!(
+                tokio::time::timeout(config.request_timeout, asked).await,
+                Ok(Ok(reply)) if serde_json::from_slice(&reply.payload).ok() == Some(Answer::Present)
+            )
+        })
+    }
+}
+
+/// Tunnel device (uuid, mac), live on another node, to a new end here that stands for
+/// it; the local connection `remote` (in `role`) is to be linked to that end. `None`
+/// if no node has the device.
+#[derive(Message)]
+#[rtype(result = "Option<PeerLink>")]
+pub struct Open {
+    pub uuid: ByteString,
+    pub mac: ByteString,
+    pub role: Role,
+    pub remote: SocketAddr,
+}
+
+impl Handler<Open> for Cluster {
+    type Result = ResponseFuture<Option<PeerLink>>;
+
+    fn handle(&mut self, open: Open, ctx: &mut Context<Self>) -> Self::Result {
+        let (nats, config, bridge) = (self.nats.clone(), self.config.clone(), self.bridge.clone());
+        let tracker = ctx.address().recipient();
+        Box::pin(async move {
+            let inbox = nats.new_inbox();
+            let (data, credits) = subscribe_end(&nats, &inbox).await.ok()?;
+            let ask = Ask::Open {
+                node: config.node.clone(),
+                inbox,
+                remote: open.remote,
+                role: (&open.role).into(),
+                window: config.window,
+            };
+            let subject = config.subjects.device(&open.uuid, &open.mac);
+            let asked = nats.request(subject, wire::encode(&ask));
+            let reply = tokio::time::timeout(config.request_timeout, asked)
+                .await
+                .ok()?
+                .ok()?;
+            match serde_json::from_slice(&reply.payload).ok()? {
+                Answer::Opened {
+                    node,
+                    inbox,
+                    remote,
+                    window,
+                } => {
+                    let far = Far {
+                        node,
+                        inbox,
+                        remote,
+                        window,
+                    };
+                    Some(start_end(
+                        &nats, &config, far, data, credits, tracker, &bridge,
+                    ))
+                }
+                _ => None,
+            }
+        })
+    }
+}
+
+/// The user's devices live on other nodes, as sightings (every node is asked; the
+/// answer is complete once each node heard from lately has answered, or after the
+/// request timeout).
+#[derive(Message)]
+#[rtype(result = "Vec<Sighting>")]
+pub struct Gather {
+    pub uuid: ByteString,
+}
+
+impl Handler<Gather> for Cluster {
+    type Result = ResponseFuture<Vec<Sighting>>;
+
+    fn handle(&mut self, Gather { uuid }: Gather, _: &mut Context<Self>) -> Self::Result {
+        let (nats, config) = (self.nats.clone(), self.config.clone());
+        let expected = self.nodes.len();
+        Box::pin(async move {
+            let mut found = Vec::new();
+            if expected == 0 {
+                return found;
+            }
+            let inbox = nats.new_inbox();
+            let Ok(mut answers) = nats.subscribe(inbox.clone()).await else {
+                return found;
+            };
+            let ask = wire::encode(&QueryAsk {
+                user: config.subjects.user(&uuid),
+            });
+            if nats
+                .publish_with_reply(config.subjects.query(), inbox, ask)
+                .await
+                .is_err()
+            {
+                return found;
+            }
+            let deadline = Instant::now() + config.request_timeout;
+            let mut heard = std::collections::HashSet::new();
+            while heard.len() < expected {
+                let Ok(Some(answer)) = tokio::time::timeout_at(deadline, answers.next()).await
+                else {
+                    break;
+                };
+                let Ok(answer) = serde_json::from_slice::<QueryAnswer>(&answer.payload) else {
+                    continue;
+                };
+                heard.insert(answer.node);
+                found.extend(answer.devices.into_iter().filter_map(|d| {
+                    Some(Sighting {
+                        uuid: uuid.clone(),
+                        mac: d.mac.into(),
+                        host: d.host.into(),
+                        at: chrono::DateTime::from_timestamp_millis(d.seen_ms)?,
+                    })
+                }));
+            }
+            found
+        })
+    }
+}

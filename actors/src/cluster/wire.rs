@@ -1,0 +1,222 @@
+//! What gateway nodes say to each other over NATS: the subjects, and the messages on
+//! them.
+//!
+//! Subjects never carry a uuid (whoever operates NATS sees every subject): a device's
+//! subject carries a keyed SHA-256 of its uuid and mac, a user's a keyed hash of the
+//! uuid. Requests and replies are small JSON documents; tunnel payload travels raw,
+//! without headers, and the one control message on a data subject (`Close`) carries
+//! the [`CONTROL`] header so no payload byte is ever mistaken for it.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::link::Role;
+
+/// The header that marks a control message on a tunnel's data subject.
+pub const CONTROL: &str = "Elfin-Control";
+
+/// The subjects of one cluster.
+#[derive(Debug, Clone)]
+pub struct Subjects {
+    prefix: String,
+    key: String,
+}
+
+impl Subjects {
+    /// Subjects under `prefix`, hashed with `key` (shared by every node).
+    pub fn new(prefix: &str, key: &str) -> Subjects {
+        Subjects {
+            prefix: prefix.to_owned(),
+            key: key.to_owned(),
+        }
+    }
+
+    /// Where the node holding device (uuid, mac) listens: subscribed while it is live
+    /// there, so NATS's interest in it is the presence table.
+    pub fn device(&self, uuid: &str, mac: &str) -> String {
+        format!("{}.dev.{}", self.prefix, self.digest(&[uuid, mac]))
+    }
+
+    /// A user's name in `query` requests.
+    pub fn user(&self, uuid: &str) -> String {
+        self.digest(&[uuid])
+    }
+
+    /// Every node answers `query` requests here.
+    pub fn query(&self) -> String {
+        format!("{}.query", self.prefix)
+    }
+
+    /// Every node says it is alive here.
+    pub fn hello(&self) -> String {
+        format!("{}.hello", self.prefix)
+    }
+
+    /// 128 bits of SHA-256 over the key and the parts, in hex. Each is length-prefixed,
+    /// so no two inputs collide by moving a boundary.
+    fn digest(&self, parts: &[&str]) -> String {
+        let mut hash = Sha256::new();
+        for part in std::iter::once(&self.key.as_str()).chain(parts) {
+            hash.update((part.len() as u64).to_be_bytes());
+            hash.update(part.as_bytes());
+        }
+        hash.finalize()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+/// A request to the node holding a device, on its [`Subjects::device`] subject.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Ask {
+    /// Is the device live there?
+    Probe,
+    /// Tunnel the device to an end on node `node`, which receives on `inbox`; the end
+    /// is a connection from `remote` in role `role`, and may send `window` bytes
+    /// ahead of credit.
+    Open {
+        node: String,
+        inbox: String,
+        remote: SocketAddr,
+        role: WireRole,
+        window: u64,
+    },
+    /// The device connected to node `node`: whoever else holds it closes that
+    /// connection (published, not requested).
+    Claim { node: String },
+}
+
+/// The reply to an [`Ask`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Answer {
+    Present,
+    /// The device's end is on node `node`, receiving on `inbox` with a window of
+    /// `window` bytes; the device connects from `remote`.
+    Opened {
+        node: String,
+        inbox: String,
+        remote: SocketAddr,
+        window: u64,
+    },
+    Failed {
+        reason: String,
+    },
+}
+
+/// A tunnel end's role, as it travels.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum WireRole {
+    Client,
+    Device { mac: String },
+}
+
+impl From<&Role> for WireRole {
+    fn from(role: &Role) -> WireRole {
+        match role {
+            Role::Client => WireRole::Client,
+            Role::Device(mac) => WireRole::Device {
+                mac: mac.to_string(),
+            },
+        }
+    }
+}
+
+impl From<WireRole> for Role {
+    fn from(role: WireRole) -> Role {
+        match role {
+            WireRole::Client => Role::Client,
+            WireRole::Device { mac } => Role::Device(mac.into()),
+        }
+    }
+}
+
+/// A `query` request: the user's devices live on any node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueryAsk {
+    pub user: String,
+}
+
+/// One node's answer to a [`QueryAsk`] (every node answers, with no devices if it has
+/// none, so the asker knows when it has heard from all).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueryAnswer {
+    pub node: String,
+    pub devices: Vec<LiveElsewhere>,
+}
+
+/// A device live on another node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LiveElsewhere {
+    pub mac: String,
+    pub host: String,
+    /// Last seen, in milliseconds since the Unix epoch.
+    pub seen_ms: i64,
+}
+
+/// A node says it is alive.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    pub node: String,
+}
+
+/// The control message on a tunnel's data subject: the sending end is gone, after
+/// everything it sent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Close {
+    pub reason: String,
+}
+
+/// Encodes a message (these types always serialize).
+pub fn encode<T: Serialize>(message: &T) -> bytes::Bytes {
+    serde_json::to_vec(message).unwrap_or_default().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_hide_the_uuid_and_tell_devices_and_clusters_apart() {
+        let subjects = Subjects::new("elfin", "k");
+        let uuid = "0123456789abcdef0123456789abcdef";
+        let device = subjects.device(uuid, "F0FE6B2A1C3D");
+        assert!(device.starts_with("elfin.dev."), "{device}");
+        assert!(!device.contains(uuid) && !device.contains("F0FE6B2A1C3D"));
+        assert_eq!(device.len(), "elfin.dev.".len() + 32);
+        assert_eq!(device, subjects.device(uuid, "F0FE6B2A1C3D"), "stable");
+        assert_ne!(device, subjects.device(uuid, "F0FE6B2A1C3E"));
+        assert_ne!(
+            subjects.device("ab", "c"),
+            subjects.device("a", "bc"),
+            "part boundaries count"
+        );
+        assert_ne!(
+            device,
+            Subjects::new("elfin", "other").device(uuid, "F0FE6B2A1C3D")
+        );
+    }
+
+    #[test]
+    fn requests_round_trip_as_json() {
+        let ask = Ask::Open {
+            node: "a".into(),
+            inbox: "_INBOX.x".into(),
+            remote: "10.0.0.1:5000".parse().unwrap(),
+            role: WireRole::Device { mac: "M".into() },
+            window: 1 << 20,
+        };
+        let back: Ask = serde_json::from_slice(&encode(&ask)).unwrap();
+        assert_eq!(back, ask);
+        assert_eq!(
+            serde_json::from_slice::<Ask>(br#"{"op":"probe"}"#).unwrap(),
+            Ask::Probe
+        );
+        assert_eq!(Role::from(WireRole::from(&Role::Client)), Role::Client);
+    }
+}

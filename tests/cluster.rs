@@ -1,0 +1,410 @@
+//! Cluster mode, end to end: a real `nats-server` on a loopback port, three gateway
+//! binaries (nodes a, b and c) sharing one MongoDB database (the stand-in, or the
+//! server at MONGODB_URI), and blocking TCP peers as devices and clients.
+//!
+//! Without nats-server installed these tests skip, unless ELFIN_REQUIRE_NATS is set
+//! (`tests/run.sh` installs it and sets it).
+
+mod common;
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::mongo::Mongo;
+use common::nats::{self, Nats};
+use common::{failed_reason, lists_online, Binary, BlockingPeer as Peer, TIMEOUT};
+
+const DEVICE_A: &str = "AABBCCDD000A";
+const DEVICE_C: &str = "AABBCCDD000C";
+
+/// Three nodes on one NATS and one database, and a user.
+struct Fleet {
+    nodes: Vec<Binary>,
+    uuid: String,
+    mongo: Mongo,
+}
+
+/// Settings every node of a test shares: short timeouts, so failures show fast.
+const QUICK: &[(&str, &str)] = &[
+    ("ELFIN__SERVER__TUNNEL_STALL_SECS", "4"),
+    ("ELFIN__CLUSTER__NODE_TIMEOUT_SECS", "2"),
+    ("ELFIN__HEARTBEAT__ONLINE_WINDOW_SECS", "3"),
+];
+
+impl Fleet {
+    fn start(nats_url: &str) -> Fleet {
+        let mongo = Mongo::start();
+        let nodes: Vec<Binary> = ["a", "b", "c"]
+            .iter()
+            .map(|id| node(&mongo, nats_url, id))
+            .collect();
+        let uuid = nodes[0].add_user("alice");
+        let fleet = Fleet { nodes, uuid, mongo };
+        fleet.wait_meshed();
+        fleet
+    }
+
+    fn a(&self) -> &Binary {
+        &self.nodes[0]
+    }
+
+    fn b(&self) -> &Binary {
+        &self.nodes[1]
+    }
+
+    fn c(&self) -> &Binary {
+        &self.nodes[2]
+    }
+
+    /// Waits until every node has heard from the two others.
+    fn wait_meshed(&self) {
+        let ids = ["a", "b", "c"];
+        for (node, id) in self.nodes.iter().zip(ids) {
+            for other in ids.iter().filter(|other| **other != id) {
+                node.wait_log(&format!("cluster node {other} is up"));
+            }
+        }
+    }
+
+    /// A device on `node` that beats, registered and seen by the cluster.
+    fn device(&self, node: &Binary, mac: &str) -> Peer {
+        let mut device = node.connect();
+        device.send(format!("beat;{};{mac};plc-{mac};0", self.uuid).as_bytes());
+        node.wait_online(&self.uuid, mac);
+        device
+    }
+}
+
+/// Node `id` of a cluster on `nats_url`, storing in `mongo`.
+fn node(mongo: &Mongo, nats_url: &str, id: &str) -> Binary {
+    let mut env = vec![
+        ("ELFIN__STORAGE__BACKEND", "mongodb"),
+        ("ELFIN__MONGODB__URI", mongo.uri.as_str()),
+        ("ELFIN__MONGODB__DATABASE", mongo.database.as_str()),
+        ("ELFIN__MONGODB__SERVER_SELECTION_TIMEOUT_MS", "2000"),
+        ("ELFIN__CLUSTER__NATS_URL", nats_url),
+        ("ELFIN__CLUSTER__NODE_ID", id),
+        ("ELFIN__CLUSTER__SUBJECT_KEY", "test-cluster-key"),
+    ];
+    env.extend_from_slice(QUICK);
+    Binary::start(&env)
+}
+
+/// `connme` on `node` until it succeeds (the cluster may still be settling).
+fn tunnel_eventually(node: &Binary, uuid: &str, mac: &str) -> Peer {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let mut client = node.connect();
+        client.send(format!("connme;{uuid};{mac}").as_bytes());
+        let reply = client.line();
+        if reply == r#"{"status":"success"}"# {
+            return client;
+        }
+        assert!(Instant::now() < deadline, "connme never succeeded: {reply}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sends `payload` from `from` as data frames of `mac` (or a client's), and checks
+/// that `to` receives exactly it.
+fn carry(from: &mut Peer, to: &mut Peer, uuid: &str, mac: &str, kind: u8, payload: &[u8]) {
+    let header = format!("data;{uuid};{mac};plc;{kind};");
+    for chunk in payload.chunks(16 * 1024) {
+        from.send(&[header.as_bytes(), chunk].concat());
+    }
+    assert!(to.bytes(payload.len()) == payload, "bytes differ");
+}
+
+fn every_byte_value_and_a_mebibyte() -> Vec<u8> {
+    let mut payload: Vec<u8> = (0..=255u8).collect();
+    let mut x = 0x2545_f491_u32;
+    payload.extend((0..1 << 20).map(|_| {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        x as u8
+    }));
+    payload
+}
+
+fn online_on(node: &Binary, uuid: &str, mac: &str) -> bool {
+    lists_online(&node.query(uuid), mac)
+}
+
+#[test]
+fn a_client_on_one_node_reaches_a_device_on_another_byte_exact() {
+    let Some(nats) = Nats::start() else { return };
+    let fleet = Fleet::start(&nats.url());
+    let uuid = fleet.uuid.clone();
+    let mut device = fleet.device(fleet.a(), DEVICE_A);
+
+    let mut client = tunnel_eventually(fleet.c(), &uuid, DEVICE_A);
+    let payload = every_byte_value_and_a_mebibyte();
+    carry(&mut client, &mut device, &uuid, "T", 1, &payload);
+    carry(&mut device, &mut client, &uuid, DEVICE_A, 0, &payload);
+    // Raw bytes, no header, both ways too.
+    client.send(b"\x00\xffraw from the client");
+    assert_eq!(device.bytes(21), b"\x00\xffraw from the client");
+    device.send(b"raw from the device\x00\xff");
+    assert_eq!(client.bytes(21), b"raw from the device\x00\xff");
+
+    // The client hangs up: the device stays connected, its data goes nowhere, and a
+    // new client on another node reaches it.
+    client.close();
+    fleet.a().wait_log("tunnel 1: its end on node c");
+    device.expect_silence(Duration::from_millis(300));
+    let mut again = tunnel_eventually(fleet.b(), &uuid, DEVICE_A);
+    carry(&mut device, &mut again, &uuid, DEVICE_A, 0, b"still here");
+
+    // The device hangs up: the client on the other node is closed.
+    device.close();
+    again.expect_closed();
+}
+
+#[test]
+fn query_on_any_node_lists_the_devices_of_every_node() {
+    let Some(nats) = Nats::start() else { return };
+    let fleet = Fleet::start(&nats.url());
+    let uuid = fleet.uuid.clone();
+    let _a = fleet.device(fleet.a(), DEVICE_A);
+    let _c = fleet.device(fleet.c(), DEVICE_C);
+    // At once, not after a database flush: the nodes are asked.
+    let devices = fleet.b().query(&uuid);
+    assert!(lists_online(&devices, DEVICE_A), "{devices}");
+    assert!(lists_online(&devices, DEVICE_C), "{devices}");
+    assert_eq!(devices.as_array().unwrap().len(), 2, "{devices}");
+    let host = devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["macaddress"] == DEVICE_C)
+        .unwrap()["hostname"]
+        .clone();
+    assert_eq!(host, format!("plc-{DEVICE_C}"));
+    // A user of no node gets an empty list, as from one gateway.
+    let unknown = fleet.b().query("00000000-0000-0000-0000-000000000000");
+    assert_eq!(unknown, serde_json::json!([]));
+}
+
+#[test]
+fn connthem_joins_devices_on_two_other_nodes() {
+    let Some(nats) = Nats::start() else { return };
+    let fleet = Fleet::start(&nats.url());
+    let uuid = fleet.uuid.clone();
+    let mut on_a = fleet.device(fleet.a(), DEVICE_A);
+    let mut on_c = fleet.device(fleet.c(), DEVICE_C);
+    let mut client = fleet.b().connect();
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        client.send(format!("connthem;{uuid};{DEVICE_A};{DEVICE_C}").as_bytes());
+        let reply = client.line();
+        if reply == r#"{"status":"success"}"# {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{reply}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let payload = every_byte_value_and_a_mebibyte();
+    carry(&mut on_a, &mut on_c, &uuid, DEVICE_A, 0, &payload);
+    carry(&mut on_c, &mut on_a, &uuid, DEVICE_C, 0, &payload[..4096]);
+    // An offline device fails the whole request and touches no tunnel.
+    client.send(format!("connthem;{uuid};{DEVICE_A};AABBCCDD00FF").as_bytes());
+    assert!(failed_reason(&client.line()).contains("offline"));
+    carry(&mut on_a, &mut on_c, &uuid, DEVICE_A, 0, b"still joined");
+}
+
+#[test]
+fn a_slow_reader_on_one_node_pauses_the_device_on_another() {
+    let Some(nats) = Nats::start() else { return };
+    let fleet = Fleet::start(&nats.url());
+    let uuid = fleet.uuid.clone();
+    let device = fleet.device(fleet.a(), DEVICE_A);
+    let mut client = tunnel_eventually(fleet.c(), &uuid, DEVICE_A);
+
+    // The device writes 64 MiB as fast as it can; the client reads nothing yet.
+    const TOTAL: usize = 64 << 20;
+    let written = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (written, done) = (written.clone(), done.clone());
+        let mut socket = device.raw().try_clone().unwrap();
+        let header = format!("data;{uuid};{DEVICE_A};plc;0;");
+        std::thread::spawn(move || {
+            for block in 0..TOTAL / 16384 {
+                let chunk = vec![(block % 251) as u8; 16384];
+                socket
+                    .write_all(&[header.as_bytes(), &chunk].concat())
+                    .unwrap();
+                written.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    // Whatever the socket buffers on both sides take, the writer stalls well short
+    // of 64 MiB: nothing in between buffers without bound.
+    let mut last = 0;
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = written.load(Ordering::SeqCst);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    assert!(!done.load(Ordering::SeqCst), "64 MiB went through unread");
+    assert!(last < 40 << 20, "{last} bytes accepted with nobody reading");
+
+    // The client reads: everything arrives, in order.
+    for block in 0..TOTAL / 16384 {
+        let got = client.bytes(16384);
+        assert!(
+            got.iter().all(|&b| b == (block % 251) as u8),
+            "block {block} differs"
+        );
+    }
+    writer.join().unwrap();
+    drop(device);
+}
+
+#[test]
+fn a_killed_node_s_devices_go_offline_and_are_reachable_again_elsewhere() {
+    let Some(nats) = Nats::start() else { return };
+    let mut fleet = Fleet::start(&nats.url());
+    let uuid = fleet.uuid.clone();
+    let device = fleet.device(fleet.a(), DEVICE_A);
+    let mut client = tunnel_eventually(fleet.c(), &uuid, DEVICE_A);
+    assert!(online_on(fleet.b(), &uuid, DEVICE_A));
+
+    fleet.a().signal("KILL");
+    // The cross-node tunnel ends when a goes quiet (node timeout 2 s)...
+    client.expect_closed();
+    fleet.c().wait_log("node a stopped answering");
+    // ...and the device shows offline everywhere within the online window (3 s).
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while online_on(fleet.b(), &uuid, DEVICE_A) {
+        assert!(Instant::now() < deadline, "still online on b");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!online_on(fleet.c(), &uuid, DEVICE_A));
+    drop(device);
+
+    // It reconnects to b: reachable from c at once.
+    let mut moved = fleet.device(fleet.b(), DEVICE_A);
+    let mut client = tunnel_eventually(fleet.c(), &uuid, DEVICE_A);
+    carry(&mut client, &mut moved, &uuid, "T", 1, b"after the move");
+    fleet.nodes.remove(0);
+}
+
+#[test]
+fn a_device_that_moves_to_another_node_closes_its_old_connection() {
+    let Some(nats) = Nats::start() else { return };
+    let fleet = Fleet::start(&nats.url());
+    let uuid = fleet.uuid.clone();
+    let mut old = fleet.device(fleet.a(), DEVICE_A);
+    let mut new = fleet.device(fleet.b(), DEVICE_A);
+    old.expect_closed();
+    fleet
+        .a()
+        .wait_log(&format!("device {DEVICE_A} connected to node b"));
+    let mut client = tunnel_eventually(fleet.c(), &uuid, DEVICE_A);
+    carry(
+        &mut client,
+        &mut new,
+        &uuid,
+        "T",
+        1,
+        b"to the new connection",
+    );
+    let devices = fleet.c().query(&uuid);
+    assert_eq!(devices.as_array().unwrap().len(), 1, "{devices}");
+}
+
+#[test]
+fn losing_nats_ends_cross_node_tunnels_only_and_presence_returns_with_it() {
+    let Some(mut nats) = Nats::start() else {
+        return;
+    };
+    let fleet = Fleet::start(&nats.url());
+    let uuid = fleet.uuid.clone();
+    let mut device = fleet.device(fleet.a(), DEVICE_A);
+    let mut local_device = fleet.device(fleet.a(), DEVICE_C);
+    let mut remote_client = tunnel_eventually(fleet.c(), &uuid, DEVICE_A);
+    let mut local_client = fleet.a().tunnel(&uuid, DEVICE_C);
+    carry(&mut remote_client, &mut device, &uuid, "T", 1, b"before");
+
+    nats.stop();
+    remote_client.expect_closed();
+    fleet.a().wait_log("lost the NATS connection");
+    fleet.c().wait_log("lost the NATS connection");
+    // The local tunnel never noticed.
+    let payload = every_byte_value_and_a_mebibyte();
+    carry(
+        &mut local_client,
+        &mut local_device,
+        &uuid,
+        "T",
+        1,
+        &payload,
+    );
+    carry(
+        &mut local_device,
+        &mut local_client,
+        &uuid,
+        DEVICE_C,
+        0,
+        &payload,
+    );
+    // Meanwhile c cannot reach a's devices, and says so as for an offline device.
+    let mut refused = fleet.c().connect();
+    refused.send(format!("connme;{uuid};{DEVICE_A}").as_bytes());
+    assert!(failed_reason(&refused.line()).contains("offline"));
+
+    nats.resume();
+    let mut client = tunnel_eventually(fleet.c(), &uuid, DEVICE_A);
+    carry(&mut client, &mut device, &uuid, "T", 1, b"after");
+    assert!(online_on(fleet.b(), &uuid, DEVICE_A));
+}
+
+#[test]
+fn nodes_run_alone_while_nats_is_down_at_start_and_join_when_it_comes() {
+    let Some(_) = nats::server() else { return };
+    let port = nats::free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let mongo = Mongo::start();
+    let a = node(&mongo, &url, "a");
+    let c = node(&mongo, &url, "c");
+    a.wait_log("does not answer: this node runs alone");
+    let uuid = a.add_user("alice");
+    // Alone, each node serves its own devices.
+    let mut device = a.connect();
+    device.send(format!("beat;{uuid};{DEVICE_A};plc;0").as_bytes());
+    a.wait_online(&uuid, DEVICE_A);
+    let mut local = a.tunnel(&uuid, DEVICE_A);
+    carry(&mut local, &mut device, &uuid, "T", 1, b"alone");
+    drop(local);
+
+    let _nats = Nats::start_on(port);
+    let mut client = tunnel_eventually(&c, &uuid, DEVICE_A);
+    carry(&mut device, &mut client, &uuid, DEVICE_A, 0, b"joined");
+}
+
+#[test]
+fn a_node_that_stops_answering_ends_its_tunnels_within_the_stall_time() {
+    let Some(nats) = Nats::start() else { return };
+    let fleet = Fleet::start(&nats.url());
+    let uuid = fleet.uuid.clone();
+    let _device = fleet.device(fleet.a(), DEVICE_A);
+    let mut client = tunnel_eventually(fleet.c(), &uuid, DEVICE_A);
+    fleet.a().signal("STOP");
+    let stopped = Instant::now();
+    client.expect_closed();
+    fleet.a().signal("CONT");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        stopped.elapsed()
+    );
+    let _ = &fleet.mongo;
+}
