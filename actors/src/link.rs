@@ -103,38 +103,19 @@ pub fn outbox(
     direct: bool,
     start: StartWriter,
 ) -> Outbox {
-    Outbox::new(chunks, bytes, Some(writer), direct, start)
-}
-
-/// The output of a tunnel end that has no socket of its own (the stand-in for a
-/// connection on another node, [`crate::cluster`]): every chunk is queued for the
-/// task `start` starts on the first one.
-pub fn queue_only(chunks: usize, bytes: usize, start: StartWriter) -> Outbox {
-    Outbox::new(chunks, bytes, None, false, start)
-}
-
-impl Outbox {
-    fn new(
-        chunks: usize,
-        bytes: usize,
-        idle: Option<Writer>,
-        direct: bool,
-        start: StartWriter,
-    ) -> Outbox {
-        let max_bytes = bytes.clamp(1, Semaphore::MAX_PERMITS);
-        Outbox(Arc::new(Out {
-            port: Mutex::new(Port {
-                idle,
-                chunks: None,
-                start: Some(start),
-                queued: 0,
-            }),
-            capacity: chunks.max(1),
-            bytes: Arc::new(Semaphore::new(max_bytes)),
-            max_bytes,
-            direct,
-        }))
-    }
+    let max_bytes = bytes.clamp(1, Semaphore::MAX_PERMITS);
+    Outbox(Arc::new(Out {
+        port: Mutex::new(Port {
+            idle: Some(writer),
+            chunks: None,
+            start: Some(start),
+            queued: 0,
+        }),
+        capacity: chunks.max(1),
+        bytes: Arc::new(Semaphore::new(max_bytes)),
+        max_bytes,
+        direct,
+    }))
 }
 
 /// What a chunk takes of a byte budget of `max` bytes.

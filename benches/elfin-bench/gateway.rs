@@ -25,6 +25,12 @@ impl Gateway {
     /// of the defaults, and adds a user. With `tls`, it has a certificate for
     /// `localhost` (clients choose TLS or plain on the same port).
     pub fn start(env: &[(&str, &str)], tls: bool) -> Gateway {
+        Gateway::start_for("bench", env, tls)
+    }
+
+    /// [`Gateway::start`], adding a user of this name (gateways sharing a database
+    /// need one each).
+    pub fn start_for(user: &str, env: &[(&str, &str)], tls: bool) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let mut all = vec![
             ("ELFIN__SERVER__LISTEN", "127.0.0.1:0"),
@@ -43,13 +49,18 @@ impl Gateway {
         let out = Command::new(binary)
             .current_dir(dir.path())
             .envs(all.iter().copied())
-            .args(["user", "add", "bench"])
+            .args(["user", "add", user])
             .output()
             .expect("run elfin-gateway user add");
         let uuid = String::from_utf8_lossy(&out.stdout)
             .lines()
             .next()
-            .expect("a uuid")
+            .unwrap_or_else(|| {
+                panic!(
+                    "`elfin-gateway user add` failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
             .to_owned();
         // "info" only for the line that names the port; warnings after it.
         let mut child = Command::new(binary)

@@ -14,6 +14,7 @@
 //! The gateway is the release binary, started by the bench in a process of its own
 //! (its RSS is its own), or a running one with `--target`.
 
+mod cluster;
 mod fleet;
 mod gateway;
 mod net;
@@ -71,6 +72,7 @@ enum Scenario {
     DeviceFleet,
     ReconnectStorm,
     StoreWrites,
+    CrossNode,
 }
 
 fn main() {
@@ -120,6 +122,7 @@ fn main() {
                     .join()
                     .expect("store-writes failed")
             }
+            Scenario::CrossNode => runtime.block_on(cluster::cross_node(cli.full)),
             _ => runtime.block_on(async {
                 let gw = &*gateway::target_or_start(target.as_ref(), &[], true);
                 match scenario {
@@ -134,7 +137,7 @@ fn main() {
                     Scenario::ReconnectStorm => {
                         fleet::reconnect_storm(target.as_ref(), cli.full).await
                     }
-                    Scenario::StoreWrites => unreachable!(),
+                    Scenario::StoreWrites | Scenario::CrossNode => unreachable!(),
                 }
             }),
         };

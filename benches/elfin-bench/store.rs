@@ -143,10 +143,10 @@ impl Store for Counted {
 }
 
 /// The tests' MongoDB stand-in, if `tests/run.sh` prepared its virtualenv.
-struct StandIn(Child);
+pub struct StandIn(Child);
 
 impl StandIn {
-    fn start(state: &std::path::Path) -> Option<(StandIn, String)> {
+    pub fn start(state: &std::path::Path) -> Option<(StandIn, String)> {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let python = root.join("target/standin-venv/bin/python");
         if !python.exists() {

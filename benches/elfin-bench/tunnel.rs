@@ -1,5 +1,6 @@
 //! Scenarios 1 to 3: one tunnel's throughput and latency, and a thousand tunnels at
-//! once, each against a relay with the gateway's read size in the same run.
+//! once, each against a relay with the gateway's read size in the same run. (The
+//! round-trip and both-ways steps serve scenario 7 too.)
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,7 +35,7 @@ async fn relay_pair(i: usize, relay: &net::Baseline) -> (Stream, Stream) {
 /// Streams `total` bytes each way at once through (a, b) in 16 KiB frames with
 /// headers; every byte is checked. Returns MB/s both ways together and the
 /// throughput over time (seconds, MB/s).
-async fn both_ways(
+pub async fn both_ways(
     (a, b): (Stream, Stream),
     headers: (Vec<u8>, Vec<u8>),
     relayed: bool,
@@ -194,7 +195,7 @@ async fn round_trip(
 }
 
 /// Fixed 32-byte payloads from the pattern (none ends in a header's first byte).
-fn fixed(i: usize) -> (Vec<u8>, Vec<u8>) {
+pub fn fixed(i: usize) -> (Vec<u8>, Vec<u8>) {
     thread_local!(static PATTERN: Pattern = Pattern::new());
     PATTERN.with(|p| {
         (

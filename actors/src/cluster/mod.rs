@@ -547,7 +547,9 @@ fn start_end(
         peer_inbox: far.inbox,
         remote: far.remote,
         // At least two full messages fit, whatever the other node asks for.
-        send_credit: far.window.max(4 * remote::BATCH_BYTES as u64),
+        send_credit: far
+            .window
+            .max(2 * (remote::MAX_MESSAGE as u64 + remote::MESSAGE_COST)),
         receive_window: config.window,
         stall: config.stall,
         out_chunks: config.out_chunks,

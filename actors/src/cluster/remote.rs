@@ -1,10 +1,11 @@
 //! The [`Remote`] actor: on this node, the stand-in for a tunnel's end on another node.
 //!
 //! To the bridge and to the local session it is tunnelled to, a `Remote` is one more
-//! connection: it has a [`PeerLink`], the session writes payload into its
-//! [`Outbox`](crate::link::Outbox)
-//! and it writes payload into the session's. Between the two nodes the tunnel is two
-//! NATS subjects per end: its data inbox (payload, in order, then one `Close`) and
+//! connection: it has a [`PeerLink`] and an [`Outbox`] the session writes payload
+//! into, and it writes payload into the session's. Its outbox's "socket" is a
+//! `NatsWriter`, so the session writes straight into NATS while nothing waits, and
+//! the usual writer task drains the queue otherwise. Between the two nodes, each end
+//! has two subjects: its data inbox (payload in order, then one `Close`) and
 //! `<inbox>.credit`.
 //!
 //! Flow control is a credit window, end to end: a sender may have `window` bytes
@@ -20,29 +21,32 @@
 //! `Remote` leave the tunnel, so the bridge tells its session. A node that stops
 //! answering or a lost NATS connection ends the tunnel through [`Lost`].
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use actix::prelude::*;
-use async_nats::{Client, HeaderMap, Subscriber};
+use async_nats::{Client, HeaderMap, PublishError, Subject, Subscriber};
 use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
 use futures::StreamExt;
+use tokio::io::AsyncWrite;
 use tokio::sync::oneshot;
 
 use super::wire::{self, Close, CONTROL};
 use crate::bridge::{BridgeManager, Cause, Unlink};
-use crate::link::{
-    self, next_session_id, Meter, OutQueue, PeerEvent, PeerLink, SessionId, TunnelId,
-};
+use crate::connection::write_loop;
+use crate::link::{self, next_session_id, Meter, Outbox, PeerEvent, PeerLink, SessionId, TunnelId};
 use crate::tls::Transport;
 
 /// Credit each NATS message costs beyond its bytes: a window of W bytes allows at most
 /// W / MESSAGE_COST messages in flight, so a subscriber's buffer never overflows.
 pub const MESSAGE_COST: u64 = 256;
 
-/// Several queued chunks go out as one message of up to this many bytes (plus one
-/// chunk).
-pub const BATCH_BYTES: usize = 64 * 1024;
+/// The largest message a tunnel end sends (NATS servers take 1 MB by default).
+pub const MAX_MESSAGE: usize = 128 * 1024;
 
 /// What a new [`Remote`] needs.
 pub struct Parts {
@@ -90,12 +94,13 @@ pub struct Remote {
     node: String,
     remote: SocketAddr,
     tunnel: TunnelId,
+    out: Outbox,
     /// Hands the local end to the receiving task once the tunnel is linked.
     linked: Option<oneshot::Sender<(PeerLink, Meter)>>,
     receive: Option<Receive>,
-    /// Tells the sending task to send what is queued and then `Close`.
-    finish: Option<oneshot::Sender<()>>,
-    sender: actix_rt::task::JoinHandle<()>,
+    /// Dropped when this end closes: its writer task sends what is queued, then
+    /// `Close`.
+    _closing: oneshot::Sender<()>,
     stall: Duration,
     bridge: Addr<BridgeManager>,
     tracker: Recipient<Tracked>,
@@ -127,23 +132,24 @@ pub fn start(parts: Parts) -> PeerLink {
         bridge,
         tracker,
     } = parts;
-    let (queue_tx, queue_rx) = oneshot::channel();
-    let out = link::queue_only(
-        out_chunks,
-        out_bytes,
-        Box::new(move |queue| {
-            let _ = queue_tx.send(queue);
-        }),
-    );
-    let (finish, finished) = oneshot::channel();
-    let sending = Sending {
+    let writer = NatsWriter {
         nats: nats.clone(),
-        to: peer_inbox.clone(),
+        to: peer_inbox.clone().into(),
         credits,
         credit: send_credit,
-        stall,
+        pending: None,
+        closed: false,
     };
-    let sender = actix_rt::spawn(sending.run(queue_rx, finished));
+    let (closing, closed) = oneshot::channel();
+    let out = link::outbox(
+        out_chunks,
+        out_bytes,
+        Box::new(writer),
+        true,
+        Box::new(move |queue| {
+            actix_rt::spawn(write_loop(queue, closed));
+        }),
+    );
     let (linked, on_link) = oneshot::channel();
     let id = next_session_id();
     let addr = Remote {
@@ -151,6 +157,7 @@ pub fn start(parts: Parts) -> PeerLink {
         node,
         remote,
         tunnel: 0,
+        out: out.clone(),
         linked: Some(linked),
         receive: Some(Receive {
             data,
@@ -159,8 +166,7 @@ pub fn start(parts: Parts) -> PeerLink {
             credit_to: format!("{peer_inbox}.credit"),
             window: receive_window,
         }),
-        finish: Some(finish),
-        sender,
+        _closing: closing,
         stall,
         bridge,
         tracker,
@@ -195,7 +201,10 @@ impl Actor for Remote {
         }
     }
 
+    /// Closes the output: what is queued goes out, then `Close` (dropping `_closing`
+    /// tells a running writer task; an unused writer sends it when dropped).
     fn stopped(&mut self, _: &mut Context<Self>) {
+        self.out.close_unused();
         self.tracker.do_send(Tracked::Closed(self.id));
     }
 }
@@ -219,15 +228,11 @@ impl Remote {
                     self.node,
                     self.remote
                 );
-                self.sender.abort();
                 self.leave(Cause::Closed, ctx);
             }
-            Ended::Stalled => {
-                // The bridge logs the stall; the other node hears `Close`.
-                self.finish.take().map(|f| f.send(()));
-                self.leave(Cause::Stalled(self.stall), ctx);
-            }
-            // The local end is closing; its `Unlinked` finishes this end.
+            // The bridge logs the stall; the other node hears `Close`.
+            Ended::Stalled => self.leave(Cause::Stalled(self.stall), ctx),
+            // The local end is closing; its `Unlinked` stops this end.
             Ended::LocalGone => {}
             Ended::Unsubscribed => ctx.notify(Lost("its NATS subscription ended".into())),
         }
@@ -245,11 +250,8 @@ impl Handler<PeerEvent> for Remote {
                     let _ = linked.send((peer, sent));
                 }
             }
-            PeerEvent::Unlinked { tunnel, .. } if tunnel >= self.tunnel => {
-                // The local end left: send it all, then `Close`.
-                self.finish.take().map(|f| f.send(()));
-                ctx.stop();
-            }
+            // The local end left: what it sent goes out, then `Close`.
+            PeerEvent::Unlinked { tunnel, .. } if tunnel >= self.tunnel => ctx.stop(),
             PeerEvent::Unlinked { .. } | PeerEvent::Replaced { .. } => {}
         }
     }
@@ -266,7 +268,6 @@ impl Handler<Lost> for Remote {
             self.node
         );
         metrics::counter!("elfin_cluster_tunnels_lost_total").increment(1);
-        self.sender.abort();
         self.leave(Cause::Closed, ctx);
     }
 }
@@ -335,92 +336,149 @@ impl Receive {
     }
 }
 
-/// The sending task: forwards what the local end queues, as credit allows.
-struct Sending {
+/// The write half of a cross-node end: what is written goes to the other end's data
+/// inbox as NATS messages, as far as credit allows; shutting it down (or dropping it)
+/// sends `Close` after them. The connection's writer task drives it like a socket, and
+/// senders write into it directly while nothing waits (see [`crate::link::Outbox`]).
+struct NatsWriter {
     nats: Client,
-    to: String,
+    to: Subject,
     credits: Subscriber,
     credit: u64,
-    stall: Duration,
+    /// A message handed to the client that it has not taken yet, and its length: the
+    /// write that made it is answered once it is taken (the caller repeats that
+    /// write, so no byte is sent twice).
+    pending: Option<(BoxFuture<'static, Result<(), PublishError>>, usize)>,
+    closed: bool,
 }
 
-impl Sending {
-    /// Forwards until told to finish, then sends what is still queued (for at most the
-    /// stall time) and `Close`.
-    async fn run(mut self, queue: oneshot::Receiver<OutQueue>, mut finish: oneshot::Receiver<()>) {
-        let queue = tokio::select! {
-            biased;
-            queue = queue => queue.ok(),
-            _ = &mut finish => None,
-        };
-        if let Some(mut queue) = queue {
-            loop {
-                let first = tokio::select! {
-                    biased;
-                    first = queue.recv() => first,
-                    _ = &mut finish => break,
-                };
-                let Some(first) = first else { return };
-                if !self.forward(first, &mut queue).await {
-                    return;
-                }
-            }
-            queue.close();
-            let stall = self.stall;
-            let rest = async {
-                while let Some(first) = queue.try_recv() {
-                    if !self.forward(first, &mut queue).await {
-                        return;
-                    }
-                }
-            };
-            let _ = tokio::time::timeout(stall, rest).await;
-        }
-        let mut headers = HeaderMap::new();
-        headers.insert(CONTROL, "close");
-        let close = wire::encode(&Close {
-            reason: "the other end closed".into(),
-        });
-        let _ = self
-            .nats
-            .publish_with_headers(self.to, headers, close)
-            .await;
-    }
-
-    /// Sends `first` and what else is queued now (up to a batch) as one message, once
-    /// there is credit for it. False if the other end can no longer be reached.
-    async fn forward(&mut self, first: Bytes, queue: &mut OutQueue) -> bool {
-        let (mut cost, mut chunks) = (queue.cost(&first), 1);
-        let mut batch = first;
-        if batch.len() < BATCH_BYTES {
-            if let Some(second) = queue.try_recv() {
-                let mut joined = BytesMut::with_capacity(BATCH_BYTES);
-                joined.extend_from_slice(&batch);
-                let mut next = Some(second);
-                while let Some(chunk) = next {
-                    cost += queue.cost(&chunk);
-                    chunks += 1;
-                    joined.extend_from_slice(&chunk);
-                    next = (joined.len() < BATCH_BYTES)
-                        .then(|| queue.try_recv())
-                        .flatten();
-                }
-                batch = joined.freeze();
-            }
-        }
-        let need = batch.len() as u64 + MESSAGE_COST;
-        while self.credit < need {
-            let Some(grant) = self.credits.next().await else {
-                return false;
+impl NatsWriter {
+    /// Credit granted so far; how many bytes may go in the next message.
+    fn poll_room(&mut self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<usize>> {
+        while let Poll::Ready(grant) = self.credits.poll_next_unpin(cx) {
+            let Some(grant) = grant else {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
             };
             let granted = std::str::from_utf8(&grant.payload)
                 .ok()
                 .and_then(|g| g.parse::<u64>().ok());
             self.credit += granted.unwrap_or(0);
         }
-        self.credit -= need;
-        let sent = self.nats.publish(self.to.clone(), batch).await.is_ok();
-        queue.written(&mut None, chunks, cost);
-        sent
+        match self.credit.saturating_sub(MESSAGE_COST) {
+            0 => Poll::Pending,
+            room => Poll::Ready(Ok(room.min(MAX_MESSAGE as u64) as usize)),
+        }
+    }
+
+    /// Publishes `message`; `Pending` keeps it for the repeated write.
+    fn publish(
+        &mut self,
+        message: Bytes,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        let len = message.len();
+        self.credit -= len as u64 + MESSAGE_COST;
+        let (nats, to) = (self.nats.clone(), self.to.clone());
+        self.pending = Some((
+            Box::pin(async move { nats.publish(to, message).await }),
+            len,
+        ));
+        self.poll_pending(cx).map_ok(|()| len)
+    }
+
+    fn poll_pending(&mut self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        if let Some((publishing, _)) = &mut self.pending {
+            let published = std::task::ready!(publishing.as_mut().poll(cx));
+            self.pending = None;
+            published.map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, e))?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn close_message(&self) -> (HeaderMap, Bytes) {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTROL, "close");
+        let close = Close {
+            reason: "the other end closed".into(),
+        };
+        (headers, wire::encode(&close))
+    }
+}
+
+impl AsyncWrite for NatsWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+    }
+
+    /// One message of as many of `bufs` as credit allows.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if let Some((_, len)) = this.pending {
+            return this.poll_pending(cx).map_ok(|()| len);
+        }
+        let room = std::task::ready!(this.poll_room(cx))?;
+        let mut message = BytesMut::with_capacity(room.min(bufs.iter().map(|b| b.len()).sum()));
+        for buf in bufs {
+            let take = buf.len().min(room - message.len());
+            message.extend_from_slice(&buf[..take]);
+        }
+        if message.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        this.publish(message.freeze(), cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_pending(cx)
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_pending(cx))?;
+        if !this.closed {
+            this.closed = true;
+            let (nats, to) = (this.nats.clone(), this.to.clone());
+            let (headers, close) = this.close_message();
+            let publishing = async move { nats.publish_with_headers(to, headers, close).await };
+            this.pending = Some((Box::pin(publishing), 0));
+        }
+        this.poll_pending(cx)
+    }
+}
+
+impl Drop for NatsWriter {
+    /// A writer dropped without a shutdown (its writer task never ran) still ends
+    /// the stream with `Close`, after everything it sent.
+    fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
+        let (nats, to) = (self.nats.clone(), self.to.clone());
+        let (headers, close) = self.close_message();
+        let pending = self.pending.take();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            if let Some((publishing, _)) = pending {
+                let _ = publishing.await;
+            }
+            let _ = nats.publish_with_headers(to, headers, close).await;
+        });
     }
 }
