@@ -189,6 +189,22 @@ fn query_on_any_node_lists_the_devices_of_every_node() {
 }
 
 #[test]
+fn the_admin_server_shows_the_cluster() {
+    let Some(nats) = Nats::start() else { return };
+    let fleet = Fleet::start(&nats.url());
+    let status = fleet.b().get("/api/status").json();
+    assert_eq!(status["cluster"]["node"], "b", "{status}");
+    assert_eq!(status["cluster"]["connected"], true);
+    assert_eq!(status["cluster"]["nodes"], serde_json::json!(["a", "c"]));
+    let metrics = fleet.b().get("/metrics").body;
+    assert!(metrics.contains("elfin_cluster_nodes 2"), "{metrics}");
+    assert!(metrics.contains("elfin_cluster_connected 1"));
+    // A gateway that runs alone says nothing of clusters.
+    let alone = Binary::start(&[]);
+    assert!(alone.get("/api/status").json()["cluster"].is_null());
+}
+
+#[test]
 fn connthem_joins_devices_on_two_other_nodes() {
     let Some(nats) = Nats::start() else { return };
     let fleet = Fleet::start(&nats.url());

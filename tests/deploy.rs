@@ -1,5 +1,6 @@
 //! The deployment files in `deploy/`: the systemd unit passes `systemd-analyze
-//! verify` and carries the hardening the README promises.
+//! verify` and carries the hardening the README promises; the compose files set only
+//! settings that exist.
 
 mod common;
 
@@ -52,6 +53,46 @@ fn the_container_runs_as_a_non_root_user_next_to_mongodb() {
     let compose = std::fs::read_to_string(repo_file("deploy/compose.yaml")).unwrap();
     assert!(compose.contains("ELFIN__STORAGE__BACKEND: mongodb"));
     assert!(compose.contains("image: mongo:"));
+}
+
+#[test]
+fn the_cluster_compose_file_runs_three_nodes_on_nats_and_mongodb() {
+    let compose = std::fs::read_to_string(repo_file("deploy/compose.cluster.yaml")).unwrap();
+    assert!(compose.contains("image: nats:"));
+    assert!(compose.contains("image: mongo:"));
+    assert!(compose.contains("ELFIN__STORAGE__BACKEND: mongodb"));
+    assert!(compose.contains("ELFIN__CLUSTER__NATS_URL: nats://nats:4222"));
+    for node in ["a", "b", "c"] {
+        assert!(
+            compose.contains(&format!("  gateway-{node}:\n")),
+            "gateway-{node}"
+        );
+        assert!(compose.contains(&format!("ELFIN__CLUSTER__NODE_ID: {node}\n")));
+    }
+}
+
+#[test]
+fn the_compose_files_set_only_settings_that_exist() {
+    let shipped: toml::Table = std::fs::read_to_string(repo_file("settings.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    for file in ["deploy/compose.yaml", "deploy/compose.cluster.yaml"] {
+        let compose = std::fs::read_to_string(repo_file(file)).unwrap();
+        let keys: Vec<&str> = compose
+            .split_whitespace()
+            .filter_map(|word| word.strip_prefix("ELFIN__")?.strip_suffix(':'))
+            .collect();
+        assert!(!keys.is_empty(), "{file}");
+        for key in keys {
+            let (section, name) = key.split_once("__").unwrap();
+            let known = shipped
+                .get(&section.to_lowercase())
+                .and_then(|s| s.get(name.to_lowercase()))
+                .is_some();
+            assert!(known, "{file}: ELFIN__{key} is no setting");
+        }
+    }
 }
 
 fn which(program: &str) -> Result<std::path::PathBuf, ()> {

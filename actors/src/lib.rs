@@ -5,15 +5,17 @@
 //! 1. [`clock`] (gateway time) and [`frame`] (the codec: messages in, replies out).
 //! 2. [`store`] (the database: embedded SQLite or MongoDB), [`device`] (a connected
 //!    device's identity and last-seen), [`link`] (the tunnel vocabulary: how actors
-//!    reach a session and what they tell it) and [`limits`] (what one peer may cost).
+//!    reach a session and what they tell it), [`limits`] (what one peer may cost) and
+//!    [`connection`] (a socket's read stream and writer task).
 //! 3. The shared actors: [`registry`] (live devices), [`bridge`] (tunnels),
 //!    [`persistence`] (batched writes) and [`debouncer`] (data-heartbeat timers); with
 //!    [`users`] (known uuids) and [`query`] (the `query` reply's rows).
-//! 4. [`hub`]: handles to the shared actors and the settings, and the final flush.
-//! 5. [`command`]: `connme`, `connthem` and `query`, each answered with a typed reply.
-//! 6. [`connection`] (a socket's read stream and writer task) and [`session`]: one
-//!    actor per connection; input, device identity and tunnel data.
-//! 7. [`server`]: the accept loop and the gateway's lifetime ([`serve`]).
+//! 4. [`cluster`]: in cluster mode, this node's member of the cluster (presence,
+//!    requests to other nodes) and tunnel ends that stand for connections elsewhere.
+//! 5. [`hub`]: handles to the shared actors and the settings, and the final flush.
+//! 6. [`command`]: `connme`, `connthem` and `query`, each answered with a typed reply.
+//! 7. [`session`]: one actor per connection; input, device identity and tunnel data.
+//! 8. [`server`]: the accept loop and the gateway's lifetime ([`serve`]).
 
 pub mod bridge;
 pub mod clock;

@@ -165,6 +165,10 @@ fn describe_metrics() {
             "elfin_sightings_unknown_user_total",
             "Sightings skipped: no user has their uuid.",
         ),
+        (
+            "elfin_cluster_tunnels_lost_total",
+            "Cross-node tunnel ends closed because their node or NATS was lost.",
+        ),
     ] {
         describe_counter!(name, help);
     }
@@ -193,6 +197,18 @@ fn describe_metrics() {
     describe_gauge!(
         "elfin_sightings_pending",
         "Sightings waiting to be written."
+    );
+    describe_gauge!(
+        "elfin_cluster_connected",
+        "Cluster mode: 1 while this node is connected to NATS."
+    );
+    describe_gauge!(
+        "elfin_cluster_nodes",
+        "Cluster mode: other nodes heard from lately."
+    );
+    describe_gauge!(
+        "elfin_cluster_tunnel_ends",
+        "Cluster mode: tunnel ends here whose other end is on another node."
     );
     describe_histogram!(
         "elfin_store_round_trip_seconds",

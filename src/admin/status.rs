@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use elfin_actors::bridge::{TunnelInfo, Tunnels};
+use elfin_actors::cluster::{Members, Membership};
 use elfin_actors::device::masked;
 use elfin_actors::link::{End, Role};
 use elfin_actors::registry::{AllLive, Connected};
@@ -44,6 +45,8 @@ pub struct Status {
     pub sample_secs: u64,
     /// Why the stored users and devices may be out of date, if they are.
     pub store_error: Option<String>,
+    /// In cluster mode: this node, its NATS connection and the nodes it hears.
+    pub cluster: Option<Members>,
 }
 
 #[derive(Serialize)]
@@ -161,9 +164,16 @@ impl StatusBoard {
     }
 
     pub async fn status(&self) -> Status {
-        let (live, tunnels) = futures::join!(
+        let cluster = async {
+            match &self.hub.cluster {
+                Some(cluster) => cluster.send(Membership).await.ok(),
+                None => None,
+            }
+        };
+        let (live, tunnels, cluster) = futures::join!(
             self.hub.registry.send(AllLive),
-            self.hub.bridge.send(Tunnels)
+            self.hub.bridge.send(Tunnels),
+            cluster
         );
         let live = live.unwrap_or_default();
         let (tunnel_bytes, open) = match tunnels {
@@ -197,6 +207,7 @@ impl StatusBoard {
             history,
             sample_secs: SAMPLE_EVERY.as_secs(),
             store_error,
+            cluster,
         }
     }
 

@@ -438,6 +438,11 @@ impl Cluster {
             return;
         };
         if hello.node == self.config.node {
+            // Its own hellos never come back (no echo): another node has its name.
+            log::warn!(
+                "another node calls itself {:?}: give each node its own cluster.node_id",
+                hello.node
+            );
             return;
         }
         if self
@@ -737,5 +742,35 @@ impl Handler<Gather> for Cluster {
             }
             found
         })
+    }
+}
+
+/// This node's view of the cluster, for the status page.
+#[derive(Message)]
+#[rtype(result = "Members")]
+pub struct Membership;
+
+#[derive(Debug, Clone, MessageResponse, serde::Serialize)]
+pub struct Members {
+    pub node: String,
+    pub connected: bool,
+    /// The other nodes heard from lately, by name.
+    pub nodes: Vec<String>,
+    /// Tunnel ends here whose other end is on another node.
+    pub tunnel_ends: usize,
+}
+
+impl Handler<Membership> for Cluster {
+    type Result = Members;
+
+    fn handle(&mut self, _: Membership, _: &mut Context<Self>) -> Members {
+        let mut nodes: Vec<String> = self.nodes.keys().cloned().collect();
+        nodes.sort();
+        Members {
+            node: self.config.node.clone(),
+            connected: self.connected,
+            nodes,
+            tunnel_ends: self.remotes.len(),
+        }
     }
 }

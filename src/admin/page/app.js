@@ -55,6 +55,13 @@ function chart(svg, history, key, label) {
 
 function render(s) {
   $("version").textContent = "v" + s.version + ", up " + age(s.uptime_secs);
+  const cluster = $("cluster");
+  cluster.hidden = !s.cluster;
+  if (s.cluster) {
+    cluster.textContent = "cluster node " + s.cluster.node + ", " +
+      (s.cluster.connected ? "NATS connected" : "NATS unreachable") +
+      ", other nodes: " + (s.cluster.nodes.length ? s.cluster.nodes.join(", ") : "none");
+  }
   $("devices-online").textContent = s.totals.devices_online;
   $("devices-offline").textContent = s.totals.devices_offline;
   $("connections").textContent = s.totals.connections;
