@@ -169,7 +169,11 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         node.map(|n| format!(", cluster node {n}"))
             .unwrap_or_default()
     );
+    let cluster = hub.cluster.clone();
     let served = elfin_actors::serve_all(listeners, hub, shutdown_signal(term)).await;
+    if let Some(cluster) = cluster {
+        let _ = cluster.send(elfin_actors::cluster::Leave).await;
+    }
     if let Some(admin) = admin {
         admin.stop(true).await;
     }

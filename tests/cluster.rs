@@ -389,7 +389,7 @@ fn nodes_run_alone_while_nats_is_down_at_start_and_join_when_it_comes() {
     let port = nats::free_port();
     let url = format!("nats://127.0.0.1:{port}");
     let mongo = Mongo::start();
-    let a = node(&mongo, &url, "a");
+    let mut a = node(&mongo, &url, "a");
     let c = node(&mongo, &url, "c");
     a.wait_log("does not answer: this node runs alone");
     let uuid = a.add_user("alice");
@@ -401,9 +401,34 @@ fn nodes_run_alone_while_nats_is_down_at_start_and_join_when_it_comes() {
     carry(&mut local, &mut device, &uuid, "T", 1, b"alone");
     drop(local);
 
-    let _nats = Nats::start_on(port);
+    let mut nats = Nats::start_on(port).unwrap();
     let mut client = tunnel_eventually(&c, &uuid, DEVICE_A);
     carry(&mut device, &mut client, &uuid, DEVICE_A, 0, b"joined");
+    // A node stops cleanly whether or not NATS answers.
+    nats.stop();
+    a.wait_log("lost the NATS connection");
+    assert!(a.stop().success());
+}
+
+#[test]
+fn a_node_that_shuts_down_closes_its_cross_node_tunnels_at_once() {
+    let Some(nats) = Nats::start() else { return };
+    let mut fleet = Fleet::start(&nats.url());
+    let uuid = fleet.uuid.clone();
+    let _device = fleet.device(fleet.a(), DEVICE_A);
+    let mut client = tunnel_eventually(fleet.c(), &uuid, DEVICE_A);
+    let stopping = Instant::now();
+    fleet.a().signal("TERM");
+    client.expect_closed();
+    // Told by the node itself, not found out by its silence (node timeout 2 s).
+    assert!(
+        stopping.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        stopping.elapsed()
+    );
+    let mut a = fleet.nodes.remove(0);
+    let status = a.stop();
+    assert!(status.success(), "{status:?}: {:?}", a.log.lock().unwrap());
 }
 
 #[test]

@@ -169,12 +169,10 @@ pub async fn join(
         .connect(config.servers.as_slice())
         .await
         .map_err(|e| JoinError::Nats(e.to_string()))?;
-    let query = nats
-        .subscribe(config.subjects.query())
+    let query = Subscription::new(&nats, config.subjects.query())
         .await
         .map_err(|e| JoinError::Nats(e.to_string()))?;
-    let hello = nats
-        .subscribe(config.subjects.hello())
+    let hello = Subscription::new(&nats, config.subjects.hello())
         .await
         .map_err(|e| JoinError::Nats(e.to_string()))?;
     let watched = registry.clone();
@@ -196,6 +194,40 @@ pub async fn join(
     });
     watched.do_send(Watch(cluster.clone().recipient()));
     Ok(cluster)
+}
+
+/// A NATS subscription that may outlive the runtime: a subscriber unsubscribes on
+/// drop by spawning a task, which would panic while the process exits (the actix
+/// system drops what is left after its runtime has stopped). Then there is nothing
+/// to tell NATS that closing the connection does not, and it is left alone.
+pub struct Subscription(Option<async_nats::Subscriber>);
+
+impl Subscription {
+    pub async fn new(nats: &Client, subject: String) -> Result<Self, async_nats::SubscribeError> {
+        Ok(Subscription(Some(nats.subscribe(subject).await?)))
+    }
+}
+
+impl futures::Stream for Subscription {
+    type Item = Message;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Message>> {
+        match &mut self.0 {
+            Some(subscriber) => subscriber.poll_next_unpin(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            std::mem::forget(self.0.take());
+        }
+    }
 }
 
 /// An unbounded receiver as a stream.
@@ -472,7 +504,7 @@ impl Cluster {
         };
         self.publish(subject.clone(), wire::encode(&claim));
         let nats = self.nats.clone();
-        let subscribe = async move { nats.subscribe(subject).await };
+        let subscribe = async move { Subscription::new(&nats, subject).await };
         ctx.spawn(subscribe.into_actor(self).map(move |subscribed, act, ctx| {
             let Ok(subscription) = subscribed else { return };
             // Still live, and not subscribed by a later `Online`?
@@ -529,9 +561,9 @@ async fn open_end(
 async fn subscribe_end(
     nats: &Client,
     inbox: &str,
-) -> Result<(async_nats::Subscriber, async_nats::Subscriber), async_nats::SubscribeError> {
-    let data = nats.subscribe(inbox.to_owned()).await?;
-    let credits = nats.subscribe(format!("{inbox}.credit")).await?;
+) -> Result<(Subscription, Subscription), async_nats::SubscribeError> {
+    let data = Subscription::new(nats, inbox.to_owned()).await?;
+    let credits = Subscription::new(nats, format!("{inbox}.credit")).await?;
     Ok((data, credits))
 }
 
@@ -539,8 +571,8 @@ fn start_end(
     nats: &Client,
     config: &ClusterConfig,
     far: Far,
-    data: async_nats::Subscriber,
-    credits: async_nats::Subscriber,
+    data: Subscription,
+    credits: Subscription,
     tracker: Recipient<Tracked>,
     bridge: &Addr<BridgeManager>,
 ) -> PeerLink {
@@ -707,7 +739,7 @@ impl Handler<Gather> for Cluster {
                 return found;
             }
             let inbox = nats.new_inbox();
-            let Ok(mut answers) = nats.subscribe(inbox.clone()).await else {
+            let Ok(mut answers) = Subscription::new(&nats, inbox.clone()).await else {
                 return found;
             };
             let ask = wire::encode(&QueryAsk {
@@ -772,5 +804,22 @@ impl Handler<Membership> for Cluster {
             nodes,
             tunnel_ends: self.remotes.len(),
         }
+    }
+}
+
+/// The node is stopping: whatever its tunnel ends published (their `Close` above all)
+/// goes out before the process ends, for at most a second.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Leave;
+
+impl Handler<Leave> for Cluster {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Leave, _: &mut Context<Self>) -> Self::Result {
+        let nats = self.nats.clone();
+        Box::pin(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(1), nats.flush()).await;
+        })
     }
 }

@@ -28,7 +28,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use actix::prelude::*;
-use async_nats::{Client, HeaderMap, PublishError, Subject, Subscriber};
+use async_nats::{Client, HeaderMap, PublishError, Subject};
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::StreamExt;
@@ -36,6 +36,7 @@ use tokio::io::AsyncWrite;
 use tokio::sync::oneshot;
 
 use super::wire::{self, Close, CONTROL};
+use super::Subscription;
 use crate::bridge::{BridgeManager, Cause, Unlink};
 use crate::connection::write_loop;
 use crate::link::{self, next_session_id, Meter, Outbox, PeerEvent, PeerLink, SessionId, TunnelId};
@@ -54,8 +55,8 @@ pub struct Parts {
     /// The node the other end is on.
     pub node: String,
     /// This end's subscriptions: its data inbox, and `<inbox>.credit`.
-    pub data: Subscriber,
-    pub credits: Subscriber,
+    pub data: Subscription,
+    pub credits: Subscription,
     /// The other end's data inbox.
     pub peer_inbox: String,
     /// The address of the connection the other end stands for (for logs).
@@ -108,7 +109,7 @@ pub struct Remote {
 
 /// The receiving task's parts, until the actor starts it.
 struct Receive {
-    data: Subscriber,
+    data: Subscription,
     linked: oneshot::Receiver<(PeerLink, Meter)>,
     nats: Client,
     credit_to: String,
@@ -343,7 +344,7 @@ impl Receive {
 struct NatsWriter {
     nats: Client,
     to: Subject,
-    credits: Subscriber,
+    credits: Subscription,
     credit: u64,
     /// A message handed to the client that it has not taken yet, and its length: the
     /// write that made it is answered once it is taken (the caller repeats that
