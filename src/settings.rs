@@ -786,6 +786,36 @@ mod tests {
     }
 
     #[test]
+    fn cluster_settings_become_the_cluster_config() {
+        let mut s = Settings::default();
+        assert!(s.cluster_config().is_none(), "alone by default");
+        s.storage.backend = Backend::Mongodb;
+        s.cluster.nats_url = "nats://n1:4222, nats://n2:4222".into();
+        s.cluster.node_id = "eu-1".into();
+        s.cluster.user = "gw".into();
+        s.cluster.password = Secret("hunter2".into());
+        s.server.tunnel_stall_secs = 5;
+        s.check().unwrap();
+        let c = s.cluster_config().unwrap();
+        assert_eq!(c.servers, ["nats://n1:4222", "nats://n2:4222"]);
+        assert_eq!(c.node, "eu-1");
+        assert_eq!(
+            c.node_timeout,
+            Duration::from_secs(5),
+            "at most the stall time"
+        );
+        assert_eq!(c.auth.user, Some(("gw".into(), "hunter2".into())));
+        assert!(!format!("{s:?}").contains("hunter2"));
+        s.cluster.node_id = String::new();
+        assert!(
+            !s.cluster_config().unwrap().node.is_empty(),
+            "the host name"
+        );
+        s.cluster.password = Secret::default();
+        assert!(s.check().unwrap_err().to_string().contains("cluster.user"));
+    }
+
+    #[test]
     fn bad_values_name_their_key() {
         let mut s = Settings::default();
         s.query.time_zone = "Mars/Olympus".into();

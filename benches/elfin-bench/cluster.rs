@@ -97,6 +97,8 @@ async fn bare_round_trips(url: &str, count: usize) -> Vec<f64> {
     let (asker, echo) = (connect(url).await, connect(url).await);
     let mut pings = echo.subscribe("bench.ping").await.unwrap();
     let mut pongs = asker.subscribe("bench.pong").await.unwrap();
+    // Both subscriptions are in place at the server before the first ping.
+    echo.flush().await.unwrap();
     let echoing = tokio::spawn(async move {
         while let Some(ping) = pings.next().await {
             echo.publish("bench.pong", ping.payload).await.unwrap();
@@ -108,7 +110,7 @@ async fn bare_round_trips(url: &str, count: usize) -> Vec<f64> {
         let started = Instant::now();
         let (request, _) = tunnel::fixed(i);
         asker.publish("bench.ping", request.into()).await.unwrap();
-        pongs.next().await.unwrap();
+        next(&mut pongs).await;
         if i >= count / 10 {
             samples.push(started.elapsed().as_secs_f64() * 1e6);
         }
@@ -157,7 +159,7 @@ async fn stream_out(
     let (mut credit, mut sent) = (WINDOW, 0);
     while sent < total {
         while credit < MESSAGE {
-            let grant = credits.next().await.unwrap();
+            let grant = next(&mut credits).await;
             credit += std::str::from_utf8(&grant.payload)
                 .unwrap()
                 .parse::<usize>()
@@ -178,7 +180,7 @@ async fn stream_in(
 ) {
     let (mut got, mut consumed) = (0, 0);
     while got < total {
-        let message = data.next().await.unwrap();
+        let message = next(&mut data).await;
         got += message.payload.len();
         consumed += message.payload.len();
         if consumed >= WINDOW / 4 {
@@ -189,6 +191,14 @@ async fn stream_in(
             consumed = 0;
         }
     }
+}
+
+/// The next message, or a failed bench rather than a hung one.
+async fn next(subscriber: &mut async_nats::Subscriber) -> async_nats::Message {
+    tokio::time::timeout(Duration::from_secs(10), subscriber.next())
+        .await
+        .expect("bare NATS: nothing for 10 s")
+        .expect("bare NATS: subscription ended")
 }
 
 async fn connect(url: &str) -> async_nats::Client {

@@ -74,6 +74,34 @@ pub struct NatsAuth {
     pub require_tls: bool,
 }
 
+impl NatsAuth {
+    /// Connect options with these credentials and TLS settings.
+    async fn options(&self) -> Result<async_nats::ConnectOptions, JoinError> {
+        let mut options = match &self.credentials_file {
+            Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(JoinError::Credentials)?,
+            None => async_nats::ConnectOptions::new(),
+        };
+        if let Some(token) = &self.token {
+            options = options.token(token.clone());
+        }
+        if let Some((user, password)) = &self.user {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(seed) = &self.nkey_seed {
+            options = options.nkey(seed.clone());
+        }
+        if let Some(ca) = &self.tls_ca {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let Some((cert, key)) = &self.tls_client {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        Ok(options.require_tls(self.require_tls))
+    }
+}
+
 impl ClusterConfig {
     /// How often this node says hello.
     fn hello_every(&self) -> Duration {
@@ -125,30 +153,10 @@ pub async fn join(
     bridge: Addr<BridgeManager>,
 ) -> Result<Addr<Cluster>, JoinError> {
     let (events, incoming) = tokio::sync::mpsc::unbounded_channel();
-    let mut options = match &config.auth.credentials_file {
-        Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
-            .await
-            .map_err(JoinError::Credentials)?,
-        None => async_nats::ConnectOptions::new(),
-    };
-    let auth = &config.auth;
-    if let Some(token) = &auth.token {
-        options = options.token(token.clone());
-    }
-    if let Some((user, password)) = &auth.user {
-        options = options.user_and_password(user.clone(), password.clone());
-    }
-    if let Some(seed) = &auth.nkey_seed {
-        options = options.nkey(seed.clone());
-    }
-    if let Some(ca) = &auth.tls_ca {
-        options = options.add_root_certificates(ca.clone());
-    }
-    if let Some((cert, key)) = &auth.tls_client {
-        options = options.add_client_certificate(cert.clone(), key.clone());
-    }
-    let nats = options
-        .require_tls(auth.require_tls)
+    let nats = config
+        .auth
+        .options()
+        .await?
         .name(format!("elfin-gateway {}", config.node))
         // This node's own hellos, claims and queries are not for itself.
         .no_echo()
