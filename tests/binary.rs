@@ -159,6 +159,12 @@ fn bad_settings_fail_at_start_naming_the_key() {
         // Beyond loopback only with a token, and a token must be long.
         ("ELFIN__ADMIN__LISTEN", "0.0.0.0:0", "admin.listen"),
         ("ELFIN__ADMIN__TOKEN", "letmein", "admin.token"),
+        // Cluster mode shares one database among the nodes.
+        (
+            "ELFIN__CLUSTER__NATS_URL",
+            "nats://127.0.0.1:4222",
+            "storage.backend = \"mongodb\"",
+        ),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_elfin-gateway"))
             .current_dir(dir.path())

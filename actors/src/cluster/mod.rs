@@ -7,10 +7,12 @@
 //!   subscribes to the device's subject ([`wire::Subjects::device`], a hash, never
 //!   the uuid), so NATS's interest graph is the presence table: a node that dies
 //!   takes its entries with it. A device that goes live here publishes a claim there,
-//!   and the node that held it before closes its stale connection ([`Evict`]).
-//! - **Reaching devices elsewhere.** `connme`/`connthem` for a device live on another
-//!   node ask that node, on the device's subject, to tunnel it to a [`remote::Remote`]
-//!   here; `query` asks every node for the user's live devices ([`Gather`]).
+//!   and the node that held it before closes its stale connection
+//!   ([`Evict`](crate::registry::Evict)).
+//! - **Reaching devices elsewhere** (`requests.rs`). `connme`/`connthem` for a device
+//!   live on another node ask that node, on the device's subject, to tunnel it to a
+//!   [`remote::Remote`] here; `query` asks every node for the user's live devices
+//!   ([`Gather`]).
 //! - **Membership.** Every node says hello every so often; a node not heard from
 //!   for [`ClusterConfig::node_timeout`] is gone and its tunnels end. A lost NATS
 //!   connection ends every cross-node tunnel; the client reconnects in the background
@@ -20,10 +22,12 @@
 //! on every node.
 
 pub mod remote;
+mod requests;
 pub mod wire;
 
+pub use requests::{Gather, Open, Probe};
+
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,12 +38,11 @@ use bytestring::ByteString;
 use futures::StreamExt;
 use tokio::time::Instant;
 
-use crate::bridge::{BridgeManager, Link};
-use crate::link::{End, PeerLink, Role, SessionId};
-use crate::registry::{DeviceRegistry, Evict, LiveDevices, Lookup, Presence, Watch};
-use crate::store::Sighting;
+use crate::bridge::BridgeManager;
+use crate::link::SessionId;
+use crate::registry::{DeviceRegistry, Presence, Watch};
 use remote::{Lost, Remote, Tracked};
-use wire::{Answer, Ask, Hello, LiveElsewhere, QueryAnswer, QueryAsk, Subjects};
+use wire::{Ask, Hello, Subjects};
 
 /// How this node joins the cluster.
 #[derive(Debug, Clone)]
@@ -352,127 +355,6 @@ impl Cluster {
         self.report();
     }
 
-    fn device_message(&mut self, (uuid, mac): Key, message: Message, ctx: &mut Context<Self>) {
-        let Ok(ask) = serde_json::from_slice::<Ask>(&message.payload) else {
-            log::debug!("cluster: unreadable request on {}", message.subject);
-            return;
-        };
-        match ask {
-            Ask::Claim { node } => {
-                log::info!("device {mac} connected to node {node}; closing its connection here");
-                self.registry.do_send(Evict { uuid, mac });
-            }
-            Ask::Probe => {
-                let lookup = self.registry.send(Lookup { uuid, mac });
-                ctx.spawn(lookup.into_actor(self).map(move |found, act, _| {
-                    let answer = match found.ok().flatten() {
-                        Some(_) => Answer::Present,
-                        None => Answer::Failed {
-                            reason: "offline".into(),
-                        },
-                    };
-                    act.reply(&message, wire::encode(&answer));
-                }));
-            }
-            Ask::Open {
-                node,
-                inbox,
-                remote,
-                role,
-                window,
-            } => {
-                let far = Far {
-                    node,
-                    inbox,
-                    remote,
-                    window,
-                };
-                let accept = self.accept(uuid, mac, far, role.into(), ctx);
-                ctx.spawn(accept.into_actor(self).map(move |answer, act, _| {
-                    act.reply(&message, wire::encode(&answer));
-                }));
-            }
-        }
-    }
-
-    /// Tunnels device (uuid, mac), live here, to an end on another node.
-    fn accept(
-        &self,
-        uuid: ByteString,
-        mac: ByteString,
-        far: Far,
-        role: Role,
-        ctx: &mut Context<Self>,
-    ) -> impl std::future::Future<Output = Answer> + 'static {
-        let (registry, bridge) = (self.registry.clone(), self.bridge.clone());
-        let (nats, config) = (self.nats.clone(), self.config.clone());
-        let tracker = ctx.address().recipient();
-        async move {
-            let offline = || Answer::Failed {
-                reason: "offline".into(),
-            };
-            let Ok(Some(device)) = registry
-                .send(Lookup {
-                    uuid,
-                    mac: mac.clone(),
-                })
-                .await
-            else {
-                return offline();
-            };
-            let remote = device.remote;
-            let Ok((inbox, end)) = open_end(&nats, &config, far, tracker, &bridge).await else {
-                return offline();
-            };
-            let link = Link {
-                a: End { link: end, role },
-                b: End {
-                    link: device,
-                    role: Role::Device(mac),
-                },
-                notify: true,
-            };
-            if bridge.send(link).await.is_err() {
-                return offline();
-            }
-            Answer::Opened {
-                node: config.node.clone(),
-                inbox,
-                remote,
-                window: config.window,
-            }
-        }
-    }
-
-    fn query_message(&mut self, message: Message, ctx: &mut Context<Self>) {
-        let Ok(ask) = serde_json::from_slice::<QueryAsk>(&message.payload) else {
-            return;
-        };
-        let node = self.config.node.clone();
-        let live = match self.users.get(&ask.user) {
-            Some((uuid, _)) => Some(self.registry.send(LiveDevices { uuid: uuid.clone() })),
-            None => None,
-        };
-        let answer = async move {
-            let live = match live {
-                Some(live) => live.await.unwrap_or_default(),
-                None => Vec::new(),
-            };
-            let devices = live
-                .into_iter()
-                .map(|d| LiveElsewhere {
-                    mac: d.mac.to_string(),
-                    host: d.host.to_string(),
-                    seen_ms: d.last_seen.to_utc().timestamp_millis(),
-                })
-                .collect();
-            QueryAnswer { node, devices }
-        };
-        ctx.spawn(answer.into_actor(self).map(move |answer, act, _| {
-            act.reply(&message, wire::encode(&answer));
-        }));
-    }
-
     fn hello_message(&mut self, message: Message) {
         let Ok(hello) = serde_json::from_slice::<Hello>(&message.payload) else {
             return;
@@ -540,70 +422,6 @@ impl Cluster {
     }
 }
 
-/// The other end of a tunnel being opened: its node, its data inbox, the address of
-/// the connection it stands for, and its receive window.
-struct Far {
-    node: String,
-    inbox: String,
-    remote: SocketAddr,
-    window: u64,
-}
-
-/// Subscribes a new end's inbox and starts its [`Remote`]; returns the inbox and the
-/// end's link.
-async fn open_end(
-    nats: &Client,
-    config: &ClusterConfig,
-    far: Far,
-    tracker: Recipient<Tracked>,
-    bridge: &Addr<BridgeManager>,
-) -> Result<(String, PeerLink), async_nats::SubscribeError> {
-    let inbox = nats.new_inbox();
-    let (data, credits) = subscribe_end(nats, &inbox).await?;
-    Ok((
-        inbox,
-        start_end(nats, config, far, data, credits, tracker, bridge),
-    ))
-}
-
-async fn subscribe_end(
-    nats: &Client,
-    inbox: &str,
-) -> Result<(Subscription, Subscription), async_nats::SubscribeError> {
-    let data = Subscription::new(nats, inbox.to_owned()).await?;
-    let credits = Subscription::new(nats, format!("{inbox}.credit")).await?;
-    Ok((data, credits))
-}
-
-fn start_end(
-    nats: &Client,
-    config: &ClusterConfig,
-    far: Far,
-    data: Subscription,
-    credits: Subscription,
-    tracker: Recipient<Tracked>,
-    bridge: &Addr<BridgeManager>,
-) -> PeerLink {
-    remote::start(remote::Parts {
-        nats: nats.clone(),
-        node: far.node,
-        data,
-        credits,
-        peer_inbox: far.inbox,
-        remote: far.remote,
-        // At least two full messages fit, whatever the other node asks for.
-        send_credit: far
-            .window
-            .max(2 * (remote::MAX_MESSAGE as u64 + remote::MESSAGE_COST)),
-        receive_window: config.window,
-        stall: config.stall,
-        out_chunks: config.out_chunks,
-        out_bytes: config.out_bytes,
-        bridge: bridge.clone(),
-        tracker,
-    })
-}
-
 impl StreamHandler<Incoming> for Cluster {
     fn handle(&mut self, incoming: Incoming, ctx: &mut Context<Self>) {
         match incoming {
@@ -642,146 +460,6 @@ impl Handler<Tracked> for Cluster {
             }
         }
         self.report();
-    }
-}
-
-/// Is device (uuid, mac) live on another node?
-#[derive(Message)]
-#[rtype(result = "bool")]
-pub struct Probe {
-    pub uuid: ByteString,
-    pub mac: ByteString,
-}
-
-impl Handler<Probe> for Cluster {
-    type Result = ResponseFuture<bool>;
-
-    fn handle(&mut self, Probe { uuid, mac }: Probe, _: &mut Context<Self>) -> Self::Result {
-        let (nats, config) = (self.nats.clone(), self.config.clone());
-        Box::pin(async move {
-            let subject = config.subjects.device(&uuid, &mac);
-            let asked = nats.request(subject, wire::encode(&Ask::Probe));
-            matches!(
-                tokio::time::timeout(config.request_timeout, asked).await,
-                Ok(Ok(reply)) if serde_json::from_slice(&reply.payload).ok() == Some(Answer::Present)
-            )
-        })
-    }
-}
-
-/// Tunnel device (uuid, mac), live on another node, to a new end here that stands for
-/// it; the local connection `remote` (in `role`) is to be linked to that end. `None`
-/// if no node has the device.
-#[derive(Message)]
-#[rtype(result = "Option<PeerLink>")]
-pub struct Open {
-    pub uuid: ByteString,
-    pub mac: ByteString,
-    pub role: Role,
-    pub remote: SocketAddr,
-}
-
-impl Handler<Open> for Cluster {
-    type Result = ResponseFuture<Option<PeerLink>>;
-
-    fn handle(&mut self, open: Open, ctx: &mut Context<Self>) -> Self::Result {
-        let (nats, config, bridge) = (self.nats.clone(), self.config.clone(), self.bridge.clone());
-        let tracker = ctx.address().recipient();
-        Box::pin(async move {
-            let inbox = nats.new_inbox();
-            let (data, credits) = subscribe_end(&nats, &inbox).await.ok()?;
-            let ask = Ask::Open {
-                node: config.node.clone(),
-                inbox,
-                remote: open.remote,
-                role: (&open.role).into(),
-                window: config.window,
-            };
-            let subject = config.subjects.device(&open.uuid, &open.mac);
-            let asked = nats.request(subject, wire::encode(&ask));
-            let reply = tokio::time::timeout(config.request_timeout, asked)
-                .await
-                .ok()?
-                .ok()?;
-            match serde_json::from_slice(&reply.payload).ok()? {
-                Answer::Opened {
-                    node,
-                    inbox,
-                    remote,
-                    window,
-                } => {
-                    let far = Far {
-                        node,
-                        inbox,
-                        remote,
-                        window,
-                    };
-                    Some(start_end(
-                        &nats, &config, far, data, credits, tracker, &bridge,
-                    ))
-                }
-                _ => None,
-            }
-        })
-    }
-}
-
-/// The user's devices live on other nodes, as sightings (every node is asked; the
-/// answer is complete once each node heard from lately has answered, or after the
-/// request timeout).
-#[derive(Message)]
-#[rtype(result = "Vec<Sighting>")]
-pub struct Gather {
-    pub uuid: ByteString,
-}
-
-impl Handler<Gather> for Cluster {
-    type Result = ResponseFuture<Vec<Sighting>>;
-
-    fn handle(&mut self, Gather { uuid }: Gather, _: &mut Context<Self>) -> Self::Result {
-        let (nats, config) = (self.nats.clone(), self.config.clone());
-        let expected = self.nodes.len();
-        Box::pin(async move {
-            let mut found = Vec::new();
-            if expected == 0 {
-                return found;
-            }
-            let inbox = nats.new_inbox();
-            let Ok(mut answers) = Subscription::new(&nats, inbox.clone()).await else {
-                return found;
-            };
-            let ask = wire::encode(&QueryAsk {
-                user: config.subjects.user(&uuid),
-            });
-            if nats
-                .publish_with_reply(config.subjects.query(), inbox, ask)
-                .await
-                .is_err()
-            {
-                return found;
-            }
-            let deadline = Instant::now() + config.request_timeout;
-            let mut heard = std::collections::HashSet::new();
-            while heard.len() < expected {
-                let Ok(Some(answer)) = tokio::time::timeout_at(deadline, answers.next()).await
-                else {
-                    break;
-                };
-                let Ok(answer) = serde_json::from_slice::<QueryAnswer>(&answer.payload) else {
-                    continue;
-                };
-                heard.insert(answer.node);
-                found.extend(answer.devices.into_iter().filter_map(|d| {
-                    Some(Sighting {
-                        uuid: uuid.clone(),
-                        mac: d.mac.into(),
-                        host: d.host.into(),
-                        at: chrono::DateTime::from_timestamp_millis(d.seen_ms)?,
-                    })
-                }));
-            }
-            found
-        })
     }
 }
 
