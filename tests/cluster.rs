@@ -384,6 +384,32 @@ fn losing_nats_ends_cross_node_tunnels_only_and_presence_returns_with_it() {
 }
 
 #[test]
+fn a_device_that_moved_while_nats_was_away_keeps_only_its_newer_connection() {
+    let Some(mut nats) = Nats::start() else {
+        return;
+    };
+    let fleet = Fleet::start(&nats.url());
+    let uuid = fleet.uuid.clone();
+    let mut old = fleet.device(fleet.a(), DEVICE_A);
+    nats.stop();
+    fleet.a().wait_log("lost the NATS connection");
+    fleet.b().wait_log("lost the NATS connection");
+    let mut new = fleet.device(fleet.b(), DEVICE_A);
+    nats.resume();
+    old.expect_closed();
+    new.expect_silence(Duration::from_millis(300));
+    let mut client = tunnel_eventually(fleet.c(), &uuid, DEVICE_A);
+    carry(
+        &mut client,
+        &mut new,
+        &uuid,
+        "T",
+        1,
+        b"to the newer connection",
+    );
+}
+
+#[test]
 fn nodes_run_alone_while_nats_is_down_at_start_and_join_when_it_comes() {
     let Some(_) = nats::server() else { return };
     let port = nats::free_port();

@@ -128,8 +128,8 @@ pub struct Cluster {
     config: Arc<ClusterConfig>,
     registry: Addr<DeviceRegistry>,
     bridge: Addr<BridgeManager>,
-    /// Devices live here, with their subject's stream (`None` while subscribing).
-    held: HashMap<Key, Option<SpawnHandle>>,
+    /// Devices live here.
+    held: HashMap<Key, Held>,
     /// Users with devices live here, by their name in `query` requests: uuid, and how
     /// many devices.
     users: HashMap<String, (ByteString, usize)>,
@@ -138,6 +138,14 @@ pub struct Cluster {
     /// Cross-node tunnel ends here, with the node of their other end.
     remotes: HashMap<SessionId, (String, Addr<Remote>)>,
     connected: bool,
+}
+
+/// A device live on this node.
+struct Held {
+    /// Its subject's stream, once subscribed.
+    stream: Option<SpawnHandle>,
+    /// When it went live here: milliseconds since the Unix epoch.
+    since_ms: i64,
 }
 
 /// Everything that reaches the cluster actor from NATS.
@@ -279,14 +287,16 @@ impl Cluster {
         metrics::gauge!("elfin_cluster_tunnel_ends").set(self.remotes.len() as f64);
     }
 
+    fn say_hello(&self) {
+        let hello = Hello {
+            node: self.config.node.clone(),
+        };
+        self.publish(self.config.subjects.hello(), wire::encode(&hello));
+    }
+
     /// Says hello, and ends the tunnels of nodes that stopped saying it.
     fn tick(&mut self) {
-        self.publish(
-            self.config.subjects.hello(),
-            wire::encode(&Hello {
-                node: self.config.node.clone(),
-            }),
-        );
+        self.say_hello();
         let timeout = self.config.node_timeout;
         let gone: Vec<String> = self
             .nodes
@@ -336,6 +346,11 @@ impl Cluster {
                     "connected to NATS; {} devices live here are reachable from other nodes",
                     self.held.len()
                 );
+                // A device may have moved while NATS was away, leaving its old
+                // connection open on another node: the older connection gives way.
+                for (key, held) in &self.held {
+                    self.claim(key, Some(held.since_ms));
+                }
                 self.tick();
             }
             Event::Disconnected => {
@@ -373,8 +388,22 @@ impl Cluster {
             .is_none()
         {
             log::info!("cluster node {} is up", hello.node);
+            // So that it knows of this node at once, not at the next hello.
+            self.say_hello();
             self.report();
         }
+    }
+
+    /// Tells whoever else holds the device that this node has it. `since_ms` makes
+    /// it a re-claim, after the NATS connection came back: only a holder whose own
+    /// connection of the device is older gives it up.
+    fn claim(&self, (uuid, mac): &Key, since_ms: Option<i64>) {
+        let claim = Ask::Claim {
+            node: self.config.node.clone(),
+            since_ms,
+        };
+        let subject = self.config.subjects.device(uuid, mac);
+        self.publish(subject, wire::encode(&claim));
     }
 
     fn online(&mut self, uuid: ByteString, mac: ByteString, ctx: &mut Context<Self>) {
@@ -382,34 +411,38 @@ impl Cluster {
         if self.held.contains_key(&key) {
             return;
         }
-        self.held.insert(key.clone(), None);
+        let since_ms = chrono::Utc::now().timestamp_millis();
+        let held = Held {
+            stream: None,
+            since_ms,
+        };
+        self.held.insert(key.clone(), held);
         let user = self.config.subjects.user(&key.0);
         self.users
             .entry(user)
             .or_insert_with(|| (key.0.clone(), 0))
             .1 += 1;
         let subject = self.config.subjects.device(&key.0, &key.1);
-        let claim = Ask::Claim {
-            node: self.config.node.clone(),
-        };
-        self.publish(subject.clone(), wire::encode(&claim));
+        self.claim(&key, None);
         let nats = self.nats.clone();
         let subscribe = async move { Subscription::new(&nats, subject).await };
         ctx.spawn(subscribe.into_actor(self).map(move |subscribed, act, ctx| {
             let Ok(subscription) = subscribed else { return };
             // Still live, and not subscribed by a later `Online`?
-            if act.held.get(&key).is_some_and(Option::is_none) {
+            if let Some(held) = act.held.get_mut(&key).filter(|h| h.stream.is_none()) {
                 let k = key.clone();
-                let stream =
-                    ctx.add_stream(subscription.map(move |m| Incoming::Device(k.clone(), m)));
-                act.held.insert(key, Some(stream));
+                let stream = subscription.map(move |m| Incoming::Device(k.clone(), m));
+                held.stream = Some(ctx.add_stream(stream));
             }
         }));
     }
 
     fn offline(&mut self, uuid: ByteString, mac: ByteString, ctx: &mut Context<Self>) {
         let key = (uuid, mac);
-        if let Some(stream) = self.held.remove(&key).flatten() {
+        let Some(held) = self.held.remove(&key) else {
+            return;
+        };
+        if let Some(stream) = held.stream {
             ctx.cancel_future(stream);
         }
         let user = self.config.subjects.user(&key.0);

@@ -35,9 +35,16 @@ impl Cluster {
             return;
         };
         match ask {
-            Ask::Claim { node } => {
-                log::info!("device {mac} connected to node {node}; closing its connection here");
-                self.registry.do_send(Evict { uuid, mac });
+            Ask::Claim { node, since_ms } => {
+                let key = (uuid, mac);
+                let ours = self.held.get(&key).map(|h| h.since_ms);
+                if gives_way(ours, &self.config.node, since_ms, &node) {
+                    let (uuid, mac) = key;
+                    log::info!(
+                        "device {mac} connected to node {node}; closing its connection here"
+                    );
+                    self.registry.do_send(Evict { uuid, mac });
+                }
             }
             Ask::Probe => {
                 let lookup = self.registry.send(Lookup { uuid, mac });
@@ -148,6 +155,16 @@ impl Cluster {
         ctx.spawn(answer.into_actor(self).map(move |answer, act, _| {
             act.reply(&message, wire::encode(&answer));
         }));
+    }
+}
+
+/// Whether this node's connection of a device (live here since `ours`) gives way to
+/// a claim by `node` ([`Ask::Claim`]): always to a new connection, and to a re-claim
+/// when it is the older one (on a tie, the node with the smaller name gives way).
+fn gives_way(ours: Option<i64>, me: &str, since_ms: Option<i64>, node: &str) -> bool {
+    match (ours, since_ms) {
+        (Some(ours), Some(theirs)) => (ours, me) < (theirs, node),
+        _ => true,
     }
 }
 
@@ -352,5 +369,34 @@ impl Handler<Gather> for Cluster {
             }
             found
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gives_way;
+
+    #[test]
+    fn a_connection_gives_way_to_a_newer_one_only() {
+        assert!(
+            gives_way(Some(5_000), "a", None, "b"),
+            "a device just connected"
+        );
+        assert!(
+            gives_way(Some(5_000), "a", Some(6_000), "b"),
+            "re-claim, newer"
+        );
+        assert!(
+            !gives_way(Some(7_000), "a", Some(6_000), "b"),
+            "re-claim, older"
+        );
+        assert!(
+            gives_way(Some(6_000), "a", Some(6_000), "b"),
+            "tie: smaller name"
+        );
+        assert!(
+            !gives_way(Some(6_000), "b", Some(6_000), "a"),
+            "tie: larger name"
+        );
     }
 }

@@ -86,8 +86,11 @@ pub enum Ask {
         window: u64,
     },
     /// The device connected to node `node`: whoever else holds it closes that
-    /// connection (published, not requested).
-    Claim { node: String },
+    /// connection (published, not requested). With `since_ms` (when it connected
+    /// there, in milliseconds since the Unix epoch), a re-claim after a NATS outage:
+    /// only a holder whose connection is older closes it (the node with the smaller
+    /// name on a tie).
+    Claim { node: String, since_ms: Option<i64> },
 }
 
 /// The reply to an [`Ask`].
