@@ -35,6 +35,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use async_nats::{Client, Event, Message};
 use bytestring::ByteString;
+use futures::stream::AbortHandle;
 use futures::StreamExt;
 use tokio::time::Instant;
 
@@ -130,6 +131,11 @@ pub struct Cluster {
     bridge: Addr<BridgeManager>,
     /// Devices live here.
     held: HashMap<Key, Held>,
+    /// Hands each device's stream to the one stream that merges them all: actix polls
+    /// every stream of an actor's context on each wake, which for thousands of devices
+    /// would cost more than the messages, while a merged stream polls only those that
+    /// have something.
+    devices: tokio::sync::mpsc::UnboundedSender<DeviceStream>,
     /// Users with devices live here, by their name in `query` requests: uuid, and how
     /// many devices.
     users: HashMap<String, (ByteString, usize)>,
@@ -142,11 +148,14 @@ pub struct Cluster {
 
 /// A device live on this node.
 struct Held {
-    /// Its subject's stream, once subscribed.
-    stream: Option<SpawnHandle>,
+    /// Ends its subject's stream (and so the subscription).
+    stream: AbortHandle,
     /// When it went live here: milliseconds since the Unix epoch.
     since_ms: i64,
 }
+
+/// What a device's subject brings, as one of [`Cluster::devices`]' streams.
+type DeviceStream = futures::stream::BoxStream<'static, Incoming>;
 
 /// Everything that reaches the cluster actor from NATS.
 enum Incoming {
@@ -195,16 +204,19 @@ pub async fn join(
         .await
         .map_err(|e| JoinError::Nats(e.to_string()))?;
     let watched = registry.clone();
+    let (devices, device_streams) = tokio::sync::mpsc::unbounded_channel();
     let cluster = Cluster::create(move |ctx| {
         ctx.add_stream(tokio_stream_of(incoming).map(Incoming::Event));
         ctx.add_stream(query.map(Incoming::Query));
         ctx.add_stream(hello.map(Incoming::Hello));
+        ctx.add_stream(tokio_stream_of(device_streams).flatten_unordered(None));
         Cluster {
             nats,
             config: Arc::new(config),
             registry,
             bridge,
             held: HashMap::new(),
+            devices,
             users: HashMap::new(),
             nodes: HashMap::new(),
             remotes: HashMap::new(),
@@ -406,45 +418,42 @@ impl Cluster {
         self.publish(subject, wire::encode(&claim));
     }
 
-    fn online(&mut self, uuid: ByteString, mac: ByteString, ctx: &mut Context<Self>) {
+    fn online(&mut self, uuid: ByteString, mac: ByteString) {
         let key = (uuid, mac);
         if self.held.contains_key(&key) {
             return;
         }
-        let since_ms = chrono::Utc::now().timestamp_millis();
-        let held = Held {
-            stream: None,
-            since_ms,
-        };
-        self.held.insert(key.clone(), held);
         let user = self.config.subjects.user(&key.0);
         self.users
             .entry(user)
             .or_insert_with(|| (key.0.clone(), 0))
             .1 += 1;
-        let subject = self.config.subjects.device(&key.0, &key.1);
         self.claim(&key, None);
-        let nats = self.nats.clone();
-        let subscribe = async move { Subscription::new(&nats, subject).await };
-        ctx.spawn(subscribe.into_actor(self).map(move |subscribed, act, ctx| {
-            let Ok(subscription) = subscribed else { return };
-            // Still live, and not subscribed by a later `Online`?
-            if let Some(held) = act.held.get_mut(&key).filter(|h| h.stream.is_none()) {
-                let k = key.clone();
-                let stream = subscription.map(move |m| Incoming::Device(k.clone(), m));
-                held.stream = Some(ctx.add_stream(stream));
-            }
-        }));
+        let (nats, subject) = (
+            self.nats.clone(),
+            self.config.subjects.device(&key.0, &key.1),
+        );
+        let subscribed = async move { Subscription::new(&nats, subject).await.ok() };
+        let k = key.clone();
+        let messages = futures::stream::once(subscribed)
+            .filter_map(std::future::ready)
+            .flatten()
+            .map(move |m| Incoming::Device(k.clone(), m));
+        let (stream, abort) = futures::stream::abortable(messages);
+        let _ = self.devices.send(stream.boxed());
+        let held = Held {
+            stream: abort,
+            since_ms: chrono::Utc::now().timestamp_millis(),
+        };
+        self.held.insert(key, held);
     }
 
-    fn offline(&mut self, uuid: ByteString, mac: ByteString, ctx: &mut Context<Self>) {
+    fn offline(&mut self, uuid: ByteString, mac: ByteString) {
         let key = (uuid, mac);
         let Some(held) = self.held.remove(&key) else {
             return;
         };
-        if let Some(stream) = held.stream {
-            ctx.cancel_future(stream);
-        }
+        held.stream.abort();
         let user = self.config.subjects.user(&key.0);
         if let Some((_, devices)) = self.users.get_mut(&user) {
             *devices -= 1;
@@ -465,17 +474,18 @@ impl StreamHandler<Incoming> for Cluster {
         }
     }
 
-    /// A device's stream ends when it goes offline; the others never end.
+    /// None of the streams ends while the actor lives (devices come and go inside the
+    /// merged one).
     fn finished(&mut self, _: &mut Context<Self>) {}
 }
 
 impl Handler<Presence> for Cluster {
     type Result = ();
 
-    fn handle(&mut self, change: Presence, ctx: &mut Context<Self>) {
+    fn handle(&mut self, change: Presence, _: &mut Context<Self>) {
         match change {
-            Presence::Online { uuid, mac } => self.online(uuid, mac, ctx),
-            Presence::Offline { uuid, mac } => self.offline(uuid, mac, ctx),
+            Presence::Online { uuid, mac } => self.online(uuid, mac),
+            Presence::Offline { uuid, mac } => self.offline(uuid, mac),
         }
     }
 }
