@@ -44,6 +44,10 @@ impl Cluster {
                         "device {mac} connected to node {node}; closing its connection here"
                     );
                     self.registry.do_send(Evict { uuid, mac });
+                } else if let Some(ours) = ours {
+                    // An older connection re-claimed after NATS came back: its node is
+                    // listening now, and may have missed this node's own re-claim.
+                    self.claim(&key, Some(ours));
                 }
             }
             Ask::Probe => {
