@@ -205,6 +205,8 @@ async fn connthem(
     // Both must be live before either is touched.
     let a = locate(hub, uuid, &mac1, me).await?;
     let b = locate(hub, uuid, &mac2, me).await?;
+    confirm(hub, &a, uuid, &mac1).await?;
+    confirm(hub, &b, uuid, &mac2).await?;
     let (role1, role2) = (Role::Device(owned(&mac1)), Role::Device(owned(&mac2)));
     let a = reach(hub, a, uuid, &mac1, me, role2.clone()).await?;
     let b = reach(hub, b, uuid, &mac2, me, role1.clone()).await?;
@@ -277,7 +279,8 @@ async fn query(hub: &Hub, uuid: &ByteString, me: &PeerLink) -> Bytes {
 /// Where a user's device is live.
 enum Found {
     Here(PeerLink),
-    /// On another node of the cluster.
+    /// Not here, so on another node of the cluster if anywhere: [`reach`] finds out
+    /// by opening the tunnel, [`confirm`] without touching anything.
     Elsewhere,
 }
 
@@ -301,15 +304,29 @@ async fn locate(
         uuid: uuid.clone(),
         mac: mac.clone(),
     };
-    if let Some(link) = hub.registry.send(lookup).await.ok().flatten() {
-        return Ok(Found::Here(link));
+    match hub.registry.send(lookup).await.ok().flatten() {
+        Some(link) => Ok(Found::Here(link)),
+        None if hub.cluster.is_some() => Ok(Found::Elsewhere),
+        None => Err(Refusal::Offline(mac.clone())),
     }
+}
+
+/// Checks that a device found elsewhere is live on some node.
+async fn confirm(
+    hub: &Hub,
+    found: &Found,
+    uuid: &ByteString,
+    mac: &ByteString,
+) -> Result<(), Refusal> {
+    let (Found::Elsewhere, Some(cluster)) = (found, &hub.cluster) else {
+        return Ok(());
+    };
     let probe = Probe {
         uuid: uuid.clone(),
         mac: mac.clone(),
     };
-    match &hub.cluster {
-        Some(cluster) if cluster.send(probe).await.unwrap_or(false) => Ok(Found::Elsewhere),
+    match cluster.send(probe).await {
+        Ok(true) => Ok(()),
         _ => Err(Refusal::Offline(mac.clone())),
     }
 }
