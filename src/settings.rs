@@ -745,6 +745,12 @@ impl Settings {
 mod tests {
     use super::*;
 
+    /// Checking `settings` fails with a message naming `key`.
+    fn assert_names(key: &str, settings: &Settings) {
+        let err = settings.check().unwrap_err().to_string();
+        assert!(err.contains(key), "{err}");
+    }
+
     #[test]
     fn defaults_match_the_protocol() {
         let s = Settings::default();
@@ -812,56 +818,32 @@ mod tests {
             "the host name"
         );
         s.cluster.password = Secret::default();
-        assert!(s.check().unwrap_err().to_string().contains("cluster.user"));
+        assert_names("cluster.user", &s);
     }
 
     #[test]
     fn bad_values_name_their_key() {
         let mut s = Settings::default();
         s.query.time_zone = "Mars/Olympus".into();
-        assert!(s
-            .check()
-            .unwrap_err()
-            .to_string()
-            .contains("query.time_zone"));
+        assert_names("query.time_zone", &s);
         let mut s = Settings::default();
         s.query.time_format = "%Y %Q".into();
-        assert!(s
-            .check()
-            .unwrap_err()
-            .to_string()
-            .contains("query.time_format"));
+        assert_names("query.time_format", &s);
         let mut s = Settings::default();
         s.server.listen = "nowhere".into();
-        assert!(s.check().unwrap_err().to_string().contains("server.listen"));
+        assert_names("server.listen", &s);
         let mut s = Settings::default();
         s.limits.identify_secs = 0;
-        assert!(s
-            .check()
-            .unwrap_err()
-            .to_string()
-            .contains("limits.identify_secs"));
+        assert_names("limits.identify_secs", &s);
         let mut s = Settings::default();
         s.cluster.nats_url = "nats://127.0.0.1:4222".into();
-        assert!(s
-            .check()
-            .unwrap_err()
-            .to_string()
-            .contains("storage.backend = \"mongodb\""));
+        assert_names("storage.backend = \"mongodb\"", &s);
         s.storage.backend = Backend::Mongodb;
         s.check().unwrap();
         s.cluster.subject_prefix = "elfin.>".into();
-        assert!(s
-            .check()
-            .unwrap_err()
-            .to_string()
-            .contains("cluster.subject_prefix"));
+        assert_names("cluster.subject_prefix", &s);
         let mut s = Settings::default();
         s.persistence.max_batch = 0;
-        assert!(s
-            .check()
-            .unwrap_err()
-            .to_string()
-            .contains("persistence.max_batch"));
+        assert_names("persistence.max_batch", &s);
     }
 }

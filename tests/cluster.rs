@@ -23,7 +23,9 @@ const DEVICE_C: &str = "AABBCCDD000C";
 struct Fleet {
     nodes: Vec<Binary>,
     uuid: String,
-    mongo: Mongo,
+    nats: Nats,
+    /// Kept for the nodes' lifetime.
+    _mongo: Mongo,
 }
 
 /// Settings every node of a test shares: short timeouts, so failures show fast.
@@ -34,16 +36,24 @@ const QUICK: &[(&str, &str)] = &[
 ];
 
 impl Fleet {
-    fn start(nats_url: &str) -> Fleet {
+    /// A NATS server and three nodes on it, meshed; `None` (the test skips) without
+    /// nats-server.
+    fn start() -> Option<Fleet> {
+        let nats = Nats::start()?;
         let mongo = Mongo::start();
         let nodes: Vec<Binary> = ["a", "b", "c"]
             .iter()
-            .map(|id| node(&mongo, nats_url, id))
+            .map(|id| node(&mongo, &nats.url(), id))
             .collect();
         let uuid = nodes[0].add_user("alice");
-        let fleet = Fleet { nodes, uuid, mongo };
+        let fleet = Fleet {
+            nodes,
+            uuid,
+            nats,
+            _mongo: mongo,
+        };
         fleet.wait_meshed();
-        fleet
+        Some(fleet)
     }
 
     fn a(&self) -> &Binary {
@@ -135,8 +145,9 @@ fn online_on(node: &Binary, uuid: &str, mac: &str) -> bool {
 
 #[test]
 fn a_client_on_one_node_reaches_a_device_on_another_byte_exact() {
-    let Some(nats) = Nats::start() else { return };
-    let fleet = Fleet::start(&nats.url());
+    let Some(fleet) = Fleet::start() else {
+        return;
+    };
     let uuid = fleet.uuid.clone();
     let mut device = fleet.device(fleet.a(), DEVICE_A);
 
@@ -165,8 +176,9 @@ fn a_client_on_one_node_reaches_a_device_on_another_byte_exact() {
 
 #[test]
 fn query_on_any_node_lists_the_devices_of_every_node() {
-    let Some(nats) = Nats::start() else { return };
-    let fleet = Fleet::start(&nats.url());
+    let Some(fleet) = Fleet::start() else {
+        return;
+    };
     let uuid = fleet.uuid.clone();
     let _a = fleet.device(fleet.a(), DEVICE_A);
     let _c = fleet.device(fleet.c(), DEVICE_C);
@@ -190,8 +202,9 @@ fn query_on_any_node_lists_the_devices_of_every_node() {
 
 #[test]
 fn the_admin_server_shows_the_cluster() {
-    let Some(nats) = Nats::start() else { return };
-    let fleet = Fleet::start(&nats.url());
+    let Some(fleet) = Fleet::start() else {
+        return;
+    };
     let status = fleet.b().get("/api/status").json();
     assert_eq!(status["cluster"]["node"], "b", "{status}");
     assert_eq!(status["cluster"]["connected"], true);
@@ -206,8 +219,9 @@ fn the_admin_server_shows_the_cluster() {
 
 #[test]
 fn connthem_joins_devices_on_two_other_nodes() {
-    let Some(nats) = Nats::start() else { return };
-    let fleet = Fleet::start(&nats.url());
+    let Some(fleet) = Fleet::start() else {
+        return;
+    };
     let uuid = fleet.uuid.clone();
     let mut on_a = fleet.device(fleet.a(), DEVICE_A);
     let mut on_c = fleet.device(fleet.c(), DEVICE_C);
@@ -233,8 +247,9 @@ fn connthem_joins_devices_on_two_other_nodes() {
 
 #[test]
 fn a_slow_reader_on_one_node_pauses_the_device_on_another() {
-    let Some(nats) = Nats::start() else { return };
-    let fleet = Fleet::start(&nats.url());
+    let Some(fleet) = Fleet::start() else {
+        return;
+    };
     let uuid = fleet.uuid.clone();
     let device = fleet.device(fleet.a(), DEVICE_A);
     let mut client = tunnel_eventually(fleet.c(), &uuid, DEVICE_A);
@@ -286,8 +301,9 @@ fn a_slow_reader_on_one_node_pauses_the_device_on_another() {
 
 #[test]
 fn a_killed_node_s_devices_go_offline_and_are_reachable_again_elsewhere() {
-    let Some(nats) = Nats::start() else { return };
-    let mut fleet = Fleet::start(&nats.url());
+    let Some(mut fleet) = Fleet::start() else {
+        return;
+    };
     let uuid = fleet.uuid.clone();
     let device = fleet.device(fleet.a(), DEVICE_A);
     let mut client = tunnel_eventually(fleet.c(), &uuid, DEVICE_A);
@@ -315,8 +331,9 @@ fn a_killed_node_s_devices_go_offline_and_are_reachable_again_elsewhere() {
 
 #[test]
 fn a_device_that_moves_to_another_node_closes_its_old_connection() {
-    let Some(nats) = Nats::start() else { return };
-    let fleet = Fleet::start(&nats.url());
+    let Some(fleet) = Fleet::start() else {
+        return;
+    };
     let uuid = fleet.uuid.clone();
     let mut old = fleet.device(fleet.a(), DEVICE_A);
     let mut new = fleet.device(fleet.b(), DEVICE_A);
@@ -339,10 +356,9 @@ fn a_device_that_moves_to_another_node_closes_its_old_connection() {
 
 #[test]
 fn losing_nats_ends_cross_node_tunnels_only_and_presence_returns_with_it() {
-    let Some(mut nats) = Nats::start() else {
+    let Some(mut fleet) = Fleet::start() else {
         return;
     };
-    let fleet = Fleet::start(&nats.url());
     let uuid = fleet.uuid.clone();
     let mut device = fleet.device(fleet.a(), DEVICE_A);
     let mut local_device = fleet.device(fleet.a(), DEVICE_C);
@@ -350,7 +366,7 @@ fn losing_nats_ends_cross_node_tunnels_only_and_presence_returns_with_it() {
     let mut local_client = fleet.a().tunnel(&uuid, DEVICE_C);
     carry(&mut remote_client, &mut device, &uuid, "T", 1, b"before");
 
-    nats.stop();
+    fleet.nats.stop();
     remote_client.expect_closed();
     fleet.a().wait_log("lost the NATS connection");
     fleet.c().wait_log("lost the NATS connection");
@@ -377,7 +393,7 @@ fn losing_nats_ends_cross_node_tunnels_only_and_presence_returns_with_it() {
     refused.send(format!("connme;{uuid};{DEVICE_A}").as_bytes());
     assert!(failed_reason(&refused.line()).contains("offline"));
 
-    nats.resume();
+    fleet.nats.resume();
     let mut client = tunnel_eventually(fleet.c(), &uuid, DEVICE_A);
     carry(&mut client, &mut device, &uuid, "T", 1, b"after");
     assert!(online_on(fleet.b(), &uuid, DEVICE_A));
@@ -385,17 +401,16 @@ fn losing_nats_ends_cross_node_tunnels_only_and_presence_returns_with_it() {
 
 #[test]
 fn a_device_that_moved_while_nats_was_away_keeps_only_its_newer_connection() {
-    let Some(mut nats) = Nats::start() else {
+    let Some(mut fleet) = Fleet::start() else {
         return;
     };
-    let fleet = Fleet::start(&nats.url());
     let uuid = fleet.uuid.clone();
     let mut old = fleet.device(fleet.a(), DEVICE_A);
-    nats.stop();
+    fleet.nats.stop();
     fleet.a().wait_log("lost the NATS connection");
     fleet.b().wait_log("lost the NATS connection");
     let mut new = fleet.device(fleet.b(), DEVICE_A);
-    nats.resume();
+    fleet.nats.resume();
     old.expect_closed();
     new.expect_silence(Duration::from_millis(300));
     let mut client = tunnel_eventually(fleet.c(), &uuid, DEVICE_A);
@@ -438,8 +453,9 @@ fn nodes_run_alone_while_nats_is_down_at_start_and_join_when_it_comes() {
 
 #[test]
 fn a_node_that_shuts_down_closes_its_cross_node_tunnels_at_once() {
-    let Some(nats) = Nats::start() else { return };
-    let mut fleet = Fleet::start(&nats.url());
+    let Some(mut fleet) = Fleet::start() else {
+        return;
+    };
     let uuid = fleet.uuid.clone();
     let _device = fleet.device(fleet.a(), DEVICE_A);
     let mut client = tunnel_eventually(fleet.c(), &uuid, DEVICE_A);
@@ -459,8 +475,9 @@ fn a_node_that_shuts_down_closes_its_cross_node_tunnels_at_once() {
 
 #[test]
 fn a_node_that_stops_answering_ends_its_tunnels_within_the_stall_time() {
-    let Some(nats) = Nats::start() else { return };
-    let fleet = Fleet::start(&nats.url());
+    let Some(fleet) = Fleet::start() else {
+        return;
+    };
     let uuid = fleet.uuid.clone();
     let _device = fleet.device(fleet.a(), DEVICE_A);
     let mut client = tunnel_eventually(fleet.c(), &uuid, DEVICE_A);
@@ -473,5 +490,4 @@ fn a_node_that_stops_answering_ends_its_tunnels_within_the_stall_time() {
         "{:?}",
         stopped.elapsed()
     );
-    let _ = &fleet.mongo;
 }

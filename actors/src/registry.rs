@@ -123,15 +123,15 @@ impl DeviceRegistry {
         }
     }
 
-    /// Removes the entry of (uuid, mac) if `keep` accepts it.
+    /// Removes the entry of (uuid, mac) if it is `which`.
     fn remove(
         &mut self,
         uuid: &ByteString,
         mac: &ByteString,
-        keep: impl FnOnce(&Entry) -> bool,
+        which: impl FnOnce(&Entry) -> bool,
     ) -> Option<Entry> {
         let devices = self.users.get_mut(uuid)?;
-        if !devices.get(mac).is_some_and(keep) {
+        if !devices.get(mac).is_some_and(which) {
             return None;
         }
         let entry = devices.remove(mac)?;

@@ -112,7 +112,7 @@ struct Receive {
     data: Subscription,
     linked: oneshot::Receiver<(PeerLink, Meter)>,
     nats: Client,
-    credit_to: String,
+    credit_to: Subject,
     window: u64,
 }
 
@@ -164,7 +164,7 @@ pub fn start(parts: Parts) -> PeerLink {
             data,
             linked: on_link,
             nats,
-            credit_to: format!("{peer_inbox}.credit"),
+            credit_to: format!("{peer_inbox}.credit").into(),
             window: receive_window,
         }),
         _closing: closing,

@@ -382,25 +382,15 @@ mod tests {
 
     #[test]
     fn a_connection_gives_way_to_a_newer_one_only() {
-        assert!(
-            gives_way(Some(5_000), "a", None, "b"),
-            "a device just connected"
-        );
-        assert!(
-            gives_way(Some(5_000), "a", Some(6_000), "b"),
-            "re-claim, newer"
-        );
-        assert!(
-            !gives_way(Some(7_000), "a", Some(6_000), "b"),
-            "re-claim, older"
-        );
-        assert!(
-            gives_way(Some(6_000), "a", Some(6_000), "b"),
-            "tie: smaller name"
-        );
-        assert!(
-            !gives_way(Some(6_000), "b", Some(6_000), "a"),
-            "tie: larger name"
-        );
+        // (live here since, this node, claim's since, claimant), gives way?
+        for (ours, me, theirs, node, gives, why) in [
+            (5_000, "a", None, "b", true, "a device just connected"),
+            (5_000, "a", Some(6_000), "b", true, "re-claim, newer"),
+            (7_000, "a", Some(6_000), "b", false, "re-claim, older"),
+            (6_000, "a", Some(6_000), "b", true, "tie: smaller name"),
+            (6_000, "b", Some(6_000), "a", false, "tie: larger name"),
+        ] {
+            assert_eq!(gives_way(Some(ours), me, theirs, node), gives, "{why}");
+        }
     }
 }
