@@ -175,6 +175,35 @@ fn a_client_on_one_node_reaches_a_device_on_another_byte_exact() {
 }
 
 #[test]
+fn what_an_end_sends_before_it_hangs_up_still_crosses_whole() {
+    let Some(fleet) = Fleet::start() else {
+        return;
+    };
+    let uuid = fleet.uuid.clone();
+    let payload = every_byte_value_and_a_mebibyte();
+    let header = |mac: &str, kind: u8| format!("data;{uuid};{mac};plc;{kind};");
+
+    // The client writes a mebibyte and closes at once: the device gets all of it.
+    let mut device = fleet.device(fleet.a(), DEVICE_A);
+    let mut client = tunnel_eventually(fleet.c(), &uuid, DEVICE_A);
+    for chunk in payload.chunks(16 * 1024) {
+        client.send(&[header("T", 1).as_bytes(), chunk].concat());
+    }
+    client.close();
+    assert!(device.bytes(payload.len()) == payload, "bytes differ");
+    device.expect_silence(Duration::from_millis(300));
+
+    // The device does the same: the client gets all of it, then is closed.
+    let mut client = tunnel_eventually(fleet.c(), &uuid, DEVICE_A);
+    for chunk in payload.chunks(16 * 1024) {
+        device.send(&[header(DEVICE_A, 0).as_bytes(), chunk].concat());
+    }
+    device.close();
+    assert!(client.bytes(payload.len()) == payload, "bytes differ");
+    client.expect_closed();
+}
+
+#[test]
 fn query_on_any_node_lists_the_devices_of_every_node() {
     let Some(fleet) = Fleet::start() else {
         return;
