@@ -75,7 +75,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    logging::init(&settings.log.level, settings.log.format);
+    logging::init(&settings.log);
     let result = actix_rt::System::new().block_on(async move {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(settings).await,
@@ -96,32 +96,33 @@ fn main() -> ExitCode {
 /// starts: the port is bound and the store opened first.
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     let open_files = raise_open_files_limit();
-    let addr = settings.listen_addr()?;
-    let listener = elfin_actors::server::bind(addr, settings.server.backlog)
+    let addr = settings.server.listen;
+    let backlog = settings.server.backlog.get();
+    let listener = elfin_actors::server::bind(addr, backlog)
         .with_context(|| format!("cannot listen on {addr}"))?;
     let mut listeners = vec![(listener, Listen::Detect)];
-    if !settings.tls.listen.is_empty() {
-        let addr: std::net::SocketAddr = settings.tls.listen.parse()?;
-        let tls_only = elfin_actors::server::bind(addr, settings.server.backlog)
+    if let Some(addr) = settings.tls.listen {
+        let tls_only = elfin_actors::server::bind(addr, backlog)
             .with_context(|| format!("cannot listen on {addr}"))?;
         log::info!("TLS only on {}", tls_only.local_addr()?);
         listeners.push((tls_only, Listen::TlsOnly));
     }
-    let admin_listener = match settings.admin_addr()? {
+    let admin_listener = match settings.admin.listen {
         Some(addr) => Some(
             std::net::TcpListener::bind(addr)
                 .with_context(|| format!("cannot listen on {addr} (admin.listen)"))?,
         ),
         None => None,
     };
-    let tls = settings.tls_files().map(Tls::load).transpose()?;
-    let store = store::open(&settings.store_backend(), true).await?;
-    let mut config = settings.gateway_config()?;
+    let tls = settings.tls.files().map(Tls::load).transpose()?;
+    let store = store::open(&settings.storage, &settings.mongodb, true).await?;
+    let mut config = settings.gateway_config();
     config.tls = tls.clone();
     // Keep descriptors for the database, logs and the metrics endpoint, so that an
     // accept never fails for want of one.
     if let Some(limit) = open_files {
         let room = usize::try_from(limit.saturating_sub(FD_RESERVE)).unwrap_or(usize::MAX);
+        let room = std::num::NonZeroUsize::new(room).unwrap_or(std::num::NonZeroUsize::MIN);
         if config.limits.max_connections > room {
             log::warn!(
                 "limits.max_connections lowered from {} to {room}: the open files limit is {limit}",
@@ -149,7 +150,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     }
     let admin = match admin_listener.zip(prometheus) {
         Some((listener, prometheus)) => {
-            let token = settings.admin.token.expose().map(str::to_owned);
+            let token = settings.admin.token.as_ref().map(|t| t.expose().to_owned());
             let addr = listener.local_addr()?;
             let server = admin::start(listener, token, hub.clone(), prometheus)
                 .context("cannot start the admin server")?;
@@ -239,7 +240,7 @@ async fn shutdown_signal(mut term: Signal) {
 }
 
 async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
-    Ok(store::open(&settings.store_backend(), false).await?)
+    Ok(store::open(&settings.storage, &settings.mongodb, false).await?)
 }
 
 async fn user_command(settings: &Settings, cmd: UserCommand) -> anyhow::Result<()> {
@@ -267,7 +268,7 @@ async fn user_command(settings: &Settings, cmd: UserCommand) -> anyhow::Result<(
 
 async fn list_devices(settings: &Settings, owner: Option<String>) -> anyhow::Result<()> {
     let store = open_store(settings).await?;
-    let zone = settings.time_zone()?;
+    let zone = settings.query.time_zone;
     println!("{:<20}  {:<24}  {:<22}  OWNER", "MAC", "HOST", "LAST SEEN");
     for d in store.devices(owner.as_deref()).await? {
         println!(

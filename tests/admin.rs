@@ -197,6 +197,23 @@ fn with_a_token_every_request_needs_it_and_the_login_form_sets_a_cookie() {
 }
 
 #[test]
+fn an_all_digit_token_from_the_environment_keeps_every_digit() {
+    let token = "12345678901234567890123456789012";
+    let gw = Binary::start(&[
+        ("ELFIN__ADMIN__TOKEN", token),
+        ("ELFIN__ADMIN__LISTEN", "127.0.0.1:0"),
+    ]);
+    let status = |presented: &str| {
+        let bearer = format!("Bearer {presented}");
+        gw.http("GET", "/healthz", &[("Authorization", &bearer)], None)
+            .status
+    };
+    assert_eq!(status(token), 200);
+    // What reading the token as a number made of it.
+    assert_eq!(status("12345678901234567000000000000000"), 401);
+}
+
+#[test]
 fn the_page_and_its_assets_are_served_from_the_binary() {
     let gw = Binary::start(&[]);
     let page = gw.get("/");

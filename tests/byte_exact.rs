@@ -10,6 +10,7 @@
 
 mod common;
 
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -189,7 +190,9 @@ async fn tunnels_deliver_random_frames_split_anywhere_byte_for_byte_both_ways() 
 async fn back_to_back_16_kib_frames_arrive_exact_both_ways() {
     tokio::time::pause();
     const FRAMES: usize = 600;
-    let gw = TestGateway::start_with(|c| c.read_buffer = 4093).await;
+    let gw =
+        TestGateway::start_with(|c| c.server.read_buffer_bytes = NonZeroUsize::new(4093).unwrap())
+            .await;
     let uuid = gw.add_user("alice").await;
     let device = gw.device(&uuid, MAC, "plc-1").await;
     let client = gw.tunnel(&uuid, MAC).await;

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use common::{Peer, TestGateway};
@@ -58,8 +59,8 @@ async fn a_flooding_peer_does_not_stall_other_tunnels() {
 async fn a_huge_query_does_not_stall_other_tunnels() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let gw = TestGateway::start_with(|c| {
-        c.limits.requests_per_sec = 1000.0;
-        c.limits.request_burst = 1000.0;
+        c.limits.requests_per_sec = NonZeroU32::new(1000).unwrap();
+        c.limits.request_burst = NonZeroU32::new(1000).unwrap();
     })
     .await;
     let big = gw.add_user("big").await;

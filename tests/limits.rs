@@ -5,6 +5,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,7 +27,8 @@ async fn connect_from(source: [u8; 4], to: SocketAddr) -> Peer {
 #[actix_rt::test]
 async fn connections_over_the_cap_are_closed_at_once() {
     tokio::time::pause();
-    let gw = TestGateway::start_with(|c| c.limits.max_connections = 3).await;
+    let gw =
+        TestGateway::start_with(|c| c.limits.max_connections = NonZeroUsize::new(3).unwrap()).await;
     let mut open = Vec::new();
     for _ in 0..3 {
         open.push(gw.connect().await);
@@ -48,7 +50,10 @@ async fn connections_over_the_cap_are_closed_at_once() {
 #[actix_rt::test]
 async fn one_address_cannot_take_every_place() {
     tokio::time::pause();
-    let gw = TestGateway::start_with(|c| c.limits.max_connections_per_ip = 2).await;
+    let gw = TestGateway::start_with(|c| {
+        c.limits.max_connections_per_ip = NonZeroUsize::new(2).unwrap()
+    })
+    .await;
     let _a = connect_from([127, 0, 0, 1], gw.addr).await;
     let _b = connect_from([127, 0, 0, 1], gw.addr).await;
     let mut third = connect_from([127, 0, 0, 1], gw.addr).await;
@@ -108,7 +113,7 @@ async fn idle_connections_are_closed_but_not_devices_clients_or_tunnels_that_kee
     tokio::time::pause();
     let gw = TestGateway::start_with(|c| {
         c.limits.idle = Duration::from_secs(180);
-        c.query.online_window = Duration::from_secs(600);
+        c.heartbeat.online_window = Duration::from_secs(600);
     })
     .await;
     let uuid = gw.add_user("alice").await;
@@ -137,10 +142,10 @@ async fn idle_connections_are_closed_but_not_devices_clients_or_tunnels_that_kee
 async fn a_client_that_never_reads_its_replies_is_closed_after_the_stall_time() {
     tokio::time::pause();
     let gw = TestGateway::start_with(|c| {
-        c.stall_timeout = Duration::from_secs(5);
-        c.limits.output_queue_bytes = 64 * 1024;
-        c.limits.requests_per_sec = 1000.0;
-        c.limits.request_burst = 1000.0;
+        c.server.tunnel_stall = Duration::from_secs(5);
+        c.limits.output_queue_bytes = NonZeroUsize::new(64 * 1024).unwrap();
+        c.limits.requests_per_sec = NonZeroU32::new(1000).unwrap();
+        c.limits.request_burst = NonZeroU32::new(1000).unwrap();
     })
     .await;
     let uuid = gw.add_user("alice").await;
@@ -174,8 +179,8 @@ async fn a_client_that_never_reads_its_replies_is_closed_after_the_stall_time() 
 async fn requests_beyond_the_burst_are_paced_not_refused() {
     tokio::time::pause();
     let gw = TestGateway::start_with(|c| {
-        c.limits.requests_per_sec = 20.0;
-        c.limits.request_burst = 40.0;
+        c.limits.requests_per_sec = NonZeroU32::new(20).unwrap();
+        c.limits.request_burst = NonZeroU32::new(40).unwrap();
     })
     .await;
     let uuid = gw.add_user("alice").await;

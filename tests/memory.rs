@@ -64,7 +64,15 @@ fn warm_up(gw: &Binary, uuid: &str) {
     }
     settle(&mut device, uuid, mac);
     drop(device);
-    std::thread::sleep(Duration::from_millis(300));
+    // The gateway has let the connection go.
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    while gw.get("/api/status").json()["totals"]["connections"] != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection stays open"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]

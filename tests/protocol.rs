@@ -67,7 +67,7 @@ async fn query_for_an_unknown_user_is_an_empty_array() {
 #[actix_rt::test]
 async fn a_device_goes_offline_after_the_online_window() {
     tokio::time::pause();
-    let gw = TestGateway::start_with(|c| c.query.online_window = Duration::from_secs(60)).await;
+    let gw = TestGateway::start_with(|c| c.heartbeat.online_window = Duration::from_secs(60)).await;
     let uuid = gw.add_user("alice").await;
     let _device = gw.device(&uuid, MAC, "plc-1").await;
     tokio::time::sleep(Duration::from_secs(59)).await;
@@ -317,7 +317,7 @@ async fn unknown_users_are_refused_when_required() {
 #[actix_rt::test]
 async fn verbose_reasons_tell_an_unknown_user_from_an_offline_device() {
     tokio::time::pause();
-    let gw = TestGateway::start_with(|c| c.verbose_reasons = true).await;
+    let gw = TestGateway::start_with(|c| c.auth.verbose_reasons = true).await;
     let alice = gw.add_user("alice").await;
     let mut client = gw.connect().await;
     client.send(format!("connme;stranger;{MAC}")).await;
@@ -332,7 +332,7 @@ async fn verbose_reasons_tell_an_unknown_user_from_an_offline_device() {
 #[actix_rt::test]
 async fn unknown_users_may_tunnel_when_allowed_but_nothing_is_stored() {
     tokio::time::pause();
-    let mut gw = TestGateway::start_with(|c| c.require_known_user = false).await;
+    let mut gw = TestGateway::start_with(|c| c.auth.require_known_user = false).await;
     let mut device = gw.device("stranger", MAC, "plc").await;
     let mut client = gw.tunnel("stranger", MAC).await;
     device

@@ -17,7 +17,7 @@ use tokio_rustls::TlsConnector;
 
 use common::pki::{Leaf, Pki};
 use common::{failed_reason, TestGateway};
-use elfin_actors::tls::{ClientPolicy, Clients, Tls, TlsFiles};
+use elfin_actors::tls::{Clients, Tls, TlsFiles};
 
 const MAC: &str = "F0FE6B2A1C3D";
 
@@ -230,10 +230,8 @@ async fn with_client_certificates_a_sniffed_uuid_opens_no_tunnel() {
     let outsider = outsider_ca.issue("engineer", "outsider");
     let gw = gateway(
         |c| {
-            c.clients = ClientPolicy {
-                clients: Clients::ClientCert,
-                trusted_networks: vec!["127.0.0.2/32".parse().unwrap()],
-            }
+            c.auth.clients = Clients::ClientCert;
+            c.auth.trusted_networks = vec!["127.0.0.2/32".parse().unwrap()];
         },
         pki.files(false, true),
     )

@@ -9,8 +9,10 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use common::{Peer, TestGateway};
-use elfin_actors::link::{outbox, Meter, PeerEvent, PeerLink, Role};
+use elfin_actors::link::{Meter, PeerEvent, PeerLink, Role};
+use elfin_actors::outbox::{Bounds, Outbox};
 use elfin_actors::registry::Lookup;
+use tokio::io::AsyncReadExt;
 
 const MAC: &str = "F0FE6B2A1C3D";
 
@@ -178,7 +180,7 @@ async fn a_takeover_closes_the_old_connection_and_its_client() {
 async fn a_stalled_tunnel_closes_its_client_side_and_the_device_stays() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     tokio::time::pause();
-    let gw = TestGateway::start_with(|c| c.stall_timeout = Duration::from_secs(5)).await;
+    let gw = TestGateway::start_with(|c| c.server.tunnel_stall = Duration::from_secs(5)).await;
     let uuid = gw.add_user("alice").await;
     let mut device = gw.device(&uuid, MAC, "plc-1").await;
     let mut client = gw.tunnel(&uuid, MAC).await; // reads nothing for now
@@ -350,16 +352,19 @@ async fn a_tunnel_announced_after_its_removal_is_not_reinstalled() {
         .await
         .unwrap()
         .expect("registered");
-    // The fake peer's queue, handed over when its first chunk arrives.
-    let (started, mut queue) = tokio::sync::oneshot::channel();
-    let out = outbox(
-        16,
-        1 << 20,
-        Box::new(tokio::io::sink()),
-        false,
-        Box::new(move |q| {
-            let _ = started.send(q);
-        }),
+    // The fake peer's socket: what its outbox writes, the test reads.
+    let (socket, mut peer_end) = tokio::io::duplex(1 << 16);
+    let (_closing, closed) = tokio::sync::oneshot::channel();
+    let bounds = Bounds {
+        chunks: 16,
+        bytes: 1 << 20,
+        direct: false,
+    };
+    let out = Outbox::new(
+        bounds,
+        Box::new(socket),
+        actix_rt::Arbiter::current(),
+        closed,
     );
     let fake = PeerLink {
         id: u64::MAX,
@@ -380,7 +385,8 @@ async fn a_tunnel_announced_after_its_removal_is_not_reinstalled() {
     });
     device.send(format!("data;{uuid};{MAC};plc-1;0;dead")).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let nothing = tokio::time::timeout(Duration::from_millis(10), &mut queue).await;
+    let mut got = [0u8; 4];
+    let nothing = tokio::time::timeout(Duration::from_millis(10), peer_end.read(&mut got)).await;
     assert!(nothing.is_err(), "a dead tunnel carried data");
     // A newer tunnel is installed as usual.
     session.events.do_send(PeerEvent::Linked {
@@ -389,11 +395,8 @@ async fn a_tunnel_announced_after_its_removal_is_not_reinstalled() {
         sent: Meter::towards(&Role::Client),
     });
     device.send(format!("data;{uuid};{MAC};plc-1;0;live")).await;
-    let mut received = tokio::time::timeout(Duration::from_secs(1), queue)
-        .await
-        .unwrap()
-        .unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(1), received.recv()).await;
-    assert_eq!(got.unwrap().unwrap(), &b"live"[..]);
+    let read = tokio::time::timeout(Duration::from_secs(1), peer_end.read_exact(&mut got)).await;
+    read.unwrap().unwrap();
+    assert_eq!(&got, b"live");
     device.expect_silence(Duration::from_millis(10)).await;
 }

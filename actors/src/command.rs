@@ -20,7 +20,8 @@ use crate::clock::Stamp;
 use crate::cluster::{Gather, Open, Probe};
 use crate::frame::{Reply, Request};
 use crate::hub::Hub;
-use crate::link::{End, Meter, Outbox, PeerEvent, PeerLink, Role, TunnelId};
+use crate::link::{End, Meter, PeerEvent, PeerLink, Role, TunnelId};
+use crate::outbox::{Outbox, Unsent};
 use crate::persistence::PendingFor;
 use crate::registry::{LiveDevices, Lookup};
 use crate::users::Access;
@@ -121,7 +122,7 @@ impl Command {
     /// Carries the command out for the connection `me` and queues its reply there.
     /// Returns the tunnel `me` is now one end of, if any.
     pub async fn apply(self, hub: &Hub, me: &PeerLink) -> Result<Option<Tunnel>, Unread> {
-        if let Err(required) = hub.config.clients.check(me.transport, me.remote.ip()) {
+        if let Err(required) = hub.config.auth.check_client(me.transport, me.remote.ip()) {
             let reply = Reply::from(Refusal::Requires(required));
             return answer(hub, &me.out, reply.encode()).await.map(|()| None);
         }
@@ -148,9 +149,10 @@ impl Command {
 
 /// Queues an encoded reply, waiting for room at most the stall time.
 pub async fn answer(hub: &Hub, out: &Outbox, line: Bytes) -> Result<(), Unread> {
-    match tokio::time::timeout(hub.config.stall_timeout, out.send(line)).await {
-        Ok(_) => Ok(()),
-        Err(_) => Err(Unread),
+    match out.send_within(line, hub.config.server.tunnel_stall).await {
+        Err(Unsent::Stalled) => Err(Unread),
+        // Sent, or the requester is closing anyway.
+        Ok(()) | Err(Unsent::Closed) => Ok(()),
     }
 }
 
@@ -264,8 +266,10 @@ async fn query(hub: &Hub, uuid: &ByteString, me: &PeerLink) -> Bytes {
     pending.extend(elsewhere);
     let rows = stored.len().max(live.len()) + pending.len();
     let format = hub.config.query.clone();
+    let window = hub.config.heartbeat.online_window;
     let render = move || {
-        let rows = crate::query::rows(stored, pending, live, Stamp::now().to_utc(), &format);
+        let now = Stamp::now().to_utc();
+        let rows = crate::query::rows(stored, pending, live, now, &format, window);
         Reply::Devices(rows).encode()
     };
     if rows <= RENDER_INLINE_ROWS {
@@ -294,7 +298,7 @@ async fn locate(
 ) -> Result<Found, Refusal> {
     if hub.users.access(uuid).await == Access::Refused {
         slow_down(hub, me).await;
-        return Err(if hub.config.verbose_reasons {
+        return Err(if hub.config.auth.verbose_reasons {
             Refusal::UnknownUser
         } else {
             Refusal::Offline(mac.clone())

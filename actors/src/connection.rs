@@ -1,23 +1,22 @@
 //! A connection's socket, plain TCP or TLS ([`Io`]): its read half as a stream of
-//! chunks, its write half drained from the session's output queue by a writer task;
-//! and the [`Lease`] the server gives each connection.
+//! chunks ([`ReadChunks`]); its write half goes to the connection's
+//! [`crate::outbox::Outbox`]. And the [`Lease`] the server gives each connection.
 
-use std::io::{self, IoSlice};
+use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::BytesMut;
 use futures::Stream;
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::limits::Ticket;
-use crate::link::{OutQueue, Writer};
+use crate::outbox::Writer;
 use crate::tls::Transport;
 
 type Reader = Box<dyn AsyncRead + Send + Unpin>;
@@ -61,9 +60,6 @@ pub struct Lease {
     pub alive: mpsc::Sender<()>,
     pub ticket: Ticket,
 }
-
-/// How long queued output may take to drain once a session has closed.
-const CLOSE_DRAIN: Duration = Duration::from_secs(5);
 
 /// The socket's read half as a stream of chunks. Each chunk is split off one buffer,
 /// so consecutive chunks are usually contiguous and the session's `unsplit` of them
@@ -154,110 +150,6 @@ impl Stream for ReadChunks {
                 Poll::Ready(Some(Ok(chunk)))
             }
             Err(e) => Poll::Ready(Some(Err(e))),
-        }
-    }
-}
-
-/// Chunks written with one system call at most, and their largest total.
-const WRITE_BATCH: usize = 16;
-const WRITE_BATCH_BYTES: usize = 256 * 1024;
-
-/// Drains a session's output queue into its socket; once the session is gone, writes
-/// what is still queued (bounded by the queue and [`CLOSE_DRAIN`]) and closes.
-///
-/// It holds the socket's write half while chunks wait, and hands it back to the
-/// outbox when none do, so senders write directly again (see [`crate::link::Outbox`]).
-/// Chunks queued together go out in one vectored write: a tunnel carrying 16 KiB
-/// frames hands over one chunk per frame, and a system call per chunk would cost more
-/// than the copy.
-pub async fn write_loop(mut queue: OutQueue, mut closed: oneshot::Receiver<()>) {
-    let mut io: Option<Writer> = None;
-    loop {
-        let chunk = tokio::select! {
-            biased;
-            _ = &mut closed => break,
-            chunk = queue.recv() => chunk,
-        };
-        let Some(first) = chunk else { break };
-        queue.take_writer(&mut io);
-        let Some(writer) = io.as_mut() else { break };
-        match write_batch(writer, first, &mut queue).await {
-            Ok((chunks, cost)) => queue.written(&mut io, chunks, cost),
-            Err(_) => {
-                queue.close();
-                return;
-            }
-        }
-    }
-    queue.close();
-    queue.take_writer(&mut io);
-    let Some(mut io) = io else { return };
-    let rest = async {
-        while let Some(first) = queue.try_recv() {
-            write_batch(&mut io, first, &mut queue).await?;
-        }
-        io.shutdown().await
-    };
-    let _ = tokio::time::timeout(CLOSE_DRAIN, rest).await;
-}
-
-/// Writes `first` and whatever else is queued right now (up to a batch); returns how
-/// many chunks that was and what they took of the byte budget.
-async fn write_batch(
-    io: &mut Writer,
-    first: Bytes,
-    queue: &mut OutQueue,
-) -> io::Result<(usize, usize)> {
-    let mut cost = queue.cost(&first);
-    let mut bytes = first.len();
-    let Some(second) = (bytes < WRITE_BATCH_BYTES)
-        .then(|| queue.try_recv())
-        .flatten()
-    else {
-        io.write_all(&first).await?;
-        return Ok((1, cost));
-    };
-    bytes += second.len();
-    let mut batch = Vec::with_capacity(WRITE_BATCH);
-    batch.extend([first, second]);
-    while batch.len() < WRITE_BATCH && bytes < WRITE_BATCH_BYTES {
-        let Some(next) = queue.try_recv() else { break };
-        bytes += next.len();
-        batch.push(next);
-    }
-    cost += batch[1..].iter().map(|c| queue.cost(c)).sum::<usize>();
-    write_all_vectored(io, &mut batch).await?;
-    Ok((batch.len(), cost))
-}
-
-/// Writes every chunk of `batch`, as few system calls as the socket takes.
-async fn write_all_vectored(io: &mut Writer, batch: &mut [Bytes]) -> io::Result<()> {
-    let mut done = 0;
-    loop {
-        while batch.get(done).is_some_and(Bytes::is_empty) {
-            done += 1;
-        }
-        if done == batch.len() {
-            return Ok(());
-        }
-        let mut slices = [IoSlice::new(&[]); WRITE_BATCH];
-        let count = batch.len() - done;
-        for (slice, chunk) in slices.iter_mut().zip(&batch[done..]) {
-            *slice = IoSlice::new(chunk);
-        }
-        let mut n = io.write_vectored(&slices[..count]).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        // Drop what is written, and advance into a chunk written in part.
-        while n > 0 {
-            let chunk = &mut batch[done];
-            let take = n.min(chunk.len());
-            chunk.advance(take);
-            n -= take;
-            if chunk.is_empty() {
-                done += 1;
-            }
         }
     }
 }

@@ -2,11 +2,13 @@
 //!
 //! Read it bottom-up; each module uses only those above it in this list:
 //!
-//! 1. [`clock`] (gateway time) and [`frame`] (the codec: messages in, replies out).
+//! 1. [`clock`] (gateway time), [`frame`] (the codec: messages in, replies out) and
+//!    [`config`] (the settings' sections and the rules their keys follow).
 //! 2. [`store`] (the database: embedded SQLite or MongoDB), [`device`] (a connected
-//!    device's identity and last-seen), [`link`] (the tunnel vocabulary: how actors
-//!    reach a session and what they tell it), [`limits`] (what one peer may cost) and
-//!    [`connection`] (a socket's read stream and writer task).
+//!    device's identity and last-seen), [`outbox`] (a connection's output: the bounded
+//!    queue, direct writes and the writer task), [`link`] (the tunnel vocabulary: how
+//!    actors reach a session and what they tell it), [`limits`] (what one peer may
+//!    cost) and [`connection`] (a socket's two halves and its read stream).
 //! 3. The shared actors: [`registry`] (live devices), [`bridge`] (tunnels),
 //!    [`persistence`] (batched writes) and [`debouncer`] (data-heartbeat timers); with
 //!    [`users`] (known uuids) and [`query`] (the `query` reply's rows).
@@ -21,6 +23,7 @@ pub mod bridge;
 pub mod clock;
 pub mod cluster;
 pub mod command;
+pub mod config;
 pub mod connection;
 pub mod debouncer;
 pub mod device;
@@ -28,6 +31,7 @@ pub mod frame;
 pub mod hub;
 pub mod limits;
 pub mod link;
+pub mod outbox;
 pub mod persistence;
 pub mod query;
 pub mod registry;
@@ -37,6 +41,7 @@ pub mod store;
 pub mod tls;
 pub mod users;
 
-pub use hub::{Config, Hub, ShutdownError, Workers};
+pub use config::{Config, Workers};
+pub use hub::{Hub, ShutdownError};
 pub use limits::Limits;
 pub use server::{serve, serve_all, Listen};

@@ -9,46 +9,55 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-/// The `[limits]` settings.
-#[derive(Debug, Clone)]
+use crate::config::de;
+
+/// The `[limits]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    pub max_connections: usize,
-    pub max_connections_per_ip: usize,
+    pub max_connections: NonZeroUsize,
+    pub max_connections_per_ip: NonZeroUsize,
     /// A new connection must send a valid message within this, and any message must
     /// be complete this long after its first byte.
+    #[serde(rename = "identify_secs", with = "de::positive_secs")]
     pub identify: Duration,
     /// A connection that is not a tunnel end and sent no valid message for this long
     /// is closed.
+    #[serde(rename = "idle_secs", with = "de::positive_secs")]
     pub idle: Duration,
     /// Replies and tunnel data queued to one connection, in bytes.
-    pub output_queue_bytes: usize,
+    pub output_queue_bytes: NonZeroUsize,
     /// `connme`, `connthem` and `query` a connection may send per second, and in a burst.
-    pub requests_per_sec: f64,
-    pub request_burst: f64,
+    pub requests_per_sec: NonZeroU32,
+    pub request_burst: NonZeroU32,
     /// Failed uuid look-ups from one source address per minute before each further one
     /// is answered only after `failed_lookup_delay`.
     pub failed_lookups_per_min: u32,
+    #[serde(rename = "failed_lookup_delay_ms", with = "de::millis")]
     pub failed_lookup_delay: Duration,
     /// Input handled per turn of a session before it lets other connections run.
+    #[serde(skip)]
     pub turn_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_connections: 50_000,
-            max_connections_per_ip: 2_000,
+            max_connections: NonZeroUsize::new(50_000).unwrap(),
+            max_connections_per_ip: NonZeroUsize::new(2_000).unwrap(),
             identify: Duration::from_secs(10),
             idle: Duration::from_secs(180),
-            output_queue_bytes: 1 << 20,
-            requests_per_sec: 20.0,
-            request_burst: 40.0,
+            output_queue_bytes: NonZeroUsize::new(1 << 20).unwrap(),
+            requests_per_sec: NonZeroU32::new(20).unwrap(),
+            request_burst: NonZeroU32::new(40).unwrap(),
             failed_lookups_per_min: 30,
             failed_lookup_delay: Duration::from_secs(1),
             turn_bytes: 64 * 1024,

@@ -8,30 +8,71 @@
 
 use std::collections::HashMap;
 
+use chrono::format::{Item, StrftimeItems};
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
 
 use crate::frame::{DeviceRow, Status};
 use crate::registry::LiveDevice;
 use crate::store::{Device, Sighting};
 
-/// How `lastseendate` and `status` are computed.
-#[derive(Debug, Clone)]
+/// The `[query]` section: how `lastseendate` is written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct QueryFormat {
+    #[serde(with = "crate::config::de::parsed")]
     pub time_zone: Tz,
-    /// A chrono `strftime` pattern, checked at start-up.
-    pub time_format: String,
-    pub online_window: std::time::Duration,
+    pub time_format: TimeFormat,
+}
+
+impl Default for QueryFormat {
+    fn default() -> Self {
+        Self {
+            time_zone: chrono_tz::Europe::Budapest,
+            time_format: TimeFormat("%Y. %m. %d. %H:%M:%S".into()),
+        }
+    }
+}
+
+/// A chrono `strftime` pattern that formats every time without error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TimeFormat(String);
+
+impl TryFrom<String> for TimeFormat {
+    type Error = String;
+    fn try_from(pattern: String) -> Result<Self, String> {
+        if StrftimeItems::new(&pattern).any(|i| matches!(i, Item::Error)) {
+            return Err(format!("{pattern:?} is not a valid strftime pattern"));
+        }
+        Ok(TimeFormat(pattern))
+    }
+}
+
+impl From<TimeFormat> for String {
+    fn from(format: TimeFormat) -> String {
+        format.0
+    }
+}
+
+impl std::ops::Deref for TimeFormat {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
 }
 
 /// Merges the sources (store order first, then devices only the gateway knows) into
-/// the reply's rows. Linear in the number of devices.
+/// the reply's rows; a device seen within `online_window` of `now` is online. Linear in
+/// the number of devices.
 pub fn rows(
     stored: Vec<Device>,
     pending: Vec<Sighting>,
     live: Vec<LiveDevice>,
     now: DateTime<Utc>,
     format: &QueryFormat,
+    online_window: std::time::Duration,
 ) -> Vec<DeviceRow> {
     let mut devices = stored;
     let mut index: HashMap<String, usize> = devices
@@ -60,7 +101,7 @@ pub fn rows(
     for d in &live {
         merge(&d.mac, &d.host, d.last_seen.to_utc());
     }
-    let window = chrono::Duration::from_std(format.online_window).unwrap_or(chrono::Duration::MAX);
+    let window = chrono::Duration::from_std(online_window).unwrap_or(chrono::Duration::MAX);
     devices
         .into_iter()
         .map(|d| DeviceRow {
@@ -93,16 +134,19 @@ mod tests {
         now: DateTime<Utc>,
         format: &QueryFormat,
     ) -> String {
-        let line = Reply::Devices(rows(stored, pending, live, now, format)).encode();
+        let window = Duration::from_secs(60);
+        let line = Reply::Devices(rows(stored, pending, live, now, format, window)).encode();
         String::from_utf8(line.to_vec()).unwrap()
     }
 
     fn format() -> QueryFormat {
-        QueryFormat {
-            time_zone: "Europe/Budapest".parse().unwrap(),
-            time_format: "%Y. %m. %d. %H:%M:%S".into(),
-            online_window: Duration::from_secs(60),
-        }
+        QueryFormat::default()
+    }
+
+    #[test]
+    fn a_time_format_that_cannot_format_is_refused() {
+        assert!(TimeFormat::try_from("%Y %Q".to_owned()).is_err());
+        assert!(TimeFormat::try_from("%d.%m.%Y".to_owned()).is_ok());
     }
 
     fn at(s: &str) -> DateTime<Utc> {

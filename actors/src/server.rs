@@ -19,8 +19,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Workers;
 use crate::connection::{Io, Lease};
-use crate::hub::{Hub, ShutdownError, Workers};
+use crate::hub::{Hub, ShutdownError};
 use crate::limits::Warnings;
 use crate::session::Session;
 
@@ -78,9 +79,9 @@ pub async fn serve_all(
     hub: Hub,
     shutdown: impl Future,
 ) -> Result<(), ShutdownError> {
-    let workers: Vec<Arbiter> = match hub.config.workers {
+    let workers: Vec<Arbiter> = match hub.config.server.workers {
         Workers::Caller => Vec::new(),
-        Workers::Threads(n) => (0..n.max(1)).map(|_| Arbiter::new()).collect(),
+        Workers::Threads(n) => (0..n.get()).map(|_| Arbiter::new()).collect(),
     };
     let (alive, mut all_closed) = mpsc::channel::<()>(1);
     let shared = Arc::new(Accepting {
@@ -266,7 +267,7 @@ async fn handshake(
 fn configure(stream: TcpStream, hub: &Hub) -> std::io::Result<std::net::TcpStream> {
     let sock = SockRef::from(&stream);
     sock.set_tcp_nodelay(true)?;
-    let keepalive = hub.config.keepalive;
+    let keepalive = hub.config.server.keepalive;
     if !keepalive.is_zero() {
         sock.set_tcp_keepalive(
             &TcpKeepalive::new()

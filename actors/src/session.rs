@@ -41,13 +41,14 @@ use tokio::time::Instant;
 
 use crate::bridge::{Cause, Unlink};
 use crate::command::{answer, Command};
-use crate::connection::{write_loop, Io, Lease, ReadChunks, UNTUNNELLED_READ};
+use crate::connection::{Io, Lease, ReadChunks, UNTUNNELLED_READ};
 use crate::debouncer;
 use crate::device::{masked, Identity};
 use crate::frame::{Decoder, Frame, Header, Kind, Reply, Request};
 use crate::hub::Hub;
 use crate::limits::TokenBucket;
-use crate::link::{self, next_session_id, Meter, Outbox, PeerEvent, PeerLink, SessionId, TunnelId};
+use crate::link::{next_session_id, Meter, PeerEvent, PeerLink, SessionId, TunnelId};
+use crate::outbox::{Bounds, Outbox, Unsent};
 use crate::persistence;
 use crate::registry::{Register, Unregister};
 use crate::tls::Transport;
@@ -104,20 +105,20 @@ impl Session {
         } = io;
         let config = &hub.config;
         let (closing, closed) = oneshot::channel();
-        let arbiter = actix_rt::Arbiter::current();
-        let out = link::outbox(
-            config.out_queue,
-            config.limits.output_queue_bytes,
-            write,
-            transport == Transport::Plain,
-            Box::new(move |queue| {
-                arbiter.spawn(write_loop(queue, closed));
-            }),
-        );
-        let read_limit = Arc::new(AtomicUsize::new(UNTUNNELLED_READ.min(config.read_buffer)));
+        let bounds = Bounds {
+            chunks: config.server.output_queue_chunks.get(),
+            bytes: config.limits.output_queue_bytes.get(),
+            direct: transport == Transport::Plain,
+        };
+        let out = Outbox::new(bounds, write, actix_rt::Arbiter::current(), closed);
+        let read_limit = Arc::new(AtomicUsize::new(
+            UNTUNNELLED_READ.min(config.server.read_buffer_bytes.get()),
+        ));
         let chunks = ReadChunks::new(read, read_limit.clone());
-        let requests =
-            TokenBucket::new(config.limits.requests_per_sec, config.limits.request_burst);
+        let requests = TokenBucket::new(
+            f64::from(config.limits.requests_per_sec.get()),
+            f64::from(config.limits.request_burst.get()),
+        );
         Session::create(move |ctx| {
             // Gateway shutdown ends the input like an end of file.
             ctx.add_stream(chunks.take_until(lease.stop.clone().cancelled_owned()));
@@ -193,14 +194,16 @@ impl Session {
         }
         self.watch_unfinished(progress, ctx);
         if self.decoder.holding(&self.inbox) && self.hold.is_none() {
-            self.hold = Some(ctx.run_later(self.hub.config.header_hold, |act, ctx| {
-                act.hold = None;
-                if let Some(frame) = act.decoder.flush_held(&mut act.inbox) {
-                    if act.handle_frame(frame, ctx).is_continue() {
-                        act.drain(ctx);
+            self.hold = Some(
+                ctx.run_later(self.hub.config.server.header_hold, |act, ctx| {
+                    act.hold = None;
+                    if let Some(frame) = act.decoder.flush_held(&mut act.inbox) {
+                        if act.handle_frame(frame, ctx).is_continue() {
+                            act.drain(ctx);
+                        }
                     }
-                }
-            }));
+                }),
+            );
         }
         if self.inbox.is_empty() {
             // Let go of the read buffer this view still points into.
@@ -339,14 +342,14 @@ impl Session {
             Err(mpsc::error::TrySendError::Full(bytes)) => bytes,
         };
         let (tunnel, out, sent) = (*tunnel, peer.out.clone(), sent.clone());
-        let stall = self.hub.config.stall_timeout;
-        let step = async move { tokio::time::timeout(stall, out.send(bytes)).await };
+        let stall = self.hub.config.server.tunnel_stall;
+        let step = async move { out.send_within(bytes, stall).await };
         self.pause(ctx, step, move |act, result, _| match result {
-            Ok(Ok(())) => sent.add(len),
-            Ok(Err(_closed)) => {
+            Ok(()) => sent.add(len),
+            Err(Unsent::Closed) => {
                 metrics::counter!("elfin_payload_dropped_bytes_total").increment(len)
             }
-            Err(_elapsed) => {
+            Err(Unsent::Stalled) => {
                 metrics::counter!("elfin_payload_dropped_bytes_total").increment(len);
                 act.unlinked(tunnel);
                 act.hub.bridge.do_send(Unlink {
@@ -446,8 +449,10 @@ impl Session {
         if tunnel > self.cleared && tunnel > current {
             self.tunnel = Some(Box::new((tunnel, peer, sent)));
             self.latest = self.latest.max(tunnel);
-            self.read_limit
-                .store(self.hub.config.read_buffer, Ordering::Relaxed);
+            self.read_limit.store(
+                self.hub.config.server.read_buffer_bytes.get(),
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -467,7 +472,7 @@ impl Session {
         self.cleared = self.cleared.max(tunnel);
         if self.tunnel.as_deref().is_some_and(|(t, ..)| *t <= tunnel) {
             self.tunnel = None;
-            let small = UNTUNNELLED_READ.min(self.hub.config.read_buffer);
+            let small = UNTUNNELLED_READ.min(self.hub.config.server.read_buffer_bytes.get());
             self.read_limit.store(small, Ordering::Relaxed);
         }
         tunnel >= self.latest

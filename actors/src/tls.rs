@@ -6,25 +6,82 @@
 //! client certificates. The listener tells TLS from protocol v1 by the first byte
 //! (a TLS record starts with `0x16`, a v1 message with an ASCII keyword).
 //!
-//! [`ClientPolicy`] decides whether `connme`, `connthem` and `query` are accepted on a
-//! connection ([`Transport`]): from anyone, only over TLS, or only over TLS with a
-//! client certificate from the client CA; trusted networks are exempt. Devices cannot
-//! do TLS, so `beat` and device `data` are always accepted.
+//! [`TlsSettings`] is the `[tls]` section. [`Clients`] says who may send `connme`,
+//! `connthem` and `query` over which [`Transport`] (the check itself is
+//! [`crate::config::Auth::check_client`]). Devices cannot do TLS, so `beat` and device
+//! `data` are always accepted.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use ipnet::IpNet;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
+use serde::{Deserialize, Serialize};
 use tokio_rustls::TlsAcceptor;
 
-/// The `[tls]` settings.
+use crate::config::de;
+
+/// The `[tls]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// A second listener that serves TLS only.
+    #[serde(with = "de::optional")]
+    pub listen: Option<SocketAddr>,
+    /// PEM certificate chain, leaf first; none = no TLS.
+    #[serde(with = "de::optional")]
+    pub cert: Option<PathBuf>,
+    #[serde(with = "de::optional")]
+    pub key: Option<PathBuf>,
+    /// PEM CA of accepted client certificates.
+    #[serde(with = "de::optional")]
+    pub client_ca: Option<PathBuf>,
+    pub min_version: TlsVersion,
+    #[serde(rename = "handshake_timeout_secs", with = "de::positive_secs")]
+    pub handshake_timeout: Duration,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            cert: None,
+            key: None,
+            client_ca: None,
+            min_version: TlsVersion::V13,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `tls.min_version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    V12,
+    #[serde(rename = "1.3")]
+    V13,
+}
+
+impl TlsSettings {
+    /// The files to load, if TLS is on (a certificate and its key).
+    pub fn files(&self) -> Option<TlsFiles> {
+        Some(TlsFiles {
+            cert: self.cert.clone()?,
+            key: self.key.clone()?,
+            client_ca: self.client_ca.clone(),
+            allow_tls12: self.min_version == TlsVersion::V12,
+            handshake_timeout: self.handshake_timeout,
+        })
+    }
+}
+
+/// What [`Tls`] loads.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
     /// The certificate chain, leaf first.
@@ -165,7 +222,8 @@ impl Transport {
 }
 
 /// Who may send `connme`, `connthem` and `query` (`auth.clients`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Clients {
     /// Anyone, in plain TCP too (the original gateway's behaviour).
     #[default]
@@ -174,67 +232,4 @@ pub enum Clients {
     Tls,
     /// Only over TLS with a certificate from the client CA.
     ClientCert,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct ClientPolicy {
-    pub clients: Clients,
-    /// Sources exempt from `clients` (e.g. the web backend's host).
-    pub trusted_networks: Vec<IpNet>,
-}
-
-impl ClientPolicy {
-    /// Whether a request from `ip` over `transport` is accepted; if not, what is
-    /// required.
-    pub fn check(&self, transport: Transport, ip: IpAddr) -> Result<(), &'static str> {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-            v4 => v4,
-        };
-        if self.trusted_networks.iter().any(|net| net.contains(&ip)) {
-            return Ok(());
-        }
-        match (self.clients, transport) {
-            (Clients::Any, _) => Ok(()),
-            (Clients::Tls, Transport::Tls { .. }) => Ok(()),
-            (Clients::ClientCert, Transport::Tls { client_cert: true }) => Ok(()),
-            (Clients::Tls, Transport::Plain) => {
-                Err("this gateway accepts connme, connthem and query only over TLS")
-            }
-            (Clients::ClientCert, _) => Err(
-                "this gateway accepts connme, connthem and query only over TLS with a client certificate",
-            ),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_policy_asks_for_what_each_mode_requires_and_trusts_its_networks() {
-        let plain = Transport::Plain;
-        let tls = Transport::Tls { client_cert: false };
-        let cert = Transport::Tls { client_cert: true };
-        let ip: IpAddr = "203.0.113.7".parse().unwrap();
-        let any = ClientPolicy::default();
-        assert!(any.check(plain, ip).is_ok());
-        let only_tls = ClientPolicy {
-            clients: Clients::Tls,
-            trusted_networks: vec!["10.0.0.0/8".parse().unwrap()],
-        };
-        assert!(only_tls.check(plain, ip).unwrap_err().contains("TLS"));
-        assert!(only_tls.check(tls, ip).is_ok());
-        assert!(only_tls.check(plain, "10.1.2.3".parse().unwrap()).is_ok());
-        let certs = ClientPolicy {
-            clients: Clients::ClientCert,
-            trusted_networks: vec!["127.0.0.1/32".parse().unwrap()],
-        };
-        assert!(certs.check(tls, ip).unwrap_err().contains("certificate"));
-        assert!(certs.check(cert, ip).is_ok());
-        assert!(certs
-            .check(plain, "::ffff:127.0.0.1".parse().unwrap())
-            .is_ok());
-    }
 }

@@ -12,38 +12,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use elfin_actors::query::QueryFormat;
 use elfin_actors::store::embedded::EmbeddedStore;
 use elfin_actors::store::Store;
-use elfin_actors::{Config, Hub, Limits, Listen, ShutdownError, Workers};
+use elfin_actors::{Config, Hub, Listen, ShutdownError, Workers};
 
 /// How long a peer waits for anything (virtual time on a paused clock).
 pub const WAIT: Duration = Duration::from_secs(10);
 
 /// The settings' defaults, with sessions on the test's arbiter and fast flushes.
 pub fn config() -> Config {
-    Config {
-        require_known_user: true,
-        verbose_reasons: false,
-        clients: Default::default(),
-        tls: None,
-        limits: Limits::default(),
-        query: QueryFormat {
-            time_zone: chrono_tz::Europe::Budapest,
-            time_format: "%Y. %m. %d. %H:%M:%S".into(),
-            online_window: Duration::from_secs(60),
-        },
-        debounce: Duration::from_secs(30),
-        flush_interval: Duration::from_millis(50),
-        max_batch: 1000,
-        shutdown_timeout: Duration::from_secs(10),
-        out_queue: 64,
-        read_buffer: 64 * 1024,
-        stall_timeout: Duration::from_secs(30),
-        header_hold: Duration::from_millis(100),
-        keepalive: Duration::from_secs(60),
-        workers: Workers::Caller,
-    }
+    let mut config = Config::default();
+    config.server.workers = Workers::Caller;
+    config.persistence.flush_interval = Duration::from_millis(50);
+    config
 }
 
 pub struct TestGateway {

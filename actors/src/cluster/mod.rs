@@ -39,11 +39,148 @@ use futures::stream::AbortHandle;
 use futures::StreamExt;
 use tokio::time::Instant;
 
+use serde::{Deserialize, Serialize};
+
 use crate::bridge::BridgeManager;
+use crate::config::{de, Secret};
 use crate::link::SessionId;
 use crate::registry::{DeviceRegistry, Presence, Watch};
 use remote::{Lost, Remote, Tracked};
 use wire::{Ask, Hello, Subjects};
+
+/// The `[cluster]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// NATS servers; none = this gateway runs alone.
+    #[serde(with = "de::list")]
+    pub nats_url: Vec<String>,
+    /// This node's name in the cluster; none = the host name.
+    #[serde(with = "de::optional")]
+    pub node_id: Option<String>,
+    #[serde(deserialize_with = "subject_prefix")]
+    pub subject_prefix: String,
+    #[serde(with = "de::optional")]
+    pub subject_key: Option<Secret>,
+    #[serde(with = "de::optional")]
+    pub token: Option<Secret>,
+    #[serde(with = "de::optional")]
+    pub user: Option<String>,
+    #[serde(with = "de::optional")]
+    pub password: Option<Secret>,
+    #[serde(with = "de::optional")]
+    pub nkey_seed: Option<Secret>,
+    #[serde(with = "de::optional")]
+    pub credentials_file: Option<PathBuf>,
+    #[serde(with = "de::optional")]
+    pub tls_ca: Option<PathBuf>,
+    #[serde(with = "de::optional")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(with = "de::optional")]
+    pub tls_key: Option<PathBuf>,
+    pub require_tls: bool,
+    #[serde(deserialize_with = "tunnel_window")]
+    pub tunnel_window_bytes: u64,
+    #[serde(rename = "request_timeout_ms", with = "de::positive_millis")]
+    pub request_timeout: Duration,
+    #[serde(rename = "node_timeout_secs", with = "de::positive_secs")]
+    pub node_timeout: Duration,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            nats_url: Vec::new(),
+            node_id: None,
+            subject_prefix: "elfin".into(),
+            subject_key: None,
+            token: None,
+            user: None,
+            password: None,
+            nkey_seed: None,
+            credentials_file: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            require_tls: false,
+            tunnel_window_bytes: 1 << 20,
+            request_timeout: Duration::from_secs(1),
+            node_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The smallest cross-node credit window: a few of the largest messages.
+const MIN_TUNNEL_WINDOW: u64 = 256 * 1024;
+
+fn tunnel_window<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let bytes = u64::deserialize(d)?;
+    if bytes < MIN_TUNNEL_WINDOW {
+        return Err(serde::de::Error::custom(format!(
+            "{bytes}: must be at least {MIN_TUNNEL_WINDOW}"
+        )));
+    }
+    Ok(bytes)
+}
+
+fn subject_prefix<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let prefix = String::deserialize(d)?;
+    let words_ok = !prefix.is_empty()
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && !prefix.starts_with('.')
+        && !prefix.ends_with('.');
+    if !words_ok {
+        return Err(serde::de::Error::custom(format!(
+            "{prefix:?}: use A-Z a-z 0-9 - _ and dots between words"
+        )));
+    }
+    Ok(prefix)
+}
+
+impl ClusterSettings {
+    /// How this node joins its cluster; `None` when it runs alone. A cross-node
+    /// tunnel end queues and stalls as a local connection does.
+    pub fn config(
+        &self,
+        server: &crate::config::Server,
+        limits: &crate::Limits,
+    ) -> Option<ClusterConfig> {
+        if self.nats_url.is_empty() {
+            return None;
+        }
+        let secret = |s: &Option<Secret>| s.as_ref().map(|s| s.expose().to_owned());
+        let node = self
+            .node_id
+            .clone()
+            .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned());
+        Some(ClusterConfig {
+            servers: self.nats_url.clone(),
+            node,
+            subjects: Subjects::new(
+                &self.subject_prefix,
+                self.subject_key.as_ref().map_or("", Secret::expose),
+            ),
+            auth: NatsAuth {
+                token: secret(&self.token),
+                user: self.user.clone().zip(secret(&self.password)),
+                nkey_seed: secret(&self.nkey_seed),
+                credentials_file: self.credentials_file.clone(),
+                tls_ca: self.tls_ca.clone(),
+                tls_client: self.tls_cert.clone().zip(self.tls_key.clone()),
+                require_tls: self.require_tls,
+            },
+            window: self.tunnel_window_bytes,
+            request_timeout: self.request_timeout,
+            // A silent node's tunnels end within the stall time, as a stalled one's.
+            node_timeout: self.node_timeout.min(server.tunnel_stall),
+            stall: server.tunnel_stall,
+            out_chunks: server.output_queue_chunks.get(),
+            out_bytes: limits.output_queue_bytes.get(),
+        })
+    }
+}
 
 /// How this node joins the cluster.
 #[derive(Debug, Clone)]

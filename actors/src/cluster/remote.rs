@@ -38,8 +38,8 @@ use tokio::sync::oneshot;
 use super::wire::{self, Close, CONTROL};
 use super::Subscription;
 use crate::bridge::{BridgeManager, Cause, Unlink};
-use crate::connection::write_loop;
-use crate::link::{self, next_session_id, Meter, Outbox, PeerEvent, PeerLink, SessionId, TunnelId};
+use crate::link::{next_session_id, Meter, PeerEvent, PeerLink, SessionId, TunnelId};
+use crate::outbox::{Bounds, Outbox, Unsent};
 use crate::tls::Transport;
 
 /// Credit each NATS message costs beyond its bytes: a window of W bytes allows at most
@@ -142,14 +142,16 @@ pub fn start(parts: Parts) -> PeerLink {
         closed: false,
     };
     let (closing, closed) = oneshot::channel();
-    let out = link::outbox(
-        out_chunks,
-        out_bytes,
+    let bounds = Bounds {
+        chunks: out_chunks,
+        bytes: out_bytes,
+        direct: true,
+    };
+    let out = Outbox::new(
+        bounds,
         Box::new(writer),
-        true,
-        Box::new(move |queue| {
-            actix_rt::spawn(write_loop(queue, closed));
-        }),
+        actix_rt::Arbiter::current(),
+        closed,
     );
     let (linked, on_link) = oneshot::channel();
     let id = next_session_id();
@@ -309,19 +311,10 @@ impl Receive {
                 return Ended::Closed(close.map_or_else(|| "closed".into(), |c| c.reason));
             }
             let len = message.payload.len() as u64;
-            let handed = match peer.out.try_send(message.payload) {
-                Ok(()) => Ok(()),
-                Err(tokio::sync::mpsc::error::TrySendError::Full(payload)) => {
-                    match tokio::time::timeout(stall, peer.out.send(payload)).await {
-                        Ok(Ok(())) => Ok(()),
-                        Ok(Err(_)) => Err(Ended::LocalGone),
-                        Err(_) => Err(Ended::Stalled),
-                    }
-                }
-                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Err(Ended::LocalGone),
-            };
-            if let Err(ended) = handed {
-                return ended;
+            match peer.out.send_within(message.payload, stall).await {
+                Ok(()) => {}
+                Err(Unsent::Closed) => return Ended::LocalGone,
+                Err(Unsent::Stalled) => return Ended::Stalled,
             }
             sent.add(len);
             consumed += len + MESSAGE_COST;
@@ -340,7 +333,9 @@ impl Receive {
 /// The write half of a cross-node end: what is written goes to the other end's data
 /// inbox as NATS messages, as far as credit allows; shutting it down (or dropping it)
 /// sends `Close` after them. The connection's writer task drives it like a socket, and
-/// senders write into it directly while nothing waits (see [`crate::link::Outbox`]).
+/// senders write into it directly while nothing waits. A write that publishes returns
+/// `Pending` until the client has taken the message, and answers the repeated write
+/// with its length: the outbox's contract for a write half (see [`crate::outbox`]).
 struct NatsWriter {
     nats: Client,
     to: Subject,

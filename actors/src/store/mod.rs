@@ -15,6 +15,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytestring::ByteString;
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::config::de;
 
 /// A device was seen: what the persistence actor batches and the store records.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,37 +88,118 @@ impl StoreError {
     }
 }
 
-/// Which database the gateway uses.
-#[derive(Debug, Clone)]
+/// The `[storage]` section: which database the gateway uses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Storage {
+    pub backend: Backend,
+    /// The embedded store's file.
+    pub path: PathBuf,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Embedded,
+            path: "data/elfin.db".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// SQLite in one local file.
-    Embedded { path: PathBuf },
+    Embedded,
     /// The MongoDB database shared with the Web UI.
-    Mongodb {
-        uri: String,
-        database: String,
-        connect_timeout: Duration,
-        server_selection_timeout: Duration,
-    },
+    Mongodb,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Embedded => "embedded",
+            Backend::Mongodb => "mongodb",
+        })
+    }
+}
+
+/// The `[mongodb]` section, used when `storage.backend = "mongodb"`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Mongodb {
+    pub uri: SecretUri,
+    pub database: String,
+    #[serde(rename = "connect_timeout_ms", with = "de::positive_millis")]
+    pub connect_timeout: Duration,
+    #[serde(rename = "server_selection_timeout_ms", with = "de::positive_millis")]
+    pub server_selection_timeout: Duration,
+}
+
+impl Default for Mongodb {
+    fn default() -> Self {
+        Self {
+            uri: SecretUri("mongodb://localhost:27017".into()),
+            database: "elfinconnect".into(),
+            connect_timeout: Duration::from_secs(5),
+            server_selection_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A connection string that may hold a password: shown masked in `Debug` (and so in
+/// every log line and error that prints settings).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUri(String);
+
+impl SecretUri {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for SecretUri {
+    fn from(uri: &str) -> Self {
+        Self(uri.to_owned())
+    }
+}
+
+impl std::fmt::Debug for SecretUri {
+    /// `scheme://user:****@host…`: the password, if any, is replaced.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let uri = &self.0;
+        let masked = uri.find("://").and_then(|scheme| {
+            let rest = &uri[scheme + 3..];
+            let at = rest.find('@')?;
+            let colon = rest[..at].find(':')?;
+            Some(format!(
+                "{}{}:****{}",
+                &uri[..scheme + 3],
+                &rest[..colon],
+                &rest[at..]
+            ))
+        });
+        write!(f, "{:?}", masked.as_deref().unwrap_or(uri))
+    }
 }
 
 /// Opens the configured store. For the gateway itself (`serving`), MongoDB indexes are
 /// created in the background, so it starts even when MongoDB is down.
-pub async fn open(backend: &Backend, serving: bool) -> Result<Arc<dyn Store>, StoreError> {
-    match backend {
-        Backend::Embedded { path } => Ok(Arc::new(embedded::EmbeddedStore::open(path)?)),
-        Backend::Mongodb {
-            uri,
-            database,
-            connect_timeout,
-            server_selection_timeout,
-        } => {
+pub async fn open(
+    storage: &Storage,
+    mongodb: &Mongodb,
+    serving: bool,
+) -> Result<Arc<dyn Store>, StoreError> {
+    match storage.backend {
+        Backend::Embedded => Ok(Arc::new(embedded::EmbeddedStore::open(&storage.path)?)),
+        Backend::Mongodb => {
             let store = Arc::new(
                 mongo::MongoStore::connect(
-                    uri,
-                    database,
-                    *connect_timeout,
-                    *server_selection_timeout,
+                    mongodb.uri.expose(),
+                    &mongodb.database,
+                    mongodb.connect_timeout,
+                    mongodb.server_selection_timeout,
                 )
                 .await?,
             );

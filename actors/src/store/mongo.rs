@@ -16,8 +16,11 @@
 //! [`PROBE_INTERVAL`]) and `user_devices` answers from the last reply it had; each
 //! change of reachability is logged once.
 //!
-//! (About 630 lines: one backend, whose caches, batched writes and reachability
-//! tracking depend on each other; splitting them would spread one write across files.)
+//! (About 660 lines, kept in one file on purpose: the caches, the batched writes and
+//! the reachability tracking are one backend whose parts read each other's state, so
+//! splitting them would spread one write over several files. A batch's write reads
+//! as its steps instead: [`MongoStore::upsert_devices`], then
+//! [`MongoStore::give_devices`].)
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -314,22 +317,14 @@ impl MongoStore {
     }
 }
 
-#[async_trait]
-impl Store for MongoStore {
-    async fn record(&self, batch: &[Sighting]) -> Result<Recorded, StoreError> {
-        let users = self.batch_users(batch).await?;
-        let known: Vec<(&Sighting, &CachedUser)> = batch
-            .iter()
-            .filter_map(|s| users.get(&*s.uuid).map(|u| (s, u)))
-            .collect();
-        let mut recorded = Recorded {
-            written: known.len(),
-            unknown_user: batch.len() - known.len(),
-            refused: 0,
-        };
-        if known.is_empty() {
-            return Ok(recorded);
-        }
+impl MongoStore {
+    /// Writes the batch's devices (§5 step 1) in one round trip: an upsert per device,
+    /// last-seen by `$max`. Returns each device's id (from the cache or the upsert) and
+    /// the indexes of the writes the server refused.
+    async fn upsert_devices(
+        &self,
+        known: &[(&Sighting, &CachedUser)],
+    ) -> Result<(Vec<Option<ObjectId>>, Vec<usize>), StoreError> {
         let unknown_macs: Vec<&str> = {
             let cache = self.cache();
             known
@@ -339,8 +334,6 @@ impl Store for MongoStore {
                 .collect()
         };
         self.read_device_ids(unknown_macs).await?;
-
-        // One round trip for the whole batch: an upsert per device, last-seen by $max.
         let updates: Vec<Document> = known
             .iter()
             .map(|(s, _)| {
@@ -358,37 +351,85 @@ impl Store for MongoStore {
         let (reply, refused) = self
             .write(doc! { "update": "devices", "updates": updates, "ordered": false })
             .await?;
-        recorded.refused = refused.len();
-        recorded.written -= refused.len();
-        let upserted: Vec<(usize, ObjectId)> = reply
+        let upserted = reply
             .get_array("upserted")
-            .map(|list| {
-                list.iter()
-                    .filter_map(|u| {
-                        let u = u.as_document()?;
-                        let index = u.get("index").and_then(bson_usize)?;
-                        Some((index, u.get_object_id("_id").ok()?))
-                    })
-                    .collect()
-            })
+            .map(Vec::as_slice)
             .unwrap_or_default();
-        let ids: Vec<Option<ObjectId>> = {
-            let mut cache = self.cache();
-            for &(index, id) in &upserted {
-                if let Some((s, _)) = known.get(index) {
-                    cache.devices.insert(s.mac.to_string(), id);
+        let mut cache = self.cache();
+        for u in upserted.iter().filter_map(|u| u.as_document()) {
+            let index = u.get("index").and_then(bson_usize);
+            if let (Some((s, _)), Ok(id)) =
+                (index.and_then(|i| known.get(i)), u.get_object_id("_id"))
+            {
+                cache.devices.insert(s.mac.to_string(), id);
+            }
+        }
+        let ids = known
+            .iter()
+            .map(|(s, _)| cache.devices.get(&*s.mac).copied())
+            .collect();
+        Ok((ids, refused))
+    }
+
+    /// Gives each (user, device) pair's device to its user (§5 steps 2-3): pulled from
+    /// whoever else lists it, added to the user's `allDevices`; one round trip.
+    async fn give_devices(&self, moves: Vec<(ObjectId, ObjectId)>) -> Result<(), StoreError> {
+        if moves.is_empty() {
+            return Ok(());
+        }
+        let statements: Vec<Document> = moves
+            .iter()
+            .flat_map(|&(user, device)| {
+                [
+                    doc! {
+                        "q": { "allDevices": device, "_id": { "$ne": user } },
+                        "u": { "$pull": { "allDevices": device } },
+                        "multi": true,
+                    },
+                    doc! {
+                        "q": { "_id": user },
+                        "u": { "$addToSet": { "allDevices": device } },
+                    },
+                ]
+            })
+            .collect();
+        self.write(doc! { "update": "users", "updates": statements, "ordered": false })
+            .await?;
+        let mut cache = self.cache();
+        for (user_id, device) in moves {
+            for user in cache.users.values_mut() {
+                if user.id == user_id {
+                    user.devices.insert(device);
+                } else {
+                    user.devices.remove(&device);
                 }
             }
-            known
-                .iter()
-                .map(|(s, _)| cache.devices.get(&*s.mac).copied())
-                .collect()
-        };
+        }
+        Ok(())
+    }
+}
 
-        // Ownership (§5 steps 2-3): a device not yet in its user's allDevices is pulled
-        // from whoever lists it and added to the user.
+#[async_trait]
+impl Store for MongoStore {
+    async fn record(&self, batch: &[Sighting]) -> Result<Recorded, StoreError> {
+        let users = self.batch_users(batch).await?;
+        let known: Vec<(&Sighting, &CachedUser)> = batch
+            .iter()
+            .filter_map(|s| users.get(&*s.uuid).map(|u| (s, u)))
+            .collect();
+        let mut recorded = Recorded {
+            written: known.len(),
+            unknown_user: batch.len() - known.len(),
+            refused: 0,
+        };
+        if known.is_empty() {
+            return Ok(recorded);
+        }
+        let (ids, refused) = self.upsert_devices(&known).await?;
+        recorded.refused = refused.len();
+        recorded.written -= refused.len();
+        // Ownership (§5 steps 2-3): a device not yet in its user's allDevices moves.
         let mut moves: Vec<(ObjectId, ObjectId)> = Vec::new();
-        let mut statements = Vec::new();
         for (index, ((_, user), id)) in known.iter().zip(&ids).enumerate() {
             if refused.contains(&index) {
                 continue;
@@ -397,34 +438,11 @@ impl Store for MongoStore {
                 recorded.written -= 1; // cannot happen: upserted or found above
                 continue;
             };
-            if user.devices.contains(&id) || moves.contains(&(user.id, id)) {
-                continue;
-            }
-            statements.push(doc! {
-                "q": { "allDevices": id, "_id": { "$ne": user.id } },
-                "u": { "$pull": { "allDevices": id } },
-                "multi": true,
-            });
-            statements.push(doc! {
-                "q": { "_id": user.id },
-                "u": { "$addToSet": { "allDevices": id } },
-            });
-            moves.push((user.id, id));
-        }
-        if !statements.is_empty() {
-            self.write(doc! { "update": "users", "updates": statements, "ordered": false })
-                .await?;
-            let mut cache = self.cache();
-            for (user_id, device) in moves {
-                for user in cache.users.values_mut() {
-                    if user.id == user_id {
-                        user.devices.insert(device);
-                    } else {
-                        user.devices.remove(&device);
-                    }
-                }
+            if !user.devices.contains(&id) && !moves.contains(&(user.id, id)) {
+                moves.push((user.id, id));
             }
         }
+        self.give_devices(moves).await?;
         Ok(recorded)
     }
 
