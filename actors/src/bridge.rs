@@ -22,6 +22,7 @@ use std::time::{Duration, SystemTime};
 use actix::prelude::*;
 
 use crate::link::{End, Meter, PeerEvent, Role, SessionId, TunnelId};
+use crate::metric;
 
 #[derive(Default)]
 pub struct BridgeManager {
@@ -146,7 +147,7 @@ impl BridgeManager {
                     },
                     if has_client { " and its client" } else { "" },
                 );
-                metrics::counter!("elfin_tunnels_stalled_total").increment(1);
+                metrics::counter!(metric::TUNNELS_STALLED_TOTAL).increment(1);
                 me.link.events.do_send(PeerEvent::Unlinked {
                     tunnel,
                     close: me.role == Role::Client,
@@ -160,7 +161,7 @@ impl BridgeManager {
     }
 
     fn report(&self) {
-        metrics::gauge!("elfin_tunnels_open").set((self.tunnels.len() / 2) as f64);
+        metrics::gauge!(metric::TUNNELS_OPEN).set((self.tunnels.len() / 2) as f64);
     }
 }
 

@@ -21,6 +21,7 @@ use crate::cluster::{Gather, Open, Probe};
 use crate::frame::{Reply, Request};
 use crate::hub::Hub;
 use crate::link::{End, Meter, PeerEvent, PeerLink, Role, TunnelId};
+use crate::metric;
 use crate::outbox::{Outbox, Unsent};
 use crate::persistence::PendingFor;
 use crate::registry::{LiveDevices, Lookup};
@@ -77,13 +78,6 @@ impl Refusal {
     }
 }
 
-impl From<Refusal> for Reply {
-    fn from(refusal: Refusal) -> Reply {
-        metrics::counter!("elfin_requests_refused_total", "reason" => refusal.label()).increment(1);
-        Reply::Failed(refusal.to_string())
-    }
-}
-
 /// The requester did not read its replies within the stall time: it is closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the peer does not read its replies")]
@@ -123,28 +117,37 @@ impl Command {
     /// Returns the tunnel `me` is now one end of, if any.
     pub async fn apply(self, hub: &Hub, me: &PeerLink) -> Result<Option<Tunnel>, Unread> {
         if let Err(required) = hub.config.auth.check_client(me.transport, me.remote.ip()) {
-            let reply = Reply::from(Refusal::Requires(required));
-            return answer(hub, &me.out, reply.encode()).await.map(|()| None);
-        }
-        let reply = match self {
-            Command::Connme { uuid, mac } => match connme(hub, &uuid, mac, me).await {
-                // The success reply is already queued, ahead of the device's data.
-                Ok(tunnel) => return Ok(Some(tunnel)),
-                Err(refusal) => refusal.into(),
-            },
-            Command::Connthem { uuid, mac1, mac2 } => connthem(hub, &uuid, mac1, mac2, me)
+            return refuse(hub, me, Refusal::Requires(required))
                 .await
-                .map_or_else(Reply::from, |()| Reply::Success),
+                .map(|()| None);
+        }
+        let done = match self {
+            // The success reply is already queued, ahead of the device's data.
+            Command::Connme { uuid, mac } => connme(hub, &uuid, mac, me).await.map(Some),
+            Command::Connthem { uuid, mac1, mac2 } => {
+                connthem(hub, &uuid, mac1, mac2, me).await.map(|()| None)
+            }
             Command::Query { uuid } => {
                 let line = query(hub, &uuid, me).await;
                 return answer(hub, &me.out, line).await.map(|()| None);
             }
         };
-        if let Reply::Failed(reason) = &reply {
-            log::debug!("{}: request failed: {reason}", me.remote);
+        match done {
+            Ok(Some(tunnel)) => Ok(Some(tunnel)),
+            Ok(None) => answer(hub, &me.out, Reply::Success.encode())
+                .await
+                .map(|()| None),
+            Err(refusal) => refuse(hub, me, refusal).await.map(|()| None),
         }
-        answer(hub, &me.out, reply.encode()).await.map(|()| None)
     }
+}
+
+/// How every refused request is answered: counted by reason, logged, and a `failed`
+/// reply queued.
+pub async fn refuse(hub: &Hub, me: &PeerLink, refusal: Refusal) -> Result<(), Unread> {
+    metrics::counter!(metric::REQUESTS_REFUSED_TOTAL, "reason" => refusal.label()).increment(1);
+    log::debug!("{}: request failed: {refusal}", me.remote);
+    answer(hub, &me.out, Reply::Failed(refusal.to_string()).encode()).await
 }
 
 /// Queues an encoded reply, waiting for room at most the stall time.
@@ -239,7 +242,7 @@ async fn query(hub: &Hub, uuid: &ByteString, me: &PeerLink) -> Bytes {
     let stored = async {
         let started = std::time::Instant::now();
         let read = hub.store.user_devices(uuid).await;
-        metrics::histogram!("elfin_store_round_trip_seconds", "op" => "user_devices")
+        metrics::histogram!(metric::STORE_ROUND_TRIP_SECONDS, "op" => "user_devices")
             .record(started.elapsed());
         match read {
             Ok(devices) => devices.unwrap_or_default(),
@@ -367,10 +370,10 @@ async fn reach(
 /// Counts a failed uuid look-up from `me`'s address and waits if it has failed too
 /// often this minute.
 async fn slow_down(hub: &Hub, me: &PeerLink) {
-    metrics::counter!("elfin_failed_lookups_total").increment(1);
+    metrics::counter!(metric::FAILED_LOOKUPS_TOTAL).increment(1);
     let delay = hub.lookups.failed(me.remote.ip());
     if delay > Duration::ZERO {
-        metrics::counter!("elfin_failed_lookups_delayed_total").increment(1);
+        metrics::counter!(metric::FAILED_LOOKUPS_DELAYED_TOTAL).increment(1);
         tokio::time::sleep(delay).await;
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! Read it bottom-up; each module uses only those above it in this list:
 //!
-//! 1. [`clock`] (gateway time), [`frame`] (the codec: messages in, replies out) and
-//!    [`config`] (the settings' sections and the rules their keys follow).
+//! 1. [`clock`] (gateway time), [`frame`] (the codec: messages in, replies out),
+//!    [`config`] (the settings' sections and the rules their keys follow) and
+//!    [`metric`] (every metric's name and help text).
 //! 2. [`store`] (the database: embedded SQLite or MongoDB), [`device`] (a connected
 //!    device's identity and last-seen), [`outbox`] (a connection's output: the bounded
 //!    queue, direct writes and the writer task), [`link`] (the tunnel vocabulary: how
@@ -31,6 +32,7 @@ pub mod frame;
 pub mod hub;
 pub mod limits;
 pub mod link;
+pub mod metric;
 pub mod outbox;
 pub mod persistence;
 pub mod query;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use bytestring::ByteString;
 
+use crate::metric;
 use crate::outbox::Outbox;
 use crate::tls::Transport;
 
@@ -81,7 +82,7 @@ impl Meter {
         };
         Meter {
             bytes: Arc::default(),
-            total: metrics::counter!("elfin_tunnel_bytes_total", "direction" => direction),
+            total: metrics::counter!(metric::TUNNEL_BYTES_TOTAL, "direction" => direction),
         }
     }
 

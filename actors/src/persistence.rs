@@ -23,6 +23,7 @@ use bytestring::ByteString;
 use tokio::time::Instant;
 
 use crate::device::Identity;
+use crate::metric;
 use crate::store::{Sighting, Store};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -108,7 +109,7 @@ impl Persistence {
         async move {
             let started = std::time::Instant::now();
             let result = store.record(&batch).await;
-            metrics::histogram!("elfin_store_round_trip_seconds", "op" => "record")
+            metrics::histogram!(metric::STORE_ROUND_TRIP_SECONDS, "op" => "record")
                 .record(started.elapsed());
             (batch, result)
         }
@@ -117,15 +118,15 @@ impl Persistence {
             act.in_flight = 0;
             match result {
                 Ok(recorded) => {
-                    metrics::counter!("elfin_store_batches_total").increment(1);
-                    metrics::counter!("elfin_sightings_written_total")
+                    metrics::counter!(metric::STORE_BATCHES_TOTAL).increment(1);
+                    metrics::counter!(metric::SIGHTINGS_WRITTEN_TOTAL)
                         .increment(recorded.written as u64);
                     if recorded.refused > 0 {
-                        metrics::counter!("elfin_sightings_dropped_total")
+                        metrics::counter!(metric::SIGHTINGS_DROPPED_TOTAL)
                             .increment(recorded.refused as u64);
                     }
                     if recorded.unknown_user > 0 {
-                        metrics::counter!("elfin_sightings_unknown_user_total")
+                        metrics::counter!(metric::SIGHTINGS_UNKNOWN_USER_TOTAL)
                             .increment(recorded.unknown_user as u64);
                         log::debug!(
                             "{} sightings of unknown users not written",
@@ -137,8 +138,8 @@ impl Persistence {
                     }
                 }
                 Err(e) if !e.is_transient() => {
-                    metrics::counter!("elfin_store_errors_total").increment(1);
-                    metrics::counter!("elfin_sightings_dropped_total")
+                    metrics::counter!(metric::STORE_ERRORS_TOTAL).increment(1);
+                    metrics::counter!(metric::SIGHTINGS_DROPPED_TOTAL)
                         .increment(batch.len() as u64);
                     log::error!(
                         "database refused a batch of {} sightings, dropped: {e}",
@@ -146,7 +147,7 @@ impl Persistence {
                     );
                 }
                 Err(e) => {
-                    metrics::counter!("elfin_store_errors_total").increment(1);
+                    metrics::counter!(metric::STORE_ERRORS_TOTAL).increment(1);
                     for s in batch {
                         act.keep(Record::Sighting(s));
                     }
@@ -169,7 +170,7 @@ impl Persistence {
                     act.outage = Some((backoff, Instant::now() + backoff));
                 }
             }
-            metrics::gauge!("elfin_sightings_pending").set(act.pending.len() as f64);
+            metrics::gauge!(metric::SIGHTINGS_PENDING).set(act.pending.len() as f64);
             if act.pending.len() >= act.max_batch {
                 act.flush(false, ctx);
             }

@@ -18,6 +18,7 @@ use bytestring::ByteString;
 use crate::clock::Stamp;
 use crate::device::Identity;
 use crate::link::{PeerEvent, PeerLink, SessionId};
+use crate::metric;
 
 struct Entry {
     device: Identity,
@@ -114,7 +115,7 @@ pub struct LiveDevice {
 
 impl DeviceRegistry {
     fn report(&self) {
-        metrics::gauge!("elfin_devices_online").set(self.online as f64);
+        metrics::gauge!(metric::DEVICES_ONLINE).set(self.online as f64);
     }
 
     fn tell(&self, change: Presence) {
@@ -166,7 +167,7 @@ impl Handler<Register> for DeviceRegistry {
                     devices[&mac].link.remote,
                     old.link.remote
                 );
-                metrics::counter!("elfin_device_takeovers_total").increment(1);
+                metrics::counter!(metric::DEVICE_TAKEOVERS_TOTAL).increment(1);
                 old.link.events.do_send(PeerEvent::Replaced {
                     uuid: old.device.uuid,
                     mac: old.device.mac,
@@ -195,7 +196,7 @@ impl Handler<Evict> for DeviceRegistry {
 
     fn handle(&mut self, msg: Evict, _: &mut Context<Self>) {
         if let Some(old) = self.remove(&msg.uuid, &msg.mac, |_| true) {
-            metrics::counter!("elfin_device_takeovers_total").increment(1);
+            metrics::counter!(metric::DEVICE_TAKEOVERS_TOTAL).increment(1);
             old.link.events.do_send(PeerEvent::Replaced {
                 uuid: old.device.uuid,
                 mac: old.device.mac,

@@ -23,6 +23,7 @@ use crate::config::Workers;
 use crate::connection::{Io, Lease};
 use crate::hub::{Hub, ShutdownError};
 use crate::limits::Warnings;
+use crate::metric;
 use crate::session::Session;
 
 /// How long shutdown waits for sessions to write what is queued and close.
@@ -140,7 +141,7 @@ async fn accept_loop(listener: TcpListener, mode: Listen, s: Arc<Accepting>) {
                     log::warn!("accept failed: {e}");
                     failing = true;
                 }
-                metrics::counter!("elfin_accept_errors_total").increment(1);
+                metrics::counter!(metric::ACCEPT_ERRORS_TOTAL).increment(1);
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -148,7 +149,7 @@ async fn accept_loop(listener: TcpListener, mode: Listen, s: Arc<Accepting>) {
         let ticket = match s.hub.admission.admit(peer.ip()) {
             Ok(ticket) => ticket,
             Err(refused) => {
-                metrics::counter!("elfin_connections_refused_total", "limit" => refused.label())
+                metrics::counter!(metric::CONNECTIONS_REFUSED_TOTAL, "limit" => refused.label())
                     .increment(1);
                 if s.hub.admission.warnings.should_warn(peer.ip()) {
                     log::warn!("refused connections from {}: {refused}", peer.ip());
@@ -212,7 +213,7 @@ async fn transport(
         // Protocol v1 (or a peer that already left: its session sees the end).
         Ok(Ok(_)) => return Some(Io::plain(stream)),
         Err(_) => {
-            metrics::counter!("elfin_connections_closed_total", "limit" => "identify").increment(1);
+            metrics::counter!(metric::CONNECTIONS_CLOSED_TOTAL, "limit" => "identify").increment(1);
             log::debug!("{peer}: sent nothing within {identify:?}");
             return None;
         }
@@ -232,7 +233,7 @@ async fn handshake(
     warnings: &Warnings,
 ) -> Option<Io> {
     let Some(tls) = &hub.config.tls else {
-        metrics::counter!("elfin_tls_handshakes_total", "result" => "not_configured").increment(1);
+        metrics::counter!(metric::TLS_HANDSHAKES_TOTAL, "result" => "not_configured").increment(1);
         if warnings.should_warn(peer.ip()) {
             log::warn!(
                 "a TLS client connected from {}, but tls.cert and tls.key are not set: closed",
@@ -243,16 +244,16 @@ async fn handshake(
     };
     match tokio::time::timeout(tls.handshake_timeout(), tls.acceptor().accept(stream)).await {
         Ok(Ok(stream)) => {
-            metrics::counter!("elfin_tls_handshakes_total", "result" => "ok").increment(1);
+            metrics::counter!(metric::TLS_HANDSHAKES_TOTAL, "result" => "ok").increment(1);
             Some(Io::tls(stream))
         }
         Ok(Err(e)) => {
-            metrics::counter!("elfin_tls_handshakes_total", "result" => "failed").increment(1);
+            metrics::counter!(metric::TLS_HANDSHAKES_TOTAL, "result" => "failed").increment(1);
             log::debug!("{peer}: TLS handshake failed: {e}");
             None
         }
         Err(_) => {
-            metrics::counter!("elfin_tls_handshakes_total", "result" => "timeout").increment(1);
+            metrics::counter!(metric::TLS_HANDSHAKES_TOTAL, "result" => "timeout").increment(1);
             log::debug!(
                 "{peer}: TLS handshake not finished in {:?}",
                 tls.handshake_timeout()

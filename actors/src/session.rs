@@ -40,7 +40,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::bridge::{Cause, Unlink};
-use crate::command::{answer, Command};
+use crate::command::{answer, refuse, Command};
 use crate::connection::{Io, Lease, ReadChunks, UNTUNNELLED_READ};
 use crate::debouncer;
 use crate::device::{masked, Identity};
@@ -48,6 +48,7 @@ use crate::frame::{Decoder, Frame, Header, Kind, Reply, Request};
 use crate::hub::Hub;
 use crate::limits::TokenBucket;
 use crate::link::{next_session_id, Meter, PeerEvent, PeerLink, SessionId, TunnelId};
+use crate::metric;
 use crate::outbox::{Bounds, Outbox, Unsent};
 use crate::persistence;
 use crate::registry::{Register, Unregister};
@@ -177,7 +178,7 @@ impl Session {
                 return;
             }
             if budget == 0 && !self.inbox.is_empty() {
-                metrics::counter!("elfin_session_yields_total").increment(1);
+                metrics::counter!(metric::SESSION_YIELDS_TOTAL).increment(1);
                 let _ = self.pause(ctx, tokio::task::yield_now(), |_, (), _| {});
                 return;
             }
@@ -231,7 +232,7 @@ impl Session {
 
     /// Closes the connection for a time limit, counting which.
     fn limit_reached(&mut self, limit: &'static str, ctx: &mut Context<Self>) {
-        metrics::counter!("elfin_connections_closed_total", "limit" => limit).increment(1);
+        metrics::counter!(metric::CONNECTIONS_CLOSED_TOTAL, "limit" => limit).increment(1);
         log::debug!("{}: closed by limit {limit}", self.remote);
         self.inbox.clear();
         self.close(ctx);
@@ -273,15 +274,12 @@ impl Session {
                 let wait = self.requests.take();
                 let step = async move {
                     if let Some(wait) = wait {
-                        metrics::counter!("elfin_requests_paced_total").increment(1);
+                        metrics::counter!(metric::REQUESTS_PACED_TOTAL).increment(1);
                         tokio::time::sleep(wait).await;
                     }
                     match Command::from_frame(request, fields) {
                         Ok(command) => command.apply(&hub, &me).await,
-                        Err(refusal) => {
-                            let line = Reply::from(refusal).encode();
-                            answer(&hub, &me.out, line).await.map(|()| None)
-                        }
+                        Err(refusal) => refuse(&hub, &me, refusal).await.map(|()| None),
                     }
                 };
                 self.pause(ctx, step, |act, applied, ctx| match applied {
@@ -291,7 +289,7 @@ impl Session {
                 })
             }
             Frame::Rejected { reply, reason } => {
-                metrics::counter!("elfin_messages_rejected_total", "reason" => reason).increment(1);
+                metrics::counter!(metric::MESSAGES_REJECTED_TOTAL, "reason" => reason).increment(1);
                 log::debug!("{}: rejected message: {reason}", self.remote);
                 if !reply {
                     return ControlFlow::Continue(());
@@ -306,7 +304,7 @@ impl Session {
                 })
             }
             Frame::Garbage(n) => {
-                metrics::counter!("elfin_garbage_bytes_total").increment(n as u64);
+                metrics::counter!(metric::GARBAGE_BYTES_TOTAL).increment(n as u64);
                 log::debug!("{}: dropped {n} bytes that are not a message", self.remote);
                 ControlFlow::Continue(())
             }
@@ -319,7 +317,7 @@ impl Session {
         let len = bytes.len() as u64;
         let Some((tunnel, peer, sent)) = self.tunnel.as_deref() else {
             log::debug!("{}: no tunnel, dropped {len} payload bytes", self.remote);
-            metrics::counter!("elfin_payload_dropped_bytes_total").increment(len);
+            metrics::counter!(metric::PAYLOAD_DROPPED_BYTES_TOTAL).increment(len);
             return ControlFlow::Continue(());
         };
         // With more input at hand, queue: the peer's writer sends this read's frames
@@ -336,7 +334,7 @@ impl Session {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 // The peer is closing; the bridge is about to tell us.
-                metrics::counter!("elfin_payload_dropped_bytes_total").increment(len);
+                metrics::counter!(metric::PAYLOAD_DROPPED_BYTES_TOTAL).increment(len);
                 return ControlFlow::Continue(());
             }
             Err(mpsc::error::TrySendError::Full(bytes)) => bytes,
@@ -347,10 +345,10 @@ impl Session {
         self.pause(ctx, step, move |act, result, _| match result {
             Ok(()) => sent.add(len),
             Err(Unsent::Closed) => {
-                metrics::counter!("elfin_payload_dropped_bytes_total").increment(len)
+                metrics::counter!(metric::PAYLOAD_DROPPED_BYTES_TOTAL).increment(len)
             }
             Err(Unsent::Stalled) => {
-                metrics::counter!("elfin_payload_dropped_bytes_total").increment(len);
+                metrics::counter!(metric::PAYLOAD_DROPPED_BYTES_TOTAL).increment(len);
                 act.unlinked(tunnel);
                 act.hub.bridge.do_send(Unlink {
                     session: act.id,
@@ -379,7 +377,7 @@ impl Session {
 
     fn register(&mut self, h: Header, access: Access, ctx: &mut Context<Self>) {
         if access.refused() {
-            metrics::counter!("elfin_unknown_user_messages_total").increment(1);
+            metrics::counter!(metric::UNKNOWN_USER_MESSAGES_TOTAL).increment(1);
             log::debug!(
                 "{}: device {} of an unknown user ignored",
                 self.remote,
@@ -415,9 +413,9 @@ impl Session {
     fn set_role(&mut self, role: &'static str) {
         if self.role != role {
             let transport = self.transport.label();
-            metrics::gauge!("elfin_connections_open", "transport" => transport, "role" => self.role)
+            metrics::gauge!(metric::CONNECTIONS_OPEN, "transport" => transport, "role" => self.role)
                 .decrement(1);
-            metrics::gauge!("elfin_connections_open", "transport" => transport, "role" => role)
+            metrics::gauge!(metric::CONNECTIONS_OPEN, "transport" => transport, "role" => role)
                 .increment(1);
             self.role = role;
         }
@@ -508,7 +506,7 @@ impl MessageCounters {
 }
 
 static MESSAGES: std::sync::LazyLock<MessageCounters> = std::sync::LazyLock::new(|| {
-    let of = |kind: &'static str| metrics::counter!("elfin_messages_total", "type" => kind);
+    let of = |kind: &'static str| metrics::counter!(metric::MESSAGES_TOTAL, "type" => kind);
     MessageCounters {
         beat: of("beat"),
         device_data: of("device_data"),
@@ -524,8 +522,8 @@ impl Actor for Session {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         let transport = self.transport.label();
-        metrics::counter!("elfin_connections_total", "transport" => transport).increment(1);
-        metrics::gauge!("elfin_connections_open", "transport" => transport, "role" => self.role)
+        metrics::counter!(metric::CONNECTIONS_TOTAL, "transport" => transport).increment(1);
+        metrics::gauge!(metric::CONNECTIONS_OPEN, "transport" => transport, "role" => self.role)
             .increment(1);
         log::debug!("{}: connected", self.remote);
         let limits = &self.hub.config.limits;
@@ -548,7 +546,7 @@ impl Actor for Session {
     fn stopped(&mut self, _: &mut Context<Self>) {
         self.out.close_unused();
         let transport = self.transport.label();
-        metrics::gauge!("elfin_connections_open", "transport" => transport, "role" => self.role)
+        metrics::gauge!(metric::CONNECTIONS_OPEN, "transport" => transport, "role" => self.role)
             .decrement(1);
         log::debug!("{}: disconnected", self.remote);
         if let Some((d, _)) = self.device.take() {

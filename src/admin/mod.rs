@@ -56,7 +56,8 @@ pub fn start(
 ) -> std::io::Result<Server> {
     let process = metrics_process::Collector::default();
     process.describe();
-    describe_metrics();
+    // Help texts of the gateway's own metrics (the series appear once they have values).
+    elfin_actors::metric::describe();
     let admin = web::Data::new(Admin {
         board: StatusBoard::new(hub.clone()),
         hub,
@@ -88,133 +89,6 @@ pub fn start(
     .listen(listener)?
     .run();
     Ok(server)
-}
-
-/// Help texts of the gateway's own metrics (the series appear once they have values).
-fn describe_metrics() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    for (name, help) in [
-        (
-            "elfin_connections_total",
-            "Connections accepted, by transport.",
-        ),
-        (
-            "elfin_connections_refused_total",
-            "Connections refused at accept, by limit.",
-        ),
-        (
-            "elfin_connections_closed_total",
-            "Connections closed by a limit, by limit.",
-        ),
-        (
-            "elfin_accept_errors_total",
-            "Failed accept calls (e.g. out of descriptors).",
-        ),
-        ("elfin_tls_handshakes_total", "TLS handshakes, by result."),
-        (
-            "elfin_device_takeovers_total",
-            "Devices that reconnected while their old connection was open.",
-        ),
-        (
-            "elfin_tunnels_stalled_total",
-            "Tunnels ended because one side read nothing.",
-        ),
-        ("elfin_messages_total", "Protocol messages, by type."),
-        (
-            "elfin_messages_rejected_total",
-            "Malformed messages, by reason.",
-        ),
-        (
-            "elfin_unknown_user_messages_total",
-            "Device messages of unknown users, ignored.",
-        ),
-        (
-            "elfin_requests_refused_total",
-            "connme, connthem and query answered failed, by reason.",
-        ),
-        (
-            "elfin_requests_paced_total",
-            "Requests delayed by the per-connection rate limit.",
-        ),
-        (
-            "elfin_failed_lookups_total",
-            "Requests naming a uuid that is no user's.",
-        ),
-        (
-            "elfin_failed_lookups_delayed_total",
-            "Failed look-ups answered late (abuse brake).",
-        ),
-        (
-            "elfin_session_yields_total",
-            "Turns a busy connection gave up to let others run.",
-        ),
-        (
-            "elfin_store_batches_total",
-            "Batches of sightings written to the store.",
-        ),
-        ("elfin_store_errors_total", "Failed store writes."),
-        (
-            "elfin_sightings_written_total",
-            "Device sightings written to the store.",
-        ),
-        (
-            "elfin_sightings_dropped_total",
-            "Sightings the store refused for good.",
-        ),
-        (
-            "elfin_sightings_unknown_user_total",
-            "Sightings skipped: no user has their uuid.",
-        ),
-        (
-            "elfin_cluster_tunnels_lost_total",
-            "Cross-node tunnel ends closed because their node or NATS was lost.",
-        ),
-    ] {
-        describe_counter!(name, help);
-    }
-    for (name, help) in [
-        (
-            "elfin_tunnel_bytes_total",
-            "Bytes carried by tunnels, by direction.",
-        ),
-        (
-            "elfin_payload_dropped_bytes_total",
-            "Payload bytes with no tunnel to carry them.",
-        ),
-        (
-            "elfin_garbage_bytes_total",
-            "Input bytes that were no message.",
-        ),
-    ] {
-        describe_counter!(name, Unit::Bytes, help);
-    }
-    describe_gauge!(
-        "elfin_connections_open",
-        "Open connections, by transport and role."
-    );
-    describe_gauge!("elfin_devices_online", "Devices with a live connection.");
-    describe_gauge!("elfin_tunnels_open", "Open tunnels.");
-    describe_gauge!(
-        "elfin_sightings_pending",
-        "Sightings waiting to be written."
-    );
-    describe_gauge!(
-        "elfin_cluster_connected",
-        "Cluster mode: 1 while this node is connected to NATS."
-    );
-    describe_gauge!(
-        "elfin_cluster_nodes",
-        "Cluster mode: other nodes heard from lately."
-    );
-    describe_gauge!(
-        "elfin_cluster_tunnel_ends",
-        "Cluster mode: tunnel ends here whose other end is on another node."
-    );
-    describe_histogram!(
-        "elfin_store_round_trip_seconds",
-        Unit::Seconds,
-        "Store round trips, by operation."
-    );
 }
 
 /// Records the page's history and keeps the Prometheus histograms current.

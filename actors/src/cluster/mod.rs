@@ -44,6 +44,7 @@ use serde::{Deserialize, Serialize};
 use crate::bridge::BridgeManager;
 use crate::config::{de, Secret};
 use crate::link::SessionId;
+use crate::metric;
 use crate::registry::{DeviceRegistry, Presence, Watch};
 use remote::{Lost, Remote, Tracked};
 use wire::{Ask, Hello, Subjects};
@@ -431,9 +432,9 @@ impl Actor for Cluster {
 
 impl Cluster {
     fn report(&self) {
-        metrics::gauge!("elfin_cluster_connected").set(if self.connected { 1.0 } else { 0.0 });
-        metrics::gauge!("elfin_cluster_nodes").set(self.nodes.len() as f64);
-        metrics::gauge!("elfin_cluster_tunnel_ends").set(self.remotes.len() as f64);
+        metrics::gauge!(metric::CLUSTER_CONNECTED).set(if self.connected { 1.0 } else { 0.0 });
+        metrics::gauge!(metric::CLUSTER_NODES).set(self.nodes.len() as f64);
+        metrics::gauge!(metric::CLUSTER_TUNNEL_ENDS).set(self.remotes.len() as f64);
     }
 
     fn say_hello(&self) {

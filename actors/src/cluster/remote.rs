@@ -39,6 +39,7 @@ use super::wire::{self, Close, CONTROL};
 use super::Subscription;
 use crate::bridge::{BridgeManager, Cause, Unlink};
 use crate::link::{next_session_id, Meter, PeerEvent, PeerLink, SessionId, TunnelId};
+use crate::metric;
 use crate::outbox::{Bounds, Outbox, Unsent};
 use crate::tls::Transport;
 
@@ -270,7 +271,7 @@ impl Handler<Lost> for Remote {
             self.remote,
             self.node
         );
-        metrics::counter!("elfin_cluster_tunnels_lost_total").increment(1);
+        metrics::counter!(metric::CLUSTER_TUNNELS_LOST_TOTAL).increment(1);
         self.leave(Cause::Closed, ctx);
     }
 }
