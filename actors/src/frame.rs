@@ -60,6 +60,55 @@ pub enum Kind {
     Client,
 }
 
+/// Why a message was rejected: its words (a `failed` reply's reason, the log) and its
+/// `reason` label of `elfin_messages_rejected_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    TooFewFields,
+    FieldTooLong,
+    KindNotFollowedBySeparator,
+    BeatFieldCount,
+    Kind,
+    TooLong,
+    EmptyField,
+    NotUtf8,
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.words())
+    }
+}
+
+impl Rejection {
+    /// The `reason` label of `elfin_messages_rejected_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::TooFewFields => "too_few_fields",
+            Rejection::FieldTooLong => "field_too_long",
+            Rejection::KindNotFollowedBySeparator | Rejection::BeatFieldCount => "field_count",
+            Rejection::Kind => "kind",
+            Rejection::TooLong => "too_long",
+            Rejection::EmptyField => "empty_field",
+            Rejection::NotUtf8 => "not_utf8",
+        }
+    }
+
+    /// What a peer or an operator reads.
+    pub fn words(self) -> &'static str {
+        match self {
+            Rejection::TooFewFields => "too few fields",
+            Rejection::FieldTooLong => "header field too long",
+            Rejection::KindNotFollowedBySeparator => "kind must be one byte followed by ';'",
+            Rejection::BeatFieldCount => "beat takes exactly 5 fields",
+            Rejection::Kind => "kind must be 0 or 1",
+            Rejection::TooLong => "message too long",
+            Rejection::EmptyField => "empty uuid or mac",
+            Rejection::NotUtf8 => "header field is not UTF-8",
+        }
+    }
+}
+
 /// The four fields after `beat;` or `data;`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
@@ -106,7 +155,7 @@ pub enum Frame {
     /// has a reply (`connme`, `connthem`, `query`), i.e. whether the peer waits for one.
     Rejected {
         reply: bool,
-        reason: &'static str,
+        reason: Rejection,
     },
     /// Bytes dropped because they are not a message (or are the payload of a rejected
     /// data header).
@@ -224,9 +273,9 @@ impl Decoder {
                     *field = at..at + i;
                     at += i + 1;
                 }
-                Some(_) => return Some(reject_line(buf, false, "too few fields")),
+                Some(_) => return Some(reject_line(buf, false, Rejection::TooFewFields)),
                 None if rest.len() > MAX_FIELD => {
-                    return Some(reject_line(buf, false, "header field too long"))
+                    return Some(reject_line(buf, false, Rejection::FieldTooLong))
                 }
                 None => return None, // cut short by a read boundary
             }
@@ -246,14 +295,14 @@ impl Decoder {
         let follows = buf.get(end).copied();
         if is_data && follows != Some(b';') || !is_data && follows == Some(b';') {
             let reason = if is_data {
-                "kind must be one byte followed by ';'"
+                Rejection::KindNotFollowedBySeparator
             } else {
-                "beat takes exactly 5 fields"
+                Rejection::BeatFieldCount
             };
             return Some(self.reject_header(buf, is_data, &fields, reason));
         }
         let Some(kind) = kind else {
-            return Some(self.reject_header(buf, is_data, &fields, "kind must be 0 or 1"));
+            return Some(self.reject_header(buf, is_data, &fields, Rejection::Kind));
         };
         let head = buf.split_to(if is_data { end + 1 } else { end }).freeze();
         let [uuid, mac, host] = fields.map(|r| head.slice(r));
@@ -293,7 +342,7 @@ impl Decoder {
         buf: &mut BytesMut,
         is_data: bool,
         fields: &[std::ops::Range<usize>; 3],
-        reason: &'static str,
+        reason: Rejection,
     ) -> Frame {
         if !is_data {
             return reject_line(buf, false, reason);
@@ -344,7 +393,7 @@ fn decode_request(buf: &mut BytesMut, keyword: usize, request: Request) -> Frame
     let window = &buf[..buf.len().min(MAX_HEADER + 1)];
     let line_end = memchr::memchr(b'\n', window).unwrap_or(buf.len());
     if line_end > MAX_HEADER {
-        return reject_line(buf, true, "message too long");
+        return reject_line(buf, true, Rejection::TooLong);
     }
     let line = buf.split_to(line_end).freeze();
     if buf.first() == Some(&b'\n') {
@@ -370,7 +419,7 @@ fn decode_request(buf: &mut BytesMut, keyword: usize, request: Request) -> Frame
 }
 
 /// Drops the rest of a bad line: through the next `\n`, or all input read so far.
-fn reject_line(buf: &mut BytesMut, reply: bool, reason: &'static str) -> Frame {
+fn reject_line(buf: &mut BytesMut, reply: bool, reason: Rejection) -> Frame {
     let end = memchr::memchr(b'\n', buf).map_or(buf.len(), |i| i + 1);
     buf.advance(end);
     Frame::Rejected { reply, reason }
@@ -408,14 +457,14 @@ fn skip_garbage(buf: &mut BytesMut) -> usize {
 
 /// A header field as text: valid UTF-8, at most [`MAX_FIELD`] bytes, non-empty unless
 /// `may_be_empty`.
-fn text(field: Bytes, may_be_empty: bool) -> Result<ByteString, &'static str> {
+fn text(field: Bytes, may_be_empty: bool) -> Result<ByteString, Rejection> {
     if field.is_empty() && !may_be_empty {
-        return Err("empty uuid or mac");
+        return Err(Rejection::EmptyField);
     }
     if field.len() > MAX_FIELD {
-        return Err("header field too long");
+        return Err(Rejection::FieldTooLong);
     }
-    ByteString::try_from(field).map_err(|_| "header field is not UTF-8")
+    ByteString::try_from(field).map_err(|_| Rejection::NotUtf8)
 }
 
 /// Checks a uuid as the decoder would accept it in a header (for `user add`).
@@ -423,7 +472,9 @@ pub fn check_uuid(uuid: &str) -> Result<(), &'static str> {
     if uuid.contains([';', '\r', '\n']) {
         return Err("a uuid must not contain ';' or line breaks");
     }
-    text(Bytes::copy_from_slice(uuid.as_bytes()), false).map(drop)
+    text(Bytes::copy_from_slice(uuid.as_bytes()), false)
+        .map(drop)
+        .map_err(Rejection::words)
 }
 
 /// The start of the first message of this user in a payload: a keyword right before an

@@ -289,13 +289,14 @@ impl Session {
                 })
             }
             Frame::Rejected { reply, reason } => {
-                metrics::counter!(metric::MESSAGES_REJECTED_TOTAL, "reason" => reason).increment(1);
+                metrics::counter!(metric::MESSAGES_REJECTED_TOTAL, "reason" => reason.label())
+                    .increment(1);
                 log::debug!("{}: rejected message: {reason}", self.remote);
                 if !reply {
                     return ControlFlow::Continue(());
                 }
                 let (hub, out) = (self.hub.clone(), self.out.clone());
-                let line = Reply::Failed(reason.into()).encode();
+                let line = Reply::Failed(reason.words().into()).encode();
                 let step = async move { answer(&hub, &out, line).await };
                 self.pause(ctx, step, |act, answered, ctx| {
                     if answered.is_err() {

@@ -256,7 +256,7 @@ fn payload_of_a_rejected_data_header_is_dropped() {
         vec![
             Frame::Rejected {
                 reply: false,
-                reason: "kind must be 0 or 1"
+                reason: Rejection::Kind
             },
             Frame::Garbage(6),
             Frame::Beat(header("u", "m", "h", Kind::Device)),
@@ -408,4 +408,16 @@ fn a_junk_byte_before_every_message_costs_linear_time() {
         "{:?}",
         started.elapsed()
     );
+}
+
+#[test]
+fn a_rejection_says_why_in_words_and_counts_under_a_label() {
+    let frames = decode_all(b"beat;ua;F0FE6B2A1C3D;plc;7\n");
+    match &frames[..] {
+        [Frame::Rejected { reason, .. }] => {
+            assert_eq!(reason.to_string(), "kind must be 0 or 1");
+            assert_eq!(reason.label(), "kind");
+        }
+        other => panic!("{other:?}"),
+    }
 }
