@@ -9,7 +9,9 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use common::{Peer, TestGateway};
-use elfin_actors::link::{Meter, PeerEvent, PeerLink, Role};
+use elfin_actors::device::DeviceKey;
+use elfin_actors::frame::Role;
+use elfin_actors::link::{Meter, PeerEvent, PeerLink, Tunnel};
 use elfin_actors::outbox::{Bounds, Outbox};
 use elfin_actors::registry::Lookup;
 use tokio::io::AsyncReadExt;
@@ -345,10 +347,7 @@ async fn a_tunnel_announced_after_its_removal_is_not_reinstalled() {
     let session = gw
         .hub
         .registry
-        .send(Lookup {
-            uuid: uuid.clone().into(),
-            mac: MAC.into(),
-        })
+        .send(Lookup(DeviceKey::new(&uuid, MAC)))
         .await
         .unwrap()
         .expect("registered");
@@ -378,22 +377,22 @@ async fn a_tunnel_announced_after_its_removal_is_not_reinstalled() {
         tunnel: 1_000,
         close: false,
     });
-    session.events.do_send(PeerEvent::Linked {
-        tunnel: 1_000,
+    session.events.do_send(PeerEvent::Linked(Tunnel {
+        id: 1_000,
         peer: fake.clone(),
-        sent: Meter::towards(&Role::Client),
-    });
+        sent: Meter::towards(Role::Client),
+    }));
     device.send(format!("data;{uuid};{MAC};plc-1;0;dead")).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut got = [0u8; 4];
     let nothing = tokio::time::timeout(Duration::from_millis(10), peer_end.read(&mut got)).await;
     assert!(nothing.is_err(), "a dead tunnel carried data");
     // A newer tunnel is installed as usual.
-    session.events.do_send(PeerEvent::Linked {
-        tunnel: 1_001,
+    session.events.do_send(PeerEvent::Linked(Tunnel {
+        id: 1_001,
         peer: fake,
-        sent: Meter::towards(&Role::Client),
-    });
+        sent: Meter::towards(Role::Client),
+    }));
     device.send(format!("data;{uuid};{MAC};plc-1;0;live")).await;
     let read = tokio::time::timeout(Duration::from_secs(1), peer_end.read_exact(&mut got)).await;
     read.unwrap().unwrap();

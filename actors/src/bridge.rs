@@ -21,7 +21,8 @@ use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
 
-use crate::link::{End, Meter, PeerEvent, Role, SessionId, TunnelId};
+use crate::frame::Role;
+use crate::link::{End, Meter, PeerEvent, SessionId, Tunnel, TunnelId};
 use crate::metric;
 
 #[derive(Default)]
@@ -133,18 +134,15 @@ impl BridgeManager {
         self.ended_bytes += sent.get() + received.get();
         let has_client = me.role == Role::Client || other.role == Role::Client;
         match cause {
-            Cause::Closed => log::info!("tunnel {tunnel} closed by {}", name(&me)),
-            Cause::Relinked => log::info!("tunnel {tunnel} replaced: {} has a new one", name(&me)),
+            Cause::Closed => log::info!("tunnel {tunnel} closed by {}", me.name()),
+            Cause::Relinked => log::info!("tunnel {tunnel} replaced: {} has a new one", me.name()),
             Cause::Stalled(after) => {
                 log::warn!(
                     "tunnel {tunnel} between {} and {} stalled: the {} read nothing for \
                      {after:?}; closing the tunnel{}",
-                    name(&me),
-                    name(&other),
-                    match other.role {
-                        Role::Client => "client",
-                        Role::Device(_) => "device",
-                    },
+                    me.name(),
+                    other.name(),
+                    Role::label(Some(other.role)),
                     if has_client { " and its client" } else { "" },
                 );
                 metrics::counter!(metric::TUNNELS_STALLED_TOTAL).increment(1);
@@ -165,14 +163,6 @@ impl BridgeManager {
     }
 }
 
-/// An end as the logs name it: a device by its mac, a client by its address.
-fn name(end: &End) -> String {
-    match &end.role {
-        Role::Device(mac) => format!("device {mac} ({})", end.link.remote),
-        Role::Client => format!("client {}", end.link.remote),
-    }
-}
-
 impl Handler<Link> for BridgeManager {
     type Result = Opened;
 
@@ -183,20 +173,20 @@ impl Handler<Link> for BridgeManager {
         self.last_id += 1;
         let opened = Opened {
             tunnel: self.last_id,
-            a_sent: Meter::towards(&b.role),
-            b_sent: Meter::towards(&a.role),
+            a_sent: Meter::towards(b.role),
+            b_sent: Meter::towards(a.role),
         };
         let tunnel = opened.tunnel;
         if notify {
             for (to, peer, sent) in [(&a, &b, &opened.a_sent), (&b, &a, &opened.b_sent)] {
-                to.link.events.do_send(PeerEvent::Linked {
-                    tunnel,
+                to.link.events.do_send(PeerEvent::Linked(Tunnel {
+                    id: tunnel,
                     peer: peer.link.clone(),
                     sent: sent.clone(),
-                });
+                }));
             }
         }
-        log::info!("tunnel {tunnel} opened: {} <-> {}", name(&a), name(&b));
+        log::info!("tunnel {tunnel} opened: {} <-> {}", a.name(), b.name());
         let now = SystemTime::now();
         for (me, other, sent, first) in [
             (&a, &b, &opened.a_sent, true),

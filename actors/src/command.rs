@@ -17,10 +17,12 @@ use bytestring::ByteString;
 
 use crate::bridge::Link;
 use crate::clock::Stamp;
+use crate::cluster::wire::WireRole;
 use crate::cluster::{Gather, Open, Probe};
+use crate::device::DeviceKey;
 use crate::frame::{Reply, Request};
 use crate::hub::Hub;
-use crate::link::{End, Meter, PeerEvent, PeerLink, Role, TunnelId};
+use crate::link::{End, PeerEvent, PeerLink, Tunnel};
 use crate::metric;
 use crate::outbox::{Outbox, Unsent};
 use crate::persistence::PendingFor;
@@ -86,9 +88,6 @@ pub struct Unread;
 /// Replies with more rows than this are rendered on the blocking pool, so a user with
 /// thousands of devices does not hold up other connections.
 const RENDER_INLINE_ROWS: usize = 500;
-
-/// A tunnel a command made for the requester, for the session to install.
-pub type Tunnel = (TunnelId, PeerLink, Meter);
 
 impl Command {
     pub fn from_frame(request: Request, fields: Vec<ByteString>) -> Result<Command, Refusal> {
@@ -166,19 +165,13 @@ async fn connme(
     me: &PeerLink,
 ) -> Result<Tunnel, Refusal> {
     let found = locate(hub, uuid, &mac, me).await?;
-    let device = reach(hub, found, uuid, &mac, me, Role::Client).await?;
+    let device = reach(hub, found, uuid, &mac, me, WireRole::Client).await?;
     if device.id == me.id {
         return Err(Refusal::ToItself);
     }
     let link = Link {
-        a: End {
-            link: me.clone(),
-            role: Role::Client,
-        },
-        b: End {
-            link: device.clone(),
-            role: Role::Device(owned(&mac)),
-        },
+        a: End::client(me.clone()),
+        b: End::device(device.clone(), owned(&mac)),
         notify: false,
     };
     let opened = hub
@@ -189,12 +182,16 @@ async fn connme(
     // The reply goes into our queue before the device learns of the tunnel, so it
     // reaches the client ahead of any data from the device.
     let _ = me.out.send(Reply::Success.encode()).await;
-    device.events.do_send(PeerEvent::Linked {
-        tunnel: opened.tunnel,
+    device.events.do_send(PeerEvent::Linked(Tunnel {
+        id: opened.tunnel,
         peer: me.clone(),
         sent: opened.b_sent,
-    });
-    Ok((opened.tunnel, device, opened.a_sent))
+    }));
+    Ok(Tunnel {
+        id: opened.tunnel,
+        peer: device,
+        sent: opened.a_sent,
+    })
 }
 
 async fn connthem(
@@ -212,18 +209,15 @@ async fn connthem(
     let b = locate(hub, uuid, &mac2, me).await?;
     confirm(hub, &a, uuid, &mac1).await?;
     confirm(hub, &b, uuid, &mac2).await?;
-    let (role1, role2) = (Role::Device(owned(&mac1)), Role::Device(owned(&mac2)));
-    let a = reach(hub, a, uuid, &mac1, me, role2.clone()).await?;
-    let b = reach(hub, b, uuid, &mac2, me, role1.clone()).await?;
+    // Each device's node learns which device the other end is.
+    let as_device = |mac: &ByteString| WireRole::Device {
+        mac: mac.to_string(),
+    };
+    let a = reach(hub, a, uuid, &mac1, me, as_device(&mac2)).await?;
+    let b = reach(hub, b, uuid, &mac2, me, as_device(&mac1)).await?;
     let link = Link {
-        a: End {
-            link: a,
-            role: role1,
-        },
-        b: End {
-            link: b,
-            role: role2,
-        },
+        a: End::device(a, owned(&mac1)),
+        b: End::device(b, owned(&mac2)),
         notify: true,
     };
     hub.bridge
@@ -307,10 +301,10 @@ async fn locate(
             Refusal::Offline(mac.clone())
         });
     }
-    let lookup = Lookup {
+    let lookup = Lookup(DeviceKey {
         uuid: uuid.clone(),
         mac: mac.clone(),
-    };
+    });
     match hub.registry.send(lookup).await.ok().flatten() {
         Some(link) => Ok(Found::Here(link)),
         None if hub.cluster.is_some() => Ok(Found::Elsewhere),
@@ -339,14 +333,14 @@ async fn confirm(
 }
 
 /// The link to tunnel to a device found: its connection, or for a device on another
-/// node a new end here that stands for it (`me`'s side in `role` there).
+/// node a new end here that stands for it (`me` is the end `role` says there).
 async fn reach(
     hub: &Hub,
     found: Found,
     uuid: &ByteString,
     mac: &ByteString,
     me: &PeerLink,
-    role: Role,
+    role: WireRole,
 ) -> Result<PeerLink, Refusal> {
     let cluster = match (found, &hub.cluster) {
         (Found::Here(link), _) => return Ok(link),

@@ -16,11 +16,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use actix::prelude::*;
-use bytestring::ByteString;
 use tokio::time::Instant;
 
 use crate::clock::Stamp;
-use crate::device::Identity;
+use crate::device::{DeviceKey, Identity};
 use crate::persistence::Record;
 
 /// What a session does on each device data frame: refresh last-seen and, if the
@@ -38,7 +37,7 @@ pub fn data_frame(debouncer: &Addr<HeartbeatDebouncer>, device: &Identity) {
 pub struct HeartbeatDebouncer {
     period: Duration,
     persist: Recipient<Record>,
-    devices: HashMap<(ByteString, ByteString), Timer>,
+    devices: HashMap<DeviceKey, Timer>,
 }
 
 struct Timer {
@@ -57,12 +56,7 @@ impl HeartbeatDebouncer {
         }
     }
 
-    fn schedule(
-        &self,
-        key: (ByteString, ByteString),
-        at: Stamp,
-        ctx: &mut Context<Self>,
-    ) -> SpawnHandle {
+    fn schedule(&self, key: DeviceKey, at: Stamp, ctx: &mut Context<Self>) -> SpawnHandle {
         let delay = at.instant().saturating_duration_since(Instant::now());
         ctx.run_later(delay, move |act, ctx| act.fire(key, ctx))
     }
@@ -73,7 +67,7 @@ impl HeartbeatDebouncer {
     }
 
     /// Timer 1 of `key` fired.
-    fn fire(&mut self, key: (ByteString, ByteString), ctx: &mut Context<Self>) {
+    fn fire(&mut self, key: DeviceKey, ctx: &mut Context<Self>) {
         let Some(timer) = self.devices.get(&key) else {
             return;
         };
@@ -122,7 +116,7 @@ impl Handler<DataSeen> for HeartbeatDebouncer {
     type Result = ();
 
     fn handle(&mut self, msg: DataSeen, ctx: &mut Context<Self>) {
-        let key = (msg.device.uuid.clone(), msg.device.mac.clone());
+        let key = msg.device.key.clone();
         if let Some(timer) = self.devices.get_mut(&key) {
             // The device came back on a new connection while its timer runs: that
             // frame counts as one more frame of the same device.

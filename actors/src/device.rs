@@ -1,5 +1,6 @@
-//! A device as the gateway knows it while it is connected: who it is ([`Identity`])
-//! and when it was last heard from ([`Activity`]).
+//! A device as the gateway knows it while it is connected: which device it is
+//! ([`DeviceKey`]: its user's uuid and its mac), what it is called ([`Identity`]) and
+//! when it was last heard from ([`Activity`]).
 //!
 //! The session that speaks for a device, the registry and the heartbeat debouncer share
 //! one `Activity`, so refreshing last-seen on every frame costs the session one atomic
@@ -61,36 +62,51 @@ impl Activity {
     }
 }
 
-/// The device a connection speaks for: (uuid, mac) is its key, host its current name.
-#[derive(Debug, Clone)]
-pub struct Identity {
+/// Which device: its user's uuid and its mac. One live connection per key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DeviceKey {
     pub uuid: ByteString,
     pub mac: ByteString,
-    pub host: ByteString,
-    pub activity: Arc<Activity>,
 }
 
-impl Identity {
-    /// A new identity, seen now. The fields are copied out of whatever buffer they were
-    /// parsed from, so a long-lived device never pins a connection's read buffer.
-    pub fn new(uuid: &str, mac: &str, host: &str) -> Self {
+impl DeviceKey {
+    /// A key copied out of whatever buffer its fields were parsed from, so a
+    /// long-lived device never pins a connection's read buffer.
+    pub fn new(uuid: &str, mac: &str) -> Self {
         Self {
             uuid: ByteString::from(uuid.to_owned()),
             mac: ByteString::from(mac.to_owned()),
-            host: ByteString::from(host.to_owned()),
-            activity: Activity::new(),
         }
     }
 
     pub fn is(&self, uuid: &str, mac: &str) -> bool {
         self.uuid == uuid && self.mac == mac
     }
+}
+
+/// The device a connection speaks for: its key, and its current host name.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub key: DeviceKey,
+    pub host: ByteString,
+    pub activity: Arc<Activity>,
+}
+
+impl Identity {
+    /// A new identity, seen now, its fields copied (see [`DeviceKey::new`]).
+    pub fn new(uuid: &str, mac: &str, host: &str) -> Self {
+        Self {
+            key: DeviceKey::new(uuid, mac),
+            host: ByteString::from(host.to_owned()),
+            activity: Activity::new(),
+        }
+    }
 
     /// Last-seen as the store records it.
     pub fn sighting(&self) -> Sighting {
         Sighting {
-            uuid: self.uuid.clone(),
-            mac: self.mac.clone(),
+            uuid: self.key.uuid.clone(),
+            mac: self.key.mac.clone(),
             host: self.host.clone(),
             at: self.activity.last_seen().to_utc(),
         }

@@ -51,13 +51,25 @@ const STARTS_KEYWORD: [bool; 256] = {
     starts
 };
 
-/// The fifth header field: who is talking.
+/// Who a connection speaks as: the fifth header field, what a session has shown
+/// itself to be, and the side of a tunnel end (`docs/PROTOCOL.md` §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub enum Role {
     /// `0`: a physical device.
     Device,
     /// `1`: a virtual peer (desktop client, web backend).
     Client,
+}
+
+impl Role {
+    /// The `role` label of metrics; `None` is a connection that has not spoken yet.
+    pub fn label(role: Option<Role>) -> &'static str {
+        match role {
+            Some(Role::Device) => "device",
+            Some(Role::Client) => "client",
+            None => "unidentified",
+        }
+    }
 }
 
 /// Why a message was rejected: its words (a `failed` reply's reason, the log) and its
@@ -115,7 +127,7 @@ pub struct Header {
     pub uuid: ByteString,
     pub mac: ByteString,
     pub host: ByteString,
-    pub kind: Kind,
+    pub role: Role,
 }
 
 /// The messages that get a reply.
@@ -286,9 +298,10 @@ impl Decoder {
         if buf.len() < at + need {
             return None;
         }
-        let kind = match buf[at] {
-            b'0' => Some(Kind::Device),
-            b'1' => Some(Kind::Client),
+        // The kind field says who is talking.
+        let role = match buf[at] {
+            b'0' => Some(Role::Device),
+            b'1' => Some(Role::Client),
             _ => None,
         };
         let end = at + 1;
@@ -301,7 +314,7 @@ impl Decoder {
             };
             return Some(self.reject_header(buf, is_data, &fields, reason));
         }
-        let Some(kind) = kind else {
+        let Some(role) = role else {
             return Some(self.reject_header(buf, is_data, &fields, Rejection::Kind));
         };
         let head = buf.split_to(if is_data { end + 1 } else { end }).freeze();
@@ -311,7 +324,7 @@ impl Decoder {
                 uuid,
                 mac,
                 host,
-                kind,
+                role,
             },
             (Err(reason), ..) | (_, Err(reason), _) | (.., Err(reason)) => {
                 if is_data {

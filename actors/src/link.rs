@@ -12,6 +12,8 @@ use std::sync::Arc;
 use actix::prelude::*;
 use bytestring::ByteString;
 
+use crate::device::DeviceKey;
+use crate::frame::Role;
 use crate::metric;
 use crate::outbox::Outbox;
 use crate::tls::Transport;
@@ -39,22 +41,55 @@ pub struct PeerLink {
     pub out: Outbox,
 }
 
-/// Which side of a tunnel a connection is on; it decides what happens to that
-/// connection when the tunnel ends from the other side (`docs/PROTOCOL.md` §4).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Role {
-    /// Asked for the tunnel with `connme`: closed when its tunnel ends from the device
-    /// side, as a TCP relay would close it.
-    Client,
-    /// The device with this mac: stays connected when its tunnel ends.
-    Device(ByteString),
+/// A session's place in a tunnel: which tunnel, its other end, and the meter of what
+/// this side sends into it.
+#[derive(Clone, Debug)]
+pub struct Tunnel {
+    pub id: TunnelId,
+    pub peer: PeerLink,
+    pub sent: Meter,
 }
 
-/// One end of a tunnel.
+/// One end of a tunnel. Its role decides what happens to its connection when the
+/// tunnel ends from the other side (`docs/PROTOCOL.md` §4): a client (it asked with
+/// `connme`) is closed, as a TCP relay would close it; a device stays connected.
 #[derive(Clone, Debug)]
 pub struct End {
     pub link: PeerLink,
     pub role: Role,
+    /// A device end's mac, how logs name it.
+    mac: Option<ByteString>,
+}
+
+impl End {
+    pub fn client(link: PeerLink) -> End {
+        End {
+            link,
+            role: Role::Client,
+            mac: None,
+        }
+    }
+
+    pub fn device(link: PeerLink, mac: ByteString) -> End {
+        End {
+            link,
+            role: Role::Device,
+            mac: Some(mac),
+        }
+    }
+
+    /// The device's mac, for a device end.
+    pub fn mac(&self) -> Option<&ByteString> {
+        self.mac.as_ref()
+    }
+
+    /// The end as the logs name it: a device by its mac, a client by its address.
+    pub fn name(&self) -> String {
+        match &self.mac {
+            Some(mac) => format!("device {mac} ({})", self.link.remote),
+            None => format!("client {}", self.link.remote),
+        }
+    }
 }
 
 /// The bytes one end has forwarded into its tunnel: counted by its session, read by
@@ -75,10 +110,10 @@ impl std::fmt::Debug for Meter {
 
 impl Meter {
     /// A meter for bytes sent to an end with this role.
-    pub fn towards(role: &Role) -> Meter {
+    pub fn towards(role: Role) -> Meter {
         let direction = match role {
             Role::Client => "to_client",
-            Role::Device(_) => "to_device",
+            Role::Device => "to_device",
         };
         Meter {
             bytes: Arc::default(),
@@ -100,17 +135,12 @@ impl Meter {
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub enum PeerEvent {
-    /// This session is now one end of `tunnel`, `peer` the other; what it forwards
-    /// is counted on `sent`.
-    Linked {
-        tunnel: TunnelId,
-        peer: PeerLink,
-        sent: Meter,
-    },
+    /// This session is now one end of this tunnel.
+    Linked(Tunnel),
     /// `tunnel` is gone. With `close`, this session is a client whose tunnel ended from
     /// the device side: it writes what is queued and closes.
     Unlinked { tunnel: TunnelId, close: bool },
-    /// A newer connection took over device (uuid, mac), which this session spoke for:
-    /// it ends its tunnel, writes what is queued and closes.
-    Replaced { uuid: ByteString, mac: ByteString },
+    /// A newer connection took over this device, which this session spoke for: it
+    /// ends its tunnel, writes what is queued and closes.
+    Replaced(DeviceKey),
 }

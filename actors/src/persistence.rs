@@ -63,7 +63,7 @@ impl Persistence {
     fn keep(&mut self, record: Record) {
         let (mac, new) = match record {
             Record::Sighting(s) => (s.mac.clone(), Pending::At(s)),
-            Record::Beat(device) => (device.mac.clone(), Pending::Live(device)),
+            Record::Beat(device) => (device.key.mac.clone(), Pending::Live(device)),
         };
         match self.pending.get(&mac) {
             Some(old) if old.at() > new.at() => new.release(),

@@ -16,7 +16,7 @@ use actix::prelude::*;
 use bytestring::ByteString;
 
 use crate::clock::Stamp;
-use crate::device::Identity;
+use crate::device::{DeviceKey, Identity};
 use crate::link::{PeerEvent, PeerLink, SessionId};
 use crate::metric;
 
@@ -50,8 +50,7 @@ pub struct Register {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Unregister {
-    pub uuid: ByteString,
-    pub mac: ByteString,
+    pub device: DeviceKey,
     pub session: SessionId,
 }
 
@@ -60,8 +59,8 @@ pub struct Unregister {
 #[derive(Message, Debug, Clone, PartialEq, Eq)]
 #[rtype(result = "()")]
 pub enum Presence {
-    Online { uuid: ByteString, mac: ByteString },
-    Offline { uuid: ByteString, mac: ByteString },
+    Online(DeviceKey),
+    Offline(DeviceKey),
 }
 
 /// Tell this recipient of every [`Presence`] change, starting with every live device.
@@ -73,18 +72,12 @@ pub struct Watch(pub Recipient<Presence>);
 /// connection had replaced it.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Evict {
-    pub uuid: ByteString,
-    pub mac: ByteString,
-}
+pub struct Evict(pub DeviceKey);
 
 /// The live connection of device (uuid, mac).
 #[derive(Message)]
 #[rtype(result = "Option<PeerLink>")]
-pub struct Lookup {
-    pub uuid: ByteString,
-    pub mac: ByteString,
-}
+pub struct Lookup(pub DeviceKey);
 
 /// The user's devices that have a live connection.
 #[derive(Message)]
@@ -124,27 +117,19 @@ impl DeviceRegistry {
         }
     }
 
-    /// Removes the entry of (uuid, mac) if it is `which`.
-    fn remove(
-        &mut self,
-        uuid: &ByteString,
-        mac: &ByteString,
-        which: impl FnOnce(&Entry) -> bool,
-    ) -> Option<Entry> {
-        let devices = self.users.get_mut(uuid)?;
-        if !devices.get(mac).is_some_and(which) {
+    /// Removes the entry of `device` if it is `which`.
+    fn remove(&mut self, device: &DeviceKey, which: impl FnOnce(&Entry) -> bool) -> Option<Entry> {
+        let devices = self.users.get_mut(&device.uuid)?;
+        if !devices.get(&device.mac).is_some_and(which) {
             return None;
         }
-        let entry = devices.remove(mac)?;
+        let entry = devices.remove(&device.mac)?;
         self.online -= 1;
         if devices.is_empty() {
-            self.users.remove(uuid);
+            self.users.remove(&device.uuid);
         }
         self.report();
-        self.tell(Presence::Offline {
-            uuid: uuid.clone(),
-            mac: mac.clone(),
-        });
+        self.tell(Presence::Offline(device.clone()));
         Some(entry)
     }
 }
@@ -153,9 +138,9 @@ impl Handler<Register> for DeviceRegistry {
     type Result = ();
 
     fn handle(&mut self, msg: Register, _: &mut Context<Self>) {
-        let uuid = msg.device.uuid.clone();
-        let devices = self.users.entry(uuid.clone()).or_default();
-        let mac = msg.device.mac.clone();
+        let key = msg.device.key.clone();
+        let devices = self.users.entry(key.uuid.clone()).or_default();
+        let mac = key.mac.clone();
         let entry = Entry {
             device: msg.device,
             link: msg.link,
@@ -168,15 +153,12 @@ impl Handler<Register> for DeviceRegistry {
                     old.link.remote
                 );
                 metrics::counter!(metric::DEVICE_TAKEOVERS_TOTAL).increment(1);
-                old.link.events.do_send(PeerEvent::Replaced {
-                    uuid: old.device.uuid,
-                    mac: old.device.mac,
-                });
+                old.link.events.do_send(PeerEvent::Replaced(old.device.key));
             }
             Some(_) => {}
             None => {
                 self.online += 1;
-                self.tell(Presence::Online { uuid, mac });
+                self.tell(Presence::Online(key));
             }
         }
         self.report();
@@ -187,20 +169,17 @@ impl Handler<Unregister> for DeviceRegistry {
     type Result = ();
 
     fn handle(&mut self, msg: Unregister, _: &mut Context<Self>) {
-        self.remove(&msg.uuid, &msg.mac, |e| e.link.id == msg.session);
+        self.remove(&msg.device, |e| e.link.id == msg.session);
     }
 }
 
 impl Handler<Evict> for DeviceRegistry {
     type Result = ();
 
-    fn handle(&mut self, msg: Evict, _: &mut Context<Self>) {
-        if let Some(old) = self.remove(&msg.uuid, &msg.mac, |_| true) {
+    fn handle(&mut self, Evict(device): Evict, _: &mut Context<Self>) {
+        if let Some(old) = self.remove(&device, |_| true) {
             metrics::counter!(metric::DEVICE_TAKEOVERS_TOTAL).increment(1);
-            old.link.events.do_send(PeerEvent::Replaced {
-                uuid: old.device.uuid,
-                mac: old.device.mac,
-            });
+            old.link.events.do_send(PeerEvent::Replaced(old.device.key));
         }
     }
 }
@@ -209,12 +188,9 @@ impl Handler<Watch> for DeviceRegistry {
     type Result = ();
 
     fn handle(&mut self, Watch(watcher): Watch, _: &mut Context<Self>) {
-        for (uuid, devices) in &self.users {
-            for mac in devices.keys() {
-                watcher.do_send(Presence::Online {
-                    uuid: uuid.clone(),
-                    mac: mac.clone(),
-                });
+        for devices in self.users.values() {
+            for entry in devices.values() {
+                watcher.do_send(Presence::Online(entry.device.key.clone()));
             }
         }
         self.watcher = Some(watcher);
@@ -224,10 +200,10 @@ impl Handler<Watch> for DeviceRegistry {
 impl Handler<Lookup> for DeviceRegistry {
     type Result = Option<PeerLink>;
 
-    fn handle(&mut self, msg: Lookup, _: &mut Context<Self>) -> Option<PeerLink> {
+    fn handle(&mut self, Lookup(device): Lookup, _: &mut Context<Self>) -> Option<PeerLink> {
         self.users
-            .get(&msg.uuid)?
-            .get(&msg.mac)
+            .get(&device.uuid)?
+            .get(&device.mac)
             .map(|e| e.link.clone())
     }
 }
@@ -250,7 +226,7 @@ impl Handler<AllLive> for DeviceRegistry {
 impl Entry {
     fn live(&self) -> LiveDevice {
         LiveDevice {
-            mac: self.device.mac.clone(),
+            mac: self.device.key.mac.clone(),
             host: self.device.host.clone(),
             last_seen: self.device.activity.last_seen(),
         }

@@ -44,10 +44,10 @@ use crate::command::{answer, refuse, Command};
 use crate::connection::{Io, Lease, ReadChunks, UNTUNNELLED_READ};
 use crate::debouncer;
 use crate::device::{masked, Identity};
-use crate::frame::{Decoder, Frame, Header, Kind, Reply, Request};
+use crate::frame::{Decoder, Frame, Header, Reply, Request, Role};
 use crate::hub::Hub;
 use crate::limits::TokenBucket;
-use crate::link::{next_session_id, Meter, PeerEvent, PeerLink, SessionId, TunnelId};
+use crate::link::{next_session_id, PeerEvent, PeerLink, SessionId, Tunnel, TunnelId};
 use crate::metric;
 use crate::outbox::{Bounds, Outbox, Unsent};
 use crate::persistence;
@@ -62,12 +62,10 @@ pub struct Session {
     out: Outbox,
     inbox: BytesMut,
     decoder: Decoder,
-    /// The device this connection speaks for, and whether its sightings are stored
-    /// (not for guests, see [`Access`]).
-    device: Option<(Identity, bool)>,
-    /// The tunnel, its other end, and the meter of what this session sends into it.
-    /// (Boxed: most connections never carry a tunnel.)
-    tunnel: Option<Box<(TunnelId, PeerLink, Meter)>>,
+    /// The device this connection speaks for.
+    device: Option<Speaking>,
+    /// The tunnel this session is in (boxed: most connections never carry one).
+    tunnel: Option<Box<Tunnel>>,
     /// The newest tunnel this session has been in: only its end may close the session.
     latest: TunnelId,
     /// Tunnels up to this id are gone for this session; a late `Linked` for one of
@@ -86,14 +84,21 @@ pub struct Session {
     /// The largest read: the configured size while in a tunnel, small otherwise.
     read_limit: Arc<AtomicUsize>,
     transport: Transport,
-    /// What this connection has shown itself to be: "unidentified", "device" or
-    /// "client" (the `role` label of `elfin_connections_open`).
-    role: &'static str,
+    /// What this connection has shown itself to be; none until it has spoken (the
+    /// `role` label of `elfin_connections_open`).
+    role: Option<Role>,
     /// Dropped with the session: tells the writer task to finish.
     _closing: oneshot::Sender<()>,
     /// Its place in the limits and shutdown's wait (released when the session is
     /// dropped), and when it was accepted.
     lease: Lease,
+}
+
+/// The device a connection speaks for.
+struct Speaking {
+    identity: Identity,
+    /// Whether its sightings are stored (not for guests, see [`Access`]).
+    stored: bool,
 }
 
 impl Session {
@@ -143,7 +148,7 @@ impl Session {
                 _closing: closing,
                 lease,
                 transport,
-                role: "unidentified",
+                role: None,
                 hub,
             }
         })
@@ -264,11 +269,11 @@ impl Session {
         match frame {
             Frame::Payload(bytes) => self.forward(bytes, ctx),
             Frame::Beat(header) => self.sighted(header, true, ctx),
-            Frame::Data(header) if header.kind == Kind::Device => self.sighted(header, false, ctx),
+            Frame::Data(header) if header.role == Role::Device => self.sighted(header, false, ctx),
             Frame::Data(_) => ControlFlow::Continue(()),
             Frame::Request { request, fields } => {
                 if self.device.is_none() {
-                    self.set_role("client");
+                    self.set_role(Role::Client);
                 }
                 let (hub, me) = (self.hub.clone(), self.link(ctx));
                 let wait = self.requests.take();
@@ -283,7 +288,7 @@ impl Session {
                     }
                 };
                 self.pause(ctx, step, |act, applied, ctx| match applied {
-                    Ok(Some((tunnel, peer, sent))) => act.linked(tunnel, peer, sent),
+                    Ok(Some(tunnel)) => act.linked(tunnel),
                     Ok(None) => {}
                     Err(_unread) => act.limit_reached("unread_replies", ctx),
                 })
@@ -316,7 +321,12 @@ impl Session {
     /// that takes nothing for the stall time ends the tunnel.
     fn forward(&mut self, bytes: Bytes, ctx: &mut Context<Self>) -> ControlFlow<()> {
         let len = bytes.len() as u64;
-        let Some((tunnel, peer, sent)) = self.tunnel.as_deref() else {
+        let Some(Tunnel {
+            id: tunnel,
+            peer,
+            sent,
+        }) = self.tunnel.as_deref()
+        else {
             log::debug!("{}: no tunnel, dropped {len} payload bytes", self.remote);
             metrics::counter!(metric::PAYLOAD_DROPPED_BYTES_TOTAL).increment(len);
             return ControlFlow::Continue(());
@@ -361,8 +371,8 @@ impl Session {
 
     /// A `beat` or device `data` header: register or refresh the device.
     fn sighted(&mut self, h: Header, beat: bool, ctx: &mut Context<Self>) -> ControlFlow<()> {
-        if let Some((d, _)) = &self.device {
-            if d.is(&h.uuid, &h.mac) && d.host == h.host {
+        if let Some(Speaking { identity: d, .. }) = &self.device {
+            if d.key.is(&h.uuid, &h.mac) && d.host == h.host {
                 self.refresh(beat);
                 return ControlFlow::Continue(());
             }
@@ -388,10 +398,10 @@ impl Session {
         }
         let device = Identity::new(&h.uuid, &h.mac, &h.host);
         match self.device.take() {
-            Some((old, _)) if old.is(&h.uuid, &h.mac) => {}
+            Some(old) if old.identity.key.is(&h.uuid, &h.mac) => {}
             old => {
-                if let Some((old, _)) = old {
-                    self.unregister(old);
+                if let Some(old) = old {
+                    self.unregister(old.identity);
                 }
                 log::info!(
                     "device {} ({}) of user {} online from {}",
@@ -406,26 +416,31 @@ impl Session {
             device: device.clone(),
             link: self.link(ctx),
         });
-        self.set_role("device");
-        self.device = Some((device, access == Access::Member));
+        self.set_role(Role::Device);
+        self.device = Some(Speaking {
+            identity: device,
+            stored: access == Access::Member,
+        });
     }
 
     /// Moves this connection to another `role` in `elfin_connections_open`.
-    fn set_role(&mut self, role: &'static str) {
-        if self.role != role {
-            let transport = self.transport.label();
-            metrics::gauge!(metric::CONNECTIONS_OPEN, "transport" => transport, "role" => self.role)
-                .decrement(1);
-            metrics::gauge!(metric::CONNECTIONS_OPEN, "transport" => transport, "role" => role)
-                .increment(1);
-            self.role = role;
+    fn set_role(&mut self, role: Role) {
+        if self.role != Some(role) {
+            self.open_gauge().decrement(1);
+            self.role = Some(role);
+            self.open_gauge().increment(1);
         }
+    }
+
+    /// This connection's series of `elfin_connections_open`.
+    fn open_gauge(&self) -> metrics::Gauge {
+        let (transport, role) = (self.transport.label(), Role::label(self.role));
+        metrics::gauge!(metric::CONNECTIONS_OPEN, "transport" => transport, "role" => role)
     }
 
     fn unregister(&self, device: Identity) {
         self.hub.registry.do_send(Unregister {
-            uuid: device.uuid,
-            mac: device.mac,
+            device: device.key,
             session: self.id,
         });
     }
@@ -433,21 +448,23 @@ impl Session {
     /// Refreshes last-seen: a `beat` is persisted at once (batched), device data goes
     /// through the heartbeat debouncer.
     fn refresh(&self, beat: bool) {
-        match &self.device {
-            Some((d, true)) if beat => persistence::beat(&self.hub.persistence, d),
-            Some((d, true)) => debouncer::data_frame(&self.hub.debouncer, d),
-            Some((d, false)) => d.activity.touch(),
-            None => {}
+        let Some(Speaking { identity, stored }) = &self.device else {
+            return;
+        };
+        match (stored, beat) {
+            (true, true) => persistence::beat(&self.hub.persistence, identity),
+            (true, false) => debouncer::data_frame(&self.hub.debouncer, identity),
+            (false, _) => identity.activity.touch(),
         }
     }
 
     /// This session is now one end of `tunnel`, unless that tunnel is already gone or
     /// older than the one it is in.
-    fn linked(&mut self, tunnel: TunnelId, peer: PeerLink, sent: Meter) {
-        let current = self.tunnel.as_deref().map_or(0, |(t, ..)| *t);
-        if tunnel > self.cleared && tunnel > current {
-            self.tunnel = Some(Box::new((tunnel, peer, sent)));
-            self.latest = self.latest.max(tunnel);
+    fn linked(&mut self, tunnel: Tunnel) {
+        let current = self.tunnel.as_deref().map_or(0, |t| t.id);
+        if tunnel.id > self.cleared && tunnel.id > current {
+            self.latest = self.latest.max(tunnel.id);
+            self.tunnel = Some(Box::new(tunnel));
             self.read_limit.store(
                 self.hub.config.server.read_buffer_bytes.get(),
                 Ordering::Relaxed,
@@ -469,7 +486,7 @@ impl Session {
     /// whether it was the newest this session has been in.
     fn unlinked(&mut self, tunnel: TunnelId) -> bool {
         self.cleared = self.cleared.max(tunnel);
-        if self.tunnel.as_deref().is_some_and(|(t, ..)| *t <= tunnel) {
+        if self.tunnel.as_deref().is_some_and(|t| t.id <= tunnel) {
             self.tunnel = None;
             let small = UNTUNNELLED_READ.min(self.hub.config.server.read_buffer_bytes.get());
             self.read_limit.store(small, Ordering::Relaxed);
@@ -494,7 +511,7 @@ impl MessageCounters {
     fn of(&self, frame: &Frame) -> Option<&metrics::Counter> {
         Some(match frame {
             Frame::Beat(_) => &self.beat,
-            Frame::Data(h) if h.kind == Kind::Device => &self.device_data,
+            Frame::Data(h) if h.role == Role::Device => &self.device_data,
             Frame::Data(_) => &self.client_data,
             Frame::Request { request, .. } => match request {
                 Request::Connme => &self.connme,
@@ -524,8 +541,7 @@ impl Actor for Session {
     fn started(&mut self, ctx: &mut Context<Self>) {
         let transport = self.transport.label();
         metrics::counter!(metric::CONNECTIONS_TOTAL, "transport" => transport).increment(1);
-        metrics::gauge!(metric::CONNECTIONS_OPEN, "transport" => transport, "role" => self.role)
-            .increment(1);
+        self.open_gauge().increment(1);
         log::debug!("{}: connected", self.remote);
         let limits = &self.hub.config.limits;
         // Counted from accept: the server already spent some of it telling TLS apart.
@@ -546,16 +562,14 @@ impl Actor for Session {
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         self.out.close_unused();
-        let transport = self.transport.label();
-        metrics::gauge!(metric::CONNECTIONS_OPEN, "transport" => transport, "role" => self.role)
-            .decrement(1);
+        self.open_gauge().decrement(1);
         log::debug!("{}: disconnected", self.remote);
-        if let Some((d, _)) = self.device.take() {
+        if let Some(Speaking { identity: d, .. }) = self.device.take() {
             log::info!(
                 "device {} ({}) of user {} went away",
-                d.mac,
+                d.key.mac,
                 d.host,
-                masked(&d.uuid)
+                masked(&d.key.uuid)
             );
             self.unregister(d);
         }
@@ -595,15 +609,19 @@ impl Handler<PeerEvent> for Session {
 
     fn handle(&mut self, event: PeerEvent, ctx: &mut Context<Self>) {
         match event {
-            PeerEvent::Linked { tunnel, peer, sent } => self.linked(tunnel, peer, sent),
+            PeerEvent::Linked(tunnel) => self.linked(tunnel),
             PeerEvent::Unlinked { tunnel, close } => {
                 if self.unlinked(tunnel) && close {
                     log::debug!("{}: tunnel {tunnel} ended; closing", self.remote);
                     self.close(ctx);
                 }
             }
-            PeerEvent::Replaced { uuid, mac } => {
-                if self.device.as_ref().is_some_and(|(d, _)| d.is(&uuid, &mac)) {
+            PeerEvent::Replaced(device) => {
+                if self
+                    .device
+                    .as_ref()
+                    .is_some_and(|d| d.identity.key == device)
+                {
                     // The registry already points at the new connection.
                     self.device = None;
                     self.close(ctx);

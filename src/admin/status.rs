@@ -17,7 +17,8 @@ use serde::Serialize;
 use elfin_actors::bridge::{TunnelInfo, Tunnels};
 use elfin_actors::cluster::{Members, Membership};
 use elfin_actors::device::masked;
-use elfin_actors::link::{End, Role};
+use elfin_actors::frame::Role;
+use elfin_actors::link::End;
 use elfin_actors::registry::{AllLive, Connected};
 use elfin_actors::store::{OwnedDevice, User};
 use elfin_actors::Hub;
@@ -326,13 +327,9 @@ impl StatusBoard {
 }
 
 fn end_row(end: &End) -> EndRow {
-    let (kind, mac) = match &end.role {
-        Role::Client => ("client", None),
-        Role::Device(mac) => ("device", Some(mac.to_string())),
-    };
     EndRow {
-        kind,
-        mac,
+        kind: Role::label(Some(end.role)),
+        mac: end.mac().map(ToString::to_string),
         address: end.link.remote.to_string(),
         transport: end.link.transport.label(),
     }

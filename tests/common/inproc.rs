@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
+use elfin_actors::device::DeviceKey;
 use elfin_actors::store::embedded::EmbeddedStore;
 use elfin_actors::store::Store;
 use elfin_actors::{Config, Hub, Listen, ShutdownError, Workers};
@@ -139,10 +140,7 @@ impl TestGateway {
         let mut device = self.connect().await;
         device.send(format!("beat;{uuid};{mac};{host};0")).await;
         for _ in 0..500 {
-            let lookup = elfin_actors::registry::Lookup {
-                uuid: uuid.to_owned().into(),
-                mac: mac.to_owned().into(),
-            };
+            let lookup = elfin_actors::registry::Lookup(DeviceKey::new(uuid, mac));
             if self.hub.registry.send(lookup).await.unwrap().is_some() {
                 return device;
             }

@@ -43,6 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bridge::BridgeManager;
 use crate::config::{de, Secret};
+use crate::device::DeviceKey;
 use crate::link::SessionId;
 use crate::metric;
 use crate::registry::{DeviceRegistry, Presence, Watch};
@@ -259,16 +260,13 @@ pub enum JoinError {
     Nats(String),
 }
 
-/// A device, as the cluster keys it.
-type Key = (ByteString, ByteString);
-
 pub struct Cluster {
     nats: Client,
     config: Arc<ClusterConfig>,
     registry: Addr<DeviceRegistry>,
     bridge: Addr<BridgeManager>,
     /// Devices live here.
-    held: HashMap<Key, Held>,
+    held: HashMap<DeviceKey, Held>,
     /// Hands each device's stream to the one stream that merges them all: actix polls
     /// every stream of an actor's context on each wake, which for thousands of devices
     /// would cost more than the messages, while a merged stream polls only those that
@@ -298,7 +296,7 @@ type DeviceStream = futures::stream::BoxStream<'static, Incoming>;
 /// Everything that reaches the cluster actor from NATS.
 enum Incoming {
     Event(Event),
-    Device(Key, Message),
+    Device(DeviceKey, Message),
     Query(Message),
     Hello(Message),
 }
@@ -547,29 +545,28 @@ impl Cluster {
     /// Tells whoever else holds the device that this node has it. `since_ms` makes
     /// it a re-claim, after the NATS connection came back: only a holder whose own
     /// connection of the device is older gives it up.
-    fn claim(&self, (uuid, mac): &Key, since_ms: Option<i64>) {
+    fn claim(&self, device: &DeviceKey, since_ms: Option<i64>) {
         let claim = Ask::Claim {
             node: self.config.node.clone(),
             since_ms,
         };
-        let subject = self.config.subjects.device(uuid, mac);
+        let subject = self.config.subjects.device(&device.uuid, &device.mac);
         self.publish(subject, wire::encode(&claim));
     }
 
-    fn online(&mut self, uuid: ByteString, mac: ByteString) {
-        let key = (uuid, mac);
+    fn online(&mut self, key: DeviceKey) {
         if self.held.contains_key(&key) {
             return;
         }
-        let user = self.config.subjects.user(&key.0);
+        let user = self.config.subjects.user(&key.uuid);
         self.users
             .entry(user)
-            .or_insert_with(|| (key.0.clone(), 0))
+            .or_insert_with(|| (key.uuid.clone(), 0))
             .1 += 1;
         self.claim(&key, None);
         let (nats, subject) = (
             self.nats.clone(),
-            self.config.subjects.device(&key.0, &key.1),
+            self.config.subjects.device(&key.uuid, &key.mac),
         );
         let subscribed = async move { Subscription::new(&nats, subject).await.ok() };
         let k = key.clone();
@@ -586,13 +583,12 @@ impl Cluster {
         self.held.insert(key, held);
     }
 
-    fn offline(&mut self, uuid: ByteString, mac: ByteString) {
-        let key = (uuid, mac);
+    fn offline(&mut self, key: DeviceKey) {
         let Some(held) = self.held.remove(&key) else {
             return;
         };
         held.stream.abort();
-        let user = self.config.subjects.user(&key.0);
+        let user = self.config.subjects.user(&key.uuid);
         if let Some((_, devices)) = self.users.get_mut(&user) {
             *devices -= 1;
             if *devices == 0 {
@@ -622,8 +618,8 @@ impl Handler<Presence> for Cluster {
 
     fn handle(&mut self, change: Presence, _: &mut Context<Self>) {
         match change {
-            Presence::Online { uuid, mac } => self.online(uuid, mac),
-            Presence::Offline { uuid, mac } => self.offline(uuid, mac),
+            Presence::Online(device) => self.online(device),
+            Presence::Offline(device) => self.offline(device),
         }
     }
 }

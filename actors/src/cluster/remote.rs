@@ -38,7 +38,7 @@ use tokio::sync::oneshot;
 use super::wire::{self, Close, CONTROL};
 use super::Subscription;
 use crate::bridge::{BridgeManager, Cause, Unlink};
-use crate::link::{next_session_id, Meter, PeerEvent, PeerLink, SessionId, TunnelId};
+use crate::link::{next_session_id, Meter, PeerEvent, PeerLink, SessionId, Tunnel, TunnelId};
 use crate::metric;
 use crate::outbox::{Bounds, Outbox, Unsent};
 use crate::tls::Transport;
@@ -248,7 +248,11 @@ impl Handler<PeerEvent> for Remote {
 
     fn handle(&mut self, event: PeerEvent, ctx: &mut Context<Self>) {
         match event {
-            PeerEvent::Linked { tunnel, peer, sent } => {
+            PeerEvent::Linked(Tunnel {
+                id: tunnel,
+                peer,
+                sent,
+            }) => {
                 if let Some(linked) = self.linked.take() {
                     self.tunnel = tunnel;
                     let _ = linked.send((peer, sent));

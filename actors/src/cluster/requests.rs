@@ -15,10 +15,11 @@ use futures::StreamExt;
 use tokio::time::Instant;
 
 use super::remote::{self, Tracked};
-use super::wire::{self, Answer, Ask, LiveElsewhere, QueryAnswer, QueryAsk};
-use super::{Cluster, ClusterConfig, Key, Subscription};
+use super::wire::{self, Answer, Ask, LiveElsewhere, QueryAnswer, QueryAsk, WireRole};
+use super::{Cluster, ClusterConfig, Subscription};
 use crate::bridge::{BridgeManager, Link};
-use crate::link::{End, PeerLink, Role};
+use crate::device::DeviceKey;
+use crate::link::{End, PeerLink};
 use crate::registry::{Evict, LiveDevices, Lookup};
 use crate::store::Sighting;
 
@@ -26,7 +27,7 @@ use crate::store::Sighting;
 impl Cluster {
     pub(super) fn device_message(
         &mut self,
-        (uuid, mac): Key,
+        key: DeviceKey,
         message: Message,
         ctx: &mut Context<Self>,
     ) {
@@ -36,14 +37,13 @@ impl Cluster {
         };
         match ask {
             Ask::Claim { node, since_ms } => {
-                let key = (uuid, mac);
                 let ours = self.held.get(&key).map(|h| h.since_ms);
                 if gives_way(ours, &self.config.node, since_ms, &node) {
-                    let (uuid, mac) = key;
                     log::info!(
-                        "device {mac} connected to node {node}; closing its connection here"
+                        "device {} connected to node {node}; closing its connection here",
+                        key.mac
                     );
-                    self.registry.do_send(Evict { uuid, mac });
+                    self.registry.do_send(Evict(key));
                 } else if let Some(ours) = ours {
                     // An older connection re-claimed after NATS came back: its node is
                     // listening now, and may have missed this node's own re-claim.
@@ -51,7 +51,7 @@ impl Cluster {
                 }
             }
             Ask::Probe => {
-                let lookup = self.registry.send(Lookup { uuid, mac });
+                let lookup = self.registry.send(Lookup(key));
                 ctx.spawn(lookup.into_actor(self).map(move |found, act, _| {
                     let answer = match found.ok().flatten() {
                         Some(_) => Answer::Present,
@@ -75,7 +75,7 @@ impl Cluster {
                     remote,
                     window,
                 };
-                let accept = self.accept(uuid, mac, far, role.into(), ctx);
+                let accept = self.accept(key, far, role, ctx);
                 ctx.spawn(accept.into_actor(self).map(move |answer, act, _| {
                     act.reply(&message, wire::encode(&answer));
                 }));
@@ -83,13 +83,12 @@ impl Cluster {
         }
     }
 
-    /// Tunnels device (uuid, mac), live here, to an end on another node.
+    /// Tunnels `device`, live here, to an end on another node.
     fn accept(
         &self,
-        uuid: ByteString,
-        mac: ByteString,
+        device: DeviceKey,
         far: Far,
-        role: Role,
+        role: WireRole,
         ctx: &mut Context<Self>,
     ) -> impl std::future::Future<Output = Answer> + 'static {
         let (registry, bridge) = (self.registry.clone(), self.bridge.clone());
@@ -99,13 +98,8 @@ impl Cluster {
             let offline = || Answer::Failed {
                 reason: "offline".into(),
             };
-            let Ok(Some(device)) = registry
-                .send(Lookup {
-                    uuid,
-                    mac: mac.clone(),
-                })
-                .await
-            else {
+            let mac = device.mac.clone();
+            let Ok(Some(device)) = registry.send(Lookup(device)).await else {
                 return offline();
             };
             let remote = device.remote;
@@ -113,11 +107,8 @@ impl Cluster {
                 return offline();
             };
             let link = Link {
-                a: End { link: end, role },
-                b: End {
-                    link: device,
-                    role: Role::Device(mac),
-                },
+                a: role.end(end),
+                b: End::device(device, mac),
                 notify: true,
             };
             if bridge.send(link).await.is_err() {
@@ -261,14 +252,14 @@ impl Handler<Probe> for Cluster {
 }
 
 /// Tunnel device (uuid, mac), live on another node, to a new end here that stands for
-/// it; the local connection `remote` (in `role`) is to be linked to that end. `None`
-/// if no node has the device.
+/// it; the local connection `remote` (the end `role` says) is to be linked to that
+/// end. `None` if no node has the device.
 #[derive(Message)]
 #[rtype(result = "Option<PeerLink>")]
 pub struct Open {
     pub uuid: ByteString,
     pub mac: ByteString,
-    pub role: Role,
+    pub role: WireRole,
     pub remote: SocketAddr,
 }
 
@@ -285,7 +276,7 @@ impl Handler<Open> for Cluster {
                 node: config.node.clone(),
                 inbox,
                 remote: open.remote,
-                role: (&open.role).into(),
+                role: open.role,
                 window: config.window,
             };
             let subject = config.subjects.device(&open.uuid, &open.mac);

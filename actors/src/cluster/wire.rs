@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::link::Role;
+use crate::link::{End, PeerLink};
 
 /// The header that marks a control message on a tunnel's data subject.
 pub const CONTROL: &str = "Elfin-Control";
@@ -119,22 +119,12 @@ pub enum WireRole {
     Device { mac: String },
 }
 
-impl From<&Role> for WireRole {
-    fn from(role: &Role) -> WireRole {
-        match role {
-            Role::Client => WireRole::Client,
-            Role::Device(mac) => WireRole::Device {
-                mac: mac.to_string(),
-            },
-        }
-    }
-}
-
-impl From<WireRole> for Role {
-    fn from(role: WireRole) -> Role {
-        match role {
-            WireRole::Client => Role::Client,
-            WireRole::Device { mac } => Role::Device(mac.into()),
+impl WireRole {
+    /// The tunnel end `link` is, in this role.
+    pub fn end(self, link: PeerLink) -> End {
+        match self {
+            WireRole::Client => End::client(link),
+            WireRole::Device { mac } => End::device(link, mac.into()),
         }
     }
 }
@@ -220,6 +210,5 @@ mod tests {
             serde_json::from_slice::<Ask>(br#"{"op":"probe"}"#).unwrap(),
             Ask::Probe
         );
-        assert_eq!(Role::from(WireRole::from(&Role::Client)), Role::Client);
     }
 }

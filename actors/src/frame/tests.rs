@@ -2,12 +2,12 @@
 
 use super::*;
 
-fn header(uuid: &str, mac: &str, host: &str, kind: Kind) -> Header {
+fn header(uuid: &str, mac: &str, host: &str, role: Role) -> Header {
     Header {
         uuid: uuid.into(),
         mac: mac.into(),
         host: host.into(),
-        kind,
+        role,
     }
 }
 
@@ -60,14 +60,14 @@ fn beat_without_terminator() {
             "u-1",
             "F0FE6B2A1C3D",
             "plc-1",
-            Kind::Device
+            Role::Device
         ))]
     );
 }
 
 #[test]
 fn beat_with_line_terminators() {
-    let beat = Frame::Beat(header("u", "m", "h", Kind::Device));
+    let beat = Frame::Beat(header("u", "m", "h", Role::Device));
     assert_eq!(decode_all(b"beat;u;m;h;0\n"), vec![beat.clone()]);
     assert_eq!(
         decode_all(b"beat;u;m;h;0\r\nbeat;u;m;h;0\r\n"),
@@ -82,7 +82,7 @@ fn data_payload_is_raw_bytes_after_the_header() {
     assert_eq!(
         decode_all(&input),
         vec![
-            Frame::Data(header("u", "T5000", "T5000", Kind::Client)),
+            Frame::Data(header("u", "T5000", "T5000", Role::Client)),
             payload(&all)
         ]
     );
@@ -94,9 +94,9 @@ fn coalesced_data_frames_split_at_the_next_header() {
     assert_eq!(
         frames,
         vec![
-            Frame::Data(header("u", "m", "h", Kind::Device)),
+            Frame::Data(header("u", "m", "h", Role::Device)),
             payload(b"AB;C\n"),
-            Frame::Data(header("u", "m", "h", Kind::Device)),
+            Frame::Data(header("u", "m", "h", Role::Device)),
             payload(b"\x00data;x"),
         ]
     );
@@ -107,8 +107,8 @@ fn beat_then_data_in_one_read() {
     assert_eq!(
         decode_all(b"beat;u;m;h;0data;u;m;h;0;xyz"),
         vec![
-            Frame::Beat(header("u", "m", "h", Kind::Device)),
-            Frame::Data(header("u", "m", "h", Kind::Device)),
+            Frame::Beat(header("u", "m", "h", Role::Device)),
+            Frame::Data(header("u", "m", "h", Role::Device)),
             payload(b"xyz"),
         ]
     );
@@ -119,9 +119,9 @@ fn data_then_beat_in_one_read() {
     assert_eq!(
         decode_all(b"data;u;m;h;0;xyzbeat;u;m;h;0"),
         vec![
-            Frame::Data(header("u", "m", "h", Kind::Device)),
+            Frame::Data(header("u", "m", "h", Role::Device)),
             payload(b"xyz"),
-            Frame::Beat(header("u", "m", "h", Kind::Device)),
+            Frame::Beat(header("u", "m", "h", Role::Device)),
         ]
     );
 }
@@ -134,9 +134,9 @@ fn large_payload_streams_across_reads() {
     assert_eq!(
         decode_reads(&reads),
         vec![
-            Frame::Data(header("u", "m", "h", Kind::Device)),
+            Frame::Data(header("u", "m", "h", Role::Device)),
             payload(&body),
-            Frame::Data(header("u", "m", "h", Kind::Device)),
+            Frame::Data(header("u", "m", "h", Role::Device)),
             payload(b"end"),
         ]
     );
@@ -191,7 +191,7 @@ fn a_query_right_after_a_data_frame_is_a_message() {
     assert_eq!(
         decode_reads(&[b"data;u;T1;T1;1;xyz", b"query;u"]),
         vec![
-            Frame::Data(header("u", "T1", "T1", Kind::Client)),
+            Frame::Data(header("u", "T1", "T1", Role::Client)),
             payload(b"xyz"),
             request(Request::Query, &["u"]),
         ]
@@ -259,7 +259,7 @@ fn payload_of_a_rejected_data_header_is_dropped() {
                 reason: Rejection::Kind
             },
             Frame::Garbage(6),
-            Frame::Beat(header("u", "m", "h", Kind::Device)),
+            Frame::Beat(header("u", "m", "h", Role::Device)),
         ]
     );
 }
@@ -270,7 +270,7 @@ fn garbage_is_dropped_up_to_the_next_line_or_keyword() {
         decode_all(b"hello\nbeat;u;m;h;0"),
         vec![
             Frame::Garbage(6),
-            Frame::Beat(header("u", "m", "h", Kind::Device))
+            Frame::Beat(header("u", "m", "h", Role::Device))
         ]
     );
     assert_eq!(
@@ -324,9 +324,9 @@ fn header_cut_after_its_first_byte_leaks_nothing() {
     assert_eq!(
         frames,
         vec![
-            Frame::Data(header("u", "T", "T", Kind::Client)),
+            Frame::Data(header("u", "T", "T", Role::Client)),
             payload(b"\x01\x02\x03"),
-            Frame::Data(header("u", "T", "T", Kind::Client)),
+            Frame::Data(header("u", "T", "T", Role::Client)),
             payload(b"\x04\x05"),
         ]
     );
@@ -373,9 +373,9 @@ fn a_payload_ending_in_keyword_and_uuid_waits_for_the_next_byte() {
     assert_eq!(
         frames,
         vec![
-            Frame::Data(header("u", "T", "T", Kind::Client)),
+            Frame::Data(header("u", "T", "T", Role::Client)),
             payload(b"xdata;u"),
-            Frame::Data(header("u", "T", "T", Kind::Client)),
+            Frame::Data(header("u", "T", "T", Role::Client)),
             payload(b"y"),
         ]
     );
@@ -383,7 +383,7 @@ fn a_payload_ending_in_keyword_and_uuid_waits_for_the_next_byte() {
     assert_eq!(
         decode_reads(&[b"data;u;T;T;1;xquery;u"]),
         vec![
-            Frame::Data(header("u", "T", "T", Kind::Client)),
+            Frame::Data(header("u", "T", "T", Role::Client)),
             payload(b"x"),
             request(Request::Query, &["u"]),
         ]

@@ -159,12 +159,6 @@ impl SecretUri {
     }
 }
 
-impl From<&str> for SecretUri {
-    fn from(uri: &str) -> Self {
-        Self(uri.to_owned())
-    }
-}
-
 impl std::fmt::Debug for SecretUri {
     /// `scheme://user:****@host…`: the password, if any, is replaced.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
