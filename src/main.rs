@@ -63,6 +63,14 @@ enum UserCommand {
 enum DeviceCommand {
     /// List devices, all or those of one user.
     List { uuid: Option<String> },
+    /// Register a device for a user (for auth.devices = "registered"); it shows as
+    /// never seen until it connects.
+    Add {
+        uuid: String,
+        mac: String,
+        /// Its host name until it sends its own.
+        host: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -76,11 +84,17 @@ fn main() -> ExitCode {
         }
     };
     logging::init(&settings.log);
+    for warning in settings.warnings() {
+        log::warn!("{warning}");
+    }
     let result = actix_rt::System::new().block_on(async move {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(settings).await,
             Command::User(cmd) => user_command(&settings, cmd).await,
             Command::Device(DeviceCommand::List { uuid }) => list_devices(&settings, uuid).await,
+            Command::Device(DeviceCommand::Add { uuid, mac, host }) => {
+                add_device(&settings, uuid, mac, host).await
+            }
         }
     });
     match result {
@@ -263,6 +277,35 @@ async fn user_command(settings: &Settings, cmd: UserCommand) -> anyhow::Result<(
             }
         }
     }
+    Ok(())
+}
+
+async fn add_device(
+    settings: &Settings,
+    uuid: String,
+    mac: String,
+    host: Option<String>,
+) -> anyhow::Result<()> {
+    for (what, field) in [("uuid", &uuid), ("mac", &mac)] {
+        if let Err(e) = elfin_actors::frame::check_uuid(field) {
+            anyhow::bail!("invalid {what} {field:?}: {e}");
+        }
+    }
+    let store = open_store(settings).await?;
+    let device = elfin_actors::store::Sighting {
+        uuid: uuid.clone().into(),
+        mac: mac.clone().into(),
+        host: host.unwrap_or_default().into(),
+        at: chrono::DateTime::UNIX_EPOCH,
+    };
+    let recorded = store.record(&[device]).await?;
+    if recorded.unknown_user > 0 {
+        anyhow::bail!("no user has the uuid {uuid}");
+    }
+    if recorded.written == 0 {
+        anyhow::bail!("the store refused device {mac}");
+    }
+    println!("device {mac} added for user {uuid}");
     Ok(())
 }
 

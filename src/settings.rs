@@ -210,6 +210,26 @@ impl Settings {
         Ok(())
     }
 
+    /// What is allowed but probably not meant, for the log at start-up.
+    pub fn warnings(&self) -> Vec<String> {
+        self.auth
+            .trusted_networks
+            .iter()
+            .filter(|net| match net {
+                ipnet::IpNet::V4(v4) => v4.prefix_len() < 16,
+                ipnet::IpNet::V6(v6) => v6.prefix_len() < 48,
+            })
+            .map(|net| {
+                format!(
+                    "auth.trusted_networks: {net} is wider than a /16 (IPv6: /48): every \
+                     address in it may send connme, connthem and query without what \
+                     auth.clients = {:?} asks",
+                    self.auth.clients
+                )
+            })
+            .collect()
+    }
+
     /// What the gateway library runs on (without TLS, which the caller loads).
     pub fn gateway_config(&self) -> Config {
         Config {

@@ -329,3 +329,28 @@ fn tunnels_stay_byte_exact_with_their_ends_on_different_workers() {
     }
     drop(spare);
 }
+
+#[test]
+fn with_enrollment_only_added_devices_register_and_the_refusal_is_logged_and_counted() {
+    let gw = Binary::start(&[("ELFIN__AUTH__DEVICES", "registered")]);
+    let uuid = gw.add_user("alice");
+    let added = gw.cli(&["device", "add", &uuid, "AAAAAAAAAAAA", "plc-1"]);
+    assert!(added.contains("AAAAAAAAAAAA"), "{added}");
+    assert!(gw.cli(&["device", "list", &uuid]).contains("plc-1"));
+
+    let _enrolled = gw.device(&uuid, "AAAAAAAAAAAA", "plc-1");
+    let mut stranger = gw.connect();
+    stranger.send(format!("beat;{uuid};BBBBBBBBBBBB;intruder;0").as_bytes());
+    let line = gw.wait_log("refused 127.0.0.1 (enrollment)");
+    assert!(
+        line.contains("BBBBBBBBBBBB") && line.contains("INFO"),
+        "{line}"
+    );
+    let listed = gw.query(&uuid);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    let metrics = gw.get("/metrics").body;
+    assert!(
+        metrics.contains(r#"elfin_refusals_total{reason="enrollment"} 1"#),
+        "{metrics}"
+    );
+}

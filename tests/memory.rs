@@ -175,3 +175,65 @@ fn a_device_flooding_beats_costs_what_one_beat_costs() {
     );
     assert_eq!(gw.query(&uuid)[0]["status"], "online");
 }
+
+/// Device rows the store holds for `uuid`, once the count has held still for a few
+/// flushes.
+fn stored_devices(gw: &Binary, uuid: &str) -> usize {
+    let count = || gw.cli(&["device", "list", uuid]).lines().count() - 1;
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    let (mut last, mut steady) = (count(), 0);
+    while steady < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still changing: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let now = count();
+        steady = if now == last { steady + 1 } else { 0 };
+        last = now;
+    }
+    last
+}
+
+/// Beats from `peer` naming `count` new devices, then waits until they are handled.
+fn flood_new_macs(peer: &mut BlockingPeer, uuid: &str, first: &str, prefix: &str, count: usize) {
+    let mut stream: TcpStream = peer.raw().try_clone().unwrap();
+    let mut burst = String::new();
+    for i in 0..count {
+        burst.push_str(&format!("beat;{uuid};{prefix}{i:08X};junk-{i};0"));
+        if burst.len() > 64 * 1024 {
+            stream.write_all(burst.as_bytes()).unwrap();
+            burst.clear();
+        }
+    }
+    stream.write_all(burst.as_bytes()).unwrap();
+    settle(peer, uuid, first);
+}
+
+#[test]
+fn rss_and_device_rows_stay_flat_when_connections_flood_new_macs() {
+    let gw = Binary::start(&[("ELFIN__PERSISTENCE__FLUSH_INTERVAL_MS", "100")]);
+    let uuid = gw.add_user("alice");
+    warm_up(&gw, &uuid);
+    let first = "F0FE6B2A1C3D";
+    let mut device = gw.device(&uuid, first, "plc-1");
+    let before = gw.rss_kib();
+    // The attack that once grew to 1.9 GB: one connection, a new MAC in every beat.
+    flood_new_macs(&mut device, &uuid, first, "AAAA", 500_000);
+    let after = gw.rss_kib();
+    eprintln!("RSS {before} KiB before 500 000 beats naming new devices, {after} KiB after");
+    assert!(
+        after <= before + 32 * 1024,
+        "{before} KiB before, {after} KiB after"
+    );
+    // One row for the connection's one device (and one for the warm-up's).
+    assert_eq!(stored_devices(&gw, &uuid), 2);
+    // A hundred connections doing the same add a row each at most.
+    for c in 0..100 {
+        let mac = format!("C{c:03}00000000");
+        let mut peer = gw.connect();
+        peer.send(format!("beat;{uuid};{mac};flood;0").as_bytes());
+        flood_new_macs(&mut peer, &uuid, &mac, &format!("C{c:03}"), 1_000);
+    }
+    assert_eq!(stored_devices(&gw, &uuid), 102);
+}

@@ -37,8 +37,13 @@ fn listen_overflows() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_storm_is_absorbed_without_listen_queue_overflows() {
-    // All of them come from 127.0.0.1, as from behind one big NAT.
-    let gw = Binary::start(&[("ELFIN__LIMITS__MAX_CONNECTIONS_PER_IP", "50000")]);
+    // All of them come from 127.0.0.1, as from behind one big NAT, and belong to one
+    // user whose whole fleet connects for the first time.
+    let gw = Binary::start(&[
+        ("ELFIN__LIMITS__MAX_CONNECTIONS_PER_IP", "50000"),
+        ("ELFIN__LIMITS__MAX_DEVICES_PER_USER", "100000"),
+        ("ELFIN__LIMITS__NEW_DEVICES_BURST", "100000"),
+    ]);
     let count = devices();
     let uuid = gw.add_user("fleet");
     let addr = gw.addr;

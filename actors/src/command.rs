@@ -19,14 +19,16 @@ use crate::bridge::Link;
 use crate::clock::Stamp;
 use crate::cluster::wire::WireRole;
 use crate::cluster::{Gather, Open, Probe};
-use crate::device::DeviceKey;
+use crate::device::{masked, DeviceKey};
 use crate::frame::{Reply, Request};
 use crate::hub::Hub;
 use crate::link::{End, PeerEvent, PeerLink, Tunnel};
 use crate::metric;
 use crate::outbox::{Outbox, Unsent};
 use crate::persistence::PendingFor;
+use crate::refusal::Reason;
 use crate::registry::{LiveDevices, Lookup};
+use crate::tls::Transport;
 use crate::users::Access;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,14 +114,55 @@ impl Command {
         }
     }
 
-    /// Carries the command out for the connection `me` and queues its reply there.
-    /// Returns the tunnel `me` is now one end of, if any.
-    pub async fn apply(self, hub: &Hub, me: &PeerLink) -> Result<Option<Tunnel>, Unread> {
-        if let Err(required) = hub.config.auth.check_client(me.transport, me.remote.ip()) {
-            return refuse(hub, me, Refusal::Requires(required))
-                .await
-                .map(|()| None);
+    /// The user the command names.
+    pub fn uuid(&self) -> &ByteString {
+        match self {
+            Command::Connme { uuid, .. }
+            | Command::Connthem { uuid, .. }
+            | Command::Query { uuid } => uuid,
         }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Connme { .. } => "connme",
+            Command::Connthem { .. } => "connthem",
+            Command::Query { .. } => "query",
+        }
+    }
+
+    /// Carries the command out for the connection `me` and queues its reply there.
+    pub async fn apply(self, hub: &Hub, me: &PeerLink) -> Result<Applied, Unread> {
+        if let Err(required) = hub.config.auth.check_client(me.transport, me.remote.ip()) {
+            hub.refusals.report(me.remote.ip(), Reason::Transport, || {
+                format!(
+                    "{} over {}: {required}",
+                    self.name(),
+                    match me.transport {
+                        Transport::Plain => "plain TCP",
+                        Transport::Tls { client_cert: false } => "TLS without a client certificate",
+                        Transport::Tls { client_cert: true } => "TLS",
+                    }
+                )
+            });
+            refuse(hub, me, Refusal::Requires(required)).await?;
+            return Ok(Applied {
+                close: true,
+                ..Applied::default()
+            });
+        }
+        let known_user = !hub.users.access(self.uuid()).await.refused();
+        let tunnel = self.carry_out(hub, me).await?;
+        Ok(Applied {
+            tunnel,
+            known_user,
+            close: false,
+        })
+    }
+
+    /// Does what the command asks and queues its reply; returns the tunnel `me` is
+    /// now one end of, if any.
+    async fn carry_out(self, hub: &Hub, me: &PeerLink) -> Result<Option<Tunnel>, Unread> {
         let done = match self {
             // The success reply is already queued, ahead of the device's data.
             Command::Connme { uuid, mac } => connme(hub, &uuid, mac, me).await.map(Some),
@@ -139,6 +182,18 @@ impl Command {
             Err(refusal) => refuse(hub, me, refusal).await.map(|()| None),
         }
     }
+}
+
+/// What applying a command did for its connection.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// The tunnel the connection is now one end of.
+    pub tunnel: Option<Tunnel>,
+    /// The request named a known user: it identifies the connection and keeps it
+    /// alive (one of an unknown user does neither).
+    pub known_user: bool,
+    /// Refused for its transport: the connection is closed after the reply.
+    pub close: bool,
 }
 
 /// How every refused request is answered: counted by reason, logged, and a `failed`
@@ -230,7 +285,7 @@ async fn connthem(
 /// The encoded `query` reply.
 async fn query(hub: &Hub, uuid: &ByteString, me: &PeerLink) -> Bytes {
     if hub.users.access(uuid).await.refused() {
-        slow_down(hub, me).await;
+        unknown_user(hub, me, uuid).await;
         return Reply::Devices(Vec::new()).encode();
     }
     let stored = async {
@@ -294,7 +349,7 @@ async fn locate(
     me: &PeerLink,
 ) -> Result<Found, Refusal> {
     if hub.users.access(uuid).await == Access::Refused {
-        slow_down(hub, me).await;
+        unknown_user(hub, me, uuid).await;
         return Err(if hub.config.auth.verbose_reasons {
             Refusal::UnknownUser
         } else {
@@ -363,7 +418,15 @@ async fn reach(
 
 /// Counts a failed uuid look-up from `me`'s address and waits if it has failed too
 /// often this minute.
-async fn slow_down(hub: &Hub, me: &PeerLink) {
+/// A request named `uuid`, which is no user's: reported, and paced per address.
+async fn unknown_user(hub: &Hub, me: &PeerLink, uuid: &str) {
+    hub.refusals
+        .report(me.remote.ip(), Reason::UnknownUser, || {
+            format!(
+                "a request named user {}, which does not exist",
+                masked(uuid)
+            )
+        });
     metrics::counter!(metric::FAILED_LOOKUPS_TOTAL).increment(1);
     let delay = hub.lookups.failed(me.remote.ip());
     if delay > Duration::ZERO {

@@ -169,6 +169,33 @@ pub struct Auth {
     /// Sources exempt from `clients` (e.g. the web backend's host).
     #[serde(with = "de::list")]
     pub trusted_networks: Vec<IpNet>,
+    /// Which devices may register.
+    pub devices: Devices,
+    /// What a second connection of a live device does.
+    pub device_takeover: Takeover,
+}
+
+/// `auth.devices`: which devices may register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Devices {
+    /// Any MAC of a known user (deployed devices' behaviour).
+    #[default]
+    Open,
+    /// Only devices already in the store (`device add`, or the Web UI).
+    Registered,
+}
+
+/// `auth.device_takeover`: what a second connection of a live device does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Takeover {
+    /// The newer connection replaces the live one (deployed devices' behaviour).
+    #[default]
+    Newest,
+    /// Refused while the live connection beats within the online window; it replaces
+    /// the live one once that falls silent.
+    WhenSilent,
 }
 
 impl Default for Auth {
@@ -178,6 +205,8 @@ impl Default for Auth {
             verbose_reasons: false,
             clients: Clients::Any,
             trusted_networks: Vec::new(),
+            devices: Devices::Open,
+            device_takeover: Takeover::Newest,
         }
     }
 }

@@ -13,8 +13,10 @@ use crate::config::Config;
 use crate::debouncer::{FlushAll, HeartbeatDebouncer};
 use crate::limits::{Admission, LookupGuard};
 use crate::persistence::{Flush, Persistence};
+use crate::refusal::Refusals;
 use crate::registry::DeviceRegistry;
 use crate::store::Store;
+use crate::tenants::Tenants;
 use crate::users::UserDirectory;
 
 /// Handles to the shared actors and settings; cloned into every session.
@@ -28,6 +30,10 @@ pub struct Hub {
     pub users: Arc<UserDirectory>,
     /// Failed uuid look-ups per source address (abuse brake).
     pub lookups: Arc<LookupGuard>,
+    /// What each user may have: device limits, pacing and enrollment.
+    pub tenants: Arc<Tenants>,
+    /// Every refusal, counted and logged.
+    pub refusals: Arc<Refusals>,
     /// Open connections, in all and per source address.
     pub admission: Arc<Admission>,
     /// Whether the server accepts connections (from start until shutdown begins).
@@ -60,7 +66,11 @@ impl Hub {
             HeartbeatDebouncer::new(config.heartbeat.debounce, persistence.clone().recipient())
                 .start();
         Hub {
-            registry: DeviceRegistry::default().start(),
+            registry: DeviceRegistry::new(
+                config.auth.device_takeover,
+                config.heartbeat.online_window,
+            )
+            .start(),
             bridge: BridgeManager::default().start(),
             debouncer,
             persistence,
@@ -68,6 +78,12 @@ impl Hub {
                 store.clone(),
                 config.auth.require_known_user,
             )),
+            tenants: Arc::new(Tenants::new(
+                store.clone(),
+                config.auth.devices,
+                &config.limits,
+            )),
+            refusals: Arc::default(),
             lookups: Arc::new(LookupGuard::new(
                 config.limits.failed_lookups_per_min,
                 config.limits.failed_lookup_delay,

@@ -36,10 +36,12 @@ pub mod metric;
 pub mod outbox;
 pub mod persistence;
 pub mod query;
+pub mod refusal;
 pub mod registry;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod tenants;
 pub mod tls;
 pub mod users;
 

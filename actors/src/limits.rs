@@ -43,6 +43,11 @@ pub struct Limits {
     pub failed_lookups_per_min: u32,
     #[serde(rename = "failed_lookup_delay_ms", with = "de::millis")]
     pub failed_lookup_delay: Duration,
+    /// Devices one user may have (stored, or live for a guest).
+    pub max_devices_per_user: NonZeroUsize,
+    /// New devices one user may add a minute, after a burst of `new_devices_burst`.
+    pub new_devices_per_minute: NonZeroU32,
+    pub new_devices_burst: NonZeroU32,
     /// Input handled per turn of a session before it lets other connections run.
     #[serde(skip)]
     pub turn_bytes: usize,
@@ -60,6 +65,9 @@ impl Default for Limits {
             request_burst: NonZeroU32::new(40).unwrap(),
             failed_lookups_per_min: 30,
             failed_lookup_delay: Duration::from_secs(1),
+            max_devices_per_user: NonZeroUsize::new(10_000).unwrap(),
+            new_devices_per_minute: NonZeroU32::new(100).unwrap(),
+            new_devices_burst: NonZeroU32::new(10_000).unwrap(),
             turn_bytes: 64 * 1024,
         }
     }
@@ -192,13 +200,28 @@ impl TokenBucket {
         }
     }
 
-    /// Takes a token; if none is left, how long until there is one (the token is
-    /// then already spent).
-    pub fn take(&mut self) -> Option<Duration> {
+    /// Takes a token if one is left; a refusal spends nothing.
+    pub fn try_take(&mut self) -> bool {
+        self.refill();
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn refill(&mut self) {
         let now = Instant::now();
         let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
         self.tokens = (self.tokens + refill).min(self.burst);
         self.at = now;
+    }
+
+    /// Takes a token; if none is left, how long until there is one (the token is
+    /// then already spent).
+    pub fn take(&mut self) -> Option<Duration> {
+        self.refill();
         self.tokens -= 1.0;
         if self.tokens >= 0.0 {
             None
@@ -208,12 +231,23 @@ impl TokenBucket {
     }
 }
 
-/// Failed uuid look-ups per source address, in one-minute windows.
+/// Failed uuid look-ups per source address, in one-minute windows. Past the
+/// threshold, the address's failed look-ups are answered one at a time, `delay` apart,
+/// however many connections it asks from.
 #[derive(Debug)]
 pub struct LookupGuard {
     per_min: u32,
     delay: Duration,
-    failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    failures: Mutex<HashMap<IpAddr, Failures>>,
+}
+
+#[derive(Debug)]
+struct Failures {
+    /// Start of the current minute, and failures in it.
+    since: Instant,
+    count: u32,
+    /// When the address's next slowed answer may go out.
+    next: Instant,
 }
 
 impl LookupGuard {
@@ -226,24 +260,29 @@ impl LookupGuard {
     }
 
     /// Records a failed look-up from `ip`; returns how long to wait before answering
-    /// (zero below the threshold).
+    /// (zero below the threshold; past it, the address's answers queue up `delay`
+    /// apart).
     pub fn failed(&self, ip: IpAddr) -> Duration {
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         let minute = Duration::from_secs(60);
         if failures.len() > 100_000 {
-            failures.retain(|_, (since, _)| now.duration_since(*since) < minute);
+            failures.retain(|_, f| now.duration_since(f.since) < minute || f.next > now);
         }
-        let (since, count) = failures.entry(ip).or_insert((now, 0));
-        if now.duration_since(*since) >= minute {
-            (*since, *count) = (now, 0);
+        let f = failures.entry(ip).or_insert(Failures {
+            since: now,
+            count: 0,
+            next: now,
+        });
+        if now.duration_since(f.since) >= minute {
+            (f.since, f.count) = (now, 0);
         }
-        *count += 1;
-        if *count > self.per_min {
-            self.delay
-        } else {
-            Duration::ZERO
+        f.count += 1;
+        if f.count <= self.per_min {
+            return Duration::ZERO;
         }
+        f.next = f.next.max(now) + self.delay;
+        f.next - now
     }
 }
 
@@ -287,6 +326,9 @@ mod tests {
         assert_eq!(guard.failed(ip(1)), Duration::ZERO);
         assert_eq!(guard.failed(ip(1)), Duration::ZERO);
         assert_eq!(guard.failed(ip(1)), Duration::from_secs(1));
+        // From however many connections, one answer a delay.
+        assert_eq!(guard.failed(ip(1)), Duration::from_secs(2));
+        assert_eq!(guard.failed(ip(1)), Duration::from_secs(3));
         assert_eq!(guard.failed(ip(2)), Duration::ZERO, "per address");
         tokio::time::sleep(Duration::from_secs(61)).await;
         assert_eq!(guard.failed(ip(1)), Duration::ZERO);

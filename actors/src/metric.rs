@@ -24,6 +24,8 @@ pub const MESSAGES_REJECTED_TOTAL: &str = "elfin_messages_rejected_total";
 pub const UNKNOWN_USER_MESSAGES_TOTAL: &str = "elfin_unknown_user_messages_total";
 /// connme, connthem and query answered failed, by reason.
 pub const REQUESTS_REFUSED_TOTAL: &str = "elfin_requests_refused_total";
+/// Peers refused by a trust rule, by reason (README, "Threat model").
+pub const REFUSALS_TOTAL: &str = "elfin_refusals_total";
 /// Requests delayed by the per-connection rate limit.
 pub const REQUESTS_PACED_TOTAL: &str = "elfin_requests_paced_total";
 /// Requests naming a uuid that is no user's.
@@ -142,6 +144,12 @@ pub const CATALOGUE: &[(&str, Kind, Option<metrics::Unit>, &str)] = &[
         Kind::Counter,
         None,
         "connme, connthem and query answered failed, by reason.",
+    ),
+    (
+        REFUSALS_TOTAL,
+        Kind::Counter,
+        None,
+        "Peers refused by a trust rule, by reason (README, \"Threat model\").",
     ),
     (
         REQUESTS_PACED_TOTAL,

@@ -11,11 +11,13 @@
 //! node since ([`Evict`]).
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use actix::prelude::*;
 use bytestring::ByteString;
 
 use crate::clock::Stamp;
+use crate::config::Takeover;
 use crate::device::{DeviceKey, Identity};
 use crate::link::{PeerEvent, PeerLink, SessionId};
 use crate::metric;
@@ -25,21 +27,38 @@ struct Entry {
     link: PeerLink,
 }
 
-#[derive(Default)]
 pub struct DeviceRegistry {
     /// uuid -> mac -> live connection.
     users: HashMap<ByteString, HashMap<ByteString, Entry>>,
     online: usize,
     watcher: Option<Recipient<Presence>>,
+    /// What a second connection of a live device does, and how long a device that
+    /// beat counts as live for it.
+    takeover: Takeover,
+    online_window: Duration,
+}
+
+impl DeviceRegistry {
+    pub fn new(takeover: Takeover, online_window: Duration) -> Self {
+        Self {
+            users: HashMap::new(),
+            online: 0,
+            watcher: None,
+            takeover,
+            online_window,
+        }
+    }
 }
 
 impl Actor for DeviceRegistry {
     type Context = Context<Self>;
 }
 
-/// `link` is now the live connection of `device`.
+/// `link` is now the live connection of `device`, unless `auth.device_takeover =
+/// "when-silent"` keeps another connection that still beats: then
+/// `Err(StillLive)` with that connection's address, and nothing changes.
 #[derive(Message)]
-#[rtype(result = "()")]
+#[rtype(result = "Result<(), StillLive>")]
 pub struct Register {
     pub device: Identity,
     pub link: PeerLink,
@@ -134,11 +153,24 @@ impl DeviceRegistry {
     }
 }
 
-impl Handler<Register> for DeviceRegistry {
-    type Result = ();
+/// The device's live connection, from this address, still beats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StillLive(pub std::net::SocketAddr);
 
-    fn handle(&mut self, msg: Register, _: &mut Context<Self>) {
+impl Handler<Register> for DeviceRegistry {
+    type Result = Result<(), StillLive>;
+
+    fn handle(&mut self, msg: Register, _: &mut Context<Self>) -> Self::Result {
         let key = msg.device.key.clone();
+        if self.takeover == Takeover::WhenSilent {
+            let live = self.users.get(&key.uuid).and_then(|d| d.get(&key.mac));
+            if let Some(live) = live.filter(|e| e.link.id != msg.link.id) {
+                let silent = live.device.activity.last_seen().instant().elapsed();
+                if silent < self.online_window {
+                    return Err(StillLive(live.link.remote));
+                }
+            }
+        }
         let devices = self.users.entry(key.uuid.clone()).or_default();
         let mac = key.mac.clone();
         let entry = Entry {
@@ -162,6 +194,7 @@ impl Handler<Register> for DeviceRegistry {
             }
         }
         self.report();
+        Ok(())
     }
 }
 

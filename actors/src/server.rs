@@ -24,6 +24,7 @@ use crate::connection::{Io, Lease};
 use crate::hub::{Hub, ShutdownError};
 use crate::limits::Warnings;
 use crate::metric;
+use crate::refusal::Reason;
 use crate::session::Session;
 
 /// How long shutdown waits for sessions to write what is queued and close.
@@ -249,7 +250,12 @@ async fn handshake(
         }
         Ok(Err(e)) => {
             metrics::counter!(metric::TLS_HANDSHAKES_TOTAL, "result" => "failed").increment(1);
-            log::debug!("{peer}: TLS handshake failed: {e}");
+            match crate::tls::certificate_refusal(&e) {
+                Some(why) => hub.refusals.report(peer.ip(), Reason::Certificate, || {
+                    format!("a TLS handshake from {peer}: {why}")
+                }),
+                None => log::debug!("{peer}: TLS handshake failed: {e}"),
+            }
             None
         }
         Err(_) => {

@@ -32,6 +32,7 @@ use std::net::SocketAddr;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::{Bytes, BytesMut};
@@ -40,10 +41,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::bridge::{Cause, Unlink};
-use crate::command::{answer, refuse, Command};
+use crate::command::{answer, refuse, Applied, Command};
 use crate::connection::{Io, Lease, ReadChunks, UNTUNNELLED_READ};
 use crate::debouncer;
-use crate::device::{masked, Identity};
+use crate::device::{masked, DeviceKey, Identity};
 use crate::frame::{Decoder, Frame, Header, Reply, Request, Role};
 use crate::hub::Hub;
 use crate::limits::TokenBucket;
@@ -51,7 +52,8 @@ use crate::link::{next_session_id, PeerEvent, PeerLink, SessionId, Tunnel, Tunne
 use crate::metric;
 use crate::outbox::{Bounds, Outbox, Unsent};
 use crate::persistence;
-use crate::registry::{Register, Unregister};
+use crate::refusal::Reason;
+use crate::registry::{Register, StillLive, Unregister};
 use crate::tls::Transport;
 use crate::users::Access;
 
@@ -64,6 +66,8 @@ pub struct Session {
     decoder: Decoder,
     /// The device this connection speaks for.
     device: Option<Speaking>,
+    /// Payload after a refused header is dropped until the next message.
+    discard: bool,
     /// The tunnel this session is in (boxed: most connections never carry one).
     tunnel: Option<Box<Tunnel>>,
     /// The newest tunnel this session has been in: only its end may close the session.
@@ -99,6 +103,57 @@ struct Speaking {
     identity: Identity,
     /// Whether its sightings are stored (not for guests, see [`Access`]).
     stored: bool,
+    /// Whether this connection is its registered, live connection (not while it is
+    /// refused, e.g. waiting to take over from a connection that still beats).
+    live: bool,
+    /// When a refused device may be asked about again.
+    retry: Instant,
+}
+
+/// How long a refused device's messages are dropped before it is asked about again.
+const RETRY_REFUSED: Duration = Duration::from_secs(1);
+
+/// Admits `device` for the connection `link` from `ip`: its user must be known (an
+/// unknown uuid costs the address a paced look-up), within its limits and enrolled
+/// ([`crate::tenants`]), and the registry must take it (`auth.device_takeover`).
+/// Returns whether its sightings are stored, or why it is refused, in words.
+async fn admit(
+    hub: &Hub,
+    ip: std::net::IpAddr,
+    device: Identity,
+    link: PeerLink,
+) -> Result<bool, (Reason, String)> {
+    let key = device.key.clone();
+    let name = || format!("device {} of user {}", key.mac, masked(&key.uuid));
+    let access = hub.users.access(&key.uuid).await;
+    if access.refused() {
+        let delay = hub.lookups.failed(ip);
+        tokio::time::sleep(delay).await;
+        return Err((Reason::UnknownUser, format!("{}: no such user", name())));
+    }
+    if let Err(reason) = hub.tenants.admit(&key, access == Access::Member).await {
+        let why = match reason {
+            Reason::Enrollment => "not registered (auth.devices = \"registered\")".to_owned(),
+            Reason::DeviceQuota => format!(
+                "its user has limits.max_devices_per_user = {} devices",
+                hub.config.limits.max_devices_per_user
+            ),
+            _ => "its user added new devices faster than limits.new_devices_per_minute".to_owned(),
+        };
+        return Err((reason, format!("{}: {why}", name())));
+    }
+    match hub.registry.send(Register { device, link }).await {
+        Ok(Err(StillLive(live))) => Err((
+            Reason::Takeover,
+            format!(
+                "{}: its live connection from {live} still beats \
+                 (auth.device_takeover = \"when-silent\")",
+                name()
+            ),
+        )),
+        // Registered (or the gateway is stopping).
+        _ => Ok(access == Access::Member),
+    }
 }
 
 impl Session {
@@ -135,6 +190,7 @@ impl Session {
                 inbox: BytesMut::new(),
                 decoder: Decoder::new(),
                 device: None,
+                discard: false,
                 tunnel: None,
                 latest: 0,
                 cleared: 0,
@@ -263,8 +319,10 @@ impl Session {
     fn handle_frame(&mut self, frame: Frame, ctx: &mut Context<Self>) -> ControlFlow<()> {
         if let Some(counter) = MESSAGES.of(&frame) {
             counter.increment(1);
-            self.identified = true;
-            self.last_message = Instant::now();
+            // A new message: what follows is its own payload. Only a message of a
+            // known user identifies the connection and keeps it alive (set where that
+            // is known).
+            self.discard = false;
         }
         match frame {
             Frame::Payload(bytes) => self.forward(bytes, ctx),
@@ -284,12 +342,24 @@ impl Session {
                     }
                     match Command::from_frame(request, fields) {
                         Ok(command) => command.apply(&hub, &me).await,
-                        Err(refusal) => refuse(&hub, &me, refusal).await.map(|()| None),
+                        Err(refusal) => refuse(&hub, &me, refusal)
+                            .await
+                            .map(|()| Applied::default()),
                     }
                 };
                 self.pause(ctx, step, |act, applied, ctx| match applied {
-                    Ok(Some(tunnel)) => act.linked(tunnel),
-                    Ok(None) => {}
+                    Ok(applied) => {
+                        if applied.known_user {
+                            act.identified = true;
+                            act.last_message = Instant::now();
+                        }
+                        if let Some(tunnel) = applied.tunnel {
+                            act.linked(tunnel);
+                        }
+                        if applied.close {
+                            act.close(ctx);
+                        }
+                    }
                     Err(_unread) => act.limit_reached("unread_replies", ctx),
                 })
             }
@@ -321,6 +391,10 @@ impl Session {
     /// that takes nothing for the stall time ends the tunnel.
     fn forward(&mut self, bytes: Bytes, ctx: &mut Context<Self>) -> ControlFlow<()> {
         let len = bytes.len() as u64;
+        if self.discard {
+            metrics::counter!(metric::PAYLOAD_DROPPED_BYTES_TOTAL).increment(len);
+            return ControlFlow::Continue(());
+        }
         let Some(Tunnel {
             id: tunnel,
             peer,
@@ -369,58 +443,104 @@ impl Session {
         })
     }
 
-    /// A `beat` or device `data` header: register or refresh the device.
+    /// A `beat` or device `data` header. The first one of a known user fixes the
+    /// device this connection speaks for (`docs/PROTOCOL.md` §7): it is admitted
+    /// (within its user's limits, enrolled, not taking over a device that still beats
+    /// elsewhere) and registered; later ones refresh it. One naming another device is
+    /// refused, and so is its payload.
     fn sighted(&mut self, h: Header, beat: bool, ctx: &mut Context<Self>) -> ControlFlow<()> {
-        if let Some(Speaking { identity: d, .. }) = &self.device {
-            if d.key.is(&h.uuid, &h.mac) && d.host == h.host {
+        let retry = match &self.device {
+            Some(d) if !d.identity.key.is(&h.uuid, &h.mac) => {
+                self.discard = true;
+                let (spoken, named) = (&d.identity.key, DeviceKey::new(&h.uuid, &h.mac));
+                self.hub
+                    .refusals
+                    .report(self.remote.ip(), Reason::Identity, || {
+                        format!(
+                            "a connection of device {} (user {}) named device {} (user {})",
+                            spoken.mac,
+                            masked(&spoken.uuid),
+                            named.mac,
+                            masked(&named.uuid)
+                        )
+                    });
+                return ControlFlow::Continue(());
+            }
+            Some(d) if d.live && d.identity.host == h.host => {
+                self.last_message = Instant::now();
                 self.refresh(beat);
                 return ControlFlow::Continue(());
             }
+            Some(d) if !d.live => d.retry,
+            _ => Instant::now(),
+        };
+        if Instant::now() < retry {
+            // Refused a moment ago: not asked again before then.
+            self.discard = true;
+            return ControlFlow::Continue(());
         }
-        let users = self.hub.users.clone();
-        let uuid = h.uuid.clone();
-        let step = async move { users.access(&uuid).await };
-        self.pause(ctx, step, move |act, access, ctx| {
-            act.register(h, access, ctx);
-            act.refresh(beat);
+        let device = Identity::new(&h.uuid, &h.mac, &h.host);
+        let (hub, ip, link) = (self.hub.clone(), self.remote.ip(), self.link(ctx));
+        let candidate = device.clone();
+        let step = async move { admit(&hub, ip, candidate, link).await };
+        self.pause(ctx, step, move |act, admitted, _| match admitted {
+            Ok(stored) => {
+                act.registered(device, stored);
+                act.refresh(beat);
+            }
+            Err((reason, detail)) => act.refused_device(device, reason, detail),
         })
     }
 
-    fn register(&mut self, h: Header, access: Access, ctx: &mut Context<Self>) {
-        if access.refused() {
-            metrics::counter!(metric::UNKNOWN_USER_MESSAGES_TOTAL).increment(1);
-            log::debug!(
-                "{}: device {} of an unknown user ignored",
-                self.remote,
-                h.mac
+    /// `device` is now registered with this connection as its live one.
+    fn registered(&mut self, device: Identity, stored: bool) {
+        let was_live = self.device.as_ref().is_some_and(|d| d.live);
+        if !was_live {
+            log::info!(
+                "device {} ({}) of user {} online from {}",
+                device.key.mac,
+                device.host,
+                masked(&device.key.uuid),
+                self.remote
             );
-            return;
         }
-        let device = Identity::new(&h.uuid, &h.mac, &h.host);
-        match self.device.take() {
-            Some(old) if old.identity.key.is(&h.uuid, &h.mac) => {}
-            old => {
-                if let Some(old) = old {
-                    self.unregister(old.identity);
-                }
-                log::info!(
-                    "device {} ({}) of user {} online from {}",
-                    h.mac,
-                    h.host,
-                    masked(&h.uuid),
-                    self.remote
-                );
-            }
-        }
-        self.hub.registry.do_send(Register {
-            device: device.clone(),
-            link: self.link(ctx),
-        });
+        self.identified = true;
+        self.last_message = Instant::now();
         self.set_role(Role::Device);
         self.device = Some(Speaking {
             identity: device,
-            stored: access == Access::Member,
+            stored,
+            live: true,
+            retry: Instant::now(),
         });
+    }
+
+    /// `device` was refused. A device of an unknown user identifies nothing; any
+    /// other refused device is still the one this connection speaks for (it may not
+    /// name another), asked again at most once a second. One waiting to take over a
+    /// device that still beats stays connected for its turn.
+    fn refused_device(&mut self, device: Identity, reason: Reason, detail: String) {
+        self.discard = true;
+        let peer = self.remote.ip();
+        self.hub.refusals.report(peer, reason, || detail);
+        if reason == Reason::UnknownUser {
+            metrics::counter!(metric::UNKNOWN_USER_MESSAGES_TOTAL).increment(1);
+            return;
+        }
+        if reason == Reason::Takeover {
+            self.identified = true;
+            self.last_message = Instant::now();
+        }
+        if self.device.is_none() {
+            self.device = Some(Speaking {
+                identity: device,
+                stored: false,
+                live: false,
+                retry: Instant::now() + RETRY_REFUSED,
+            });
+        } else if let Some(d) = &mut self.device {
+            d.retry = Instant::now() + RETRY_REFUSED;
+        }
     }
 
     /// Moves this connection to another `role` in `elfin_connections_open`.
@@ -448,7 +568,13 @@ impl Session {
     /// Refreshes last-seen: a `beat` is persisted at once (batched), device data goes
     /// through the heartbeat debouncer.
     fn refresh(&self, beat: bool) {
-        let Some(Speaking { identity, stored }) = &self.device else {
+        let Some(Speaking {
+            identity,
+            stored,
+            live: true,
+            ..
+        }) = &self.device
+        else {
             return;
         };
         match (stored, beat) {
@@ -564,7 +690,12 @@ impl Actor for Session {
         self.out.close_unused();
         self.open_gauge().decrement(1);
         log::debug!("{}: disconnected", self.remote);
-        if let Some(Speaking { identity: d, .. }) = self.device.take() {
+        if let Some(Speaking {
+            identity: d,
+            live: true,
+            ..
+        }) = self.device.take()
+        {
             log::info!(
                 "device {} ({}) of user {} went away",
                 d.key.mac,

@@ -202,6 +202,35 @@ fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
     Ok(config)
 }
 
+/// Why a client's certificate failed a handshake, in words an operator can act on;
+/// `None` when the handshake failed for another reason.
+pub fn certificate_refusal(error: &std::io::Error) -> Option<String> {
+    use rustls::CertificateError as E;
+    let rustls::Error::InvalidCertificate(refused) =
+        error.get_ref()?.downcast_ref::<rustls::Error>()?
+    else {
+        return None;
+    };
+    let is_v1 = |other: &rustls::OtherError| {
+        other.0.downcast_ref::<webpki::Error>() == Some(&webpki::Error::UnsupportedCertVersion)
+    };
+    Some(match refused {
+        E::UnknownIssuer => "its certificate is not issued by tls.client_ca".into(),
+        E::Expired | E::ExpiredContext { .. } => "its certificate has expired".into(),
+        E::NotValidYet | E::NotValidYetContext { .. } => "its certificate is not valid yet".into(),
+        E::Revoked => "its certificate is revoked (user cert --revoke)".into(),
+        E::InvalidPurpose | E::InvalidPurposeContext { .. } => {
+            "its certificate is not for client authentication; issue it with \
+             extendedKeyUsage=clientAuth"
+                .into()
+        }
+        E::Other(other) if is_v1(other) => "X.509 v1 certificates are not accepted; issue a \
+             v3 certificate with extendedKeyUsage=clientAuth"
+            .into(),
+        other => format!("its certificate was refused: {other}"),
+    })
+}
+
 /// How a connection reached the gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -232,4 +261,35 @@ pub enum Clients {
     Tls,
     /// Only over TLS with a certificate from the client CA.
     ClientCert,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(error: rustls::CertificateError) -> Option<String> {
+        let io = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(error),
+        );
+        certificate_refusal(&io)
+    }
+
+    #[test]
+    fn a_refused_client_certificate_is_named_in_words() {
+        use rustls::CertificateError as E;
+        let v1 = E::Other(rustls::OtherError(Arc::new(
+            webpki::Error::UnsupportedCertVersion,
+        )));
+        assert_eq!(
+            refused(v1).unwrap(),
+            "X.509 v1 certificates are not accepted; issue a v3 certificate with \
+             extendedKeyUsage=clientAuth"
+        );
+        assert!(refused(E::UnknownIssuer).unwrap().contains("tls.client_ca"));
+        assert!(refused(E::Expired).unwrap().contains("expired"));
+        assert!(refused(E::Revoked).unwrap().contains("revoked"));
+        let other = std::io::Error::new(std::io::ErrorKind::InvalidData, "no TLS");
+        assert_eq!(certificate_refusal(&other), None);
+    }
 }

@@ -36,6 +36,11 @@ impl Gateway {
             ("ELFIN__SERVER__LISTEN", "127.0.0.1:0"),
             ("ELFIN__ADMIN__LISTEN", "127.0.0.1:0"),
             ("ELFIN__LOG__LEVEL", "warn"),
+            // The fleet and storm scenarios put one user's whole fleet (up to 20 000
+            // devices, all new) on the gateway at once: capacity, not tenancy, is
+            // what they measure.
+            ("ELFIN__LIMITS__MAX_DEVICES_PER_USER", "100000"),
+            ("ELFIN__LIMITS__NEW_DEVICES_BURST", "100000"),
         ];
         let client_tls = tls.then(|| {
             all.extend([

@@ -83,6 +83,8 @@ const EVERY_KEY: &[(&str, &str, Option<&str>)] = &[
         "10.0.0.5/32,192.168.1.0/24",
         Some(r#"["10.0.0.5/32", "192.168.1.0/24"]"#),
     ),
+    ("ELFIN__AUTH__DEVICES", "registered", None),
+    ("ELFIN__AUTH__DEVICE_TAKEOVER", "when-silent", None),
     ("ELFIN__TLS__LISTEN", "127.0.0.1:4443", None),
     ("ELFIN__TLS__CERT", "1.2", None),
     ("ELFIN__TLS__KEY", "0001", None),
@@ -98,6 +100,9 @@ const EVERY_KEY: &[(&str, &str, Option<&str>)] = &[
     ("ELFIN__LIMITS__REQUEST_BURST", "6", None),
     ("ELFIN__LIMITS__FAILED_LOOKUPS_PER_MIN", "0", None),
     ("ELFIN__LIMITS__FAILED_LOOKUP_DELAY_MS", "1500", None),
+    ("ELFIN__LIMITS__MAX_DEVICES_PER_USER", "50", None),
+    ("ELFIN__LIMITS__NEW_DEVICES_PER_MINUTE", "7", None),
+    ("ELFIN__LIMITS__NEW_DEVICES_BURST", "9", None),
     ("ELFIN__LOG__LEVEL", "debug", None),
     ("ELFIN__LOG__FORMAT", "json", None),
     ("ELFIN__ADMIN__LISTEN", "0.0.0.0:9100", None),
@@ -186,6 +191,16 @@ fn every_key_can_be_set_through_the_environment_and_keeps_its_value() {
         config.limits.failed_lookup_delay,
         Duration::from_millis(1500)
     );
+    assert_eq!(
+        config.auth.device_takeover,
+        elfin_actors::config::Takeover::WhenSilent
+    );
+    assert_eq!(
+        config.auth.devices,
+        elfin_actors::config::Devices::Registered
+    );
+    assert_eq!(config.limits.max_devices_per_user.get(), 50);
+    assert_eq!(config.limits.new_devices_burst.get(), 9);
     assert_eq!(s.log.level, log::LevelFilter::Debug);
     let cluster = s.cluster_config().unwrap();
     assert_eq!(cluster.servers, ["nats://n1:4222", "nats://n2:4222"]);
@@ -339,6 +354,19 @@ fn rules_between_keys_name_their_key_and_its_origin() {
         "{err}"
     );
     assert!(!err.contains("short-secret"), "a secret never shows: {err}");
+}
+
+#[test]
+fn a_trusted_network_wider_than_a_slash_16_is_warned_about() {
+    let narrow = from_env(&[("ELFIN__AUTH__TRUSTED_NETWORKS", "10.0.0.0/16,fd00::/48")]);
+    assert!(narrow.unwrap().warnings().is_empty());
+    let wide = from_env(&[("ELFIN__AUTH__TRUSTED_NETWORKS", "0.0.0.0/0,10.0.0.0/8,::/0")]);
+    let warnings = wide.unwrap().warnings();
+    assert_eq!(warnings.len(), 3, "{warnings:?}");
+    assert!(
+        warnings[0].contains("auth.trusted_networks: 0.0.0.0/0"),
+        "{warnings:?}"
+    );
 }
 
 #[test]

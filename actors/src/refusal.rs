@@ -1,0 +1,109 @@
+//! Every refusal visible to the operator: why a peer was refused ([`Reason`]), counted
+//! in `elfin_refusals_total{reason}` and logged at info with the peer's address, at
+//! most once a minute per address and reason ([`Refusals`]), so a flood costs a line a
+//! minute and an operator still sees why an engineer or a device is turned away.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::metric;
+
+/// Why the gateway refused what a peer asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// A request over a transport `auth.clients` does not accept.
+    Transport,
+    /// A TLS handshake that failed on the client's certificate.
+    Certificate,
+    /// A client certificate's user is not the user the request names.
+    UserBinding,
+    /// A device message or request naming a uuid that is no user's.
+    UnknownUser,
+    /// A connection that spoke as one device naming another.
+    Identity,
+    /// A user at `limits.max_devices_per_user`.
+    DeviceQuota,
+    /// A user past `limits.new_devices_per_minute`.
+    NewDeviceRate,
+    /// A device not in the store while `auth.devices = "registered"`.
+    Enrollment,
+    /// A second connection for a live device that still beats, under
+    /// `auth.device_takeover = "when-silent"`.
+    Takeover,
+}
+
+impl Reason {
+    /// The `reason` label of `elfin_refusals_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::Transport => "transport",
+            Reason::Certificate => "certificate",
+            Reason::UserBinding => "user_binding",
+            Reason::UnknownUser => "unknown_user",
+            Reason::Identity => "identity",
+            Reason::DeviceQuota => "device_quota",
+            Reason::NewDeviceRate => "new_device_rate",
+            Reason::Enrollment => "enrollment",
+            Reason::Takeover => "takeover",
+        }
+    }
+}
+
+/// When each (address, reason) was last logged.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    logged: Mutex<HashMap<(IpAddr, Reason), Instant>>,
+}
+
+/// How often one address is logged for one reason.
+const LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Entries kept before the old ones are swept.
+const MAX_ENTRIES: usize = 10_000;
+
+impl Refusals {
+    /// Counts a refusal of `peer` and logs `detail` (what was refused, in words) at
+    /// most once a minute per address and reason.
+    pub fn report(&self, peer: IpAddr, reason: Reason, detail: impl FnOnce() -> String) {
+        metrics::counter!(metric::REFUSALS_TOTAL, "reason" => reason.label()).increment(1);
+        if self.should_log(peer, reason) {
+            log::info!("refused {peer} ({}): {}", reason.label(), detail());
+        }
+    }
+
+    fn should_log(&self, peer: IpAddr, reason: Reason) -> bool {
+        let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if logged.len() >= MAX_ENTRIES {
+            logged.retain(|_, at| now.duration_since(*at) < LOG_EVERY);
+        }
+        match logged.get(&(peer, reason)) {
+            Some(at) if now.duration_since(*at) < LOG_EVERY => false,
+            _ => {
+                logged.insert((peer, reason), now);
+                true
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn each_address_and_reason_is_logged_once_a_minute() {
+        let refusals = Refusals::default();
+        let (a, b) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
+        assert!(refusals.should_log(a, Reason::Takeover));
+        assert!(!refusals.should_log(a, Reason::Takeover));
+        assert!(refusals.should_log(a, Reason::Identity), "another reason");
+        assert!(refusals.should_log(b, Reason::Takeover), "another address");
+        tokio::time::sleep(LOG_EVERY).await;
+        assert!(refusals.should_log(a, Reason::Takeover));
+    }
+}

@@ -1,0 +1,238 @@
+//! The trust rules (`docs/PROTOCOL.md` §7, README "Threat model"), tried as someone
+//! who sniffed a heartbeat would: one device identity per connection, every tenant
+//! bounded, unknown users identify nothing, enrollment, the takeover policy, and
+//! paced guessing. The gateway runs in-process on a paused clock.
+
+mod common;
+
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::time::Duration;
+
+use elfin_actors::config::{Devices, Takeover};
+use elfin_actors::device::DeviceKey;
+use elfin_actors::registry::Lookup;
+use tokio::time::Instant;
+
+use common::{failed_reason, Peer, TestGateway};
+
+const MAC: &str = "F0FE6B2A1C3D";
+
+/// Waits until everything `peer` sent is handled: a request on the same connection
+/// is answered after it. Returns the request's `failed` reason.
+async fn settle(peer: &mut Peer, uuid: &str) -> String {
+    peer.send(format!("\nconnme;{uuid};NOSUCHDEVICE\n")).await;
+    failed_reason(&peer.line().await)
+}
+
+async fn registered(gw: &TestGateway, uuid: &str, mac: &str) -> bool {
+    let lookup = Lookup(DeviceKey::new(uuid, mac));
+    gw.hub.registry.send(lookup).await.unwrap().is_some()
+}
+
+/// A connection that sent one heartbeat, handled.
+async fn beat(gw: &TestGateway, uuid: &str, mac: &str) -> Peer {
+    let mut peer = gw.connect().await;
+    peer.send(format!("beat;{uuid};{mac};plc;0")).await;
+    settle(&mut peer, uuid).await;
+    peer
+}
+
+#[actix_rt::test]
+async fn a_connection_speaks_for_one_device_whatever_it_names_next() {
+    tokio::time::pause();
+    let gw = TestGateway::start().await;
+    let uuid = gw.add_user("alice").await;
+    let mut device = gw.device(&uuid, MAC, "plc-1").await;
+    // The flood that once grew to a gigabyte: a new MAC in every beat.
+    for i in 0..1000 {
+        device
+            .send(format!("beat;{uuid};{i:012X};junk-{i};0"))
+            .await;
+    }
+    settle(&mut device, &uuid).await;
+    let listed = gw.query(&uuid).await;
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert!(!registered(&gw, &uuid, "000000000001").await);
+    assert!(registered(&gw, &uuid, MAC).await, "the first stays");
+
+    // Data under another identity does not reach the first device's tunnel.
+    let mut client = gw.tunnel(&uuid, MAC).await;
+    device
+        .send(format!("data;{uuid};BBBBBBBBBBBB;plc-1;0;forged"))
+        .await;
+    device.send(format!("data;{uuid};{MAC};plc-1;0;real")).await;
+    assert_eq!(client.bytes(4).await, b"real");
+    client.expect_silence(Duration::from_millis(50)).await;
+    // The host name may change.
+    device.send(format!("beat;{uuid};{MAC};renamed;0")).await;
+    settle(&mut device, &uuid).await;
+    assert_eq!(gw.query(&uuid).await[0]["hostname"], "renamed");
+}
+
+#[actix_rt::test]
+async fn a_device_of_an_unknown_user_identifies_nothing_and_keeps_nothing_alive() {
+    tokio::time::pause();
+    let gw = TestGateway::start_with(|c| c.limits.identify = Duration::from_secs(10)).await;
+    let mut junk = gw.connect().await;
+    junk.send("beat;no-such-user;AAAAAAAAAAAA;x;0").await;
+    junk.send("beat;no-such-user;AAAAAAAAAAAA;x;0").await;
+    junk.expect_closed_within(Duration::from_secs(11)).await;
+    // A query of an unknown user does not keep a connection either.
+    let mut asker = gw.connect().await;
+    asker.send("query;no-such-user\n").await;
+    assert_eq!(asker.line().await, "[]");
+    asker.expect_closed_within(Duration::from_secs(11)).await;
+}
+
+#[actix_rt::test]
+async fn a_user_gets_its_device_limit_and_no_more() {
+    tokio::time::pause();
+    let gw = TestGateway::start_with(|c| {
+        c.limits.max_devices_per_user = NonZeroUsize::new(2).unwrap();
+    })
+    .await;
+    let uuid = gw.add_user("alice").await;
+    let _a = beat(&gw, &uuid, "AAAAAAAAAAA1").await;
+    let _b = beat(&gw, &uuid, "AAAAAAAAAAA2").await;
+    let _c = beat(&gw, &uuid, "AAAAAAAAAAA3").await;
+    assert!(registered(&gw, &uuid, "AAAAAAAAAAA1").await);
+    assert!(registered(&gw, &uuid, "AAAAAAAAAAA2").await);
+    assert!(!registered(&gw, &uuid, "AAAAAAAAAAA3").await);
+    // Another user is not affected.
+    let bob = gw.add_user("bob").await;
+    let _d = beat(&gw, &bob, "AAAAAAAAAAA3").await;
+    assert!(registered(&gw, &bob, "AAAAAAAAAAA3").await);
+}
+
+#[actix_rt::test]
+async fn new_devices_come_in_a_burst_then_paced_and_known_ones_always() {
+    tokio::time::pause();
+    let gw = TestGateway::start_with(|c| {
+        c.limits.new_devices_burst = NonZeroU32::new(2).unwrap();
+        c.limits.new_devices_per_minute = NonZeroU32::new(60).unwrap();
+    })
+    .await;
+    let uuid = gw.add_user("alice").await;
+    gw.store_fleet(&uuid, 5).await; // stored: 000000000000 to 000000000004
+    let _stored: Vec<Peer> = futures::future::join_all(
+        (0..5).map(|i| beat(&gw, &uuid, Box::leak(format!("{i:012X}").into_boxed_str()))),
+    )
+    .await;
+    for i in 0..5 {
+        assert!(
+            registered(&gw, &uuid, &format!("{i:012X}")).await,
+            "stored {i}"
+        );
+    }
+    let _n1 = beat(&gw, &uuid, "NEW000000001").await;
+    let _n2 = beat(&gw, &uuid, "NEW000000002").await;
+    let mut n3 = beat(&gw, &uuid, "NEW000000003").await;
+    assert!(registered(&gw, &uuid, "NEW000000002").await);
+    assert!(!registered(&gw, &uuid, "NEW000000003").await);
+    // A second later there is room for one more, and the waiting device's next
+    // heartbeat takes it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    n3.send(format!("beat;{uuid};NEW000000003;plc;0")).await;
+    settle(&mut n3, &uuid).await;
+    assert!(registered(&gw, &uuid, "NEW000000003").await);
+}
+
+#[actix_rt::test]
+async fn only_stored_devices_register_when_enrollment_is_required() {
+    tokio::time::pause();
+    let gw = TestGateway::start_with(|c| c.auth.devices = Devices::Registered).await;
+    let uuid = gw.add_user("alice").await;
+    gw.store_fleet(&uuid, 1).await;
+    let _known = beat(&gw, &uuid, "000000000000").await;
+    let _unknown = beat(&gw, &uuid, MAC).await;
+    assert!(registered(&gw, &uuid, "000000000000").await);
+    assert!(!registered(&gw, &uuid, MAC).await);
+}
+
+#[actix_rt::test]
+async fn a_sniffed_heartbeat_takes_over_nothing_while_the_device_beats() {
+    tokio::time::pause();
+    let gw = TestGateway::start_with(|c| c.auth.device_takeover = Takeover::WhenSilent).await;
+    let uuid = gw.add_user("alice").await;
+    let mut device = gw.device(&uuid, MAC, "plc-1").await;
+    let mut tunnel = gw.tunnel(&uuid, MAC).await;
+
+    // The attacker replays the device's heartbeat from another connection.
+    let mut attacker = gw.connect().await;
+    attacker.send(format!("beat;{uuid};{MAC};plc-1;0")).await;
+    settle(&mut attacker, &uuid).await;
+
+    // The live tunnel is untouched, and the next engineer reaches the real device.
+    tunnel.send(format!("data;{uuid};T;T;1;READ-1")).await;
+    assert_eq!(device.bytes(6).await, b"READ-1");
+    drop(tunnel);
+    let mut engineer = gw.tunnel(&uuid, MAC).await;
+    engineer
+        .send(format!("data;{uuid};T;T;1;WRITE-COIL-42"))
+        .await;
+    assert_eq!(device.bytes(13).await, b"WRITE-COIL-42");
+    attacker.expect_silence(Duration::from_millis(50)).await;
+
+    // While it keeps beating, it keeps the device.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        device.send(format!("beat;{uuid};{MAC};plc-1;0")).await;
+        attacker.send(format!("beat;{uuid};{MAC};plc-1;0")).await;
+        settle(&mut attacker, &uuid).await;
+    }
+    engineer.send(format!("data;{uuid};T;T;1;STILL-MINE")).await;
+    assert_eq!(device.bytes(10).await, b"STILL-MINE");
+
+    // Once it falls silent past the online window, a new connection takes over.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    let mut replacement = gw.connect().await;
+    replacement.send(format!("beat;{uuid};{MAC};plc-1;0")).await;
+    settle(&mut replacement, &uuid).await;
+    device.expect_closed().await;
+}
+
+#[actix_rt::test]
+async fn by_default_the_newest_connection_takes_over() {
+    tokio::time::pause();
+    let gw = TestGateway::start().await;
+    let uuid = gw.add_user("alice").await;
+    let mut old = gw.device(&uuid, MAC, "plc-1").await;
+    let _new = beat(&gw, &uuid, MAC).await;
+    old.expect_closed().await;
+}
+
+#[actix_rt::test]
+async fn a_request_refused_for_its_transport_is_answered_then_closed() {
+    tokio::time::pause();
+    let gw = TestGateway::start_with(|c| c.auth.clients = elfin_actors::tls::Clients::Tls).await;
+    let uuid = gw.add_user("alice").await;
+    let mut client = gw.connect().await;
+    client.send(format!("query;{uuid}\n")).await;
+    assert!(failed_reason(&client.line().await).contains("only over TLS"));
+    client.expect_closed().await;
+}
+
+#[actix_rt::test]
+async fn guessing_from_many_connections_of_one_address_is_paced_as_one() {
+    tokio::time::pause();
+    let gw = TestGateway::start_with(|c| {
+        c.limits.failed_lookups_per_min = 2;
+        c.limits.failed_lookup_delay = Duration::from_secs(1);
+    })
+    .await;
+    let started = Instant::now();
+    let guesses = (0..6).map(|i| {
+        let addr = gw.addr;
+        async move {
+            let mut guesser = Peer::connect(addr).await;
+            guesser.send(format!("connme;guess-{i};{MAC}\n")).await;
+            guesser.line().await;
+            started.elapsed()
+        }
+    });
+    let mut took = futures::future::join_all(guesses).await;
+    took.sort();
+    // Two free failures, then one answer a second, not four at once.
+    assert!(took[1] < Duration::from_millis(100), "{took:?}");
+    assert!(took[5] >= Duration::from_secs(4), "{took:?}");
+}
