@@ -4,6 +4,7 @@
 //! library.
 
 mod admin;
+mod certs;
 mod logging;
 mod settings;
 
@@ -57,6 +58,26 @@ enum UserCommand {
     },
     /// List users.
     List,
+    /// Issue a client certificate for a user (auth.clients = "user-cert") as a
+    /// PKCS#12 key store, or revoke one.
+    Cert {
+        /// The user's name, as `user add` took it.
+        #[arg(required_unless_present = "revoke")]
+        name: Option<String>,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Where the key store goes (default: NAME.p12).
+        #[arg(long, value_name = "FILE.p12")]
+        out: Option<PathBuf>,
+        /// The key store's password (default: a new one, printed).
+        #[arg(long)]
+        password: Option<String>,
+        /// Revoke the certificate with this serial, or every one of this user; the
+        /// gateway reads the list again on SIGHUP.
+        #[arg(long, value_name = "SERIAL|NAME", conflicts_with_all = ["name", "out", "password"])]
+        revoke: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -269,6 +290,45 @@ async fn user_command(settings: &Settings, cmd: UserCommand) -> anyhow::Result<(
             println!("{uuid}");
             println!("heartbeat packet: beat;{uuid};%MAC;%HOST;0");
             println!("data packet header: data;{uuid};%MAC;%HOST;0;");
+        }
+        UserCommand::Cert {
+            name,
+            days,
+            out,
+            password,
+            revoke,
+        } => {
+            let authority = certs::Authority::open(&settings.tls)?;
+            if let Some(which) = revoke {
+                for serial in authority.revoke(&which)? {
+                    println!("revoked {serial}");
+                }
+                println!("send the gateway SIGHUP to apply the revocation list");
+                return Ok(());
+            }
+            let name = name.expect("clap requires a name without --revoke");
+            if store
+                .account(store::AccountKey::Username(&name))
+                .await?
+                .is_none()
+            {
+                anyhow::bail!("no user named {name:?} (user add first)");
+            }
+            let out = out.unwrap_or_else(|| format!("{name}.p12").into());
+            let generated = password.is_none();
+            let password = password.unwrap_or_else(certs::new_password);
+            let issued = authority.issue(&name, days, &password)?;
+            std::fs::write(&out, &issued.p12)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!("{}", out.display());
+            println!(
+                "serial {} valid until {}",
+                issued.serial,
+                issued.not_after.date()
+            );
+            if generated {
+                println!("password {password}");
+            }
         }
         UserCommand::List => {
             println!("{:<36}  {:<20}  {:>7}", "UUID", "NAME", "DEVICES");

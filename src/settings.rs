@@ -169,8 +169,12 @@ impl Settings {
                 format!("{:?} needs tls.cert and tls.key", self.auth.clients),
             ));
         }
-        if self.auth.clients == Clients::ClientCert && tls.client_ca.is_none() {
-            return Err(("auth.clients", "\"client-cert\" needs tls.client_ca".into()));
+        let certificates = matches!(self.auth.clients, Clients::ClientCert | Clients::UserCert);
+        if certificates && tls.client_ca.is_none() {
+            return Err((
+                "auth.clients",
+                format!("{:?} needs tls.client_ca", self.auth.clients),
+            ));
         }
         if let Some(addr) = self.admin.listen {
             if self.admin.token.is_none() && !addr.ip().is_loopback() {

@@ -6,9 +6,10 @@
 # (tests/mongo/standin.py) that needs two PyPI packages; they go into a virtualenv
 # under target/. With MONGODB_URI set, those tests use that server instead.
 #
-# The status page is tested in headless Chromium driven by chromedriver, and cluster
-# mode against a real NATS server: Debian's chromium, chromium-driver and nats-server
-# packages are installed if missing, and those tests fail rather than skip without
+# The status page is tested in headless Chromium driven by chromedriver, cluster
+# mode against a real NATS server, and client certificates against ones openssl
+# makes: Debian's chromium, chromium-driver, nats-server and openssl packages are
+# installed if missing, and those tests fail rather than skip without
 # them (ELFIN_REQUIRE_BROWSER, ELFIN_REQUIRE_NATS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,7 @@ missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 [ -x /usr/sbin/nats-server ] || [ -x /usr/bin/nats-server ] || missing+=(nats-server)
+command -v openssl >/dev/null || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing Debian's ${missing[*]} for the tests" >&2
   sudo=""

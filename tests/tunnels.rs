@@ -369,6 +369,7 @@ async fn a_tunnel_announced_after_its_removal_is_not_reinstalled() {
         id: u64::MAX,
         remote: "127.0.0.1:9".parse().unwrap(),
         transport: elfin_actors::tls::Transport::Plain,
+        certificate: None,
         events: Sink.start().recipient(),
         out,
     };

@@ -28,7 +28,7 @@ use crate::outbox::{Outbox, Unsent};
 use crate::persistence::PendingFor;
 use crate::refusal::Reason;
 use crate::registry::{LiveDevices, Lookup};
-use crate::tls::Transport;
+use crate::tls::{Clients, Transport};
 use crate::users::Access;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +123,20 @@ impl Command {
         }
     }
 
+    /// The reply to this command for a user that does not exist.
+    async fn answer_unknown_user(&self, hub: &Hub, me: &PeerLink) -> Result<(), Unread> {
+        let refusal = match self {
+            Command::Query { .. } => {
+                return answer(hub, &me.out, Reply::Devices(Vec::new()).encode()).await
+            }
+            _ if hub.config.auth.verbose_reasons => Refusal::UnknownUser,
+            Command::Connme { mac, .. } | Command::Connthem { mac1: mac, .. } => {
+                Refusal::Offline(mac.clone())
+            }
+        };
+        refuse(hub, me, refusal).await
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Command::Connme { .. } => "connme",
@@ -150,6 +164,23 @@ impl Command {
                 close: true,
                 ..Applied::default()
             });
+        }
+        let ip = me.remote.ip();
+        if hub.config.auth.clients == Clients::UserCert && !hub.config.auth.trusts(ip) {
+            let certificate = me.certificate.as_deref().unwrap_or_default();
+            if let Err(unbound) = hub.users.may_reach(certificate, self.uuid()).await {
+                hub.refusals.report(ip, Reason::UserBinding, || {
+                    format!(
+                        "{} for user {} with a client certificate: {unbound}",
+                        self.name(),
+                        masked(self.uuid())
+                    )
+                });
+                // Answered as for a user that does not exist: the certificate learns
+                // nothing of other users.
+                self.answer_unknown_user(hub, me).await?;
+                return Ok(Applied::default());
+            }
         }
         let known_user = !hub.users.access(self.uuid()).await.refused();
         let tunnel = self.carry_out(hub, me).await?;

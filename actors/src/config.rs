@@ -215,24 +215,31 @@ impl Auth {
     /// Whether a request from `ip` over `transport` is accepted; if not, what is
     /// required.
     pub fn check_client(&self, transport: Transport, ip: IpAddr) -> Result<(), &'static str> {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-            v4 => v4,
-        };
-        if self.trusted_networks.iter().any(|net| net.contains(&ip)) {
+        if self.trusts(ip) {
             return Ok(());
         }
         match (self.clients, transport) {
             (Clients::Any, _) => Ok(()),
             (Clients::Tls, Transport::Tls { .. }) => Ok(()),
-            (Clients::ClientCert, Transport::Tls { client_cert: true }) => Ok(()),
+            (Clients::ClientCert | Clients::UserCert, Transport::Tls { client_cert: true }) => {
+                Ok(())
+            }
             (Clients::Tls, Transport::Plain) => {
                 Err("this gateway accepts connme, connthem and query only over TLS")
             }
-            (Clients::ClientCert, _) => Err(
+            (Clients::ClientCert | Clients::UserCert, _) => Err(
                 "this gateway accepts connme, connthem and query only over TLS with a client certificate",
             ),
         }
+    }
+
+    /// Whether `ip` is in a trusted network (exempt from `clients`).
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        self.trusted_networks.iter().any(|net| net.contains(&ip))
     }
 }
 

@@ -26,6 +26,8 @@ pub struct Io {
     pub read: Reader,
     pub write: Writer,
     pub transport: Transport,
+    /// The user its client certificate names, if it presented one.
+    pub certificate: Option<Arc<str>>,
 }
 
 impl Io {
@@ -35,16 +37,24 @@ impl Io {
             read: Box::new(read),
             write: Box::new(write),
             transport: Transport::Plain,
+            certificate: None,
         }
     }
 
     pub fn tls(stream: tokio_rustls::server::TlsStream<TcpStream>) -> Io {
-        let client_cert = stream.get_ref().1.peer_certificates().is_some();
+        let leaf = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(<[_]>::first);
+        let client_cert = leaf.is_some();
+        let certificate = leaf.and_then(|der| crate::tls::certificate_user(der));
         let (read, write) = tokio::io::split(stream);
         Io {
             read: Box::new(read),
             write: Box::new(write),
             transport: Transport::Tls { client_cert },
+            certificate,
         }
     }
 }

@@ -12,7 +12,9 @@
 //!    cost) and [`connection`] (a socket's two halves and its read stream).
 //! 3. The shared actors: [`registry`] (live devices), [`bridge`] (tunnels),
 //!    [`persistence`] (batched writes) and [`debouncer`] (data-heartbeat timers); with
-//!    [`users`] (known uuids) and [`query`] (the `query` reply's rows).
+//!    [`users`] (known uuids, accounts), [`tenants`] (what each user may have),
+//!    [`refusal`] (every refusal counted and logged) and [`query`] (the `query`
+//!    reply's rows).
 //! 4. [`cluster`]: in cluster mode, this node's member of the cluster (presence,
 //!    requests to other nodes) and tunnel ends that stand for connections elsewhere.
 //! 5. [`hub`]: handles to the shared actors and the settings, and the final flush.

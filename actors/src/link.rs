@@ -37,6 +37,8 @@ pub struct PeerLink {
     pub id: SessionId,
     pub remote: SocketAddr,
     pub transport: Transport,
+    /// The user its client certificate names (the subject's common name), if any.
+    pub certificate: Option<Arc<str>>,
     pub events: Recipient<PeerEvent>,
     pub out: Outbox,
 }

@@ -320,6 +320,12 @@ mod tests {
         async fn user_exists(&self, uuid: &str) -> Result<bool, StoreError> {
             self.inner.user_exists(uuid).await
         }
+        async fn account(
+            &self,
+            key: crate::store::AccountKey<'_>,
+        ) -> Result<Option<crate::store::Account>, StoreError> {
+            self.inner.account(key).await
+        }
         async fn user_devices(&self, uuid: &str) -> Result<Option<Vec<Device>>, StoreError> {
             self.inner.user_devices(uuid).await
         }

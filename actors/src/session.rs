@@ -88,6 +88,8 @@ pub struct Session {
     /// The largest read: the configured size while in a tunnel, small otherwise.
     read_limit: Arc<AtomicUsize>,
     transport: Transport,
+    /// The user its client certificate names, if any.
+    certificate: Option<Arc<str>>,
     /// What this connection has shown itself to be; none until it has spoken (the
     /// `role` label of `elfin_connections_open`).
     role: Option<Role>,
@@ -163,6 +165,7 @@ impl Session {
             read,
             write,
             transport,
+            certificate,
         } = io;
         let config = &hub.config;
         let (closing, closed) = oneshot::channel();
@@ -204,6 +207,7 @@ impl Session {
                 _closing: closing,
                 lease,
                 transport,
+                certificate,
                 role: None,
                 hub,
             }
@@ -215,6 +219,7 @@ impl Session {
             id: self.id,
             remote: self.remote,
             transport: self.transport,
+            certificate: self.certificate.clone(),
             events: ctx.address().recipient(),
             out: self.out.clone(),
         }

@@ -18,7 +18,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use serde::{Deserialize, Serialize};
@@ -41,6 +41,13 @@ pub struct TlsSettings {
     /// PEM CA of accepted client certificates.
     #[serde(with = "de::optional")]
     pub client_ca: Option<PathBuf>,
+    /// The client CA's private key: only `elfin-gateway user cert` reads it.
+    #[serde(with = "de::optional")]
+    pub client_ca_key: Option<PathBuf>,
+    /// PEM revocation list of client certificates, checked at every handshake
+    /// (written by `user cert --revoke`, read again with SIGHUP).
+    #[serde(with = "de::optional")]
+    pub client_crl: Option<PathBuf>,
     pub min_version: TlsVersion,
     #[serde(rename = "handshake_timeout_secs", with = "de::positive_secs")]
     pub handshake_timeout: Duration,
@@ -53,6 +60,8 @@ impl Default for TlsSettings {
             cert: None,
             key: None,
             client_ca: None,
+            client_ca_key: None,
+            client_crl: None,
             min_version: TlsVersion::V13,
             handshake_timeout: Duration::from_secs(10),
         }
@@ -75,6 +84,7 @@ impl TlsSettings {
             cert: self.cert.clone()?,
             key: self.key.clone()?,
             client_ca: self.client_ca.clone(),
+            client_crl: self.client_crl.clone(),
             allow_tls12: self.min_version == TlsVersion::V12,
             handshake_timeout: self.handshake_timeout,
         })
@@ -89,6 +99,8 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// CA whose client certificates are accepted; none = no client certificates.
     pub client_ca: Option<PathBuf>,
+    /// Revoked client certificates (PEM CRLs of the client CA).
+    pub client_crl: Option<PathBuf>,
     /// Also accept TLS 1.2.
     pub allow_tls12: bool,
     pub handshake_timeout: Duration,
@@ -183,9 +195,16 @@ fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
                 let cert = cert.map_err(|e| TlsError::new(ca, e))?;
                 roots.add(cert).map_err(|e| TlsError::new(ca, e))?;
             }
+            let crls = match &files.client_crl {
+                Some(crl) => CertificateRevocationListDer::pem_file_iter(crl)
+                    .and_then(|crls| crls.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| TlsError::new(crl, e))?,
+                None => Vec::new(),
+            };
             // Clients without a certificate still connect: they are told what is
             // required when they send a request.
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .with_crls(crls)
                 .allow_unauthenticated()
                 .build()
                 .map_err(|e| TlsError::new(ca, e))?;
@@ -261,6 +280,16 @@ pub enum Clients {
     Tls,
     /// Only over TLS with a certificate from the client CA.
     ClientCert,
+    /// Only over TLS with a certificate from the client CA that names the user (its
+    /// subject's common name): only that user's devices, or every user's for an admin.
+    UserCert,
+}
+
+/// The user a client certificate names: its subject's common name.
+pub fn certificate_user(der: &[u8]) -> Option<Arc<str>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let name = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(Arc::from(name))
 }
 
 #[cfg(test)]

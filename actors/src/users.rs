@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::store::Store;
+use crate::store::{Account, AccountKey, Store, StoreError};
 
 const KNOWN_TTL: Duration = Duration::from_secs(60);
 const UNKNOWN_TTL: Duration = Duration::from_secs(1);
@@ -48,6 +48,23 @@ pub struct UserDirectory {
     store: Arc<dyn Store>,
     require_known_user: bool,
     cache: Mutex<HashMap<String, (bool, Instant)>>,
+    /// Accounts by uuid and by name, for client certificates (`auth.clients =
+    /// "user-cert"`), kept as long as known users.
+    accounts: Mutex<Accounts>,
+}
+
+/// Accounts read, by (looked up by uuid?, uuid or name), with when they were read.
+type Accounts = HashMap<(bool, String), (Option<Account>, Instant)>;
+
+/// Why a client certificate may not reach a user.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unbound {
+    #[error(
+        "it names user {certificate:?}, the request names another, and {certificate:?} is no admin"
+    )]
+    OtherUser { certificate: String },
+    #[error("the users cannot be read now: {0}")]
+    Unreadable(String),
 }
 
 impl UserDirectory {
@@ -56,7 +73,55 @@ impl UserDirectory {
             store,
             require_known_user,
             cache: Mutex::new(HashMap::new()),
+            accounts: Mutex::default(),
         }
+    }
+
+    /// Whether the client certificate of user `certificate` may reach user `uuid`: its
+    /// own, or any if it is an admin. Fails closed when the store cannot be read.
+    pub async fn may_reach(&self, certificate: &str, uuid: &str) -> Result<(), Unbound> {
+        let unreadable = |e: StoreError| Unbound::Unreadable(e.to_string());
+        let target = self
+            .account(AccountKey::Uuid(uuid))
+            .await
+            .map_err(unreadable)?;
+        if target.is_some_and(|a| a.username == certificate) {
+            return Ok(());
+        }
+        let holder = self
+            .account(AccountKey::Username(certificate))
+            .await
+            .map_err(unreadable)?;
+        match holder {
+            Some(a) if a.admin => Ok(()),
+            _ => Err(Unbound::OtherUser {
+                certificate: certificate.to_owned(),
+            }),
+        }
+    }
+
+    async fn account(&self, key: AccountKey<'_>) -> Result<Option<Account>, StoreError> {
+        let cache_key = match key {
+            AccountKey::Uuid(uuid) => (true, uuid.to_owned()),
+            AccountKey::Username(name) => (false, name.to_owned()),
+        };
+        let cached = self.lock_accounts().get(&cache_key).cloned();
+        if let Some((account, at)) = cached {
+            if at.elapsed() < KNOWN_TTL {
+                return Ok(account);
+            }
+        }
+        let account = self.store.account(key).await?;
+        let mut accounts = self.lock_accounts();
+        if accounts.len() >= MAX_ENTRIES {
+            accounts.retain(|_, (_, at)| at.elapsed() < KNOWN_TTL);
+        }
+        accounts.insert(cache_key, (account.clone(), Instant::now()));
+        Ok(account)
+    }
+
+    fn lock_accounts(&self) -> std::sync::MutexGuard<'_, Accounts> {
+        self.accounts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// What a peer presenting `uuid` may do.

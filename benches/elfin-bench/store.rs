@@ -113,6 +113,12 @@ impl Store for Counted {
     async fn user_exists(&self, uuid: &str) -> Result<bool, elfin_actors::store::StoreError> {
         self.inner.user_exists(uuid).await
     }
+    async fn account(
+        &self,
+        key: elfin_actors::store::AccountKey<'_>,
+    ) -> Result<Option<elfin_actors::store::Account>, elfin_actors::store::StoreError> {
+        self.inner.account(key).await
+    }
     async fn user_devices(
         &self,
         uuid: &str,

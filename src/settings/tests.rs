@@ -89,6 +89,8 @@ const EVERY_KEY: &[(&str, &str, Option<&str>)] = &[
     ("ELFIN__TLS__CERT", "1.2", None),
     ("ELFIN__TLS__KEY", "0001", None),
     ("ELFIN__TLS__CLIENT_CA", "ca.pem", None),
+    ("ELFIN__TLS__CLIENT_CA_KEY", "ca.key", None),
+    ("ELFIN__TLS__CLIENT_CRL", "2026.crl", None),
     ("ELFIN__TLS__MIN_VERSION", "1.2", None),
     ("ELFIN__TLS__HANDSHAKE_TIMEOUT_SECS", "4", None),
     ("ELFIN__LIMITS__MAX_CONNECTIONS", "100", None),

@@ -285,6 +285,26 @@ fn command(dir: &tempfile::TempDir, env: &[(String, String)]) -> Command {
     cmd
 }
 
+/// Runs an operator command (`user add`, ...) in `dir` on the database a [`Binary`]
+/// started there uses, before or while it runs; returns what it printed.
+pub fn run_cli(dir: &tempfile::TempDir, env: &[(&str, &str)], args: &[&str]) -> String {
+    let mut all: Vec<(String, String)> = vec![(
+        "ELFIN__STORAGE__PATH".into(),
+        dir.path().join("elfin.db").display().to_string(),
+    )];
+    all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let out = command(dir, &all)
+        .args(args)
+        .output()
+        .expect("run elfin-gateway");
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// The repository root, for files shipped with it.
 pub fn repo_file(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)

@@ -61,6 +61,7 @@ impl Pki {
             cert: self.path("server.pem"),
             key: self.path("server.key"),
             client_ca: client_ca.then(|| self.path("ca.pem")),
+            client_crl: None,
             allow_tls12,
             handshake_timeout: Duration::from_secs(10),
         }

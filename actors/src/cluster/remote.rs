@@ -180,6 +180,7 @@ pub fn start(parts: Parts) -> PeerLink {
         id,
         remote,
         transport: Transport::Plain,
+        certificate: None,
         events: addr.recipient(),
         out,
     }

@@ -13,7 +13,9 @@ use async_trait::async_trait;
 use chrono::DateTime;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Device, OwnedDevice, Recorded, Sighting, Store, StoreError, User};
+use super::{
+    Account, AccountKey, Device, OwnedDevice, Recorded, Sighting, Store, StoreError, User,
+};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS users (
@@ -145,6 +147,35 @@ impl Store for EmbeddedStore {
         self.with(move |conn| {
             conn.prepare_cached("SELECT 1 FROM users WHERE uuid = ?1")
                 .and_then(|mut q| q.exists([uuid]))
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn account(&self, key: AccountKey<'_>) -> Result<Option<Account>, StoreError> {
+        let (query, value) = match key {
+            AccountKey::Uuid(uuid) => (
+                "SELECT uuid, username, admin FROM users WHERE uuid = ?1",
+                uuid,
+            ),
+            AccountKey::Username(name) => (
+                "SELECT uuid, username, admin FROM users WHERE username = ?1",
+                name,
+            ),
+        };
+        let value = value.to_owned();
+        self.with(move |conn| {
+            conn.prepare_cached(query)
+                .and_then(|mut q| {
+                    q.query_row([value], |r| {
+                        Ok(Account {
+                            uuid: r.get(0)?,
+                            username: r.get(1)?,
+                            admin: r.get(2)?,
+                        })
+                    })
+                    .optional()
+                })
                 .map_err(unavailable)
         })
         .await

@@ -52,6 +52,22 @@ pub struct User {
     pub devices: usize,
 }
 
+/// A user as a client certificate is checked against it (`auth.clients =
+/// "user-cert"`): its name is the certificate's subject, an admin reaches every user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub uuid: String,
+    pub username: String,
+    pub admin: bool,
+}
+
+/// Which user to find.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountKey<'a> {
+    Uuid(&'a str),
+    Username(&'a str),
+}
+
 /// What a batch write did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Recorded {
@@ -213,6 +229,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether a user with this uuid exists.
     async fn user_exists(&self, uuid: &str) -> Result<bool, StoreError>;
+
+    /// One user, by uuid or by name.
+    async fn account(&self, key: AccountKey<'_>) -> Result<Option<Account>, StoreError>;
 
     /// The user's devices in the order they were added, or `None` for an unknown user.
     async fn user_devices(&self, uuid: &str) -> Result<Option<Vec<Device>>, StoreError>;

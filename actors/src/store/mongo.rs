@@ -35,7 +35,9 @@ use mongodb::options::ClientOptions;
 use mongodb::{Client, Collection, Cursor, Database, IndexModel};
 use tokio::time::Instant;
 
-use super::{Device, OwnedDevice, Recorded, Sighting, Store, StoreError, User};
+use super::{
+    Account, AccountKey, Device, OwnedDevice, Recorded, Sighting, Store, StoreError, User,
+};
 
 /// How long a cached user (and its `allDevices`) is trusted before it is read again.
 pub const USER_TTL: Duration = Duration::from_secs(60);
@@ -457,6 +459,25 @@ impl Store for MongoStore {
             .read_users(&[uuid.to_owned()])
             .await?
             .contains_key(uuid))
+    }
+
+    async fn account(&self, key: AccountKey<'_>) -> Result<Option<Account>, StoreError> {
+        self.check_reachable()?;
+        let filter = match key {
+            AccountKey::Uuid(uuid) => doc! { "uuid": uuid },
+            AccountKey::Username(name) => doc! { "username": name },
+        };
+        let find = self
+            .users
+            .find(filter)
+            .projection(doc! { "uuid": 1, "username": 1, "admin": 1 })
+            .limit(1);
+        let docs = self.collect(find).await?;
+        Ok(docs.first().map(|d| Account {
+            uuid: d.get_str("uuid").unwrap_or_default().to_owned(),
+            username: d.get_str("username").unwrap_or_default().to_owned(),
+            admin: d.get_bool("admin").unwrap_or(false),
+        }))
     }
 
     async fn user_devices(&self, uuid: &str) -> Result<Option<Vec<Device>>, StoreError> {

@@ -1,0 +1,287 @@
+//! Client certificates bound to their user (`auth.clients = "user-cert"`) on the real
+//! binary: a certificate reaches its own user's devices and no other's, an admin's
+//! reaches every user's, `user cert` issues a PKCS#12 key store the client loads, and
+//! `user cert --revoke` with SIGHUP shuts a certificate out. Certificates made by
+//! `openssl` work as well as the command's.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use common::{failed_reason, run_cli, Binary};
+
+const ALICE_PLC: &str = "A11CE0000001";
+const BOB_PLC: &str = "B0B000000001";
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl (tests/run.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// With openssl: a CA, the gateway's certificate for localhost, and a client
+/// certificate with common name `user` in `<file>.pem` / `<file>.key`.
+fn openssl_pki(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=Test clients CA",
+        ],
+    );
+    std::fs::write(dir.join("server.ext"), "subjectAltName=DNS:localhost\n").unwrap();
+    openssl_leaf(dir, "server", "localhost", "server.ext");
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+}
+
+fn openssl_leaf(dir: &Path, file: &str, name: &str, ext: &str) {
+    let subject = format!("/CN={name}");
+    let (key, csr, pem) = (
+        format!("{file}.key"),
+        format!("{file}.csr"),
+        format!("{file}.pem"),
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &subject,
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-extfile",
+            ext,
+            "-out",
+            &pem,
+        ],
+    );
+}
+
+/// A client that trusts the CA and presents this certificate chain and key.
+fn client(
+    dir: &Path,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(dir.join("ca.pem")).unwrap())
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap(),
+    )
+}
+
+/// The key and chain in a PKCS#12 key store, as the desktop client loads it.
+fn from_p12(dir: &Path, file: &str, password: &str) -> Arc<ClientConfig> {
+    let data = std::fs::read(dir.join(file)).unwrap();
+    let store = p12_keystore::KeyStore::from_pkcs12(&data, password, Default::default()).unwrap();
+    let (_, chain) = store.private_key_chain().expect("a key with its chain");
+    let certs = chain
+        .certs()
+        .iter()
+        .map(|c| CertificateDer::from(c.as_der().to_vec()))
+        .collect();
+    let key = PrivateKeyDer::try_from(chain.key().as_der().to_vec()).unwrap();
+    client(dir, certs, key)
+}
+
+fn from_pem(dir: &Path, file: &str) -> Arc<ClientConfig> {
+    let chain = vec![CertificateDer::from_pem_file(dir.join(format!("{file}.pem"))).unwrap()];
+    let key = PrivateKeyDer::from_pem_file(dir.join(format!("{file}.key"))).unwrap();
+    client(dir, chain, key)
+}
+
+async fn connect(gw: &Binary, config: Arc<ClientConfig>) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(gw.addr).await?;
+    let name = ServerName::try_from("localhost").unwrap();
+    TlsConnector::from(config).connect(name, tcp).await
+}
+
+/// Sends a request and reads its one-line reply (`None` if the connection ends
+/// first, as after a refused handshake).
+async fn ask(stream: &mut TlsStream<TcpStream>, request: &str) -> Option<String> {
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte).await {
+            Ok(1) if byte[0] == b'\n' => return Some(String::from_utf8(line).unwrap()),
+            Ok(1) => line.push(byte[0]),
+            _ => return None,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_reaches_its_own_users_devices_and_an_admins_reaches_all() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let d = dir.path();
+    openssl_pki(d);
+    let env = [
+        ("ELFIN__TLS__CERT", "server.pem"),
+        ("ELFIN__TLS__KEY", "server.key"),
+        ("ELFIN__TLS__CLIENT_CA", "ca.pem"),
+        ("ELFIN__TLS__CLIENT_CA_KEY", "ca.key"),
+        ("ELFIN__TLS__CLIENT_CRL", "clients.crl"),
+        ("ELFIN__AUTH__CLIENTS", "user-cert"),
+    ];
+    let uuid = |name: &str| {
+        run_cli(&dir, &env, &["user", "add", name])
+            .lines()
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let (alice, bob) = (uuid("alice"), uuid("bob"));
+    uuid("root");
+    // The Web UI's admin flag.
+    let db = rusqlite::Connection::open(d.join("elfin.db")).unwrap();
+    db.execute("UPDATE users SET admin = 1 WHERE username = 'root'", [])
+        .unwrap();
+    drop(db);
+    let issued = run_cli(
+        &dir,
+        &env,
+        &[
+            "user",
+            "cert",
+            "alice",
+            "--out",
+            "alice.p12",
+            "--password",
+            "pw-1",
+        ],
+    );
+    assert!(issued.contains("serial "), "{issued}");
+    let generated = run_cli(&dir, &env, &["user", "cert", "bob"]);
+    let password = generated
+        .lines()
+        .find_map(|l| l.strip_prefix("password "))
+        .unwrap()
+        .to_owned();
+    openssl_leaf(d, "root", "root", "client.ext");
+
+    let gw = Binary::start_in(dir.clone(), &env);
+    // Devices beat in plain TCP as always; a plain query is refused here, so the
+    // log says when they are online.
+    let mut plcs = Vec::new();
+    for (uuid, mac) in [(&alice, ALICE_PLC), (&bob, BOB_PLC)] {
+        let mut plc = gw.connect();
+        plc.send(format!("beat;{uuid};{mac};plc;0").as_bytes());
+        gw.wait_log(&format!("device {mac} (plc)"));
+        plcs.push(plc);
+    }
+
+    // Alice's certificate (from `user cert`): her device, not Bob's.
+    let alice_cert = from_p12(d, "alice.p12", "pw-1");
+    let mut tls = connect(&gw, alice_cert.clone()).await.unwrap();
+    assert_eq!(
+        ask(&mut tls, &format!("connme;{alice};{ALICE_PLC}\n"))
+            .await
+            .unwrap(),
+        r#"{"status":"success"}"#
+    );
+    let mut tls = connect(&gw, alice_cert.clone()).await.unwrap();
+    let refused = ask(&mut tls, &format!("connme;{bob};{BOB_PLC}\n"))
+        .await
+        .unwrap();
+    assert_eq!(
+        failed_reason(&refused),
+        format!("device {BOB_PLC} is offline")
+    );
+    assert_eq!(
+        ask(&mut tls, &format!("query;{bob}\n")).await.unwrap(),
+        "[]"
+    );
+    let line = gw.wait_log("refused 127.0.0.1 (user_binding)");
+    assert!(line.contains("\"alice\""), "{line}");
+
+    // Bob's, with the password the command made up.
+    let mut tls = connect(&gw, from_p12(d, "bob.p12", &password))
+        .await
+        .unwrap();
+    let listed = ask(&mut tls, &format!("query;{bob}\n")).await.unwrap();
+    assert!(listed.contains(BOB_PLC), "{listed}");
+
+    // An admin's certificate, made by openssl, reaches every user's devices.
+    let mut tls = connect(&gw, from_pem(d, "root")).await.unwrap();
+    assert_eq!(
+        ask(&mut tls, &format!("connme;{bob};{BOB_PLC}\n"))
+            .await
+            .unwrap(),
+        r#"{"status":"success"}"#
+    );
+
+    // Revoked and re-read: Alice's certificate no longer completes a handshake.
+    let revoked = run_cli(&dir, &env, &["user", "cert", "--revoke", "alice"]);
+    assert!(revoked.contains("revoked "), "{revoked}");
+    gw.signal("HUP");
+    gw.wait_log("TLS certificate reloaded");
+    let shut_out = match connect(&gw, alice_cert).await {
+        Err(_) => true,
+        Ok(mut tls) => ask(&mut tls, &format!("query;{alice}\n")).await.is_none(),
+    };
+    assert!(shut_out, "a revoked certificate still works");
+    let line = gw.wait_log("refused 127.0.0.1 (certificate)");
+    assert!(line.contains("revoked"), "{line}");
+}
