@@ -23,91 +23,44 @@ use common::{failed_reason, run_cli, Binary};
 const ALICE_PLC: &str = "A11CE0000001";
 const BOB_PLC: &str = "B0B000000001";
 
-fn openssl(dir: &Path, args: &[&str]) {
+/// Runs `openssl` with `args` (split at spaces), then `subject` if given.
+fn openssl(dir: &Path, args: &str, subject: Option<&str>) {
+    let mut all: Vec<&str> = args.split_whitespace().collect();
+    all.extend(subject.map(|s| ["-subj", s]).into_iter().flatten());
     let out = Command::new("openssl")
         .current_dir(dir)
-        .args(args)
+        .args(&all)
         .output()
         .expect("openssl (tests/run.sh installs it)");
     assert!(
         out.status.success(),
-        "openssl {args:?}: {}",
+        "openssl {all:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
 
-/// With openssl: a CA, the gateway's certificate for localhost, and a client
-/// certificate with common name `user` in `<file>.pem` / `<file>.key`.
+const NEW_KEY: &str = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+
+/// With openssl: a CA, the gateway's certificate for localhost, and the extensions
+/// of a client certificate (`client.ext`).
 fn openssl_pki(dir: &Path) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "30",
-            "-subj",
-            "/CN=Test clients CA",
-        ],
-    );
+    let ca = format!("req -x509 {NEW_KEY} -keyout ca.key -out ca.pem -days 30");
+    openssl(dir, &ca, Some("/CN=Test clients CA"));
     std::fs::write(dir.join("server.ext"), "subjectAltName=DNS:localhost\n").unwrap();
     openssl_leaf(dir, "server", "localhost", "server.ext");
     std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
 }
 
+/// With openssl: a certificate with common name `name`, signed by the CA, with the
+/// extensions in `ext`, in `<file>.pem` and `<file>.key`.
 fn openssl_leaf(dir: &Path, file: &str, name: &str, ext: &str) {
-    let subject = format!("/CN={name}");
-    let (key, csr, pem) = (
-        format!("{file}.key"),
-        format!("{file}.csr"),
-        format!("{file}.pem"),
+    let request = format!("req {NEW_KEY} -keyout {file}.key -out {file}.csr");
+    openssl(dir, &request, Some(&format!("/CN={name}")));
+    let sign = format!(
+        "x509 -req -in {file}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 30 \
+         -extfile {ext} -out {file}.pem"
     );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            &subject,
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "30",
-            "-extfile",
-            ext,
-            "-out",
-            &pem,
-        ],
-    );
+    openssl(dir, &sign, None);
 }
 
 /// A client that trusts the CA and presents this certificate chain and key.

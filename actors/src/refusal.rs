@@ -1,13 +1,15 @@
 //! Every refusal visible to the operator: why a peer was refused ([`Reason`]), counted
 //! in `elfin_refusals_total{reason}` and logged at info with the peer's address, at
-//! most once a minute per address and reason ([`Refusals`]), so a flood costs a line a
-//! minute and an operator still sees why an engineer or a device is turned away.
+//! most once a minute per address and reason, or per user and reason for a user's
+//! limits ([`Refusals`]), so a flood costs a line a minute and an operator still sees
+//! why an engineer or a device is turned away.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use bytestring::ByteString;
 use tokio::time::Instant;
 
 use crate::metric;
@@ -53,10 +55,17 @@ impl Reason {
     }
 }
 
-/// When each (address, reason) was last logged.
+/// When each (address or user, reason) was last logged.
 #[derive(Debug, Default)]
 pub struct Refusals {
-    logged: Mutex<HashMap<(IpAddr, Reason), Instant>>,
+    logged: Mutex<HashMap<(Per, Reason), Instant>>,
+}
+
+/// What a refusal's log line is rate-limited by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Per {
+    Address(IpAddr),
+    User(ByteString),
 }
 
 /// How often one address is logged for one reason.
@@ -69,22 +78,44 @@ impl Refusals {
     /// Counts a refusal of `peer` and logs `detail` (what was refused, in words) at
     /// most once a minute per address and reason.
     pub fn report(&self, peer: IpAddr, reason: Reason, detail: impl FnOnce() -> String) {
+        self.count_and_log(peer, Per::Address(peer), reason, detail);
+    }
+
+    /// As [`Refusals::report`], logged at most once a minute per user and reason
+    /// (a user's limits, which many addresses may run into at once).
+    pub fn report_for_user(
+        &self,
+        peer: IpAddr,
+        uuid: &ByteString,
+        reason: Reason,
+        detail: impl FnOnce() -> String,
+    ) {
+        self.count_and_log(peer, Per::User(uuid.clone()), reason, detail);
+    }
+
+    fn count_and_log(
+        &self,
+        peer: IpAddr,
+        per: Per,
+        reason: Reason,
+        detail: impl FnOnce() -> String,
+    ) {
         metrics::counter!(metric::REFUSALS_TOTAL, "reason" => reason.label()).increment(1);
-        if self.should_log(peer, reason) {
+        if self.should_log(per, reason) {
             log::info!("refused {peer} ({}): {}", reason.label(), detail());
         }
     }
 
-    fn should_log(&self, peer: IpAddr, reason: Reason) -> bool {
+    fn should_log(&self, per: Per, reason: Reason) -> bool {
         let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         if logged.len() >= MAX_ENTRIES {
             logged.retain(|_, at| now.duration_since(*at) < LOG_EVERY);
         }
-        match logged.get(&(peer, reason)) {
+        match logged.get(&(per.clone(), reason)) {
             Some(at) if now.duration_since(*at) < LOG_EVERY => false,
             _ => {
-                logged.insert((peer, reason), now);
+                logged.insert((per, reason), now);
                 true
             }
         }
@@ -98,11 +129,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn each_address_and_reason_is_logged_once_a_minute() {
         let refusals = Refusals::default();
-        let (a, b) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
-        assert!(refusals.should_log(a, Reason::Takeover));
-        assert!(!refusals.should_log(a, Reason::Takeover));
-        assert!(refusals.should_log(a, Reason::Identity), "another reason");
+        let a = Per::Address(IpAddr::from([10, 0, 0, 1]));
+        let b = Per::Address(IpAddr::from([10, 0, 0, 2]));
+        assert!(refusals.should_log(a.clone(), Reason::Takeover));
+        assert!(!refusals.should_log(a.clone(), Reason::Takeover));
+        assert!(
+            refusals.should_log(a.clone(), Reason::Identity),
+            "another reason"
+        );
         assert!(refusals.should_log(b, Reason::Takeover), "another address");
+        let alice = Per::User("alice".into());
+        assert!(refusals.should_log(alice.clone(), Reason::DeviceQuota));
+        assert!(!refusals.should_log(alice, Reason::DeviceQuota), "per user");
         tokio::time::sleep(LOG_EVERY).await;
         assert!(refusals.should_log(a, Reason::Takeover));
     }

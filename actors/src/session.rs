@@ -526,8 +526,13 @@ impl Session {
     /// device that still beats stays connected for its turn.
     fn refused_device(&mut self, device: Identity, reason: Reason, detail: String) {
         self.discard = true;
-        let peer = self.remote.ip();
-        self.hub.refusals.report(peer, reason, || detail);
+        let (peer, refusals) = (self.remote.ip(), &self.hub.refusals);
+        match reason {
+            Reason::DeviceQuota | Reason::NewDeviceRate => {
+                refusals.report_for_user(peer, &device.key.uuid, reason, || detail)
+            }
+            _ => refusals.report(peer, reason, || detail),
+        }
         if reason == Reason::UnknownUser {
             metrics::counter!(metric::UNKNOWN_USER_MESSAGES_TOTAL).increment(1);
             return;

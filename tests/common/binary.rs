@@ -145,16 +145,7 @@ impl Binary {
 
     /// Runs an operator command against this gateway's settings; returns stdout.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = command(&self.dir, &self.env)
-            .args(args)
-            .output()
-            .expect("run elfin-gateway");
-        assert!(
-            out.status.success(),
-            "{args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        succeeded(command(&self.dir, &self.env).args(args), args)
     }
 
     /// Adds a user through the CLI and returns its uuid.
@@ -293,10 +284,12 @@ pub fn run_cli(dir: &tempfile::TempDir, env: &[(&str, &str)], args: &[&str]) -> 
         dir.path().join("elfin.db").display().to_string(),
     )];
     all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let out = command(dir, &all)
-        .args(args)
-        .output()
-        .expect("run elfin-gateway");
+    succeeded(command(dir, &all).args(args), args)
+}
+
+/// What an operator command printed; fails the test if it failed.
+fn succeeded(command: &mut Command, args: &[&str]) -> String {
+    let out = command.output().expect("run elfin-gateway");
     assert!(
         out.status.success(),
         "{args:?} failed: {}",
