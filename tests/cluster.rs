@@ -39,11 +39,16 @@ impl Fleet {
     /// A NATS server and three nodes on it, meshed; `None` (the test skips) without
     /// nats-server.
     fn start() -> Option<Fleet> {
+        Self::start_with(&[])
+    }
+
+    /// [`Fleet::start`], every node with these settings too.
+    fn start_with(settings: &[(&str, &str)]) -> Option<Fleet> {
         let nats = Nats::start()?;
         let mongo = Mongo::start();
         let nodes: Vec<Binary> = ["a", "b", "c"]
             .iter()
-            .map(|id| node(&mongo, &nats.url(), id))
+            .map(|id| node_with(&mongo, &nats.url(), id, settings))
             .collect();
         let uuid = nodes[0].add_user("alice");
         let fleet = Fleet {
@@ -89,6 +94,11 @@ impl Fleet {
 
 /// Node `id` of a cluster on `nats_url`, storing in `mongo`.
 fn node(mongo: &Mongo, nats_url: &str, id: &str) -> Binary {
+    node_with(mongo, nats_url, id, &[])
+}
+
+/// [`node`] with these settings too.
+fn node_with(mongo: &Mongo, nats_url: &str, id: &str, settings: &[(&str, &str)]) -> Binary {
     let mut env = vec![
         ("ELFIN__STORAGE__BACKEND", "mongodb"),
         ("ELFIN__MONGODB__URI", mongo.uri.as_str()),
@@ -99,6 +109,7 @@ fn node(mongo: &Mongo, nats_url: &str, id: &str) -> Binary {
         ("ELFIN__CLUSTER__SUBJECT_KEY", "test-cluster-key"),
     ];
     env.extend_from_slice(QUICK);
+    env.extend_from_slice(settings);
     Binary::start(&env)
 }
 
@@ -519,4 +530,24 @@ fn a_node_that_stops_answering_ends_its_tunnels_within_the_stall_time() {
         "{:?}",
         stopped.elapsed()
     );
+}
+
+#[test]
+fn with_when_silent_a_heartbeat_replayed_to_another_node_takes_nothing_over() {
+    let Some(fleet) = Fleet::start_with(&[("ELFIN__AUTH__DEVICE_TAKEOVER", "when-silent")]) else {
+        return;
+    };
+    let uuid = fleet.uuid.clone();
+    let mac = "F0FE6B2A1C3D";
+    let mut device = fleet.device(fleet.a(), mac);
+    // Whoever sniffed the heartbeat replays it to another node.
+    let mut attacker = fleet.b().connect();
+    attacker.send(format!("beat;{uuid};{mac};plc-{mac};0").as_bytes());
+    let line = fleet.b().wait_log("refused 127.0.0.1 (takeover)");
+    assert!(line.contains("another node"), "{line}");
+    // The device keeps its connection on a, and an engineer on c reaches it.
+    device.send(format!("beat;{uuid};{mac};plc-{mac};0").as_bytes());
+    let mut engineer = tunnel_eventually(fleet.c(), &uuid, mac);
+    carry(&mut engineer, &mut device, &uuid, "T", 1, b"WRITE-COIL-42");
+    assert!(!fleet.a().log_contains("closing its connection here"));
 }

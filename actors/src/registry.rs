@@ -98,6 +98,23 @@ pub struct Evict(pub DeviceKey);
 #[rtype(result = "Option<PeerLink>")]
 pub struct Lookup(pub DeviceKey);
 
+/// Whether the device's live connection here beat within the online window.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct StillBeats(pub DeviceKey);
+
+impl Handler<StillBeats> for DeviceRegistry {
+    type Result = bool;
+
+    fn handle(&mut self, StillBeats(device): StillBeats, _: &mut Context<Self>) -> bool {
+        let live = self
+            .users
+            .get(&device.uuid)
+            .and_then(|d| d.get(&device.mac));
+        live.is_some_and(|e| e.device.activity.last_seen().instant().elapsed() < self.online_window)
+    }
+}
+
 /// The user's devices that have a live connection.
 #[derive(Message)]
 #[rtype(result = "Vec<LiveDevice>")]

@@ -41,7 +41,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::bridge::{Cause, Unlink};
+use crate::cluster::BeatsElsewhere;
 use crate::command::{answer, refuse, Applied, Command};
+use crate::config::Takeover;
 use crate::connection::{Io, Lease, ReadChunks, UNTUNNELLED_READ};
 use crate::debouncer;
 use crate::device::{masked, DeviceKey, Identity};
@@ -53,7 +55,7 @@ use crate::metric;
 use crate::outbox::{Bounds, Outbox, Unsent};
 use crate::persistence;
 use crate::refusal::Reason;
-use crate::registry::{Register, StillLive, Unregister};
+use crate::registry::{Lookup, Register, StillLive, Unregister};
 use crate::tls::Transport;
 use crate::users::Access;
 
@@ -143,6 +145,22 @@ async fn admit(
             _ => "its user added new devices faster than limits.new_devices_per_minute".to_owned(),
         };
         return Err((reason, format!("{}: {why}", name())));
+    }
+    if hub.config.auth.device_takeover == Takeover::WhenSilent {
+        // Live on another node, and still beating there: not taken over from here.
+        let here = hub.registry.send(Lookup(key.clone())).await;
+        if let (Ok(None), Some(cluster)) = (here, &hub.cluster) {
+            if cluster.send(BeatsElsewhere(key.clone())).await == Ok(true) {
+                return Err((
+                    Reason::Takeover,
+                    format!(
+                        "{}: its live connection on another node still beats \
+                         (auth.device_takeover = \"when-silent\")",
+                        name()
+                    ),
+                ));
+            }
+        }
     }
     match hub.registry.send(Register { device, link }).await {
         Ok(Err(StillLive(live))) => Err((

@@ -25,7 +25,7 @@ pub mod remote;
 mod requests;
 pub mod wire;
 
-pub use requests::{Gather, Open, Probe};
+pub use requests::{BeatsElsewhere, Gather, Open, Probe};
 
 use std::collections::HashMap;
 use std::path::PathBuf;

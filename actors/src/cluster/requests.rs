@@ -20,7 +20,7 @@ use super::{Cluster, ClusterConfig, Subscription};
 use crate::bridge::{BridgeManager, Link};
 use crate::device::DeviceKey;
 use crate::link::{End, PeerLink};
-use crate::registry::{Evict, LiveDevices, Lookup};
+use crate::registry::{Evict, LiveDevices, Lookup, StillBeats};
 use crate::store::Sighting;
 
 /// Answering other nodes.
@@ -53,13 +53,13 @@ impl Cluster {
             Ask::Probe => {
                 let lookup = self.registry.send(Lookup(key));
                 ctx.spawn(lookup.into_actor(self).map(move |found, act, _| {
-                    let answer = match found.ok().flatten() {
-                        Some(_) => Answer::Present,
-                        None => Answer::Failed {
-                            reason: "offline".into(),
-                        },
-                    };
-                    act.reply(&message, wire::encode(&answer));
+                    act.reply(&message, present(found.ok().flatten().is_some()));
+                }));
+            }
+            Ask::Beating => {
+                let beats = self.registry.send(StillBeats(key));
+                ctx.spawn(beats.into_actor(self).map(move |beats, act, _| {
+                    act.reply(&message, present(beats.unwrap_or(false)));
                 }));
             }
             Ask::Open {
@@ -153,6 +153,16 @@ impl Cluster {
     }
 }
 
+/// The answer to a yes-or-no request about a device.
+fn present(yes: bool) -> bytes::Bytes {
+    wire::encode(&match yes {
+        true => Answer::Present,
+        false => Answer::Failed {
+            reason: "offline".into(),
+        },
+    })
+}
+
 /// Whether this node's connection of a device (live here since `ours`) gives way to
 /// a claim by `node` ([`Ask::Claim`]): always to a new connection, and to a re-claim
 /// when it is the older one (on a tie, the node with the smaller name gives way).
@@ -239,10 +249,36 @@ impl Handler<Probe> for Cluster {
     type Result = ResponseFuture<bool>;
 
     fn handle(&mut self, Probe { uuid, mac }: Probe, _: &mut Context<Self>) -> Self::Result {
+        self.ask_yes_no(&DeviceKey { uuid, mac }, Ask::Probe)
+    }
+}
+
+/// Does another node hold this device with a connection that still beats? Asked
+/// before a new connection registers a device under `auth.device_takeover =
+/// "when-silent"`; a node that does not answer in time counts as no.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct BeatsElsewhere(pub DeviceKey);
+
+impl Handler<BeatsElsewhere> for Cluster {
+    type Result = ResponseFuture<bool>;
+
+    fn handle(
+        &mut self,
+        BeatsElsewhere(device): BeatsElsewhere,
+        _: &mut Context<Self>,
+    ) -> Self::Result {
+        self.ask_yes_no(&device, Ask::Beating)
+    }
+}
+
+impl Cluster {
+    /// Asks the node holding `device`; true if it answers [`Answer::Present`].
+    fn ask_yes_no(&self, device: &DeviceKey, ask: Ask) -> ResponseFuture<bool> {
         let (nats, config) = (self.nats.clone(), self.config.clone());
+        let subject = config.subjects.device(&device.uuid, &device.mac);
         Box::pin(async move {
-            let subject = config.subjects.device(&uuid, &mac);
-            let asked = nats.request(subject, wire::encode(&Ask::Probe));
+            let asked = nats.request(subject, wire::encode(&ask));
             matches!(
                 tokio::time::timeout(config.request_timeout, asked).await,
                 Ok(Ok(reply)) if serde_json::from_slice(&reply.payload).ok() == Some(Answer::Present)

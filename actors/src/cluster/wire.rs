@@ -75,6 +75,9 @@ impl Subjects {
 pub enum Ask {
     /// Is the device live there?
     Probe,
+    /// Is the device's connection there still beating, within the online window
+    /// (`auth.device_takeover = "when-silent"`: then no other node takes it over)?
+    Beating,
     /// Tunnel the device to an end on node `node`, which receives on `inbox`; the end
     /// is a connection from `remote` in role `role`, and may send `window` bytes
     /// ahead of credit.
