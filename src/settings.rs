@@ -35,6 +35,7 @@ const SECRET_KEYS: &[&str] = &[
     "admin.token",
     "cluster.nkey_seed",
     "cluster.password",
+    "cluster.secret",
     "cluster.subject_key",
     "cluster.token",
     "mongodb.uri",
@@ -211,12 +212,18 @@ impl Settings {
                 "set cluster.tls_cert and cluster.tls_key both, or neither".into(),
             ));
         }
-        Ok(())
+        c.config(&self.server, &self.limits).map(drop)
     }
 
     /// What is allowed but probably not meant, for the log at start-up.
     pub fn warnings(&self) -> Vec<String> {
-        self.auth
+        let both_secrets = self.cluster.secret.is_some() && self.cluster.secret_file.is_some();
+        let secrets = both_secrets.then(|| {
+            "cluster.secret and cluster.secret_file are both set: the file's secret is used"
+                .to_owned()
+        });
+        let networks = self
+            .auth
             .trusted_networks
             .iter()
             .filter(|net| match net {
@@ -230,8 +237,8 @@ impl Settings {
                      auth.clients = {:?} asks",
                     self.auth.clients
                 )
-            })
-            .collect()
+            });
+        secrets.into_iter().chain(networks).collect()
     }
 
     /// What the gateway library runs on (without TLS, which the caller loads).
@@ -247,9 +254,12 @@ impl Settings {
         }
     }
 
-    /// How this node joins its cluster; `None` when it runs alone.
-    pub fn cluster_config(&self) -> Option<elfin_actors::cluster::ClusterConfig> {
-        self.cluster.config(&self.server, &self.limits)
+    /// How this node joins its cluster; `None` when it runs alone. (The settings
+    /// were checked when loaded; an error here is a secret file gone since.)
+    pub fn cluster_config(&self) -> anyhow::Result<Option<elfin_actors::cluster::ClusterConfig>> {
+        self.cluster
+            .config(&self.server, &self.limits)
+            .map_err(|(key, reason)| anyhow!("{key}: {reason}"))
     }
 
     /// Every key a settings file may hold, as `section.key`.

@@ -28,6 +28,9 @@ struct Fleet {
     _mongo: Mongo,
 }
 
+/// The cluster secret of the tests' nodes.
+const SECRET: &str = "test-cluster-secret-of-32-bytes-or-more";
+
 /// Settings every node of a test shares: short timeouts, so failures show fast.
 const QUICK: &[(&str, &str)] = &[
     ("ELFIN__SERVER__TUNNEL_STALL_SECS", "4"),
@@ -106,7 +109,8 @@ fn node_with(mongo: &Mongo, nats_url: &str, id: &str, settings: &[(&str, &str)])
         ("ELFIN__MONGODB__SERVER_SELECTION_TIMEOUT_MS", "2000"),
         ("ELFIN__CLUSTER__NATS_URL", nats_url),
         ("ELFIN__CLUSTER__NODE_ID", id),
-        ("ELFIN__CLUSTER__SUBJECT_KEY", "test-cluster-key"),
+        ("ELFIN__CLUSTER__SECRET", SECRET),
+        ("ELFIN__CLUSTER__PEER_LISTEN", "127.0.0.1:0"),
     ];
     env.extend_from_slice(QUICK);
     env.extend_from_slice(settings);

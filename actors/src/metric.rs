@@ -46,6 +46,8 @@ pub const SIGHTINGS_DROPPED_TOTAL: &str = "elfin_sightings_dropped_total";
 pub const SIGHTINGS_UNKNOWN_USER_TOTAL: &str = "elfin_sightings_unknown_user_total";
 /// Cross-node tunnel ends closed because their node or NATS was lost.
 pub const CLUSTER_TUNNELS_LOST_TOTAL: &str = "elfin_cluster_tunnels_lost_total";
+/// Messages and peer connections from other nodes rejected, by reason.
+pub const CLUSTER_REJECTED_TOTAL: &str = "elfin_cluster_rejected_total";
 /// Bytes carried by tunnels, by direction.
 pub const TUNNEL_BYTES_TOTAL: &str = "elfin_tunnel_bytes_total";
 /// Payload bytes with no tunnel to carry them.
@@ -210,6 +212,13 @@ pub const CATALOGUE: &[(&str, Kind, Option<metrics::Unit>, &str)] = &[
         Kind::Counter,
         None,
         "Cross-node tunnel ends closed because their node or NATS was lost.",
+    ),
+    (
+        CLUSTER_REJECTED_TOTAL,
+        Kind::Counter,
+        None,
+        "Messages (NATS) and connections (peer port) claiming to be from a node, \
+         rejected: unsigned, bad_mac, stale, replay, flood, unexpected, peer.",
     ),
     (
         TUNNEL_BYTES_TOTAL,

@@ -355,7 +355,13 @@ async fn write_loop(mut queue: OutQueue, mut closed: oneshot::Receiver<()>) {
         let Some(first) = chunk else { break };
         queue.take_writer(&mut io);
         let Some(writer) = io.as_mut() else { break };
-        match write_batch(writer, first, &mut queue).await {
+        // Flushed too: TLS may hold back part of what it took while the socket was
+        // full, and nothing else would drive it out.
+        let written = match write_batch(writer, first, &mut queue).await {
+            Ok(batch) => writer.flush().await.map(|()| batch),
+            Err(e) => Err(e),
+        };
+        match written {
             Ok((chunks, cost)) => queue.written(&mut io, chunks, cost),
             Err(_) => {
                 queue.close();

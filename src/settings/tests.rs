@@ -37,7 +37,7 @@ fn defaults_match_the_protocol() {
     assert_eq!(&*s.query.time_format, "%Y. %m. %d. %H:%M:%S");
     assert!(s.auth.require_known_user);
     assert_eq!(s.storage.backend, Backend::Embedded);
-    assert!(s.cluster_config().is_none(), "alone by default");
+    assert!(s.cluster_config().unwrap().is_none(), "alone by default");
 }
 
 #[test]
@@ -130,7 +130,17 @@ const EVERY_KEY: &[(&str, &str, Option<&str>)] = &[
     ("ELFIN__CLUSTER__TLS_CERT", "123", None),
     ("ELFIN__CLUSTER__TLS_KEY", "456", None),
     ("ELFIN__CLUSTER__REQUIRE_TLS", "true", None),
-    ("ELFIN__CLUSTER__TUNNEL_WINDOW_BYTES", "2097152", None),
+    // Any file of 32 bytes or more: the secret file wins over the secret.
+    ("ELFIN__CLUSTER__SECRET_FILE", "Cargo.toml", None),
+    (
+        "ELFIN__CLUSTER__SECRET",
+        "a secret of thirty-two bytes or more",
+        None,
+    ),
+    ("ELFIN__CLUSTER__PEER_LISTEN", "0.0.0.0:3101", None),
+    ("ELFIN__CLUSTER__PEER_ADVERTISE", "gw1.example:3101", None),
+    ("ELFIN__CLUSTER__PEER_CERT", "peer.pem", None),
+    ("ELFIN__CLUSTER__PEER_KEY", "peer-key.pem", None),
     ("ELFIN__CLUSTER__REQUEST_TIMEOUT_MS", "1500", None),
     ("ELFIN__CLUSTER__NODE_TIMEOUT_SECS", "5", None),
 ];
@@ -204,14 +214,16 @@ fn every_key_can_be_set_through_the_environment_and_keeps_its_value() {
     assert_eq!(config.limits.max_devices_per_user.get(), 50);
     assert_eq!(config.limits.new_devices_burst.get(), 9);
     assert_eq!(s.log.level, log::LevelFilter::Debug);
-    let cluster = s.cluster_config().unwrap();
+    let cluster = s.cluster_config().unwrap().unwrap();
     assert_eq!(cluster.servers, ["nats://n1:4222", "nats://n2:4222"]);
     assert_eq!(cluster.node, "1.2");
     assert_eq!(cluster.auth.token.as_deref(), Some("12345"));
     assert_eq!(cluster.auth.user, Some(("1e3".into(), "0x10".into())));
     assert_eq!(cluster.auth.nkey_seed.as_deref(), Some("true"));
     assert_eq!(cluster.node_timeout, Duration::from_secs(5));
-    assert_eq!(cluster.window, 2 << 20);
+    assert_eq!(cluster.peer_advertise.as_deref(), Some("gw1.example:3101"));
+    assert_eq!(cluster.peer_listen, "0.0.0.0:3101".parse().unwrap());
+    assert!(s.warnings()[0].contains("the file's secret is used"));
 }
 
 #[test]
@@ -231,6 +243,8 @@ fn a_list_key_takes_a_comma_separated_value_or_a_toml_array() {
         from_env(&[
             ("ELFIN__CLUSTER__NATS_URL", value),
             ("ELFIN__STORAGE__BACKEND", "mongodb"),
+            ("ELFIN__CLUSTER__SECRET", SECRET),
+            ("ELFIN__CLUSTER__PEER_LISTEN", "127.0.0.1:3101"),
         ])
         .unwrap()
         .cluster
@@ -240,8 +254,9 @@ fn a_list_key_takes_a_comma_separated_value_or_a_toml_array() {
         urls("nats://a:4222,tls://b:4222"),
         ["nats://a:4222", "tls://b:4222"]
     );
-    let text = "[storage]\nbackend = \"mongodb\"\n[cluster]\nnats_url = \"nats://a:4222, nats://b:4222\"\n";
-    let file = from_file(text, &[]);
+    let text = "[storage]\nbackend = \"mongodb\"\n[cluster]\nnats_url = \"nats://a:4222, nats://b:4222\"\n\
+                peer_listen = \"127.0.0.1:3101\"\n";
+    let file = from_file(text, &[("ELFIN__CLUSTER__SECRET", SECRET)]);
     assert_eq!(
         file.unwrap().cluster.nats_url,
         ["nats://a:4222", "nats://b:4222"]
@@ -359,6 +374,51 @@ fn rules_between_keys_name_their_key_and_its_origin() {
 }
 
 #[test]
+fn cluster_mode_needs_a_long_secret_and_a_peer_port() {
+    let mut cluster = vec![
+        ("ELFIN__CLUSTER__NATS_URL", "nats://127.0.0.1:4222"),
+        ("ELFIN__STORAGE__BACKEND", "mongodb"),
+    ];
+    assert_error(
+        from_env(&cluster),
+        &["cluster.secret", "openssl rand -hex 32"],
+    );
+    let short = [("ELFIN__CLUSTER__SECRET", "hunter2hunter2")];
+    let err = format!(
+        "{:#}",
+        from_env(&[&cluster[..], &short].concat()).unwrap_err()
+    );
+    assert!(
+        err.contains("fewer than 32") && err.contains("ELFIN__CLUSTER__SECRET"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "a secret never shows: {err}");
+    let missing = [("ELFIN__CLUSTER__SECRET_FILE", "/nonexistent/secret")];
+    assert_error(
+        from_env(&[&cluster[..], &missing].concat()),
+        &["cluster.secret_file", "/nonexistent/secret"],
+    );
+    cluster.push(("ELFIN__CLUSTER__SECRET", SECRET));
+    assert_error(from_env(&cluster), &["cluster.peer_listen", "0.0.0.0:3101"]);
+    cluster.push(("ELFIN__CLUSTER__PEER_LISTEN", "0.0.0.0:3101"));
+    assert_error(from_env(&cluster), &["cluster.peer_advertise", "host:port"]);
+    cluster.push(("ELFIN__CLUSTER__PEER_ADVERTISE", "gw1.example:3101"));
+    assert!(from_env(&cluster)
+        .unwrap()
+        .cluster_config()
+        .unwrap()
+        .is_some());
+    cluster.push(("ELFIN__CLUSTER__PEER_CERT", "peer.pem"));
+    assert_error(
+        from_env(&cluster),
+        &["cluster.peer_cert", "cluster.peer_key"],
+    );
+}
+
+/// A cluster secret for tests.
+const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+#[test]
 fn a_trusted_network_wider_than_a_slash_16_is_warned_about() {
     let narrow = from_env(&[("ELFIN__AUTH__TRUSTED_NETWORKS", "10.0.0.0/16,fd00::/48")]);
     assert!(narrow.unwrap().warnings().is_empty());
@@ -396,9 +456,11 @@ fn the_cluster_waits_for_a_silent_node_at_most_the_stall_time() {
         ("ELFIN__CLUSTER__NATS_URL", "nats://n1:4222"),
         ("ELFIN__STORAGE__BACKEND", "mongodb"),
         ("ELFIN__SERVER__TUNNEL_STALL_SECS", "5"),
+        ("ELFIN__CLUSTER__SECRET", SECRET),
+        ("ELFIN__CLUSTER__PEER_LISTEN", "127.0.0.1:3101"),
     ])
     .unwrap();
-    let c = s.cluster_config().unwrap();
+    let c = s.cluster_config().unwrap().unwrap();
     assert_eq!(c.node_timeout, Duration::from_secs(5));
     assert!(!c.node.is_empty(), "the host name");
 }

@@ -11,16 +11,22 @@
 //!   ([`Evict`](crate::registry::Evict)).
 //! - **Reaching devices elsewhere** (`requests.rs`). `connme`/`connthem` for a device
 //!   live on another node ask that node, on the device's subject, to tunnel it to a
-//!   [`remote::Remote`] here; `query` asks every node for the user's live devices
-//!   ([`Gather`]).
-//! - **Membership.** Every node says hello every so often; a node not heard from
-//!   for [`ClusterConfig::node_timeout`] is gone and its tunnels end. A lost NATS
+//!   [`remote::Remote`] here; it dials this node's peer port ([`peer`]) and the
+//!   tunnel's bytes go over that direct TLS connection. `query` asks every node for
+//!   the user's live devices ([`Gather`]).
+//! - **Membership.** Every node says hello every so often, with where it takes peer
+//!   connections and its certificate's fingerprint; a node not heard from for
+//!   [`ClusterConfig::node_timeout`] is gone and its tunnels end. A lost NATS
 //!   connection ends every cross-node tunnel; the client reconnects in the background
 //!   and subscribes again, which rebuilds presence.
 //!
+//! Every message between nodes is sealed with the cluster secret ([`bus`]): whoever
+//! else reaches NATS can neither speak as a node nor replay what one said.
 //! The shared MongoDB store does the rest: users, and devices' last-seen, are the same
 //! on every node.
 
+pub mod bus;
+pub mod peer;
 pub mod remote;
 mod requests;
 pub mod wire;
@@ -28,6 +34,7 @@ pub mod wire;
 pub use requests::{BeatsElsewhere, Gather, Open, Probe};
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +54,8 @@ use crate::device::DeviceKey;
 use crate::link::SessionId;
 use crate::metric;
 use crate::registry::{DeviceRegistry, Presence, Watch};
+use bus::{Bus, Keys, Rejected, Seal};
+use peer::{Expected, Identity, Known, PeerTls};
 use remote::{Lost, Remote, Tracked};
 use wire::{Ask, Hello, Subjects};
 
@@ -81,8 +90,23 @@ pub struct ClusterSettings {
     #[serde(with = "de::optional")]
     pub tls_key: Option<PathBuf>,
     pub require_tls: bool,
-    #[serde(deserialize_with = "tunnel_window")]
-    pub tunnel_window_bytes: u64,
+    /// Seals every message between nodes; at least [`bus::MIN_SECRET`] bytes.
+    #[serde(with = "de::optional")]
+    pub secret: Option<Secret>,
+    /// A file holding the secret instead.
+    #[serde(with = "de::optional")]
+    pub secret_file: Option<PathBuf>,
+    /// Where this node takes other nodes' tunnel connections.
+    #[serde(with = "de::optional")]
+    pub peer_listen: Option<SocketAddr>,
+    /// `host:port` other nodes dial; default: `peer_listen`.
+    #[serde(with = "de::optional")]
+    pub peer_advertise: Option<String>,
+    /// This node's certificate and key on the peer port; default: a fresh pair.
+    #[serde(with = "de::optional")]
+    pub peer_cert: Option<PathBuf>,
+    #[serde(with = "de::optional")]
+    pub peer_key: Option<PathBuf>,
     #[serde(rename = "request_timeout_ms", with = "de::positive_millis")]
     pub request_timeout: Duration,
     #[serde(rename = "node_timeout_secs", with = "de::positive_secs")]
@@ -105,24 +129,16 @@ impl Default for ClusterSettings {
             tls_cert: None,
             tls_key: None,
             require_tls: false,
-            tunnel_window_bytes: 1 << 20,
+            secret: None,
+            secret_file: None,
+            peer_listen: None,
+            peer_advertise: None,
+            peer_cert: None,
+            peer_key: None,
             request_timeout: Duration::from_secs(1),
             node_timeout: Duration::from_secs(10),
         }
     }
-}
-
-/// The smallest cross-node credit window: a few of the largest messages.
-const MIN_TUNNEL_WINDOW: u64 = 256 * 1024;
-
-fn tunnel_window<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    let bytes = u64::deserialize(d)?;
-    if bytes < MIN_TUNNEL_WINDOW {
-        return Err(serde::de::Error::custom(format!(
-            "{bytes}: must be at least {MIN_TUNNEL_WINDOW}"
-        )));
-    }
-    Ok(bytes)
 }
 
 fn subject_prefix<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -141,29 +157,61 @@ fn subject_prefix<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::E
     Ok(prefix)
 }
 
+/// A settings error: the key it is about, and why.
+pub type SettingError = (&'static str, String);
+
 impl ClusterSettings {
     /// How this node joins its cluster; `None` when it runs alone. A cross-node
-    /// tunnel end queues and stalls as a local connection does.
+    /// tunnel end queues and stalls as a local connection does. An error names the
+    /// key at fault (the secret's file is read here).
     pub fn config(
         &self,
         server: &crate::config::Server,
         limits: &crate::Limits,
-    ) -> Option<ClusterConfig> {
+    ) -> Result<Option<ClusterConfig>, SettingError> {
         if self.nats_url.is_empty() {
-            return None;
+            return Ok(None);
         }
+        let keys = Keys::derive(&self.read_secret()?);
+        let peer_listen = self.peer_listen.ok_or((
+            "cluster.peer_listen",
+            "cluster mode needs the address this node takes other nodes' tunnel \
+             connections on, e.g. 0.0.0.0:3101"
+                .into(),
+        ))?;
+        if self.peer_advertise.is_none() && peer_listen.ip().is_unspecified() {
+            return Err((
+                "cluster.peer_advertise",
+                format!(
+                    "cluster.peer_listen = {peer_listen} names no address other nodes \
+                     can dial: set cluster.peer_advertise to this node's host:port"
+                ),
+            ));
+        }
+        let identity = match (&self.peer_cert, &self.peer_key) {
+            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+            (None, None) => None,
+            _ => {
+                return Err((
+                    "cluster.peer_cert",
+                    "set cluster.peer_cert and cluster.peer_key both, or neither".into(),
+                ))
+            }
+        };
         let secret = |s: &Option<Secret>| s.as_ref().map(|s| s.expose().to_owned());
         let node = self
             .node_id
             .clone()
             .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned());
-        Some(ClusterConfig {
+        let subject_key = match &self.subject_key {
+            Some(key) => key.expose().to_owned(),
+            None => keys.subjects.clone(),
+        };
+        Ok(Some(ClusterConfig {
             servers: self.nats_url.clone(),
             node,
-            subjects: Subjects::new(
-                &self.subject_prefix,
-                self.subject_key.as_ref().map_or("", Secret::expose),
-            ),
+            subjects: Subjects::new(&self.subject_prefix, &subject_key),
+            keys: Arc::new(keys),
             auth: NatsAuth {
                 token: secret(&self.token),
                 user: self.user.clone().zip(secret(&self.password)),
@@ -173,14 +221,58 @@ impl ClusterSettings {
                 tls_client: self.tls_cert.clone().zip(self.tls_key.clone()),
                 require_tls: self.require_tls,
             },
-            window: self.tunnel_window_bytes,
+            peer_listen,
+            peer_advertise: self.peer_advertise.clone(),
+            identity,
             request_timeout: self.request_timeout,
             // A silent node's tunnels end within the stall time, as a stalled one's.
             node_timeout: self.node_timeout.min(server.tunnel_stall),
             stall: server.tunnel_stall,
             out_chunks: server.output_queue_chunks.get(),
             out_bytes: limits.output_queue_bytes.get(),
-        })
+        }))
+    }
+
+    /// The cluster secret, from `secret_file` if set, else `secret`.
+    fn read_secret(&self) -> Result<Vec<u8>, SettingError> {
+        let secret = match (&self.secret_file, &self.secret) {
+            (Some(path), _) => {
+                let mut bytes = std::fs::read(path)
+                    .map_err(|e| ("cluster.secret_file", format!("{}: {e}", path.display())))?;
+                while bytes.last().is_some_and(u8::is_ascii_whitespace) {
+                    bytes.pop();
+                }
+                bytes
+            }
+            (None, Some(secret)) => secret.expose().as_bytes().to_vec(),
+            (None, None) => {
+                return Err((
+                    "cluster.secret",
+                    format!(
+                        "cluster mode needs a secret shared by every node (or \
+                         cluster.secret_file), at least {} bytes: make one with \
+                         `openssl rand -hex 32`",
+                        bus::MIN_SECRET
+                    ),
+                ))
+            }
+        };
+        if secret.len() < bus::MIN_SECRET {
+            let key = match self.secret_file {
+                Some(_) => "cluster.secret_file",
+                None => "cluster.secret",
+            };
+            return Err((
+                key,
+                format!(
+                    "the cluster secret has {} bytes, fewer than {}: make one with \
+                     `openssl rand -hex 32`",
+                    secret.len(),
+                    bus::MIN_SECRET
+                ),
+            ));
+        }
+        Ok(secret)
     }
 }
 
@@ -192,9 +284,15 @@ pub struct ClusterConfig {
     /// This node's name, unique in the cluster.
     pub node: String,
     pub subjects: Subjects,
+    /// Keys from the cluster secret.
+    pub keys: Arc<Keys>,
     pub auth: NatsAuth,
-    /// Bytes a cross-node tunnel end may send ahead of the other end's reading.
-    pub window: u64,
+    /// Where this node takes peer connections, and the address other nodes dial
+    /// (default: the bound `peer_listen`).
+    pub peer_listen: SocketAddr,
+    pub peer_advertise: Option<String>,
+    /// The peer certificate and key files, if not a fresh pair.
+    pub identity: Option<(PathBuf, PathBuf)>,
     /// How long a request to another node waits for its answer.
     pub request_timeout: Duration,
     /// A node not heard from for this long is gone.
@@ -258,11 +356,23 @@ pub enum JoinError {
     Credentials(std::io::Error),
     #[error("NATS: {0}")]
     Nats(String),
+    #[error("cluster.peer_cert: {0}")]
+    Identity(#[from] peer::IdentityError),
+    #[error("cluster.peer_listen {0}: {1}")]
+    PeerListen(SocketAddr, std::io::Error),
+    #[error("peer TLS: {0}")]
+    PeerTls(#[from] rustls::Error),
 }
 
 pub struct Cluster {
-    nats: Client,
+    bus: Bus,
     config: Arc<ClusterConfig>,
+    /// What this node says in its hellos.
+    hello: Hello,
+    /// The certificates of the nodes in `nodes`, for the peer port.
+    known: Known,
+    peer_tls: Arc<PeerTls>,
+    expected: Arc<Expected>,
     registry: Addr<DeviceRegistry>,
     bridge: Addr<BridgeManager>,
     /// Devices live here.
@@ -275,11 +385,22 @@ pub struct Cluster {
     /// Users with devices live here, by their name in `query` requests: uuid, and how
     /// many devices.
     users: HashMap<String, (ByteString, usize)>,
-    /// Other nodes, and when each last said hello.
-    nodes: HashMap<String, Instant>,
+    /// Other nodes, from their hellos.
+    nodes: HashMap<String, Node>,
     /// Cross-node tunnel ends here, with the node of their other end.
     remotes: HashMap<SessionId, (String, Addr<Remote>)>,
     connected: bool,
+}
+
+/// Another node, as its hellos tell.
+#[derive(Debug, Clone)]
+struct Node {
+    seen: Instant,
+    started_ms: i64,
+    /// Where it takes peer connections.
+    peer: String,
+    /// Its certificate there.
+    fingerprint: String,
 }
 
 /// A device live on this node.
@@ -301,13 +422,41 @@ enum Incoming {
     Hello(Message),
 }
 
-/// Connects to NATS (in the background: a node whose NATS is down runs alone until it
-/// answers) and starts this node's [`Cluster`] actor.
+/// Opens the peer port, connects to NATS (in the background: a node whose NATS is
+/// down runs alone until it answers) and starts this node's [`Cluster`] actor.
 pub async fn join(
     config: ClusterConfig,
     registry: Addr<DeviceRegistry>,
     bridge: Addr<BridgeManager>,
 ) -> Result<Addr<Cluster>, JoinError> {
+    let identity = match &config.identity {
+        Some((cert, key)) => Identity::load(cert, key)?,
+        None => Identity::generate(&config.node),
+    };
+    let known = Known::default();
+    let fingerprint = identity.fingerprint.clone();
+    let peer_tls = Arc::new(PeerTls::new(Arc::new(identity), known.clone())?);
+    let listener = tokio::net::TcpListener::bind(config.peer_listen)
+        .await
+        .map_err(|e| JoinError::PeerListen(config.peer_listen, e))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| JoinError::PeerListen(config.peer_listen, e))?;
+    let hello = Hello {
+        peer: config.peer_advertise.clone().unwrap_or(bound.to_string()),
+        fingerprint,
+        started_ms: chrono::Utc::now().timestamp_millis(),
+    };
+    let seal = Arc::new(Seal::new(config.node.clone(), &config.keys));
+    let expected = Arc::new(Expected::default());
+    actix_rt::spawn(peer::listen(
+        listener,
+        peer_tls.clone(),
+        expected.clone(),
+        seal.clone(),
+        config.request_timeout,
+        config.node_timeout,
+    ));
     let (events, incoming) = tokio::sync::mpsc::unbounded_channel();
     let nats = config
         .auth
@@ -322,8 +471,6 @@ pub async fn join(
         .reconnect_delay_callback(|attempts| {
             Duration::from_millis(100u64 << attempts.min(5)).min(Duration::from_secs(2))
         })
-        // Enough for a full credit window of the smallest messages, per tunnel.
-        .subscription_capacity((config.window / remote::MESSAGE_COST) as usize + 1024)
         .event_callback(move |event| {
             let events = events.clone();
             async move {
@@ -336,19 +483,30 @@ pub async fn join(
     let query = Subscription::new(&nats, config.subjects.query())
         .await
         .map_err(|e| JoinError::Nats(e.to_string()))?;
-    let hello = Subscription::new(&nats, config.subjects.hello())
+    let hellos = Subscription::new(&nats, config.subjects.hello())
         .await
         .map_err(|e| JoinError::Nats(e.to_string()))?;
+    log::info!(
+        "cluster node {}: tunnels from other nodes on {bound}, advertised as {}, \
+         certificate sha256 {}",
+        config.node,
+        hello.peer,
+        hello.fingerprint
+    );
     let watched = registry.clone();
     let (devices, device_streams) = tokio::sync::mpsc::unbounded_channel();
     let cluster = Cluster::create(move |ctx| {
         ctx.add_stream(tokio_stream_of(incoming).map(Incoming::Event));
         ctx.add_stream(query.map(Incoming::Query));
-        ctx.add_stream(hello.map(Incoming::Hello));
+        ctx.add_stream(hellos.map(Incoming::Hello));
         ctx.add_stream(tokio_stream_of(device_streams).flatten_unordered(None));
         Cluster {
-            nats,
+            bus: Bus { nats, seal },
             config: Arc::new(config),
+            hello,
+            known,
+            peer_tls,
+            expected,
             registry,
             bridge,
             held: HashMap::new(),
@@ -436,10 +594,7 @@ impl Cluster {
     }
 
     fn say_hello(&self) {
-        let hello = Hello {
-            node: self.config.node.clone(),
-        };
-        self.publish(self.config.subjects.hello(), wire::encode(&hello));
+        self.publish(self.config.subjects.hello(), &self.hello);
     }
 
     /// Says hello, and ends the tunnels of nodes that stopped saying it.
@@ -449,16 +604,26 @@ impl Cluster {
         let gone: Vec<String> = self
             .nodes
             .iter()
-            .filter(|(_, seen)| seen.elapsed() >= timeout)
-            .map(|(node, _)| node.clone())
+            .filter(|(_, node)| node.seen.elapsed() >= timeout)
+            .map(|(name, _)| name.clone())
             .collect();
-        for node in gone {
-            self.nodes.remove(&node);
-            let why = format!("node {node} stopped answering for {timeout:?}");
-            let ends = self.end_tunnels(|n| *n == node, &why);
+        for name in gone {
+            self.forget(&name);
+            let why = format!("node {name} stopped answering for {timeout:?}");
+            let ends = self.end_tunnels(|n| *n == name, &why);
             log::warn!("{why}; ended its {ends} cross-node tunnel ends");
         }
         self.report();
+    }
+
+    /// Drops a node from the membership, and its certificate from the peer port.
+    fn forget(&mut self, name: &str) {
+        if let Some(node) = self.nodes.remove(name) {
+            self.known
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&node.fingerprint);
+        }
     }
 
     /// Ends the cross-node tunnel ends whose other node `matches`; returns how many.
@@ -473,16 +638,18 @@ impl Cluster {
         ended
     }
 
-    fn publish(&self, subject: String, payload: bytes::Bytes) {
-        let nats = self.nats.clone();
+    /// Publishes `message`, sealed, without waiting.
+    fn publish<T: Serialize>(&self, subject: String, message: &T) {
+        let (bus, payload) = (self.bus.clone(), bus::encode(message));
         actix_rt::spawn(async move {
-            let _ = nats.publish(subject, payload).await;
+            bus.publish_raw(subject, payload).await;
         });
     }
 
-    fn reply(&self, to: &Message, payload: bytes::Bytes) {
+    /// Answers `to`, sealed, without waiting.
+    fn reply<T: Serialize>(&self, to: &Message, answer: &T) {
         if let Some(reply) = &to.reply {
-            self.publish(reply.to_string(), payload);
+            self.publish(reply.to_string(), answer);
         }
     }
 
@@ -503,7 +670,10 @@ impl Cluster {
             }
             Event::Disconnected => {
                 self.connected = false;
-                self.nodes.clear();
+                let names: Vec<String> = self.nodes.keys().cloned().collect();
+                for name in names {
+                    self.forget(&name);
+                }
                 let ended = self.end_tunnels(|_| true, "the NATS connection was lost");
                 log::warn!(
                     "lost the NATS connection: {ended} cross-node tunnel ends closed; local \
@@ -519,23 +689,54 @@ impl Cluster {
     }
 
     fn hello_message(&mut self, message: Message) {
-        let Ok(hello) = serde_json::from_slice::<Hello>(&message.payload) else {
+        let Some((name, hello)) = self.bus.open::<Hello>(&message) else {
             return;
         };
-        if hello.node == self.config.node {
+        if name == self.config.node {
             // Its own hellos never come back (no echo): another node has its name.
-            log::warn!(
-                "another node calls itself {:?}: give each node its own cluster.node_id",
-                hello.node
-            );
+            self.bus.seal.reject(Rejected::Unexpected, || {
+                format!("a hello from another node calling itself {name:?}: give each node its own cluster.node_id")
+            });
             return;
         }
-        if self
+        if let Some(known) = self.nodes.get(&name) {
+            let fresh = known.seen.elapsed() < self.config.node_timeout;
+            if known.fingerprint != hello.fingerprint
+                && fresh
+                && hello.started_ms <= known.started_ms
+            {
+                // Two nodes under one name, both holding the secret.
+                self.bus.seal.reject(Rejected::Unexpected, || {
+                    format!(
+                        "a hello from a second node calling itself {name:?} (peer {}): \
+                         give each node its own cluster.node_id",
+                        hello.peer
+                    )
+                });
+                return;
+            }
+        }
+        let node = Node {
+            seen: Instant::now(),
+            started_ms: hello.started_ms,
+            peer: hello.peer,
+            fingerprint: hello.fingerprint,
+        };
+        let restarted = self
             .nodes
-            .insert(hello.node.clone(), Instant::now())
-            .is_none()
-        {
-            log::info!("cluster node {} is up", hello.node);
+            .get(&name)
+            .is_some_and(|old| old.fingerprint != node.fingerprint);
+        if restarted {
+            log::info!("cluster node {name} restarted");
+            self.forget(&name);
+            self.end_tunnels(|n| *n == name, &format!("node {name} restarted"));
+        }
+        self.known
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.fingerprint.clone(), name.clone());
+        if self.nodes.insert(name.clone(), node).is_none() {
+            log::info!("cluster node {name} is up");
             // So that it knows of this node at once, not at the next hello.
             self.say_hello();
             self.report();
@@ -546,12 +747,8 @@ impl Cluster {
     /// it a re-claim, after the NATS connection came back: only a holder whose own
     /// connection of the device is older gives it up.
     fn claim(&self, device: &DeviceKey, since_ms: Option<i64>) {
-        let claim = Ask::Claim {
-            node: self.config.node.clone(),
-            since_ms,
-        };
         let subject = self.config.subjects.device(&device.uuid, &device.mac);
-        self.publish(subject, wire::encode(&claim));
+        self.publish(subject, &Ask::Claim { since_ms });
     }
 
     fn online(&mut self, key: DeviceKey) {
@@ -565,7 +762,7 @@ impl Cluster {
             .1 += 1;
         self.claim(&key, None);
         let (nats, subject) = (
-            self.nats.clone(),
+            self.bus.nats.clone(),
             self.config.subjects.device(&key.uuid, &key.mac),
         );
         let subscribed = async move { Subscription::new(&nats, subject).await.ok() };
@@ -680,7 +877,7 @@ impl Handler<Leave> for Cluster {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, _: Leave, _: &mut Context<Self>) -> Self::Result {
-        let nats = self.nats.clone();
+        let nats = self.bus.nats.clone();
         Box::pin(async move {
             let _ = tokio::time::timeout(Duration::from_secs(1), nats.flush()).await;
         })

@@ -2,70 +2,50 @@
 //!
 //! To the bridge and to the local session it is tunnelled to, a `Remote` is one more
 //! connection: it has a [`PeerLink`] and an [`Outbox`] the session writes payload
-//! into, and it writes payload into the session's. Its outbox's "socket" is a
-//! `NatsWriter`, so the session writes straight into NATS while nothing waits, and
-//! the usual writer task drains the queue otherwise. Between the two nodes, each end
-//! has two subjects: its data inbox (payload in order, then one `Close`) and
-//! `<inbox>.credit`.
+//! into, and it writes payload into the session's. Its outbox's socket is the write
+//! half of the tunnel's peer connection to the other node ([`super::peer`]); a task
+//! reads the other half into the local end's outbox.
 //!
-//! Flow control is a credit window, end to end: a sender may have `window` bytes
-//! (each message also costs [`MESSAGE_COST`], which bounds the message count too) that
-//! the receiver has not yet handed to its connection's output queue; the receiver
-//! grants credit back as it hands bytes on. A slow reader fills its own output queue,
-//! stops granting, its far end's outbox fills, and the far session stops reading its
-//! socket: nothing buffers without bound. An end that cannot hand bytes on for the
-//! stall time ends the tunnel, as a local tunnel would.
+//! Flow control is TCP's, end to end: a slow reader fills its own output queue, this
+//! end stops reading the peer connection, the other node's end cannot write, its
+//! outbox fills, and the far session stops reading its socket: nothing buffers
+//! without bound. An end that cannot hand bytes on for the stall time ends the tunnel,
+//! as a local tunnel would.
 //!
 //! Both ends learn when the other closes: a local end that goes away makes its
-//! `Remote` send what is queued and then `Close`; a `Close` received makes the other
-//! `Remote` leave the tunnel, so the bridge tells its session. A node that stops
-//! answering or a lost NATS connection ends the tunnel through [`Lost`].
+//! `Remote` write what is queued and then close the connection; the other `Remote`
+//! reads the end of the stream and leaves the tunnel, so the bridge tells its session.
+//! A node that stops answering, a lost NATS connection or a cut peer connection ends
+//! the tunnel through [`Lost`] or the end of the stream.
 
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::Poll;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use async_nats::{Client, HeaderMap, PublishError, Subject};
-use bytes::{Bytes, BytesMut};
-use futures::future::BoxFuture;
 use futures::StreamExt;
-use tokio::io::AsyncWrite;
 use tokio::sync::oneshot;
 
-use super::wire::{self, Close, CONTROL};
-use super::Subscription;
+use super::peer;
 use crate::bridge::{BridgeManager, Cause, Unlink};
+use crate::connection::ReadChunks;
 use crate::link::{next_session_id, Meter, PeerEvent, PeerLink, SessionId, Tunnel, TunnelId};
 use crate::metric;
 use crate::outbox::{Bounds, Outbox, Unsent};
 use crate::tls::Transport;
 
-/// Credit each NATS message costs beyond its bytes: a window of W bytes allows at most
-/// W / MESSAGE_COST messages in flight, so a subscriber's buffer never overflows.
-pub const MESSAGE_COST: u64 = 256;
-
-/// The largest message a tunnel end sends (NATS servers take 1 MB by default).
-pub const MAX_MESSAGE: usize = 128 * 1024;
+/// The largest read from a peer connection.
+const READ_SIZE: usize = 64 * 1024;
 
 /// What a new [`Remote`] needs.
 pub struct Parts {
-    pub nats: Client,
+    /// The tunnel's connection to the other node.
+    pub stream: peer::Stream,
     /// The node the other end is on.
     pub node: String,
-    /// This end's subscriptions: its data inbox, and `<inbox>.credit`.
-    pub data: Subscription,
-    pub credits: Subscription,
-    /// The other end's data inbox.
-    pub peer_inbox: String,
     /// The address of the connection the other end stands for (for logs).
     pub remote: SocketAddr,
-    /// Bytes this end may send before the other grants more (its receive window).
-    pub send_credit: u64,
-    /// This end grants credit back each time it has handed on a quarter of this.
-    pub receive_window: u64,
     pub stall: Duration,
     /// This end's output queue, in chunks and bytes.
     pub out_chunks: usize,
@@ -100,9 +80,11 @@ pub struct Remote {
     /// Hands the local end to the receiving task once the tunnel is linked.
     linked: Option<oneshot::Sender<(PeerLink, Meter)>>,
     receive: Option<Receive>,
-    /// Dropped when this end closes: its writer task sends what is queued, then
-    /// `Close`.
+    /// Dropped when this end closes: its writer task writes what is queued, then
+    /// closes the connection.
     _closing: oneshot::Sender<()>,
+    /// Dropped when this end stops: the receiving task reads to the end.
+    _gone: oneshot::Sender<()>,
     stall: Duration,
     bridge: Addr<BridgeManager>,
     tracker: Recipient<Tracked>,
@@ -110,52 +92,42 @@ pub struct Remote {
 
 /// The receiving task's parts, until the actor starts it.
 struct Receive {
-    data: Subscription,
+    read: ReadChunks,
     linked: oneshot::Receiver<(PeerLink, Meter)>,
-    nats: Client,
-    credit_to: Subject,
-    window: u64,
+    /// Ends when the actor stops.
+    gone: oneshot::Receiver<()>,
 }
 
 /// Starts a `Remote`; returns its link, to tunnel a local connection to.
 pub fn start(parts: Parts) -> PeerLink {
     let Parts {
-        nats,
+        stream,
         node,
-        data,
-        credits,
-        peer_inbox,
         remote,
-        send_credit,
-        receive_window,
         stall,
         out_chunks,
         out_bytes,
         bridge,
         tracker,
     } = parts;
-    let writer = NatsWriter {
-        nats: nats.clone(),
-        to: peer_inbox.clone().into(),
-        credits,
-        credit: send_credit,
-        pending: None,
-        closed: false,
-    };
+    let (read, write) = tokio::io::split(stream);
     let (closing, closed) = oneshot::channel();
+    // Through the writer task only: it flushes what TLS holds back, and closes.
     let bounds = Bounds {
         chunks: out_chunks,
         bytes: out_bytes,
-        direct: true,
+        direct: false,
     };
     let out = Outbox::new(
         bounds,
-        Box::new(writer),
+        Box::new(write),
         actix_rt::Arbiter::current(),
         closed,
     );
     let (linked, on_link) = oneshot::channel();
+    let (gone_tx, gone) = oneshot::channel();
     let id = next_session_id();
+    let read = ReadChunks::new(Box::new(read), Arc::new(AtomicUsize::new(READ_SIZE)));
     let addr = Remote {
         id,
         node,
@@ -164,13 +136,12 @@ pub fn start(parts: Parts) -> PeerLink {
         out: out.clone(),
         linked: Some(linked),
         receive: Some(Receive {
-            data,
+            read,
             linked: on_link,
-            nats,
-            credit_to: format!("{peer_inbox}.credit").into(),
-            window: receive_window,
+            gone,
         }),
         _closing: closing,
+        _gone: gone_tx,
         stall,
         bridge,
         tracker,
@@ -196,18 +167,14 @@ impl Actor for Remote {
             end: ctx.address(),
         });
         if let Some(receive) = self.receive.take() {
-            let stall = self.stall;
-            ctx.spawn(
-                receive
-                    .run(stall)
-                    .into_actor(self)
-                    .map(|ended, act, ctx| act.ended(ended, ctx)),
-            );
+            let (stall, me) = (self.stall, ctx.address());
+            actix_rt::spawn(receive.run(stall, me));
         }
     }
 
-    /// Closes the output: what is queued goes out, then `Close` (dropping `_closing`
-    /// tells a running writer task; an unused writer sends it when dropped).
+    /// Closes the output: what is queued goes out, then the connection closes
+    /// (dropping `_closing` tells a running writer task; an unused writer is dropped).
+    /// The receiving task hears it through `_gone` and reads to the end.
     fn stopped(&mut self, _: &mut Context<Self>) {
         self.out.close_unused();
         self.tracker.do_send(Tracked::Closed(self.id));
@@ -223,8 +190,12 @@ impl Remote {
         });
         ctx.stop();
     }
+}
 
-    fn ended(&mut self, ended: Ended, ctx: &mut Context<Self>) {
+impl Handler<Ended> for Remote {
+    type Result = ();
+
+    fn handle(&mut self, ended: Ended, ctx: &mut Context<Self>) {
         match ended {
             Ended::Closed(reason) => {
                 log::info!(
@@ -235,11 +206,10 @@ impl Remote {
                 );
                 self.leave(Cause::Closed, ctx);
             }
-            // The bridge logs the stall; the other node hears `Close`.
+            // The bridge logs the stall; the other node reads the end of the stream.
             Ended::Stalled => self.leave(Cause::Stalled(self.stall), ctx),
             // The local end is closing; its `Unlinked` stops this end.
             Ended::LocalGone => {}
-            Ended::Unsubscribed => ctx.notify(Lost("its NATS subscription ended".into())),
         }
     }
 }
@@ -259,7 +229,7 @@ impl Handler<PeerEvent> for Remote {
                     let _ = linked.send((peer, sent));
                 }
             }
-            // The local end left: what it sent goes out, then `Close`.
+            // The local end left: what it sent goes out, then the connection closes.
             PeerEvent::Unlinked { tunnel, .. } if tunnel >= self.tunnel => ctx.stop(),
             PeerEvent::Unlinked { .. } | PeerEvent::Replaced { .. } => {}
         }
@@ -281,206 +251,72 @@ impl Handler<Lost> for Remote {
     }
 }
 
-/// Why the receiving task ended.
+/// Why the receiving task stopped handing bytes on.
+#[derive(Message)]
+#[rtype(result = "()")]
 enum Ended {
-    /// The other end sent `Close`.
+    /// The other end closed the connection, or it broke.
     Closed(String),
     /// The local end took nothing for the stall time.
     Stalled,
     /// The local end is closing.
     LocalGone,
-    Unsubscribed,
 }
+
+/// How long a closing end reads what the other node still sends, so that its own
+/// close reaches the other node as the end of the stream after everything it wrote,
+/// not as a reset that could discard it.
+const CLOSE_DRAIN: Duration = Duration::from_secs(5);
 
 impl Receive {
-    /// Hands payload from the other node to the local end, in order, granting credit
-    /// back as it goes.
-    async fn run(self, stall: Duration) -> Ended {
+    /// Hands payload from the other node to the local end, in order; tells `me` why
+    /// it stopped, then reads to the end of the stream.
+    async fn run(self, stall: Duration, me: Addr<Remote>) {
         let Receive {
-            mut data,
+            mut read,
             linked,
-            nats,
-            credit_to,
-            window,
+            mut gone,
         } = self;
-        let Ok((peer, sent)) = linked.await else {
-            return Ended::LocalGone;
+        let ended = tokio::select! {
+            linked = linked => match linked {
+                Ok((peer, sent)) => hand_on(&mut read, &peer, &sent, stall, &mut gone).await,
+                Err(_) => Ended::LocalGone,
+            },
+            _ = &mut gone => Ended::LocalGone,
         };
-        let mut consumed = 0u64;
-        while let Some(message) = data.next().await {
-            if message
-                .headers
-                .as_ref()
-                .is_some_and(|h| h.get(CONTROL).is_some())
-            {
-                let close: Option<Close> = serde_json::from_slice(&message.payload).ok();
-                return Ended::Closed(close.map_or_else(|| "closed".into(), |c| c.reason));
-            }
-            let len = message.payload.len() as u64;
-            match peer.out.send_within(message.payload, stall).await {
-                Ok(()) => {}
-                Err(Unsent::Closed) => return Ended::LocalGone,
-                Err(Unsent::Stalled) => return Ended::Stalled,
-            }
-            sent.add(len);
-            consumed += len + MESSAGE_COST;
-            if consumed >= window / 4 {
-                let grant = Bytes::from(consumed.to_string());
-                if nats.publish(credit_to.clone(), grant).await.is_err() {
-                    return Ended::Unsubscribed;
-                }
-                consumed = 0;
-            }
+        let drain = !matches!(ended, Ended::Closed(_));
+        me.do_send(ended);
+        if drain {
+            let rest = async { while let Some(Ok(_)) = read.next().await {} };
+            let _ = tokio::time::timeout(CLOSE_DRAIN, rest).await;
         }
-        Ended::Unsubscribed
     }
 }
 
-/// The write half of a cross-node end: what is written goes to the other end's data
-/// inbox as NATS messages, as far as credit allows; shutting it down (or dropping it)
-/// sends `Close` after them. The connection's writer task drives it like a socket, and
-/// senders write into it directly while nothing waits. A write that publishes returns
-/// `Pending` until the client has taken the message, and answers the repeated write
-/// with its length: the outbox's contract for a write half (see [`crate::outbox`]).
-struct NatsWriter {
-    nats: Client,
-    to: Subject,
-    credits: Subscription,
-    credit: u64,
-    /// A message handed to the client that it has not taken yet, and its length: the
-    /// write that made it is answered once it is taken (the caller repeats that
-    /// write, so no byte is sent twice).
-    pending: Option<(BoxFuture<'static, Result<(), PublishError>>, usize)>,
-    closed: bool,
-}
-
-impl NatsWriter {
-    /// Credit granted so far; how many bytes may go in the next message.
-    fn poll_room(&mut self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<usize>> {
-        while let Poll::Ready(grant) = self.credits.poll_next_unpin(cx) {
-            let Some(grant) = grant else {
-                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
-            };
-            let granted = std::str::from_utf8(&grant.payload)
-                .ok()
-                .and_then(|g| g.parse::<u64>().ok());
-            self.credit += granted.unwrap_or(0);
-        }
-        match self.credit.saturating_sub(MESSAGE_COST) {
-            0 => Poll::Pending,
-            room => Poll::Ready(Ok(room.min(MAX_MESSAGE as u64) as usize)),
-        }
-    }
-
-    /// Publishes `message`; `Pending` keeps it for the repeated write.
-    fn publish(
-        &mut self,
-        message: Bytes,
-        cx: &mut std::task::Context<'_>,
-    ) -> Poll<io::Result<usize>> {
-        let len = message.len();
-        self.credit -= len as u64 + MESSAGE_COST;
-        let (nats, to) = (self.nats.clone(), self.to.clone());
-        self.pending = Some((
-            Box::pin(async move { nats.publish(to, message).await }),
-            len,
-        ));
-        self.poll_pending(cx).map_ok(|()| len)
-    }
-
-    fn poll_pending(&mut self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
-        if let Some((publishing, _)) = &mut self.pending {
-            let published = std::task::ready!(publishing.as_mut().poll(cx));
-            self.pending = None;
-            published.map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, e))?;
-        }
-        Poll::Ready(Ok(()))
-    }
-
-    fn close_message(&self) -> (HeaderMap, Bytes) {
-        let mut headers = HeaderMap::new();
-        headers.insert(CONTROL, "close");
-        let close = Close {
-            reason: "the other end closed".into(),
+/// Reads the peer connection into the local end's outbox until either side ends.
+async fn hand_on(
+    read: &mut ReadChunks,
+    peer: &PeerLink,
+    sent: &Meter,
+    stall: Duration,
+    gone: &mut oneshot::Receiver<()>,
+) -> Ended {
+    loop {
+        let chunk = tokio::select! {
+            chunk = read.next() => chunk,
+            // This end stopped (its local end left, or its node was lost).
+            _ = &mut *gone => return Ended::LocalGone,
         };
-        (headers, wire::encode(&close))
-    }
-}
-
-impl AsyncWrite for NatsWriter {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
-    }
-
-    /// One message of as many of `bufs` as credit allows.
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if let Some((_, len)) = this.pending {
-            return this.poll_pending(cx).map_ok(|()| len);
-        }
-        let room = std::task::ready!(this.poll_room(cx))?;
-        let mut message = BytesMut::with_capacity(room.min(bufs.iter().map(|b| b.len()).sum()));
-        for buf in bufs {
-            let take = buf.len().min(room - message.len());
-            message.extend_from_slice(&buf[..take]);
-        }
-        if message.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        this.publish(message.freeze(), cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().poll_pending(cx)
-    }
-
-    fn poll_shutdown(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        std::task::ready!(this.poll_pending(cx))?;
-        if !this.closed {
-            this.closed = true;
-            let (nats, to) = (this.nats.clone(), this.to.clone());
-            let (headers, close) = this.close_message();
-            let publishing = async move { nats.publish_with_headers(to, headers, close).await };
-            this.pending = Some((Box::pin(publishing), 0));
-        }
-        this.poll_pending(cx)
-    }
-}
-
-impl Drop for NatsWriter {
-    /// A writer dropped without a shutdown (its writer task never ran) still ends
-    /// the stream with `Close`, after everything it sent.
-    fn drop(&mut self) {
-        if self.closed {
-            return;
-        }
-        let (nats, to) = (self.nats.clone(), self.to.clone());
-        let (headers, close) = self.close_message();
-        let pending = self.pending.take();
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
+        let chunk = match chunk {
+            Some(Ok(chunk)) => chunk.freeze(),
+            None => return Ended::Closed("closed".into()),
+            Some(Err(e)) => return Ended::Closed(format!("connection lost: {e}")),
         };
-        runtime.spawn(async move {
-            if let Some((publishing, _)) = pending {
-                let _ = publishing.await;
-            }
-            let _ = nats.publish_with_headers(to, headers, close).await;
-        });
+        let len = chunk.len() as u64;
+        match peer.out.send_within(chunk, stall).await {
+            Ok(()) => sent.add(len),
+            Err(Unsent::Closed) => return Ended::LocalGone,
+            Err(Unsent::Stalled) => return Ended::Stalled,
+        }
     }
 }

@@ -4,19 +4,29 @@
 //!
 //! [`Command`](crate::command::Command) asks through [`Probe`], [`Open`] and [`Gather`]
 //! when a device is not live on this node; the [`Cluster`] actor answers what other
-//! nodes ask.
+//! nodes ask. Every request and answer goes through the [`Bus`](super::bus::Bus),
+//! which seals and opens them.
+//!
+//! Opening a tunnel across nodes: the node where the client is (the asker) makes a
+//! one-time token and asks on the device's subject; the node holding the device
+//! dials the asker's peer port (pinned to the certificate its hello announced),
+//! presents the token, and answers `opened` once the asker has attached it. The asker
+//! takes the connection only from the node that answered.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use actix::prelude::*;
-use async_nats::{Client, Message};
+use async_nats::Message;
 use bytestring::ByteString;
 use futures::StreamExt;
 use tokio::time::Instant;
 
+use super::bus::{hex, Rejected};
+use super::peer::{self, Token};
 use super::remote::{self, Tracked};
-use super::wire::{self, Answer, Ask, LiveElsewhere, QueryAnswer, QueryAsk, WireRole};
-use super::{Cluster, ClusterConfig, Subscription};
+use super::wire::{Answer, Ask, LiveElsewhere, QueryAnswer, QueryAsk, WireRole};
+use super::{Cluster, ClusterConfig, Node};
 use crate::bridge::{BridgeManager, Link};
 use crate::device::DeviceKey;
 use crate::link::{End, PeerLink};
@@ -31,12 +41,11 @@ impl Cluster {
         message: Message,
         ctx: &mut Context<Self>,
     ) {
-        let Ok(ask) = serde_json::from_slice::<Ask>(&message.payload) else {
-            log::debug!("cluster: unreadable request on {}", message.subject);
+        let Some((node, ask)) = self.bus.open::<Ask>(&message) else {
             return;
         };
         match ask {
-            Ask::Claim { node, since_ms } => {
+            Ask::Claim { since_ms } => {
                 let ours = self.held.get(&key).map(|h| h.since_ms);
                 if gives_way(ours, &self.config.node, since_ms, &node) {
                     log::info!(
@@ -53,81 +62,104 @@ impl Cluster {
             Ask::Probe => {
                 let lookup = self.registry.send(Lookup(key));
                 ctx.spawn(lookup.into_actor(self).map(move |found, act, _| {
-                    act.reply(&message, present(found.ok().flatten().is_some()));
+                    act.reply(&message, &present(found.ok().flatten().is_some()));
                 }));
             }
             Ask::Beating => {
                 let beats = self.registry.send(StillBeats(key));
                 ctx.spawn(beats.into_actor(self).map(move |beats, act, _| {
-                    act.reply(&message, present(beats.unwrap_or(false)));
+                    act.reply(&message, &present(beats.unwrap_or(false)));
                 }));
             }
             Ask::Open {
-                node,
-                inbox,
+                token,
                 remote,
                 role,
-                window,
             } => {
-                let far = Far {
-                    node,
-                    inbox,
-                    remote,
-                    window,
+                let Some(far) = self.nodes.get(&node).cloned() else {
+                    self.bus.seal.reject(Rejected::Unexpected, || {
+                        format!("an open from node {node}, not heard from yet")
+                    });
+                    return;
                 };
-                let accept = self.accept(key, far, role, ctx);
+                let Some(token) = unhex_token(&token) else {
+                    self.bus.seal.reject(Rejected::Unexpected, || {
+                        format!("an open from node {node} with a malformed token")
+                    });
+                    return;
+                };
+                let asker = Asker {
+                    name: node,
+                    node: far,
+                    remote,
+                    token,
+                };
+                let accept = self.accept(key, asker, role, ctx);
                 ctx.spawn(accept.into_actor(self).map(move |answer, act, _| {
-                    act.reply(&message, wire::encode(&answer));
+                    act.reply(&message, &answer);
                 }));
             }
         }
     }
 
-    /// Tunnels `device`, live here, to an end on another node.
+    /// Tunnels `device`, live here, to an end on the asking node.
     fn accept(
         &self,
         device: DeviceKey,
-        far: Far,
+        asker: Asker,
         role: WireRole,
         ctx: &mut Context<Self>,
     ) -> impl std::future::Future<Output = Answer> + 'static {
         let (registry, bridge) = (self.registry.clone(), self.bridge.clone());
-        let (nats, config) = (self.nats.clone(), self.config.clone());
+        let (config, tls) = (self.config.clone(), self.peer_tls.clone());
         let tracker = ctx.address().recipient();
         async move {
-            let offline = || Answer::Failed {
-                reason: "offline".into(),
+            let failed = |reason: &str| Answer::Failed {
+                reason: reason.into(),
             };
             let mac = device.mac.clone();
             let Ok(Some(device)) = registry.send(Lookup(device)).await else {
-                return offline();
+                return failed("offline");
             };
             let remote = device.remote;
-            let Ok((inbox, end)) = open_end(&nats, &config, far, tracker, &bridge).await else {
-                return offline();
+            let dialed = peer::dial(
+                &tls,
+                &asker.node.peer,
+                &asker.node.fingerprint,
+                asker.token,
+                config.request_timeout,
+                config.node_timeout,
+            )
+            .await;
+            let stream = match dialed {
+                Ok(stream) => stream,
+                Err(e) => {
+                    log::warn!(
+                        "cannot reach node {} on its peer port {}: {e}; its tunnels to \
+                         devices here fail",
+                        asker.name,
+                        asker.node.peer
+                    );
+                    return failed("offline");
+                }
             };
+            let end = start_end(stream, &config, asker.name, asker.remote, tracker, &bridge);
             let link = Link {
                 a: role.end(end),
                 b: End::device(device, mac),
                 notify: true,
             };
             if bridge.send(link).await.is_err() {
-                return offline();
+                return failed("offline");
             }
-            Answer::Opened {
-                node: config.node.clone(),
-                inbox,
-                remote,
-                window: config.window,
-            }
+            Answer::Opened { remote }
         }
     }
 
     pub(super) fn query_message(&mut self, message: Message, ctx: &mut Context<Self>) {
-        let Ok(ask) = serde_json::from_slice::<QueryAsk>(&message.payload) else {
+        let Some((_, ask)) = self.bus.open::<QueryAsk>(&message) else {
             return;
         };
-        let node = self.config.node.clone();
         let live = match self.users.get(&ask.user) {
             Some((uuid, _)) => Some(self.registry.send(LiveDevices { uuid: uuid.clone() })),
             None => None,
@@ -145,22 +177,22 @@ impl Cluster {
                     seen_ms: d.last_seen.to_utc().timestamp_millis(),
                 })
                 .collect();
-            QueryAnswer { node, devices }
+            QueryAnswer { devices }
         };
         ctx.spawn(answer.into_actor(self).map(move |answer, act, _| {
-            act.reply(&message, wire::encode(&answer));
+            act.reply(&message, &answer);
         }));
     }
 }
 
 /// The answer to a yes-or-no request about a device.
-fn present(yes: bool) -> bytes::Bytes {
-    wire::encode(&match yes {
+fn present(yes: bool) -> Answer {
+    match yes {
         true => Answer::Present,
         false => Answer::Failed {
             reason: "offline".into(),
         },
-    })
+    }
 }
 
 /// Whether this node's connection of a device (live here since `ours`) gives way to
@@ -173,62 +205,37 @@ fn gives_way(ours: Option<i64>, me: &str, since_ms: Option<i64>, node: &str) -> 
     }
 }
 
-/// The other end of a tunnel being opened: its node, its data inbox, the address of
-/// the connection it stands for, and its receive window.
-struct Far {
-    node: String,
-    inbox: String,
+/// The node that asked for a tunnel: its name, where it takes peer connections, the
+/// connection its end stands for, and the token to attach with.
+struct Asker {
+    name: String,
+    node: Node,
     remote: SocketAddr,
-    window: u64,
+    token: Token,
 }
 
-/// Subscribes a new end's inbox and starts its [`Remote`]; returns the inbox and the
-/// end's link.
-async fn open_end(
-    nats: &Client,
-    config: &ClusterConfig,
-    far: Far,
-    tracker: Recipient<Tracked>,
-    bridge: &Addr<BridgeManager>,
-) -> Result<(String, PeerLink), async_nats::SubscribeError> {
-    let inbox = nats.new_inbox();
-    let (data, credits) = subscribe_end(nats, &inbox).await?;
-    Ok((
-        inbox,
-        start_end(nats, config, far, data, credits, tracker, bridge),
-    ))
+fn unhex_token(text: &str) -> Option<Token> {
+    let bytes: Vec<u8> = (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect::<Option<_>>()?;
+    bytes.try_into().ok()
 }
 
-async fn subscribe_end(
-    nats: &Client,
-    inbox: &str,
-) -> Result<(Subscription, Subscription), async_nats::SubscribeError> {
-    let data = Subscription::new(nats, inbox.to_owned()).await?;
-    let credits = Subscription::new(nats, format!("{inbox}.credit")).await?;
-    Ok((data, credits))
-}
-
+/// Starts the [`Remote`](remote::Remote) end of a tunnel whose peer connection is
+/// `stream`, its other end on node `node` standing for the connection `remote`.
 fn start_end(
-    nats: &Client,
+    stream: peer::Stream,
     config: &ClusterConfig,
-    far: Far,
-    data: Subscription,
-    credits: Subscription,
+    node: String,
+    remote: SocketAddr,
     tracker: Recipient<Tracked>,
     bridge: &Addr<BridgeManager>,
 ) -> PeerLink {
     remote::start(remote::Parts {
-        nats: nats.clone(),
-        node: far.node,
-        data,
-        credits,
-        peer_inbox: far.inbox,
-        remote: far.remote,
-        // At least two full messages fit, whatever the other node asks for.
-        send_credit: far
-            .window
-            .max(2 * (remote::MAX_MESSAGE as u64 + remote::MESSAGE_COST)),
-        receive_window: config.window,
+        stream,
+        node,
+        remote,
         stall: config.stall,
         out_chunks: config.out_chunks,
         out_bytes: config.out_bytes,
@@ -275,14 +282,11 @@ impl Handler<BeatsElsewhere> for Cluster {
 impl Cluster {
     /// Asks the node holding `device`; true if it answers [`Answer::Present`].
     fn ask_yes_no(&self, device: &DeviceKey, ask: Ask) -> ResponseFuture<bool> {
-        let (nats, config) = (self.nats.clone(), self.config.clone());
-        let subject = config.subjects.device(&device.uuid, &device.mac);
+        let (bus, timeout) = (self.bus.clone(), self.config.request_timeout);
+        let subject = self.config.subjects.device(&device.uuid, &device.mac);
         Box::pin(async move {
-            let asked = nats.request(subject, wire::encode(&ask));
-            matches!(
-                tokio::time::timeout(config.request_timeout, asked).await,
-                Ok(Ok(reply)) if serde_json::from_slice(&reply.payload).ok() == Some(Answer::Present)
-            )
+            let answer = bus.request::<_, Answer>(subject, &ask, timeout).await;
+            answer == Some(Answer::Present)
         })
     }
 }
@@ -299,47 +303,42 @@ pub struct Open {
     pub remote: SocketAddr,
 }
 
+/// How long the attached connection may trail the answer that says it is attached
+/// (it is handed over before that answer is sent, so only a scheduling delay).
+const ATTACH_GRACE: Duration = Duration::from_secs(1);
+
 impl Handler<Open> for Cluster {
     type Result = ResponseFuture<Option<PeerLink>>;
 
     fn handle(&mut self, open: Open, ctx: &mut Context<Self>) -> Self::Result {
-        let (nats, config, bridge) = (self.nats.clone(), self.config.clone(), self.bridge.clone());
+        let (bus, config, bridge) = (self.bus.clone(), self.config.clone(), self.bridge.clone());
+        let (token, attached) = self.expected.expect();
         let tracker = ctx.address().recipient();
         Box::pin(async move {
-            let inbox = nats.new_inbox();
-            let (data, credits) = subscribe_end(&nats, &inbox).await.ok()?;
             let ask = Ask::Open {
-                node: config.node.clone(),
-                inbox,
+                token: hex(&token),
                 remote: open.remote,
                 role: open.role,
-                window: config.window,
             };
             let subject = config.subjects.device(&open.uuid, &open.mac);
-            let asked = nats.request(subject, wire::encode(&ask));
-            let reply = tokio::time::timeout(config.request_timeout, asked)
+            let mut answers = bus.ask::<_, Answer>(subject, &ask).await?;
+            let (node, answer) = tokio::time::timeout(config.request_timeout, answers.next())
+                .await
+                .ok()??;
+            let Answer::Opened { remote } = answer else {
+                return None;
+            };
+            let (by, stream) = tokio::time::timeout(ATTACH_GRACE, attached)
                 .await
                 .ok()?
                 .ok()?;
-            match serde_json::from_slice(&reply.payload).ok()? {
-                Answer::Opened {
-                    node,
-                    inbox,
-                    remote,
-                    window,
-                } => {
-                    let far = Far {
-                        node,
-                        inbox,
-                        remote,
-                        window,
-                    };
-                    Some(start_end(
-                        &nats, &config, far, data, credits, tracker, &bridge,
-                    ))
-                }
-                _ => None,
+            if by != node {
+                bus.seal.reject(Rejected::Peer, || {
+                    format!("node {by} attached a tunnel that node {node} opened")
+                });
+                return None;
             }
+            Some(start_end(stream, &config, node, remote, tracker, &bridge))
         })
     }
 }
@@ -357,38 +356,34 @@ impl Handler<Gather> for Cluster {
     type Result = ResponseFuture<Vec<Sighting>>;
 
     fn handle(&mut self, Gather { uuid }: Gather, _: &mut Context<Self>) -> Self::Result {
-        let (nats, config) = (self.nats.clone(), self.config.clone());
+        let (bus, config) = (self.bus.clone(), self.config.clone());
         let expected = self.nodes.len();
         Box::pin(async move {
             let mut found = Vec::new();
             if expected == 0 {
                 return found;
             }
-            let inbox = nats.new_inbox();
-            let Ok(mut answers) = Subscription::new(&nats, inbox.clone()).await else {
+            let ask = QueryAsk {
+                user: config.subjects.user(&uuid),
+            };
+            let Some(mut answers) = bus
+                .ask::<_, QueryAnswer>(config.subjects.query(), &ask)
+                .await
+            else {
                 return found;
             };
-            let ask = wire::encode(&QueryAsk {
-                user: config.subjects.user(&uuid),
-            });
-            if nats
-                .publish_with_reply(config.subjects.query(), inbox, ask)
-                .await
-                .is_err()
-            {
-                return found;
-            }
             let deadline = Instant::now() + config.request_timeout;
             let mut heard = std::collections::HashSet::new();
             while heard.len() < expected {
-                let Ok(Some(answer)) = tokio::time::timeout_at(deadline, answers.next()).await
+                let Ok(Some((node, answer))) =
+                    tokio::time::timeout_at(deadline, answers.next()).await
                 else {
                     break;
                 };
-                let Ok(answer) = serde_json::from_slice::<QueryAnswer>(&answer.payload) else {
+                // One answer per node counts.
+                if !heard.insert(node) {
                     continue;
-                };
-                heard.insert(answer.node);
+                }
                 found.extend(answer.devices.into_iter().filter_map(|d| {
                     Some(Sighting {
                         uuid: uuid.clone(),

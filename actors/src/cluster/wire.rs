@@ -3,9 +3,9 @@
 //!
 //! Subjects never carry a uuid (whoever operates NATS sees every subject): a device's
 //! subject carries a keyed SHA-256 of its uuid and mac, a user's a keyed hash of the
-//! uuid. Requests and replies are small JSON documents; tunnel payload travels raw,
-//! without headers, and the one control message on a data subject (`Close`) carries
-//! the [`CONTROL`] header so no payload byte is ever mistaken for it.
+//! uuid. Requests and replies are small JSON documents, each sealed with its sender's
+//! node id ([`super::bus`]), so no message names its sender in its body. Tunnel
+//! payload never crosses NATS ([`super::peer`]).
 
 use std::net::SocketAddr;
 
@@ -13,9 +13,6 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::link::{End, PeerLink};
-
-/// The header that marks a control message on a tunnel's data subject.
-pub const CONTROL: &str = "Elfin-Control";
 
 /// The subjects of one cluster.
 #[derive(Debug, Clone)]
@@ -78,22 +75,20 @@ pub enum Ask {
     /// Is the device's connection there still beating, within the online window
     /// (`auth.device_takeover = "when-silent"`: then no other node takes it over)?
     Beating,
-    /// Tunnel the device to an end on node `node`, which receives on `inbox`; the end
-    /// is a connection from `remote` in role `role`, and may send `window` bytes
-    /// ahead of credit.
+    /// Tunnel the device to an end on the asking node: dial its peer port and
+    /// attach with `token` (hex); the end there is a connection from `remote` in
+    /// role `role`.
     Open {
-        node: String,
-        inbox: String,
+        token: String,
         remote: SocketAddr,
         role: WireRole,
-        window: u64,
     },
-    /// The device connected to node `node`: whoever else holds it closes that
+    /// The device connected to the sending node: whoever else holds it closes that
     /// connection (published, not requested). With `since_ms` (when it connected
     /// there, in milliseconds since the Unix epoch), a re-claim after a NATS outage:
     /// only a holder whose connection is older closes it (the node with the smaller
     /// name on a tie).
-    Claim { node: String, since_ms: Option<i64> },
+    Claim { since_ms: Option<i64> },
 }
 
 /// The reply to an [`Ask`].
@@ -101,13 +96,9 @@ pub enum Ask {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Answer {
     Present,
-    /// The device's end is on node `node`, receiving on `inbox` with a window of
-    /// `window` bytes; the device connects from `remote`.
+    /// The answering node attached the tunnel; the device connects from `remote`.
     Opened {
-        node: String,
-        inbox: String,
         remote: SocketAddr,
-        window: u64,
     },
     Failed {
         reason: String,
@@ -142,7 +133,6 @@ pub struct QueryAsk {
 /// none, so the asker knows when it has heard from all).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct QueryAnswer {
-    pub node: String,
     pub devices: Vec<LiveElsewhere>,
 }
 
@@ -155,22 +145,15 @@ pub struct LiveElsewhere {
     pub seen_ms: i64,
 }
 
-/// A node says it is alive.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A node says it is alive, where other nodes dial it (`host:port`), the SHA-256
+/// fingerprint of the certificate it answers there with, and when it started
+/// (milliseconds since the Unix epoch: a newer start under a known name is a
+/// restart with a new certificate).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Hello {
-    pub node: String,
-}
-
-/// The control message on a tunnel's data subject: the sending end is gone, after
-/// everything it sent.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Close {
-    pub reason: String,
-}
-
-/// Encodes a message (these types always serialize).
-pub fn encode<T: Serialize>(message: &T) -> bytes::Bytes {
-    serde_json::to_vec(message).unwrap_or_default().into()
+    pub peer: String,
+    pub fingerprint: String,
+    pub started_ms: i64,
 }
 
 #[cfg(test)]
@@ -201,13 +184,11 @@ mod tests {
     #[test]
     fn requests_round_trip_as_json() {
         let ask = Ask::Open {
-            node: "a".into(),
-            inbox: "_INBOX.x".into(),
+            token: "00ff".into(),
             remote: "10.0.0.1:5000".parse().unwrap(),
             role: WireRole::Device { mac: "M".into() },
-            window: 1 << 20,
         };
-        let back: Ask = serde_json::from_slice(&encode(&ask)).unwrap();
+        let back: Ask = serde_json::from_slice(&super::super::bus::encode(&ask)).unwrap();
         assert_eq!(back, ask);
         assert_eq!(
             serde_json::from_slice::<Ask>(br#"{"op":"probe"}"#).unwrap(),

@@ -1,0 +1,584 @@
+//! Where a cross-node tunnel's bytes travel: a direct TCP connection between the two
+//! nodes, one per tunnel, with mutual TLS 1.3.
+//!
+//! No PKI of the operator's is needed: each node has a key pair and certificate
+//! ([`Identity`]; made fresh at start unless `cluster.peer_cert`/`peer_key` name
+//! one), and announces the certificate's SHA-256 fingerprint and its peer address in
+//! its authenticated hello ([`super::bus`]). Both sides of a peer connection accept
+//! exactly the certificates so announced ([`Pinned`]): the dialing node only the
+//! certificate of the node it dials, the listening node only those of nodes it has
+//! heard from.
+//!
+//! The node that opens a tunnel (where the client is) asks, over NATS, the node that
+//! holds the device, with a one-time token; that node dials back and presents the
+//! token first thing, so only the node that was asked can attach to the tunnel
+//! ([`Expected`]). After the listener's one-byte acknowledgement, everything on the
+//! connection is the tunnel's payload, in both directions, with TCP's flow control end
+//! to end. A connection per tunnel costs one handshake when the tunnel opens (well
+//! under a millisecond on a LAN) and spares a multiplexer its framing and credit.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use ring::rand::{SecureRandom, SystemRandom};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
+};
+use sha2::{Digest, Sha256};
+use socket2::{SockRef, TcpKeepalive};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+use super::bus::{hex, Rejected, Seal};
+
+/// What a dialing node sends first: a tag, then the token.
+const GREETING: &[u8; 4] = b"ELT1";
+
+/// The listener's acknowledgement: the tunnel is attached.
+const ATTACHED: u8 = 1;
+
+/// A one-time token: 128 random bits.
+pub type Token = [u8; 16];
+
+/// A peer connection, either side of it, after the greeting.
+pub trait PeerStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> PeerStream for T {}
+
+pub type Stream = Box<dyn PeerStream>;
+
+/// This node's certificate and key for peer connections.
+pub struct Identity {
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    /// SHA-256 of the certificate, in hex: what the hello announces.
+    pub fingerprint: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct IdentityError {
+    path: String,
+    reason: String,
+}
+
+impl Identity {
+    /// A fresh key pair and self-signed certificate for node `node`.
+    pub fn generate(node: &str) -> Identity {
+        let names = vec![format!("{}.elfin-node", sanitize(node))];
+        let made = rcgen::generate_simple_self_signed(names)
+            .or_else(|_| rcgen::generate_simple_self_signed(vec!["elfin-node".to_owned()]))
+            .expect("a P-256 key pair and its certificate can always be made");
+        let cert = made.cert.der().clone();
+        let key = PrivateKeyDer::Pkcs8(made.key_pair.serialize_der().into());
+        Identity {
+            fingerprint: fingerprint(&cert),
+            certs: vec![cert],
+            key,
+        }
+    }
+
+    /// The certificate (chain) and key in these PEM files.
+    pub fn load(cert: &Path, key: &Path) -> Result<Identity, IdentityError> {
+        let error = |path: &Path, reason: String| IdentityError {
+            path: path.display().to_string(),
+            reason,
+        };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .and_then(|certs| certs.collect())
+            .map_err(|e| error(cert, e.to_string()))?;
+        let Some(leaf) = certs.first() else {
+            return Err(error(cert, "no certificate in the file".into()));
+        };
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| error(key, e.to_string()))?;
+        Ok(Identity {
+            fingerprint: fingerprint(leaf),
+            certs,
+            key,
+        })
+    }
+}
+
+/// Host names allow letters, digits and hyphens.
+fn sanitize(node: &str) -> String {
+    let name: String = node
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(60)
+        .collect();
+    if name.is_empty() {
+        "node".into()
+    } else {
+        name
+    }
+}
+
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    hex(&Sha256::digest(cert.as_ref()))
+}
+
+/// The certificates of the nodes heard from: fingerprint → node id. The cluster
+/// actor writes it from authenticated hellos; the listener's TLS reads it.
+pub type Known = Arc<RwLock<HashMap<String, String>>>;
+
+/// Accepts exactly the pinned certificates: on the listening side any node heard
+/// from ([`Pinned::Known`]), on the dialing side the one node dialed.
+#[derive(Debug)]
+enum Pinned {
+    Known(Known),
+    One(String),
+}
+
+impl Pinned {
+    fn check(&self, cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        let print = fingerprint(cert);
+        let pinned = match self {
+            Pinned::Known(known) => known
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&print),
+            Pinned::One(expected) => *expected == print,
+        };
+        if pinned {
+            Ok(())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+}
+
+/// A [`Pinned`] check, and the handshake's signature checked against it.
+#[derive(Debug)]
+struct PinnedVerifier {
+    pinned: Pinned,
+    provider: Arc<CryptoProvider>,
+}
+
+impl PinnedVerifier {
+    fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Peer connections are TLS 1.3 only.
+fn no_tls12() -> Result<HandshakeSignatureValid, rustls::Error> {
+    Err(rustls::Error::PeerIncompatible(
+        rustls::PeerIncompatible::Tls12NotOffered,
+    ))
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.pinned.check(end_entity)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        no_tls12()
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.schemes()
+    }
+}
+
+impl ClientCertVerifier for PinnedVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.pinned.check(end_entity)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        no_tls12()
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.schemes()
+    }
+}
+
+/// A tunnel's connection as attached: the node that attached it, and the stream.
+pub type Attached = (String, Stream);
+
+/// Tokens of tunnels this node asked another node to attach, and where each
+/// connection goes once attached (the asker checks that the node that attached it is
+/// the one that answered).
+#[derive(Default)]
+pub struct Expected(Mutex<HashMap<Token, oneshot::Sender<Attached>>>);
+
+impl Expected {
+    /// A new token; the receiver gets the connection attached with it. The token is
+    /// forgotten when the receiver is dropped unused.
+    pub fn expect(&self) -> (Token, oneshot::Receiver<Attached>) {
+        let mut token = [0u8; 16];
+        let _ = SystemRandom::new().fill(&mut token);
+        let (tx, rx) = oneshot::channel();
+        let mut expected = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        expected.retain(|_, waiting| !waiting.is_closed());
+        expected.insert(token, tx);
+        (token, rx)
+    }
+
+    /// Takes the tunnel for `token`, once.
+    fn take(&self, token: &Token) -> Option<oneshot::Sender<Attached>> {
+        let mut expected = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        expected
+            .remove(token)
+            .filter(|waiting| !waiting.is_closed())
+    }
+}
+
+/// Both sides' TLS for peer connections.
+pub struct PeerTls {
+    server: Arc<ServerConfig>,
+    identity: Arc<Identity>,
+    provider: Arc<CryptoProvider>,
+    known: Known,
+}
+
+impl PeerTls {
+    pub fn new(identity: Arc<Identity>, known: Known) -> Result<PeerTls, rustls::Error> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = Arc::new(PinnedVerifier {
+            pinned: Pinned::Known(known.clone()),
+            provider: provider.clone(),
+        });
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(identity.certs.clone(), identity.key.clone_key())?;
+        Ok(PeerTls {
+            server: Arc::new(server),
+            identity,
+            provider,
+            known,
+        })
+    }
+
+    /// The client side, pinned to the node whose certificate is `fingerprint`.
+    fn client(&self, fingerprint: &str) -> Result<ClientConfig, rustls::Error> {
+        let verifier = Arc::new(PinnedVerifier {
+            pinned: Pinned::One(fingerprint.to_owned()),
+            provider: self.provider.clone(),
+        });
+        ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(self.identity.certs.clone(), self.identity.key.clone_key())
+    }
+
+    /// The node a peer connection's certificate belongs to.
+    fn node_of(&self, cert: Option<&CertificateDer<'_>>) -> Option<String> {
+        let known = self.known.read().unwrap_or_else(|e| e.into_inner());
+        known.get(&fingerprint(cert?)).cloned()
+    }
+}
+
+/// Socket options of a peer connection: no Nagle delay (tunnels carry request and
+/// answer), and keepalive probes so that a cut path ends its tunnels within
+/// `timeout`, as a node that stops answering does.
+fn tune(stream: &TcpStream, timeout: Duration) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let socket = SockRef::from(stream);
+    let idle = (timeout / 2).max(Duration::from_secs(1));
+    socket.set_tcp_keepalive(
+        &TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval((timeout / 8).max(Duration::from_secs(1)))
+            .with_retries(3),
+    )?;
+    // Sent data unacknowledged for this long ends the connection too.
+    socket.set_tcp_user_timeout(Some(timeout))
+}
+
+/// Dials node `node` at `addr`, whose certificate is `fingerprint`, and attaches the
+/// tunnel `token` there.
+pub async fn dial(
+    tls: &PeerTls,
+    addr: &str,
+    fingerprint: &str,
+    token: Token,
+    timeout: Duration,
+    keepalive: Duration,
+) -> io::Result<Stream> {
+    let config = tls
+        .client(fingerprint)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let attach = async {
+        let tcp = TcpStream::connect(addr).await?;
+        tune(&tcp, keepalive)?;
+        let name = ServerName::try_from("elfin-node").expect("a valid DNS name");
+        let mut stream = connector.connect(name, tcp).await?;
+        let mut greeting = GREETING.to_vec();
+        greeting.extend_from_slice(&token);
+        stream.write_all(&greeting).await?;
+        stream.flush().await?;
+        match stream.read_u8().await? {
+            ATTACHED => Ok(Box::new(stream) as Stream),
+            _ => Err(io::Error::other("the node did not attach the tunnel")),
+        }
+    };
+    tokio::time::timeout(timeout, attach)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "timed out"))?
+}
+
+/// Accepts peer connections on `listener` until the runtime stops: each must be
+/// a known node presenting a token it was given.
+pub async fn listen(
+    listener: TcpListener,
+    tls: Arc<PeerTls>,
+    expected: Arc<Expected>,
+    seal: Arc<Seal>,
+    timeout: Duration,
+    keepalive: Duration,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+    loop {
+        let (tcp, from) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                log::warn!("cluster peer port: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (acceptor, tls, expected, seal) = (
+            acceptor.clone(),
+            tls.clone(),
+            expected.clone(),
+            seal.clone(),
+        );
+        tokio::spawn(async move {
+            let attached =
+                tokio::time::timeout(timeout, attach(tcp, &acceptor, &tls, &expected, keepalive))
+                    .await
+                    .unwrap_or_else(|_| Err("no token within the request timeout".into()));
+            if let Err(why) = attached {
+                seal.reject(Rejected::Peer, || {
+                    format!("a connection from {from} to the cluster peer port: {why}")
+                });
+            }
+        });
+    }
+}
+
+/// One accepted peer connection: the handshake, the token, the acknowledgement.
+async fn attach(
+    tcp: TcpStream,
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tls: &PeerTls,
+    expected: &Expected,
+    keepalive: Duration,
+) -> Result<(), String> {
+    tune(&tcp, keepalive).map_err(|e| e.to_string())?;
+    let mut stream = acceptor
+        .accept(tcp)
+        .await
+        .map_err(|e| format!("TLS handshake failed ({e}): not a node of this cluster"))?;
+    let node = tls
+        .node_of(
+            stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(<[_]>::first),
+        )
+        .ok_or("a certificate no node announced")?;
+    let mut greeting = [0u8; GREETING.len() + 16];
+    stream
+        .read_exact(&mut greeting)
+        .await
+        .map_err(|e| format!("node {node} sent no greeting: {e}"))?;
+    let (tag, token) = greeting.split_at(GREETING.len());
+    let token: Token = token.try_into().map_err(|_| "a short token")?;
+    let waiting = (tag == GREETING)
+        .then(|| expected.take(&token))
+        .flatten()
+        .ok_or_else(|| format!("node {node} presented a token no tunnel waits for"))?;
+    stream
+        .write_all(&[ATTACHED])
+        .await
+        .map_err(|e| e.to_string())?;
+    stream.flush().await.map_err(|e| e.to_string())?;
+    // The asker may have given up meanwhile; dropping the stream closes it.
+    let _ = waiting.send((node, Box::new(stream)));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    /// Two nodes' peer TLS, each knowing the other (as their hellos would tell).
+    fn pair() -> (PeerTls, PeerTls, Arc<Identity>, Arc<Identity>) {
+        let (a, b) = (
+            Arc::new(Identity::generate("a")),
+            Arc::new(Identity::generate("b")),
+        );
+        let known_by_a: Known = Arc::default();
+        known_by_a
+            .write()
+            .unwrap()
+            .insert(b.fingerprint.clone(), "b".into());
+        let known_by_b: Known = Arc::default();
+        known_by_b
+            .write()
+            .unwrap()
+            .insert(a.fingerprint.clone(), "a".into());
+        (
+            PeerTls::new(a.clone(), known_by_a).unwrap(),
+            PeerTls::new(b.clone(), known_by_b).unwrap(),
+            a,
+            b,
+        )
+    }
+
+    async fn listening(tls: PeerTls, expected: Arc<Expected>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seal = Arc::new(Seal::new(
+            "a".into(),
+            &super::super::bus::Keys::derive(&[0; 32]),
+        ));
+        let second = Duration::from_secs(1);
+        tokio::spawn(listen(
+            listener,
+            Arc::new(tls),
+            expected,
+            seal,
+            second,
+            second,
+        ));
+        addr
+    }
+
+    #[tokio::test]
+    async fn the_asked_node_attaches_with_its_token_and_bytes_flow_both_ways() {
+        let (a_tls, b_tls, a, _) = pair();
+        let expected = Arc::new(Expected::default());
+        let addr = listening(a_tls, expected.clone()).await.to_string();
+        let (token, attached) = expected.expect();
+        let second = Duration::from_secs(1);
+        let mut at_b = dial(&b_tls, &addr, &a.fingerprint, token, second, second)
+            .await
+            .unwrap();
+        let (by, mut at_a) = attached.await.unwrap();
+        assert_eq!(by, "b");
+        at_b.write_all(b"to a").await.unwrap();
+        let mut got = [0; 4];
+        at_a.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"to a");
+        at_a.write_all(b"to b").await.unwrap();
+        at_b.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"to b");
+        // A token attaches once.
+        assert!(dial(&b_tls, &addr, &a.fingerprint, token, second, second)
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn a_stranger_or_another_node_cannot_attach() {
+        let (a_tls, b_tls, a, _) = pair();
+        let expected = Arc::new(Expected::default());
+        let addr = listening(a_tls, expected.clone()).await.to_string();
+        let second = Duration::from_secs(1);
+        // Node c is not known to a: its handshake fails.
+        let stranger = PeerTls::new(Arc::new(Identity::generate("c")), Arc::default()).unwrap();
+        let (token, _waiting) = expected.expect();
+        assert!(
+            dial(&stranger, &addr, &a.fingerprint, token, second, second)
+                .await
+                .is_err()
+        );
+        // b with a token nobody gave.
+        assert!(dial(&b_tls, &addr, &a.fingerprint, [9; 16], second, second)
+            .await
+            .is_err());
+        // b dialing a certificate other than the one pinned.
+        let impostor = Identity::generate("a");
+        assert!(
+            dial(&b_tls, &addr, &impostor.fingerprint, token, second, second)
+                .await
+                .is_err()
+        );
+        // And b with its own token still attaches.
+        assert!(dial(&b_tls, &addr, &a.fingerprint, token, second, second)
+            .await
+            .is_ok());
+    }
+}
