@@ -555,3 +555,269 @@ fn with_when_silent_a_heartbeat_replayed_to_another_node_takes_nothing_over() {
     carry(&mut engineer, &mut device, &uuid, "T", 1, b"WRITE-COIL-42");
     assert!(!fleet.a().log_contains("closing its connection here"));
 }
+
+/// A copy of `message` with one byte of its payload flipped, or, for an empty
+/// payload, one character of its MAC.
+fn flipped(message: &async_nats::Message) -> async_nats::Message {
+    let mut forged = message.clone();
+    if forged.payload.is_empty() {
+        if let Some(headers) = forged.headers.as_mut() {
+            let mac = headers.get("Elfin-Mac").map(|v| v.as_str().to_owned());
+            if let Some(mut mac) = mac {
+                let last = if mac.ends_with('0') { "1" } else { "0" };
+                mac.replace_range(mac.len() - 1.., last);
+                headers.insert("Elfin-Mac", mac.as_str());
+            }
+        }
+    } else {
+        let mut payload = forged.payload.to_vec();
+        let middle = payload.len() / 2;
+        payload[middle] ^= 0x01;
+        forged.payload = payload.into();
+    }
+    forged
+}
+
+/// Whether `haystack` holds `needle` anywhere.
+fn holds(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The value of counter `name{reason="reason"}` on `node`'s `/metrics`, 0 if absent.
+fn rejected(node: &Binary, reason: &str) -> u64 {
+    let metrics = node.get("/metrics").body;
+    let prefix = format!("elfin_cluster_rejected_total{{reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[test]
+fn a_rogue_on_nats_sees_no_payload_and_its_replays_and_forgeries_change_nothing() {
+    let Some(fleet) = Fleet::start() else {
+        return;
+    };
+    let uuid = fleet.uuid.clone();
+    let rogue = nats::Rogue::listen(&fleet.nats.url());
+    // It watches a device come online, a query, and a 1 MiB tunnel across nodes.
+    let mut device = fleet.device(fleet.a(), DEVICE_A);
+    let mut client = tunnel_eventually(fleet.c(), &uuid, DEVICE_A);
+    assert!(online_on(fleet.b(), &uuid, DEVICE_A));
+    let payload = every_byte_value_and_a_mebibyte();
+    carry(&mut client, &mut device, &uuid, "T", 1, &payload);
+    carry(&mut device, &mut client, &uuid, DEVICE_A, 0, &payload);
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = rogue.seen();
+    assert!(
+        seen.len() > 5,
+        "the rogue saw the cluster talk: {}",
+        seen.len()
+    );
+    for start in (0..payload.len() - 32).step_by(4099) {
+        let piece = &payload[start..start + 32];
+        for message in &seen {
+            assert!(
+                !holds(&message.payload, piece),
+                "payload at {start} crossed NATS on {}",
+                message.subject
+            );
+        }
+    }
+
+    // It replays everything, then everything with one byte changed, and forges
+    // messages with no MAC: a hello of a new node, one under b's name, a claim.
+    rogue.replay(&seen);
+    let forged: Vec<async_nats::Message> = seen.iter().map(flipped).collect();
+    rogue.replay(&forged);
+    let hello = r#"{"peer":"6.6.6.6:666","fingerprint":"00","started_ms":1}"#;
+    rogue.publish("elfin.hello", &[], hello.as_bytes());
+    rogue.publish("elfin.hello", &[("Elfin-Node", "b")], hello.as_bytes());
+    let device_subject = seen
+        .iter()
+        .find(|m| m.subject.starts_with("elfin.dev."))
+        .map(|m| m.subject.to_string())
+        .expect("the rogue saw a device's subject");
+    rogue.publish(
+        &device_subject,
+        &[],
+        br#"{"op":"claim","since_ms":9999999999999}"#,
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // No device was evicted, no tunnel opened, no node or device added.
+    device.expect_silence(Duration::from_millis(100));
+    assert!(!fleet.a().log_contains("closing its connection here"));
+    for node in &fleet.nodes {
+        let status = node.get("/api/status").json();
+        assert_eq!(
+            status["cluster"]["nodes"].as_array().unwrap().len(),
+            2,
+            "{status}"
+        );
+        let devices = node.query(&uuid);
+        assert_eq!(devices.as_array().unwrap().len(), 1, "{devices}");
+        assert!(lists_online(&devices, DEVICE_A), "{devices}");
+    }
+    for node in [fleet.a(), fleet.c()] {
+        let metrics = node.get("/metrics").body;
+        assert!(metrics.contains("elfin_cluster_tunnel_ends 1"), "{metrics}");
+    }
+    // Every node counted what it dropped, and said why.
+    assert!(rejected(fleet.a(), "replay") > 0);
+    assert!(
+        rejected(fleet.a(), "own_name") > 0,
+        "its own claim reflected"
+    );
+    assert!(rejected(fleet.a(), "bad_mac") > 0);
+    assert!(rejected(fleet.b(), "unsigned") > 0);
+    fleet.a().wait_log("cluster: rejected (replay)");
+    fleet.b().wait_log("cluster: rejected (bad_mac)");
+    // The tunnel it watched still carries its bytes intact.
+    carry(&mut client, &mut device, &uuid, "T", 1, &payload[..65536]);
+    carry(
+        &mut device,
+        &mut client,
+        &uuid,
+        DEVICE_A,
+        0,
+        &payload[..65536],
+    );
+}
+
+#[test]
+fn a_node_with_another_secret_is_refused_and_says_so() {
+    let Some(fleet) = Fleet::start() else {
+        return;
+    };
+    let uuid = fleet.uuid.clone();
+    let _device = fleet.device(fleet.a(), DEVICE_A);
+    let stranger = node_with(
+        &fleet._mongo,
+        &fleet.nats.url(),
+        "d",
+        &[(
+            "ELFIN__CLUSTER__SECRET",
+            "another-secret-of-32-bytes-or-more",
+        )],
+    );
+    stranger.wait_log("cluster: rejected (bad_mac)");
+    let line = fleet.a().wait_log("cluster: rejected (bad_mac)");
+    assert!(line.contains("claiming node \"d\""), "{line}");
+    assert!(line.contains("cluster.secret"), "{line}");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(!fleet.a().log_contains("cluster node d is up"));
+    assert!(!stranger.log_contains("cluster node a is up"));
+    // It reaches none of the cluster's devices (it shares the database, so `query`
+    // there still shows what the store knows).
+    let mut client = stranger.connect();
+    client.send(format!("connme;{uuid};{DEVICE_A}").as_bytes());
+    assert!(failed_reason(&client.line()).contains("offline"));
+}
+
+/// A TCP relay that can cut every connection it carries, as a failed network path
+/// between two nodes would.
+struct Cutter {
+    addr: std::net::SocketAddr,
+    carried: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Cutter {
+    fn to(target: std::net::SocketAddr) -> Cutter {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let carried = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = carried.clone();
+        std::thread::spawn(move || {
+            for inbound in listener.incoming() {
+                let Ok(inbound) = inbound else { return };
+                let Ok(outbound) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                let mut kept = kept.lock().unwrap();
+                for (from, to) in [(&inbound, &outbound), (&outbound, &inbound)] {
+                    let (mut from, mut to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+                kept.extend([inbound, outbound]);
+            }
+        });
+        Cutter { addr, carried }
+    }
+
+    /// Cuts what it carries now; later connections go through.
+    fn cut(&self) {
+        for stream in self.carried.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+#[test]
+fn a_cut_peer_connection_ends_its_tunnels_and_the_next_connme_opens_a_new_one() {
+    let Some(nats) = Nats::start() else { return };
+    let mongo = Mongo::start();
+    // Node a takes peer connections behind the cutter; c dials it there.
+    let port = nats::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let cutter = Cutter::to(listen.parse().unwrap());
+    let advertise = cutter.addr.to_string();
+    let a = node_with(
+        &mongo,
+        &nats.url(),
+        "a",
+        &[
+            ("ELFIN__CLUSTER__PEER_LISTEN", listen.as_str()),
+            ("ELFIN__CLUSTER__PEER_ADVERTISE", advertise.as_str()),
+        ],
+    );
+    let c = node(&mongo, &nats.url(), "c");
+    a.wait_log("cluster node c is up");
+    c.wait_log("cluster node a is up");
+    let uuid = a.add_user("alice");
+    let mut device = c.connect();
+    device.send(format!("beat;{uuid};{DEVICE_C};plc;0").as_bytes());
+    c.wait_online(&uuid, DEVICE_C);
+    let mut client = tunnel_eventually(&a, &uuid, DEVICE_C);
+    carry(&mut client, &mut device, &uuid, "T", 1, b"before the cut");
+
+    let cut = Instant::now();
+    cutter.cut();
+    client.expect_closed();
+    assert!(
+        cut.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        cut.elapsed()
+    );
+    // The device stays connected, and the next connme opens a new tunnel.
+    device.expect_silence(Duration::from_millis(200));
+    let mut client = tunnel_eventually(&a, &uuid, DEVICE_C);
+    carry(&mut client, &mut device, &uuid, "T", 1, b"after the cut");
+    carry(&mut device, &mut client, &uuid, DEVICE_C, 0, b"and back");
+}
+
+#[test]
+fn a_claim_replayed_to_the_node_a_device_moved_to_closes_nothing() {
+    let Some(fleet) = Fleet::start() else {
+        return;
+    };
+    let uuid = fleet.uuid.clone();
+    let rogue = nats::Rogue::listen(&fleet.nats.url());
+    let mut old = fleet.device(fleet.b(), DEVICE_A);
+    std::thread::sleep(Duration::from_millis(200));
+    let claims = rogue.seen();
+    // The device moves to a; b closes its old connection.
+    let mut new = fleet.device(fleet.a(), DEVICE_A);
+    old.expect_closed();
+    // a never saw b's claim (it held no such device then): replayed to it now, well
+    // within the seal's window, it is authentic and fresh, but older than a's own.
+    rogue.replay(&claims);
+    std::thread::sleep(Duration::from_millis(500));
+    new.expect_silence(Duration::from_millis(100));
+    assert!(!fleet.a().log_contains("closing its connection here"));
+    let mut client = tunnel_eventually(fleet.c(), &uuid, DEVICE_A);
+    carry(&mut client, &mut new, &uuid, "T", 1, b"still on a");
+}

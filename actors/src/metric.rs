@@ -218,7 +218,7 @@ pub const CATALOGUE: &[(&str, Kind, Option<metrics::Unit>, &str)] = &[
         Kind::Counter,
         None,
         "Messages (NATS) and connections (peer port) claiming to be from a node, \
-         rejected: unsigned, bad_mac, stale, replay, flood, unexpected, peer.",
+         rejected: unsigned, bad_mac, stale, replay, own_name, flood, unexpected, peer.",
     ),
     (
         TUNNEL_BYTES_TOTAL,

@@ -225,7 +225,10 @@ pub async fn cross_node(full: bool) -> Vec<Row> {
             ("ELFIN__MONGODB__DATABASE", "elfin_bench_cluster"),
             ("ELFIN__CLUSTER__NATS_URL", nats_url.as_str()),
             ("ELFIN__CLUSTER__NODE_ID", id),
-            ("ELFIN__CLUSTER__SECRET", "elfin-bench-cluster-secret-0123456789"),
+            (
+                "ELFIN__CLUSTER__SECRET",
+                "elfin-bench-cluster-secret-0123456789",
+            ),
             ("ELFIN__CLUSTER__PEER_LISTEN", "127.0.0.1:0"),
         ];
         Gateway::start_for(&format!("bench-{id}"), &env, false)

@@ -87,3 +87,89 @@ impl Drop for Nats {
         self.stop();
     }
 }
+
+/// Someone else on the NATS server, without the cluster secret: subscribed to every
+/// subject, it keeps what it sees and can publish it again.
+pub struct Rogue {
+    runtime: tokio::runtime::Runtime,
+    client: async_nats::Client,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<async_nats::Message>>>,
+}
+
+impl Rogue {
+    /// Connects to `url` and listens on `>`.
+    pub fn listen(url: &str) -> Rogue {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let client = runtime.block_on(async {
+            let client = async_nats::connect(url).await.expect("rogue connects");
+            let mut everything = client.subscribe(">").await.unwrap();
+            client.flush().await.unwrap();
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                use futures::StreamExt;
+                while let Some(message) = everything.next().await {
+                    seen.lock().unwrap().push(message);
+                }
+            });
+            client
+        });
+        Rogue {
+            runtime,
+            client,
+            seen,
+        }
+    }
+
+    /// What it has seen so far.
+    pub fn seen(&self) -> Vec<async_nats::Message> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Publishes each message as it was seen: subject, reply subject, headers, payload.
+    pub fn replay(&self, messages: &[async_nats::Message]) {
+        self.runtime.block_on(async {
+            for m in messages {
+                let headers = m.headers.clone().unwrap_or_default();
+                let _ = match &m.reply {
+                    Some(reply) => {
+                        self.client
+                            .publish_with_reply_and_headers(
+                                m.subject.clone(),
+                                reply.clone(),
+                                headers,
+                                m.payload.clone(),
+                            )
+                            .await
+                    }
+                    None => {
+                        self.client
+                            .publish_with_headers(m.subject.clone(), headers, m.payload.clone())
+                            .await
+                    }
+                };
+            }
+            self.client.flush().await.unwrap();
+        });
+    }
+
+    /// Publishes `payload` on `subject` with these headers, as a forger would.
+    pub fn publish(&self, subject: &str, headers: &[(&str, &str)], payload: &[u8]) {
+        self.runtime.block_on(async {
+            let mut map = async_nats::HeaderMap::new();
+            for (name, value) in headers {
+                map.insert(*name, *value);
+            }
+            let payload = bytes::Bytes::copy_from_slice(payload);
+            let _ = self
+                .client
+                .publish_with_headers(subject.to_owned(), map, payload)
+                .await;
+            self.client.flush().await.unwrap();
+        });
+    }
+}

@@ -98,6 +98,10 @@ pub enum Rejected {
     Replay,
     /// Too many nonces to remember.
     Flood,
+    /// Under this node's own name: it never hears itself, so a replay of its own
+    /// message (which it never saw, so no nonce of it is remembered) or another
+    /// node with the same name.
+    OwnName,
     /// Authentic, but not a message this node expects there (unreadable, or a node
     /// speaking under a name another live node holds).
     Unexpected,
@@ -113,6 +117,7 @@ impl Rejected {
             Rejected::Stale => "stale",
             Rejected::Replay => "replay",
             Rejected::Flood => "flood",
+            Rejected::OwnName => "own_name",
             Rejected::Unexpected => "unexpected",
             Rejected::Peer => "peer",
         }
@@ -194,6 +199,9 @@ impl Seal {
             &message.payload,
         );
         hmac::verify(&self.key, &signed, &mac).map_err(|_| Rejected::BadMac)?;
+        if node == self.node {
+            return Err(Rejected::OwnName);
+        }
         let now = now_ms();
         if sent.abs_diff(now) > WINDOW.as_millis() as u64 {
             return Err(Rejected::Stale);
@@ -285,6 +293,10 @@ impl Seal {
             Rejected::Unsigned => ": not from a node of this cluster (someone else on NATS)",
             Rejected::Stale => ": check that the nodes' clocks agree (NTP), or a replay",
             Rejected::Replay => ": a copy of a message already seen (someone on NATS replays)",
+            Rejected::OwnName => {
+                ": a copy of this node's own message (someone on NATS replays), or another \
+                 node with the same cluster.node_id"
+            }
             _ => "",
         };
         log::warn!(
@@ -439,6 +451,11 @@ mod tests {
         let sent = message("elfin.hello", Some("_INBOX.1"), headers, b"{}");
         assert_eq!(b.open(&sent), Ok("a".into()));
         assert_eq!(b.open(&sent), Err(Rejected::Replay));
+        assert_eq!(
+            a.open(&sent),
+            Err(Rejected::OwnName),
+            "reflected to its sender"
+        );
     }
 
     #[test]

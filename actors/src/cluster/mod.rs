@@ -664,7 +664,7 @@ impl Cluster {
                 // A device may have moved while NATS was away, leaving its old
                 // connection open on another node: the older connection gives way.
                 for (key, held) in &self.held {
-                    self.claim(key, Some(held.since_ms));
+                    self.claim(key, held.since_ms);
                 }
                 self.tick();
             }
@@ -692,13 +692,6 @@ impl Cluster {
         let Some((name, hello)) = self.bus.open::<Hello>(&message) else {
             return;
         };
-        if name == self.config.node {
-            // Its own hellos never come back (no echo): another node has its name.
-            self.bus.seal.reject(Rejected::Unexpected, || {
-                format!("a hello from another node calling itself {name:?}: give each node its own cluster.node_id")
-            });
-            return;
-        }
         if let Some(known) = self.nodes.get(&name) {
             let fresh = known.seen.elapsed() < self.config.node_timeout;
             if known.fingerprint != hello.fingerprint
@@ -743,10 +736,9 @@ impl Cluster {
         }
     }
 
-    /// Tells whoever else holds the device that this node has it. `since_ms` makes
-    /// it a re-claim, after the NATS connection came back: only a holder whose own
-    /// connection of the device is older gives it up.
-    fn claim(&self, device: &DeviceKey, since_ms: Option<i64>) {
+    /// Tells whoever else holds the device that this node has had it since
+    /// `since_ms`: a holder whose own connection of the device is older gives it up.
+    fn claim(&self, device: &DeviceKey, since_ms: i64) {
         let subject = self.config.subjects.device(&device.uuid, &device.mac);
         self.publish(subject, &Ask::Claim { since_ms });
     }
@@ -760,7 +752,8 @@ impl Cluster {
             .entry(user)
             .or_insert_with(|| (key.uuid.clone(), 0))
             .1 += 1;
-        self.claim(&key, None);
+        let since_ms = chrono::Utc::now().timestamp_millis();
+        self.claim(&key, since_ms);
         let (nats, subject) = (
             self.bus.nats.clone(),
             self.config.subjects.device(&key.uuid, &key.mac),
@@ -775,7 +768,7 @@ impl Cluster {
         let _ = self.devices.send(stream.boxed());
         let held = Held {
             stream: abort,
-            since_ms: chrono::Utc::now().timestamp_millis(),
+            since_ms,
         };
         self.held.insert(key, held);
     }

@@ -46,17 +46,19 @@ impl Cluster {
         };
         match ask {
             Ask::Claim { since_ms } => {
-                let ours = self.held.get(&key).map(|h| h.since_ms);
+                let Some(ours) = self.held.get(&key).map(|h| h.since_ms) else {
+                    return;
+                };
                 if gives_way(ours, &self.config.node, since_ms, &node) {
                     log::info!(
                         "device {} connected to node {node}; closing its connection here",
                         key.mac
                     );
                     self.registry.do_send(Evict(key));
-                } else if let Some(ours) = ours {
-                    // An older connection re-claimed after NATS came back: its node is
-                    // listening now, and may have missed this node's own re-claim.
-                    self.claim(&key, Some(ours));
+                } else {
+                    // An older connection claimed (after NATS came back, or a replay):
+                    // its node may have missed this node's own claim.
+                    self.claim(&key, ours);
                 }
             }
             Ask::Probe => {
@@ -196,13 +198,10 @@ fn present(yes: bool) -> Answer {
 }
 
 /// Whether this node's connection of a device (live here since `ours`) gives way to
-/// a claim by `node` ([`Ask::Claim`]): always to a new connection, and to a re-claim
-/// when it is the older one (on a tie, the node with the smaller name gives way).
-fn gives_way(ours: Option<i64>, me: &str, since_ms: Option<i64>, node: &str) -> bool {
-    match (ours, since_ms) {
-        (Some(ours), Some(theirs)) => (ours, me) < (theirs, node),
-        _ => true,
-    }
+/// a claim by `node` for a connection since `theirs` ([`Ask::Claim`]): when it is the
+/// older one (on a tie, the node with the smaller name gives way).
+fn gives_way(ours: i64, me: &str, theirs: i64, node: &str) -> bool {
+    (ours, me) < (theirs, node)
 }
 
 /// The node that asked for a tunnel: its name, where it takes peer connections, the
@@ -406,13 +405,26 @@ mod tests {
     fn a_connection_gives_way_to_a_newer_one_only() {
         // (live here since, this node, claim's since, claimant), gives way?
         for (ours, me, theirs, node, gives, why) in [
-            (5_000, "a", None, "b", true, "a device just connected"),
-            (5_000, "a", Some(6_000), "b", true, "re-claim, newer"),
-            (7_000, "a", Some(6_000), "b", false, "re-claim, older"),
-            (6_000, "a", Some(6_000), "b", true, "tie: smaller name"),
-            (6_000, "b", Some(6_000), "a", false, "tie: larger name"),
+            (
+                5_000,
+                "a",
+                6_000,
+                "b",
+                true,
+                "the device connected there since",
+            ),
+            (
+                7_000,
+                "a",
+                6_000,
+                "b",
+                false,
+                "an older claim (replayed, or after NATS)",
+            ),
+            (6_000, "a", 6_000, "b", true, "tie: smaller name"),
+            (6_000, "b", 6_000, "a", false, "tie: larger name"),
         ] {
-            assert_eq!(gives_way(Some(ours), me, theirs, node), gives, "{why}");
+            assert_eq!(gives_way(ours, me, theirs, node), gives, "{why}");
         }
     }
 }

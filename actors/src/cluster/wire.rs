@@ -83,12 +83,14 @@ pub enum Ask {
         remote: SocketAddr,
         role: WireRole,
     },
-    /// The device connected to the sending node: whoever else holds it closes that
-    /// connection (published, not requested). With `since_ms` (when it connected
-    /// there, in milliseconds since the Unix epoch), a re-claim after a NATS outage:
-    /// only a holder whose connection is older closes it (the node with the smaller
-    /// name on a tie).
-    Claim { since_ms: Option<i64> },
+    /// The device has been connected to the sending node since `since_ms`
+    /// (milliseconds since the Unix epoch): whoever else holds it with an older
+    /// connection closes that one (the node with the smaller name on a tie).
+    /// Published, not requested: when a device connects, and again for every device
+    /// when the NATS connection comes back (it may have moved meanwhile). Comparing
+    /// the times, not taking every claim, also makes a claim replayed within the
+    /// seal's window to a node that never saw it harmless.
+    Claim { since_ms: i64 },
 }
 
 /// The reply to an [`Ask`].
