@@ -821,3 +821,38 @@ fn a_claim_replayed_to_the_node_a_device_moved_to_closes_nothing() {
     let mut client = tunnel_eventually(fleet.c(), &uuid, DEVICE_A);
     carry(&mut client, &mut new, &uuid, "T", 1, b"still on a");
 }
+
+#[test]
+fn a_cross_node_tunnel_that_carried_nothing_ends_on_both_nodes_when_a_side_leaves() {
+    let Some(fleet) = Fleet::start() else {
+        return;
+    };
+    let uuid = fleet.uuid.clone();
+    let _device = fleet.device(fleet.a(), DEVICE_A);
+    let client = tunnel_eventually(fleet.c(), &uuid, DEVICE_A);
+    let ends = |node: &Binary| {
+        let metrics = node.get("/metrics").body;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("elfin_cluster_tunnel_ends "))
+            .map_or(0, |v| v.trim().parse::<u64>().unwrap())
+    };
+    let deadline = Instant::now() + TIMEOUT;
+    while ends(fleet.a()) != 1 || ends(fleet.c()) != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the tunnel never had its two ends"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left = Instant::now();
+    client.close();
+    while ends(fleet.a()) != 0 || ends(fleet.c()) != 0 {
+        assert!(
+            left.elapsed() < Duration::from_secs(1),
+            "ends left after {:?}",
+            left.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

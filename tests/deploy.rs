@@ -62,12 +62,20 @@ fn the_cluster_compose_file_runs_three_nodes_on_nats_and_mongodb() {
     assert!(compose.contains("image: mongo:"));
     assert!(compose.contains("ELFIN__STORAGE__BACKEND: mongodb"));
     assert!(compose.contains("ELFIN__CLUSTER__NATS_URL: nats://nats:4222"));
+    // NATS asks for a token, the nodes seal their messages and dial each other.
+    assert!(compose.contains(r#"command: ["--auth", "${ELFIN_NATS_TOKEN"#));
+    assert!(compose.contains("ELFIN__CLUSTER__TOKEN: ${ELFIN_NATS_TOKEN"));
+    assert!(compose.contains("ELFIN__CLUSTER__SECRET: ${ELFIN_CLUSTER_SECRET"));
+    assert!(compose.contains("ELFIN__CLUSTER__PEER_LISTEN: 0.0.0.0:3101"));
     for node in ["a", "b", "c"] {
         assert!(
             compose.contains(&format!("  gateway-{node}:\n")),
             "gateway-{node}"
         );
         assert!(compose.contains(&format!("ELFIN__CLUSTER__NODE_ID: {node}\n")));
+        assert!(compose.contains(&format!(
+            "ELFIN__CLUSTER__PEER_ADVERTISE: gateway-{node}:3101\n"
+        )));
     }
 }
 

@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::{Client, HeaderMap, Message};
+use async_nats::{Client, HeaderMap, Message, StatusCode};
 use futures::{Stream, StreamExt};
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::{hkdf, hmac};
@@ -338,11 +338,11 @@ impl Bus {
 
     /// Publishes `message` on `subject` with a new reply subject; the authentic
     /// answers, with the node that sent each, until the stream is dropped.
-    pub async fn ask<T: Serialize, R: DeserializeOwned>(
+    pub async fn ask<T: Serialize, R: DeserializeOwned + Send + 'static>(
         &self,
         subject: String,
         message: &T,
-    ) -> Option<impl Stream<Item = (String, R)> + Unpin + use<T, R>> {
+    ) -> Option<std::pin::Pin<Box<dyn Stream<Item = (String, R)> + Send>>> {
         let inbox = self.nats.new_inbox();
         let answers = Subscription::new(&self.nats, inbox.clone()).await.ok()?;
         let payload = encode(message);
@@ -352,11 +352,18 @@ impl Bus {
             .await
             .ok()?;
         let bus = self.clone();
-        Some(answers.filter_map(move |answer| std::future::ready(bus.open(&answer))))
+        // The NATS server's own status messages carry no seal: "no responders" (nobody
+        // subscribes to the subject) ends the answers at once.
+        let answers = answers
+            .take_while(|m| std::future::ready(m.status != Some(StatusCode::NO_RESPONDERS)))
+            .filter(|m| std::future::ready(m.status.is_none()));
+        Some(Box::pin(answers.filter_map(move |answer| {
+            std::future::ready(bus.open(&answer))
+        })))
     }
 
     /// Asks and waits at most `timeout` for the first authentic answer.
-    pub async fn request<T: Serialize, R: DeserializeOwned>(
+    pub async fn request<T: Serialize, R: DeserializeOwned + Send + 'static>(
         &self,
         subject: String,
         message: &T,

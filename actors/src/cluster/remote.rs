@@ -18,13 +18,17 @@
 //! A node that stops answering, a lost NATS connection or a cut peer connection ends
 //! the tunnel through [`Lost`] or the end of the stream.
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
+use std::task::{ready, Context as TaskContext, Poll};
 use std::time::Duration;
 
 use actix::prelude::*;
 use futures::StreamExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
 use super::peer;
@@ -34,6 +38,96 @@ use crate::link::{next_session_id, Meter, PeerEvent, PeerLink, SessionId, Tunnel
 use crate::metric;
 use crate::outbox::{Bounds, Outbox, Unsent};
 use crate::tls::Transport;
+
+/// The write half of a peer connection, for an outbox that lets senders write
+/// directly: TLS takes bytes it cannot pass to a full socket yet and would hold them
+/// until the next write, so a write counts as done only once TLS has flushed it.
+/// Until then it is `Pending`, and the repeated write (the outbox offers the same
+/// bytes first again) answers with what was taken. Dropped without a shutdown (its
+/// outbox never needed a writer task), it still ends the stream, in the background.
+struct Flushed<W: AsyncWrite + Unpin + Send + 'static> {
+    /// `None` once shut down.
+    tls: Option<W>,
+    /// Bytes taken by a write that answered `Pending`.
+    taken: Option<usize>,
+}
+
+impl<W: AsyncWrite + Unpin + Send + 'static> Flushed<W> {
+    fn tls(&mut self) -> io::Result<Pin<&mut W>> {
+        match &mut self.tls {
+            Some(tls) => Ok(Pin::new(tls)),
+            None => Err(io::ErrorKind::BrokenPipe.into()),
+        }
+    }
+
+    fn flushed(&mut self, taken: usize, cx: &mut TaskContext<'_>) -> Poll<io::Result<usize>> {
+        match self.tls()?.poll_flush(cx) {
+            Poll::Ready(Ok(())) => {
+                self.taken = None;
+                Poll::Ready(Ok(taken))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                self.taken = Some(taken);
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin + Send + 'static> AsyncWrite for Flushed<W> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let taken = match this.taken {
+            Some(taken) => taken,
+            None => ready!(this.tls()?.poll_write_vectored(cx, bufs))?,
+        };
+        this.flushed(taken, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.as_ref().is_some_and(W::is_write_vectored)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().tls()?.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.tls.is_none() {
+            return Poll::Ready(Ok(()));
+        }
+        let shut = ready!(this.tls()?.poll_shutdown(cx));
+        this.tls = None;
+        Poll::Ready(shut)
+    }
+}
+
+impl<W: AsyncWrite + Unpin + Send + 'static> Drop for Flushed<W> {
+    fn drop(&mut self) {
+        let Some(mut tls) = self.tls.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = tokio::time::timeout(CLOSE_DRAIN, tls.shutdown()).await;
+            });
+        }
+    }
+}
 
 /// The largest read from a peer connection.
 const READ_SIZE: usize = 64 * 1024;
@@ -112,15 +206,17 @@ pub fn start(parts: Parts) -> PeerLink {
     } = parts;
     let (read, write) = tokio::io::split(stream);
     let (closing, closed) = oneshot::channel();
-    // Through the writer task only: it flushes what TLS holds back, and closes.
     let bounds = Bounds {
         chunks: out_chunks,
         bytes: out_bytes,
-        direct: false,
+        direct: true,
     };
     let out = Outbox::new(
         bounds,
-        Box::new(write),
+        Box::new(Flushed {
+            tls: Some(write),
+            taken: None,
+        }),
         actix_rt::Arbiter::current(),
         closed,
     );

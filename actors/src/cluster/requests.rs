@@ -79,9 +79,9 @@ impl Cluster {
                 role,
             } => {
                 let Some(far) = self.nodes.get(&node).cloned() else {
-                    self.bus.seal.reject(Rejected::Unexpected, || {
-                        format!("an open from node {node}, not heard from yet")
-                    });
+                    // Its hello is on the way (a node that just started): it asks again.
+                    log::debug!("an open from node {node}, not heard from yet");
+                    self.reply(&message, &present(false));
                     return;
                 };
                 let Some(token) = unhex_token(&token) else {
