@@ -1,5 +1,5 @@
 //! Where a cross-node tunnel's bytes travel: a direct TCP connection between the two
-//! nodes, one per tunnel, with mutual TLS 1.3.
+//! nodes, two per tunnel, with mutual TLS 1.3.
 //!
 //! No PKI of the operator's is needed: each node has a key pair and certificate
 //! ([`Identity`]; made fresh at start unless `cluster.peer_cert`/`peer_key` name
@@ -13,9 +13,14 @@
 //! holds the device, with a one-time token; that node dials back and presents the
 //! token first thing, so only the node that was asked can attach to the tunnel
 //! ([`Expected`]). After the listener's one-byte acknowledgement, everything on the
-//! connection is the tunnel's payload, in both directions, with TCP's flow control end
-//! to end. A connection per tunnel costs one handshake when the tunnel opens (well
-//! under a millisecond on a LAN) and spares a multiplexer its framing and credit.
+//! connection is the tunnel's payload, with TCP's flow control end to end.
+//!
+//! A tunnel has two such connections, one per direction ([`Lanes`]): a TLS session
+//! is one state machine, so the two directions of one connection would take turns
+//! on a lock, and a tunnel busy both ways would run at half speed. Connections per
+//! tunnel, rather than one per node pair, cost their handshakes when the tunnel opens
+//! (about a millisecond on a LAN, both lanes at once) and spare a multiplexer its
+//! framing and credit.
 
 use std::collections::HashMap;
 use std::io;
@@ -34,7 +39,7 @@ use rustls::{
 };
 use sha2::{Digest, Sha256};
 use socket2::{SockRef, TcpKeepalive};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
@@ -54,6 +59,17 @@ pub trait PeerStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpi
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> PeerStream for T {}
 
 pub type Stream = Box<dyn PeerStream>;
+
+/// A tunnel's two connections, as one end sees them: it reads the other end's bytes
+/// from `read` and writes its own into `write`.
+pub struct Lanes {
+    pub read: Stream,
+    pub write: Stream,
+}
+
+/// Which way a lane carries bytes, as the dialing node says in its greeting.
+const FROM_DIALER: u8 = 0;
+const TO_DIALER: u8 = 1;
 
 /// This node's certificate and key for peer connections.
 pub struct Identity {
@@ -267,34 +283,78 @@ impl ClientCertVerifier for PinnedVerifier {
     }
 }
 
-/// A tunnel's connection as attached: the node that attached it, and the stream.
-pub type Attached = (String, Stream);
+/// A tunnel's lanes as attached: the node that attached them, and the lanes.
+pub type Attached = (String, Lanes);
 
-/// Tokens of tunnels this node asked another node to attach, and where each
-/// connection goes once attached (the asker checks that the node that attached it is
+/// Tokens of tunnels this node asked another node to attach, and where the lanes
+/// go once both are attached (the asker checks that the node that attached them is
 /// the one that answered).
 #[derive(Default)]
-pub struct Expected(Mutex<HashMap<Token, oneshot::Sender<Attached>>>);
+pub struct Expected(Mutex<HashMap<Token, Waiting>>);
+
+/// A tunnel waiting for its lanes: who attached the first, and the lanes so far.
+struct Waiting {
+    attached: oneshot::Sender<Attached>,
+    node: Option<String>,
+    from_dialer: Option<Stream>,
+    to_dialer: Option<Stream>,
+}
 
 impl Expected {
-    /// A new token; the receiver gets the connection attached with it. The token is
+    /// A new token; the receiver gets the lanes attached with it. The token is
     /// forgotten when the receiver is dropped unused.
     pub fn expect(&self) -> (Token, oneshot::Receiver<Attached>) {
         let mut token = [0u8; 16];
         let _ = SystemRandom::new().fill(&mut token);
         let (tx, rx) = oneshot::channel();
         let mut expected = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        expected.retain(|_, waiting| !waiting.is_closed());
-        expected.insert(token, tx);
+        expected.retain(|_, waiting| !waiting.attached.is_closed());
+        let waiting = Waiting {
+            attached: tx,
+            node: None,
+            from_dialer: None,
+            to_dialer: None,
+        };
+        expected.insert(token, waiting);
         (token, rx)
     }
 
-    /// Takes the tunnel for `token`, once.
-    fn take(&self, token: &Token) -> Option<oneshot::Sender<Attached>> {
+    /// Whether node `node` may attach lane `lane` of the tunnel `token` (once each,
+    /// both by one node).
+    fn admits(&self, token: &Token, node: &str, lane: u8) -> bool {
+        let expected = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        expected.get(token).is_some_and(|w| {
+            let free = match lane {
+                FROM_DIALER => w.from_dialer.is_none(),
+                TO_DIALER => w.to_dialer.is_none(),
+                _ => false,
+            };
+            free && !w.attached.is_closed() && w.node.as_deref().is_none_or(|n| n == node)
+        })
+    }
+
+    /// Attaches a lane that [`Expected::admits`]; hands the tunnel over once both are.
+    fn attach(&self, token: &Token, node: String, lane: u8, stream: Stream) {
         let mut expected = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        expected
-            .remove(token)
-            .filter(|waiting| !waiting.is_closed())
+        let Some(waiting) = expected.get_mut(token) else {
+            return;
+        };
+        waiting.node = Some(node);
+        match lane {
+            FROM_DIALER => waiting.from_dialer = Some(stream),
+            _ => waiting.to_dialer = Some(stream),
+        }
+        if waiting.from_dialer.is_some() && waiting.to_dialer.is_some() {
+            let Some(waiting) = expected.remove(token) else {
+                return;
+            };
+            if let (Some(node), Some(read), Some(write)) =
+                (waiting.node, waiting.from_dialer, waiting.to_dialer)
+            {
+                // The asker may have given up meanwhile; dropping the lanes closes them.
+                let _ = waiting.attached.send((node, Lanes { read, write }));
+            }
+        }
     }
 }
 
@@ -321,10 +381,13 @@ impl PeerTls {
             pinned: Pinned::Known(known.clone()),
             provider: provider.clone(),
         });
-        let server = ServerConfig::builder_with_provider(provider.clone())
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(identity.certs.clone(), identity.key.clone_key())?;
+        // Nothing resumes, and a ticket would be the one thing a lane's reader
+        // sends its writer.
+        server.send_tls13_tickets = 0;
         Ok(PeerTls {
             server: Arc::new(server),
             identity,
@@ -370,8 +433,14 @@ fn tune(stream: &TcpStream, timeout: Duration) -> io::Result<()> {
     socket.set_tcp_user_timeout(Some(timeout))
 }
 
+/// A peer connection's socket with a read buffer under TLS: rustls reads at most
+/// 4 KiB at a time, which would be four system calls for each 16 KiB record.
+fn buffered(tcp: TcpStream) -> BufReader<TcpStream> {
+    BufReader::with_capacity(64 * 1024, tcp)
+}
+
 /// Dials node `node` at `addr`, whose certificate is `fingerprint`, and attaches the
-/// tunnel `token` there.
+/// tunnel `token` there: both its lanes, at once.
 pub async fn dial(
     tls: &PeerTls,
     addr: &str,
@@ -379,28 +448,34 @@ pub async fn dial(
     token: Token,
     timeout: Duration,
     keepalive: Duration,
-) -> io::Result<Stream> {
+) -> io::Result<Lanes> {
     let config = tls
         .client(fingerprint)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let attach = async {
-        let tcp = TcpStream::connect(addr).await?;
-        tune(&tcp, keepalive)?;
-        let name = ServerName::try_from("elfin-node").expect("a valid DNS name");
-        let mut stream = connector.connect(name, tcp).await?;
-        let mut greeting = GREETING.to_vec();
-        greeting.extend_from_slice(&token);
-        stream.write_all(&greeting).await?;
-        stream.flush().await?;
-        match stream.read_u8().await? {
-            ATTACHED => Ok(Box::new(stream) as Stream),
-            _ => Err(io::Error::other("the node did not attach the tunnel")),
+    let lane = |lane: u8| {
+        let connector = connector.clone();
+        async move {
+            let tcp = TcpStream::connect(addr).await?;
+            tune(&tcp, keepalive)?;
+            let name = ServerName::try_from("elfin-node").expect("a valid DNS name");
+            let mut stream = connector.connect(name, buffered(tcp)).await?;
+            let mut greeting = GREETING.to_vec();
+            greeting.extend_from_slice(&token);
+            greeting.push(lane);
+            stream.write_all(&greeting).await?;
+            stream.flush().await?;
+            match stream.read_u8().await? {
+                ATTACHED => Ok(Box::new(stream) as Stream),
+                _ => Err(io::Error::other("the node did not attach the tunnel")),
+            }
         }
     };
-    tokio::time::timeout(timeout, attach)
+    let both = futures::future::try_join(lane(FROM_DIALER), lane(TO_DIALER));
+    let (write, read) = tokio::time::timeout(timeout, both)
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "timed out"))?
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "timed out"))??;
+    Ok(Lanes { read, write })
 }
 
 /// Accepts peer connections on `listener` until the runtime stops: each must be
@@ -453,7 +528,7 @@ async fn attach(
 ) -> Result<(), String> {
     tune(&tcp, keepalive).map_err(|e| e.to_string())?;
     let mut stream = acceptor
-        .accept(tcp)
+        .accept(buffered(tcp))
         .await
         .map_err(|e| format!("TLS handshake failed ({e}): not a node of this cluster"))?;
     let node = tls
@@ -465,24 +540,23 @@ async fn attach(
                 .and_then(<[_]>::first),
         )
         .ok_or("a certificate no node announced")?;
-    let mut greeting = [0u8; GREETING.len() + 16];
+    let mut greeting = [0u8; GREETING.len() + 17];
     stream
         .read_exact(&mut greeting)
         .await
         .map_err(|e| format!("node {node} sent no greeting: {e}"))?;
-    let (tag, token) = greeting.split_at(GREETING.len());
+    let (tag, rest) = greeting.split_at(GREETING.len());
+    let (token, lane) = rest.split_at(16);
     let token: Token = token.try_into().map_err(|_| "a short token")?;
-    let waiting = (tag == GREETING)
-        .then(|| expected.take(&token))
-        .flatten()
-        .ok_or_else(|| format!("node {node} presented a token no tunnel waits for"))?;
+    if tag != GREETING || !expected.admits(&token, &node, lane[0]) {
+        return Err(format!("node {node} presented a token no tunnel waits for"));
+    }
     stream
         .write_all(&[ATTACHED])
         .await
         .map_err(|e| e.to_string())?;
     stream.flush().await.map_err(|e| e.to_string())?;
-    // The asker may have given up meanwhile; dropping the stream closes it.
-    let _ = waiting.send((node, Box::new(stream)));
+    expected.attach(&token, node, lane[0], Box::new(stream));
     Ok(())
 }
 
@@ -546,12 +620,12 @@ mod tests {
             .unwrap();
         let (by, mut at_a) = attached.await.unwrap();
         assert_eq!(by, "b");
-        at_b.write_all(b"to a").await.unwrap();
+        at_b.write.write_all(b"to a").await.unwrap();
         let mut got = [0; 4];
-        at_a.read_exact(&mut got).await.unwrap();
+        at_a.read.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"to a");
-        at_a.write_all(b"to b").await.unwrap();
-        at_b.read_exact(&mut got).await.unwrap();
+        at_a.write.write_all(b"to b").await.unwrap();
+        at_b.read.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"to b");
         // A token attaches once.
         assert!(dial(&b_tls, &addr, &a.fingerprint, token, second, second)

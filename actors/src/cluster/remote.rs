@@ -2,9 +2,9 @@
 //!
 //! To the bridge and to the local session it is tunnelled to, a `Remote` is one more
 //! connection: it has a [`PeerLink`] and an [`Outbox`] the session writes payload
-//! into, and it writes payload into the session's. Its outbox's socket is the write
-//! half of the tunnel's peer connection to the other node ([`super::peer`]); a task
-//! reads the other half into the local end's outbox.
+//! into, and it writes payload into the session's. Its outbox's socket is the
+//! tunnel's write lane to the other node ([`super::peer`]); a task reads the read
+//! lane into the local end's outbox.
 //!
 //! Flow control is TCP's, end to end: a slow reader fills its own output queue, this
 //! end stops reading the peer connection, the other node's end cannot write, its
@@ -27,7 +27,7 @@ use std::task::{ready, Context as TaskContext, Poll};
 use std::time::Duration;
 
 use actix::prelude::*;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
@@ -134,8 +134,8 @@ const READ_SIZE: usize = 64 * 1024;
 
 /// What a new [`Remote`] needs.
 pub struct Parts {
-    /// The tunnel's connection to the other node.
-    pub stream: peer::Stream,
+    /// The tunnel's connections to the other node.
+    pub lanes: peer::Lanes,
     /// The node the other end is on.
     pub node: String,
     /// The address of the connection the other end stands for (for logs).
@@ -177,7 +177,7 @@ pub struct Remote {
     /// Dropped when this end closes: its writer task writes what is queued, then
     /// closes the connection.
     _closing: oneshot::Sender<()>,
-    /// Dropped when this end stops: the receiving task reads to the end.
+    /// Dropped when this end stops: the receiving task ends.
     _gone: oneshot::Sender<()>,
     stall: Duration,
     bridge: Addr<BridgeManager>,
@@ -195,7 +195,7 @@ struct Receive {
 /// Starts a `Remote`; returns its link, to tunnel a local connection to.
 pub fn start(parts: Parts) -> PeerLink {
     let Parts {
-        stream,
+        lanes,
         node,
         remote,
         stall,
@@ -204,7 +204,7 @@ pub fn start(parts: Parts) -> PeerLink {
         bridge,
         tracker,
     } = parts;
-    let (read, write) = tokio::io::split(stream);
+    let peer::Lanes { read, write } = lanes;
     let (closing, closed) = oneshot::channel();
     let bounds = Bounds {
         chunks: out_chunks,
@@ -242,6 +242,7 @@ pub fn start(parts: Parts) -> PeerLink {
         bridge,
         tracker,
     }
+
     .start();
     PeerLink {
         id,
@@ -270,7 +271,7 @@ impl Actor for Remote {
 
     /// Closes the output: what is queued goes out, then the connection closes
     /// (dropping `_closing` tells a running writer task; an unused writer is dropped).
-    /// The receiving task hears it through `_gone` and reads to the end.
+    /// The receiving task hears it through `_gone`.
     fn stopped(&mut self, _: &mut Context<Self>) {
         self.out.close_unused();
         self.tracker.do_send(Tracked::Closed(self.id));
@@ -359,14 +360,13 @@ enum Ended {
     LocalGone,
 }
 
-/// How long a closing end reads what the other node still sends, so that its own
-/// close reaches the other node as the end of the stream after everything it wrote,
-/// not as a reset that could discard it.
+/// How long a write lane dropped without a shutdown may take to end its stream.
 const CLOSE_DRAIN: Duration = Duration::from_secs(5);
 
 impl Receive {
     /// Hands payload from the other node to the local end, in order; tells `me` why
-    /// it stopped, then reads to the end of the stream.
+    /// it stopped. (Its lane carries only the other end's bytes: closing it unread
+    /// resets nothing this end sent.)
     async fn run(self, stall: Duration, me: Addr<Remote>) {
         let Receive {
             mut read,
@@ -380,12 +380,7 @@ impl Receive {
             },
             _ = &mut gone => Ended::LocalGone,
         };
-        let drain = !matches!(ended, Ended::Closed(_));
         me.do_send(ended);
-        if drain {
-            let rest = async { while let Some(Ok(_)) = read.next().await {} };
-            let _ = tokio::time::timeout(CLOSE_DRAIN, rest).await;
-        }
     }
 }
 
@@ -398,21 +393,35 @@ async fn hand_on(
     gone: &mut oneshot::Receiver<()>,
 ) -> Ended {
     loop {
-        let chunk = tokio::select! {
-            chunk = read.next() => chunk,
+        let next = tokio::select! {
+            next = read.next() => next,
             // This end stopped (its local end left, or its node was lost).
             _ = &mut *gone => return Ended::LocalGone,
         };
-        let chunk = match chunk {
-            Some(Ok(chunk)) => chunk.freeze(),
+        let mut chunk = match next {
+            Some(Ok(chunk)) => chunk,
             None => return Ended::Closed("closed".into()),
             Some(Err(e)) => return Ended::Closed(format!("connection lost: {e}")),
         };
+        // TLS hands over one record (at most 16 KiB) at a time: what has arrived
+        // already goes on together, one write to the local socket instead of several.
+        let mut end = None;
+        while chunk.len() < READ_SIZE && end.is_none() {
+            match read.next().now_or_never() {
+                None => break,
+                Some(Some(Ok(more))) => chunk.unsplit(more),
+                Some(None) => end = Some(Ended::Closed("closed".into())),
+                Some(Some(Err(e))) => end = Some(Ended::Closed(format!("connection lost: {e}"))),
+            }
+        }
         let len = chunk.len() as u64;
-        match peer.out.send_within(chunk, stall).await {
+        match peer.out.send_within(chunk.freeze(), stall).await {
             Ok(()) => sent.add(len),
             Err(Unsent::Closed) => return Ended::LocalGone,
             Err(Unsent::Stalled) => return Ended::Stalled,
+        }
+        if let Some(end) = end {
+            return end;
         }
     }
 }

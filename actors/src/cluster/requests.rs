@@ -133,8 +133,8 @@ impl Cluster {
                 config.node_timeout,
             )
             .await;
-            let stream = match dialed {
-                Ok(stream) => stream,
+            let lanes = match dialed {
+                Ok(lanes) => lanes,
                 Err(e) => {
                     log::warn!(
                         "cannot reach node {} on its peer port {}: {e}; its tunnels to \
@@ -145,7 +145,7 @@ impl Cluster {
                     return failed("offline");
                 }
             };
-            let end = start_end(stream, &config, asker.name, asker.remote, tracker, &bridge);
+            let end = start_end(lanes, &config, asker.name, asker.remote, tracker, &bridge);
             let link = Link {
                 a: role.end(end),
                 b: End::device(device, mac),
@@ -221,10 +221,10 @@ fn unhex_token(text: &str) -> Option<Token> {
     bytes.try_into().ok()
 }
 
-/// Starts the [`Remote`](remote::Remote) end of a tunnel whose peer connection is
-/// `stream`, its other end on node `node` standing for the connection `remote`.
+/// Starts the [`Remote`](remote::Remote) end of a tunnel whose peer connections are
+/// `lanes`, its other end on node `node` standing for the connection `remote`.
 fn start_end(
-    stream: peer::Stream,
+    lanes: peer::Lanes,
     config: &ClusterConfig,
     node: String,
     remote: SocketAddr,
@@ -232,7 +232,7 @@ fn start_end(
     bridge: &Addr<BridgeManager>,
 ) -> PeerLink {
     remote::start(remote::Parts {
-        stream,
+        lanes,
         node,
         remote,
         stall: config.stall,
@@ -327,7 +327,7 @@ impl Handler<Open> for Cluster {
             let Answer::Opened { remote } = answer else {
                 return None;
             };
-            let (by, stream) = tokio::time::timeout(ATTACH_GRACE, attached)
+            let (by, lanes) = tokio::time::timeout(ATTACH_GRACE, attached)
                 .await
                 .ok()?
                 .ok()?;
@@ -337,7 +337,7 @@ impl Handler<Open> for Cluster {
                 });
                 return None;
             }
-            Some(start_end(stream, &config, node, remote, tracker, &bridge))
+            Some(start_end(lanes, &config, node, remote, tracker, &bridge))
         })
     }
 }
