@@ -242,7 +242,6 @@ pub fn start(parts: Parts) -> PeerLink {
         bridge,
         tracker,
     }
-
     .start();
     PeerLink {
         id,
