@@ -11,6 +11,10 @@ use common::{Peer, TestGateway};
 
 const MAC: &str = "F0FE6B2A1C3D";
 
+/// The worst round trip a fair gateway allows here: well under the quarter second and
+/// more that one peer holding the thread costs, well over the hiccups of a busy VM.
+const FAIR: Duration = Duration::from_millis(150);
+
 /// Held by each test: the wall-clock measurements must not share the cores.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -46,11 +50,9 @@ async fn a_flooding_peer_does_not_stall_other_tunnels() {
         worst = worst.max(round_trip(&mut client, &mut device, &uuid, i).await);
     }
     flooding.await.unwrap();
-    // About 5 ms here with fair turns; a quarter of a second without.
-    assert!(
-        worst < Duration::from_millis(50),
-        "a round trip took {worst:?}"
-    );
+    // A quarter of a second or more without fair turns; with them, a few ms to
+    // 70 ms in a debug build on a loaded 2-core VM (one scheduler hiccup is enough).
+    assert!(worst < FAIR, "a round trip took {worst:?}");
 }
 
 /// `query` for a user with 18 000 devices, asked over and over, does not hold up
@@ -94,8 +96,5 @@ async fn a_huge_query_does_not_stall_other_tunnels() {
     for asker in askers {
         asker.join().unwrap();
     }
-    assert!(
-        worst < Duration::from_millis(50),
-        "a round trip took {worst:?}"
-    );
+    assert!(worst < FAIR, "a round trip took {worst:?}");
 }
