@@ -51,6 +51,11 @@ const GREETING: &[u8; 4] = b"ELT1";
 /// The listener's acknowledgement: the tunnel is attached.
 const ATTACHED: u8 = 1;
 
+/// Peer connections in their handshake at once, at most: a stranger opening
+/// connections to the peer port holds at most this many, each for at most the
+/// request timeout.
+const MAX_ATTACHING: usize = 256;
+
 /// A one-time token: 128 random bits.
 pub type Token = [u8; 16];
 
@@ -489,6 +494,7 @@ pub async fn listen(
     keepalive: Duration,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+    let attaching = Arc::new(tokio::sync::Semaphore::new(MAX_ATTACHING));
     loop {
         let (tcp, from) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -497,6 +503,15 @@ pub async fn listen(
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
+        };
+        let Ok(slot) = attaching.clone().try_acquire_owned() else {
+            seal.reject(Rejected::Peer, || {
+                format!(
+                    "a connection from {from} to the cluster peer port: {MAX_ATTACHING} \
+                     connections are attaching already"
+                )
+            });
+            continue;
         };
         let (acceptor, tls, expected, seal) = (
             acceptor.clone(),
@@ -509,6 +524,7 @@ pub async fn listen(
                 tokio::time::timeout(timeout, attach(tcp, &acceptor, &tls, &expected, keepalive))
                     .await
                     .unwrap_or_else(|_| Err("no token within the request timeout".into()));
+            drop(slot);
             if let Err(why) = attached {
                 seal.reject(Rejected::Peer, || {
                     format!("a connection from {from} to the cluster peer port: {why}")
