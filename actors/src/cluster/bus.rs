@@ -160,7 +160,8 @@ impl Seal {
         // The system's random source does not fail on Linux once booted.
         let _ = self.random.fill(&mut nonce);
         let (time, nonce) = (now_ms().to_string(), hex(&nonce));
-        let mac = self.mac(subject, reply, &self.node, &time, &nonce, payload);
+        let signed = self.input(subject, reply, &self.node, &time, &nonce, payload);
+        let mac = hmac::sign(&self.key, &signed);
         let mut headers = HeaderMap::new();
         headers.insert(NODE, self.node.as_str());
         headers.insert(TIME, time.as_str());
@@ -229,21 +230,6 @@ impl Seal {
         let until = sent + WINDOW.as_millis() as i64;
         seen.expiry.push_back((until, nonce));
         Ok(())
-    }
-
-    fn mac(
-        &self,
-        subject: &str,
-        reply: Option<&str>,
-        node: &str,
-        time: &str,
-        nonce: &str,
-        payload: &[u8],
-    ) -> hmac::Tag {
-        hmac::sign(
-            &self.key,
-            &self.input(subject, reply, node, time, nonce, payload),
-        )
     }
 
     /// What the MAC covers: each part length-prefixed, so no boundary can move.
@@ -419,7 +405,7 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex(text: &str) -> Option<Vec<u8>> {
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
     if text.len() % 2 != 0 {
         return None;
     }
@@ -512,7 +498,7 @@ mod tests {
         let node = "a";
         let old = now_ms() - WINDOW.as_millis() as i64 - 1;
         let (time, nonce) = (old.to_string(), hex(&[7; 16]));
-        let mac = b.mac("s", None, node, &time, &nonce, b"x");
+        let mac = hmac::sign(&b.key, &b.input("s", None, node, &time, &nonce, b"x"));
         let mut headers = HeaderMap::new();
         headers.insert(NODE, node);
         headers.insert(TIME, time.as_str());

@@ -22,7 +22,7 @@ use bytestring::ByteString;
 use futures::StreamExt;
 use tokio::time::Instant;
 
-use super::bus::{hex, Rejected};
+use super::bus::{hex, unhex, Rejected};
 use super::peer::{self, Token};
 use super::remote::{self, Tracked};
 use super::wire::{Answer, Ask, LiveElsewhere, QueryAnswer, QueryAsk, WireRole};
@@ -214,11 +214,7 @@ struct Asker {
 }
 
 fn unhex_token(text: &str) -> Option<Token> {
-    let bytes: Vec<u8> = (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect::<Option<_>>()?;
-    bytes.try_into().ok()
+    unhex(text)?.try_into().ok()
 }
 
 /// Starts the [`Remote`](remote::Remote) end of a tunnel whose peer connections are

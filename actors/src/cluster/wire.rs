@@ -59,10 +59,7 @@ impl Subjects {
             hash.update((part.len() as u64).to_be_bytes());
             hash.update(part.as_bytes());
         }
-        hash.finalize()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        super::bus::hex(&hash.finalize()[..16])
     }
 }
 
