@@ -398,6 +398,14 @@ fn cluster_mode_needs_a_long_secret_and_a_peer_port() {
         from_env(&[&cluster[..], &missing].concat()),
         &["cluster.secret_file", "/nonexistent/secret"],
     );
+    // A secret of digits only stays the string it is (not a number, not rounded).
+    let digits = "12345678901234567890123456789012345678";
+    let numeric = [
+        ("ELFIN__CLUSTER__SECRET", digits),
+        ("ELFIN__CLUSTER__PEER_LISTEN", "127.0.0.1:3101"),
+    ];
+    let s = from_env(&[&cluster[..], &numeric].concat()).unwrap();
+    assert_eq!(s.cluster.secret.as_ref().unwrap().expose(), digits);
     cluster.push(("ELFIN__CLUSTER__SECRET", SECRET));
     assert_error(from_env(&cluster), &["cluster.peer_listen", "0.0.0.0:3101"]);
     cluster.push(("ELFIN__CLUSTER__PEER_LISTEN", "0.0.0.0:3101"));
