@@ -154,6 +154,17 @@ impl Settings {
 
     /// The rules between keys; an error names the first key it is about.
     fn check(&self) -> Result<(), (&'static str, String)> {
+        let server = &self.server;
+        if server.header_hold_min > server.header_hold {
+            return Err((
+                "server.header_hold_min_ms",
+                format!(
+                    "{} ms is more than server.header_hold_ms ({} ms)",
+                    server.header_hold_min.as_millis(),
+                    server.header_hold.as_millis()
+                ),
+            ));
+        }
         let tls = &self.tls;
         if tls.cert.is_some() != tls.key.is_some() {
             return Err((

@@ -42,6 +42,10 @@ fn metrics_follow_prometheus_conventions_and_count_what_happened() {
     let mut client = gw.tunnel(&uuid, MAC);
     client.send(format!("data;{uuid};T;T;1;12345").as_bytes());
     assert_eq!(device.bytes(5), b"12345");
+    // Could start the client's next `data;<uuid>`: held for about two round trips of
+    // the loopback link (well under 25 ms, the default ceiling being 100), then sent.
+    client.send(format!("data;{uuid};T;T;1;abd").as_bytes());
+    assert_eq!(device.bytes(3), b"abd");
     let mut vandal = gw.connect();
     vandal.send(b"garbage garbage\n");
     let scrape = eventually(
@@ -55,8 +59,11 @@ fn metrics_follow_prometheus_conventions_and_count_what_happened() {
         "elfin_tunnels_open 1",
         "elfin_messages_total{type=\"beat\"}",
         "elfin_messages_total{type=\"connme\"} 1",
-        "elfin_tunnel_bytes_total{direction=\"to_device\"} 5",
+        "elfin_tunnel_bytes_total{direction=\"to_device\"} 8",
         "elfin_store_round_trip_seconds_bucket{op=\"record\",le=\"0.001\"}",
+        "elfin_held_tails_total 1",
+        "elfin_header_hold_seconds_bucket{outcome=\"timed_out\",le=\"0.025\"} 1",
+        "elfin_header_hold_seconds_count{outcome=\"timed_out\"} 1",
         "elfin_store_batches_total",
         "# TYPE elfin_garbage_bytes_total counter",
         "process_resident_memory_bytes ",

@@ -51,9 +51,13 @@ pub struct Server {
     /// How long a tunnel waits for a peer that reads nothing before closing.
     #[serde(rename = "tunnel_stall_secs", with = "de::positive_secs")]
     pub tunnel_stall: Duration,
-    /// How long a payload tail that could start the next header waits for the rest.
+    /// The longest a payload tail that could start the next header waits for the
+    /// rest (a far link's hold; see [`crate::connection::header_hold`]).
     #[serde(rename = "header_hold_ms", with = "de::positive_millis")]
     pub header_hold: Duration,
+    /// The shortest such wait, whatever the link's round trip.
+    #[serde(rename = "header_hold_min_ms", with = "de::millis")]
+    pub header_hold_min: Duration,
     /// TCP keepalive idle time; zero = off.
     #[serde(rename = "keepalive_secs", with = "de::secs")]
     pub keepalive: Duration,
@@ -70,6 +74,7 @@ impl Default for Server {
             output_queue_chunks: NonZeroUsize::new(64).unwrap(),
             tunnel_stall: Duration::from_secs(30),
             header_hold: Duration::from_millis(100),
+            header_hold_min: Duration::ZERO,
             keepalive: Duration::from_secs(60),
             backlog: std::num::NonZeroU32::new(4096).unwrap(),
         }

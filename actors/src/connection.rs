@@ -1,12 +1,16 @@
 //! A connection's socket, plain TCP or TLS ([`Io`]): its read half as a stream of
 //! chunks ([`ReadChunks`]); its write half goes to the connection's
-//! [`crate::outbox::Outbox`]. And the [`Lease`] the server gives each connection.
+//! [`crate::outbox::Outbox`]; what the session may ask of the TCP socket itself
+//! ([`SocketProbe`]: the link's round trip, an acknowledgement now). And the
+//! [`Lease`] the server gives each connection.
 
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::Stream;
@@ -28,16 +32,20 @@ pub struct Io {
     pub transport: Transport,
     /// The user its client certificate names, if it presented one.
     pub certificate: Option<Arc<str>>,
+    /// The TCP socket under both halves (for [`SocketProbe`]).
+    pub fd: RawFd,
 }
 
 impl Io {
     pub fn plain(stream: TcpStream) -> Io {
+        let fd = stream.as_raw_fd();
         let (read, write) = stream.into_split();
         Io {
             read: Box::new(read),
             write: Box::new(write),
             transport: Transport::Plain,
             certificate: None,
+            fd,
         }
     }
 
@@ -49,13 +57,102 @@ impl Io {
             .and_then(<[_]>::first);
         let client_cert = leaf.is_some();
         let certificate = leaf.and_then(|der| crate::tls::certificate_user(der));
+        let fd = stream.get_ref().0.as_raw_fd();
         let (read, write) = tokio::io::split(stream);
         Io {
             read: Box::new(read),
             write: Box::new(write),
             transport: Transport::Tls { client_cert },
             certificate,
+            fd,
         }
+    }
+}
+
+/// The TCP socket under a connection, as its session may use it: the link's round
+/// trip, and an acknowledgement sent at once. The socket is owned by the halves of
+/// [`Io`]; the reader ([`ReadChunks`]) forgets it here when it is dropped, so this
+/// never touches a descriptor that was closed (and perhaps reused by another
+/// connection). Both run on the session's thread, so the check and the call cannot
+/// be split by a drop.
+#[derive(Debug)]
+pub struct SocketProbe(AtomicI32);
+
+impl SocketProbe {
+    pub fn new(fd: RawFd) -> Self {
+        Self(AtomicI32::new(fd))
+    }
+
+    fn socket(&self) -> Option<BorrowedFd<'_>> {
+        let fd = self.0.load(Ordering::Relaxed);
+        // SAFETY: `fd` is the connection's socket, open while its reader lives (it
+        // sets -1 here when dropped; see the type's doc).
+        (fd >= 0).then(|| unsafe { BorrowedFd::borrow_raw(fd) })
+    }
+
+    /// The link's round trip without the peer's delayed acknowledgements: the
+    /// kernel's windowed minimum (`tcpi_min_rtt`). The smoothed RTT (`tcpi_rtt`) of a
+    /// request/response link is mostly the peer's delayed ACK (measured: 2 to 40 ms on
+    /// loopback), not the link.
+    #[cfg(target_os = "linux")]
+    pub fn min_rtt(&self) -> Option<Duration> {
+        let fd = self.socket()?;
+        // SAFETY: an all-zero `tcp_info` is valid; getsockopt writes at most `len`
+        // bytes into it.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let done = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &mut len,
+            )
+        };
+        // A kernel without `tcpi_min_rtt` (before 4.6) returns a shorter struct.
+        let has_min_rtt = std::mem::offset_of!(libc::tcp_info, tcpi_min_rtt) + 4;
+        (done == 0 && len as usize >= has_min_rtt && info.tcpi_min_rtt > 0)
+            .then(|| Duration::from_micros(info.tcpi_min_rtt.into()))
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub fn min_rtt(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Acknowledges what has arrived now instead of after the delayed-ACK timer (up
+    /// to 40 ms on Linux): a peer whose Nagle algorithm holds back the rest of a
+    /// message sends it as soon as this ACK reaches it.
+    pub fn ack_now(&self) {
+        if let Some(fd) = self.socket() {
+            let _ = socket2::SockRef::from(&fd).set_tcp_quickack(true);
+        }
+    }
+
+    fn forget(&self) {
+        self.0.store(-1, Ordering::Relaxed);
+    }
+}
+
+/// A held tail waits this many of its link's round trips: one for the gateway's
+/// acknowledgement to reach a sender whose Nagle algorithm waits for it and the rest
+/// to come back, one for queueing and jitter on the way (BENCHMARKS.md, "Header
+/// hold").
+pub const HOLD_RTTS: u32 = 2;
+/// And this much more: the sender's own gap between two writes of one message, which
+/// no round trip measures (two processes on loopback, this 2-core machine idle or
+/// with both cores busy: 99.9 % within 70 µs, the longest of 20 000 252 µs).
+pub const HOLD_MARGIN: Duration = Duration::from_micros(250);
+
+/// How long a payload tail that could start a header waits for the rest on a link
+/// whose round trip is `rtt`: `HOLD_RTTS × rtt + HOLD_MARGIN`, at least `floor` and
+/// at most `ceiling` (`server.header_hold_min_ms`, `server.header_hold_ms`); the
+/// ceiling when the round trip is unknown.
+pub fn header_hold(rtt: Option<Duration>, floor: Duration, ceiling: Duration) -> Duration {
+    match rtt {
+        Some(rtt) => (rtt * HOLD_RTTS + HOLD_MARGIN).max(floor).min(ceiling),
+        None => ceiling,
     }
 }
 
@@ -84,6 +181,16 @@ pub struct ReadChunks {
     buf: BytesMut,
     size: usize,
     limit: Arc<AtomicUsize>,
+    /// The socket's probe, which this reader keeps valid (see [`SocketProbe`]).
+    probe: Option<Arc<SocketProbe>>,
+}
+
+impl Drop for ReadChunks {
+    fn drop(&mut self) {
+        if let Some(probe) = &self.probe {
+            probe.forget();
+        }
+    }
 }
 
 /// The smallest read: a heartbeat or a short request fits many times.
@@ -100,7 +207,14 @@ impl ReadChunks {
             buf: BytesMut::new(),
             size: MIN_READ,
             limit,
+            probe: None,
         }
+    }
+
+    /// Keeps `probe`, the probe of this reader's socket, valid while it lives.
+    pub fn probed_by(mut self, probe: Arc<SocketProbe>) -> Self {
+        self.probe = Some(probe);
+        self
     }
 }
 
@@ -161,5 +275,60 @@ impl Stream for ReadChunks {
             }
             Err(e) => Poll::Ready(Some(Err(e))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_hold_is_two_round_trips_and_a_margin_within_its_bounds() {
+        let (floor, ceiling) = (Duration::ZERO, 100 * MS);
+        let loopback = Duration::from_micros(20);
+        assert_eq!(
+            header_hold(Some(loopback), floor, ceiling),
+            Duration::from_micros(290)
+        );
+        assert_eq!(
+            header_hold(Some(30 * MS), floor, ceiling),
+            60 * MS + HOLD_MARGIN
+        );
+        // A far link is held at most the ceiling; an unknown one the ceiling too.
+        assert_eq!(header_hold(Some(80 * MS), floor, ceiling), ceiling);
+        assert_eq!(header_hold(None, floor, ceiling), ceiling);
+        // The floor wins over a short link (a TLS proxy in front of the gateway).
+        assert_eq!(header_hold(Some(loopback), 50 * MS, ceiling), 50 * MS);
+    }
+
+    #[tokio::test]
+    async fn a_socket_reports_its_round_trip_while_its_reader_lives() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let io = Io::plain(server);
+        let probe = Arc::new(SocketProbe::new(io.fd));
+        let reader =
+            ReadChunks::new(io.read, Arc::new(AtomicUsize::new(MIN_READ))).probed_by(probe.clone());
+        // The handshake gave the server its first round-trip sample.
+        let rtt = probe
+            .min_rtt()
+            .expect("a connected socket has a round trip");
+        assert!(rtt > Duration::ZERO && rtt < 50 * MS, "loopback: {rtt:?}");
+        probe.ack_now();
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"d")
+            .await
+            .unwrap();
+        probe.ack_now();
+        drop(reader);
+        assert_eq!(
+            probe.min_rtt(),
+            None,
+            "the reader is gone, and so is the socket"
+        );
     }
 }

@@ -40,16 +40,33 @@ pub const MAX_HEADER: usize = 4 * (MAX_FIELD + 1) + "connthem;".len();
 
 const KEYWORDS: [&[u8]; 5] = [b"beat;", b"data;", b"connme;", b"connthem;", b"query;"];
 
-/// Which bytes start a keyword: only a tail starting with one can start a message.
-const STARTS_KEYWORD: [bool; 256] = {
-    let mut starts = [false; 256];
-    let mut k = 0;
-    while k < KEYWORDS.len() {
-        starts[KEYWORDS[k][0] as usize] = true;
-        k += 1;
+/// The messages a connection may send next, as far as holding back a payload tail
+/// goes: only a tail that can start one of them is held (`docs/PROTOCOL.md`, appendix).
+#[derive(Debug)]
+struct Expected {
+    keywords: &'static [&'static [u8]],
+    /// Which bytes start one of `keywords`.
+    starts: [bool; 256],
+}
+
+impl Expected {
+    const fn new(keywords: &'static [&'static [u8]]) -> Self {
+        let mut starts = [false; 256];
+        let mut k = 0;
+        while k < keywords.len() {
+            starts[keywords[k][0] as usize] = true;
+            k += 1;
+        }
+        Self { keywords, starts }
     }
-    starts
-};
+}
+
+/// A connection that has not shown what it is may send any message.
+static ANY: Expected = Expected::new(&KEYWORDS);
+/// A device sends only its own heartbeats and data (PROTOCOL.md §1).
+static FROM_DEVICE: Expected = Expected::new(&[b"beat;", b"data;"]);
+/// A client sends data and requests; heartbeats are a device's.
+static FROM_CLIENT: Expected = Expected::new(&[b"data;", b"connme;", b"connthem;", b"query;"]);
 
 /// Who a connection speaks as: the fifth header field, what a session has shown
 /// itself to be, and the side of a tunnel end (`docs/PROTOCOL.md` §4).
@@ -185,7 +202,7 @@ enum State {
 
 /// Incremental decoder for one connection. Feed it the connection's input buffer; it
 /// consumes whole units from the front and leaves incomplete ones in place.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Decoder {
     state: State,
     /// Searches payloads for the uuid of the current data message's user; kept across
@@ -193,11 +210,34 @@ pub struct Decoder {
     /// Boxed: it is a few hundred bytes, and most connections (beats, requests)
     /// never need one.
     finder: Option<Box<memmem::Finder<'static>>>,
+    /// What the connection may send next: only a tail that can start it is held.
+    next: &'static Expected,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Self {
+            state: State::default(),
+            finder: None,
+            next: &ANY,
+        }
+    }
 }
 
 impl Decoder {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The connection has shown itself to be a device or a client: from now on a
+    /// payload tail is held back only if it can start a message of that role
+    /// (a device's `beat` or `data`; a client's `data`, `connme`, `connthem` or
+    /// `query`). Every message is still recognised where it arrives whole.
+    pub fn expect_from(&mut self, role: Role) {
+        self.next = match role {
+            Role::Device => &FROM_DEVICE,
+            Role::Client => &FROM_CLIENT,
+        };
     }
 
     /// Takes the next frame off the front of `buf`, or `None` when `buf` holds no
@@ -219,7 +259,7 @@ impl Decoder {
                     self.state = State::Idle;
                     at
                 }
-                None => buf.len() - held_suffix(buf, finder.needle()),
+                None => buf.len() - held_suffix(buf, finder.needle(), self.next),
             };
             if end == 0 {
                 match self.state {
@@ -507,18 +547,18 @@ fn find_boundary(finder: &memmem::Finder<'_>, buf: &[u8]) -> Option<usize> {
 }
 
 /// Length of the longest tail of `buf` that could be the start of a message of this
-/// user (`<keyword><uuid>;`), down to a single byte: such a tail is held back until
-/// more input shows whether it is payload.
-fn held_suffix(buf: &[u8], uuid: &[u8]) -> usize {
+/// user that the connection may send next (`<keyword><uuid>;`), down to a single byte:
+/// such a tail is held back until more input shows whether it is payload.
+fn held_suffix(buf: &[u8], uuid: &[u8], next: &Expected) -> usize {
     let longest = "connthem;".len() + uuid.len() + 1;
     // Longest first; a random tail has one candidate start in about 64 bytes, so the
     // check per payload costs a scan of its last few dozen bytes.
     (buf.len().saturating_sub(longest)..buf.len())
-        .filter(|&at| STARTS_KEYWORD[usize::from(buf[at])])
+        .filter(|&at| next.starts[usize::from(buf[at])])
         .map(|at| buf.len() - at)
         .find(|&n| {
             let tail = &buf[buf.len() - n..];
-            KEYWORDS.iter().any(|k| {
+            next.keywords.iter().any(|k| {
                 let (kw, rest) = tail.split_at(tail.len().min(k.len()));
                 k.starts_with(kw)
                     && (rest.is_empty() || uuid.starts_with(&rest[..rest.len().min(uuid.len())]))

@@ -54,6 +54,8 @@ pub const TUNNEL_BYTES_TOTAL: &str = "elfin_tunnel_bytes_total";
 pub const PAYLOAD_DROPPED_BYTES_TOTAL: &str = "elfin_payload_dropped_bytes_total";
 /// Input bytes that were no message.
 pub const GARBAGE_BYTES_TOTAL: &str = "elfin_garbage_bytes_total";
+/// Payload tails held back because they could start a header.
+pub const HELD_TAILS_TOTAL: &str = "elfin_held_tails_total";
 /// Open connections, by transport and role.
 pub const CONNECTIONS_OPEN: &str = "elfin_connections_open";
 /// Devices with a live connection.
@@ -68,6 +70,8 @@ pub const CLUSTER_CONNECTED: &str = "elfin_cluster_connected";
 pub const CLUSTER_NODES: &str = "elfin_cluster_nodes";
 /// Cluster mode: tunnel ends here whose other end is on another node.
 pub const CLUSTER_TUNNEL_ENDS: &str = "elfin_cluster_tunnel_ends";
+/// How long held payload tails waited, by outcome.
+pub const HEADER_HOLD_SECONDS: &str = "elfin_header_hold_seconds";
 /// Store round trips, by operation.
 pub const STORE_ROUND_TRIP_SECONDS: &str = "elfin_store_round_trip_seconds";
 
@@ -239,6 +243,12 @@ pub const CATALOGUE: &[(&str, Kind, Option<metrics::Unit>, &str)] = &[
         "Input bytes that were no message.",
     ),
     (
+        HELD_TAILS_TOTAL,
+        Kind::Counter,
+        None,
+        "Payload tails held back because they could start the connection's next header.",
+    ),
+    (
         CONNECTIONS_OPEN,
         Kind::Gauge,
         None,
@@ -274,6 +284,13 @@ pub const CATALOGUE: &[(&str, Kind, Option<metrics::Unit>, &str)] = &[
         Kind::Gauge,
         None,
         "Cluster mode: tunnel ends here whose other end is on another node.",
+    ),
+    (
+        HEADER_HOLD_SECONDS,
+        Kind::Histogram,
+        Some(metrics::Unit::Seconds),
+        "How long held payload tails waited for the rest of a header, by outcome: \
+         more_input (the next bytes decided), timed_out (forwarded as payload), closed.",
     ),
     (
         STORE_ROUND_TRIP_SECONDS,

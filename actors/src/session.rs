@@ -44,7 +44,7 @@ use crate::bridge::{Cause, Unlink};
 use crate::cluster::BeatsElsewhere;
 use crate::command::{answer, refuse, Applied, Command};
 use crate::config::Takeover;
-use crate::connection::{Io, Lease, ReadChunks, UNTUNNELLED_READ};
+use crate::connection::{header_hold, Io, Lease, ReadChunks, SocketProbe, UNTUNNELLED_READ};
 use crate::debouncer;
 use crate::device::{masked, DeviceKey, Identity};
 use crate::frame::{Decoder, Frame, Header, Reply, Request, Role};
@@ -77,7 +77,11 @@ pub struct Session {
     /// Tunnels up to this id are gone for this session; a late `Linked` for one of
     /// them is ignored.
     cleared: TunnelId,
-    hold: Option<SpawnHandle>,
+    /// A payload tail held back for the rest of a header, if any.
+    hold: Option<Held>,
+    /// The socket's round trip and when it was read (see [`Session::link_rtt`]).
+    rtt: Option<(Duration, Instant)>,
+    probe: Arc<SocketProbe>,
     /// Runs while a message is incomplete; closes the connection if it stays so.
     unfinished: Option<SpawnHandle>,
     /// No more input will be read (end of file, or the session was told to close):
@@ -113,6 +117,15 @@ struct Speaking {
     /// When a refused device may be asked about again.
     retry: Instant,
 }
+
+/// A held-back payload tail: the timer that forwards it as payload, and since when.
+struct Held {
+    timer: SpawnHandle,
+    since: Instant,
+}
+
+/// How long a connection's round trip is used before it is read again.
+const RTT_REFRESH: Duration = Duration::from_secs(1);
 
 /// How long a refused device's messages are dropped before it is asked about again.
 const RETRY_REFUSED: Duration = Duration::from_secs(1);
@@ -184,6 +197,7 @@ impl Session {
             write,
             transport,
             certificate,
+            fd,
         } = io;
         let config = &hub.config;
         let (closing, closed) = oneshot::channel();
@@ -196,7 +210,8 @@ impl Session {
         let read_limit = Arc::new(AtomicUsize::new(
             UNTUNNELLED_READ.min(config.server.read_buffer_bytes.get()),
         ));
-        let chunks = ReadChunks::new(read, read_limit.clone());
+        let probe = Arc::new(SocketProbe::new(fd));
+        let chunks = ReadChunks::new(read, read_limit.clone()).probed_by(probe.clone());
         let requests = TokenBucket::new(
             f64::from(config.limits.requests_per_sec.get()),
             f64::from(config.limits.request_burst.get()),
@@ -216,6 +231,8 @@ impl Session {
                 latest: 0,
                 cleared: 0,
                 hold: None,
+                rtt: None,
+                probe,
                 unfinished: None,
                 eof: false,
                 identified: false,
@@ -279,20 +296,63 @@ impl Session {
         }
         self.watch_unfinished(progress, ctx);
         if self.decoder.holding(&self.inbox) && self.hold.is_none() {
-            self.hold = Some(
-                ctx.run_later(self.hub.config.server.header_hold, |act, ctx| {
-                    act.hold = None;
-                    if let Some(frame) = act.decoder.flush_held(&mut act.inbox) {
-                        if act.handle_frame(frame, ctx).is_continue() {
-                            act.drain(ctx);
-                        }
-                    }
-                }),
-            );
+            self.hold_tail(ctx);
         }
         if self.inbox.is_empty() {
             // Let go of the read buffer this view still points into.
             self.inbox = BytesMut::new();
+        }
+    }
+
+    /// Holds back the payload tail the decoder kept (it could start this connection's
+    /// next header) for about two round trips of its link (see
+    /// [`crate::connection::header_hold`]), then forwards it as payload. The held
+    /// bytes are acknowledged at once, so a sender whose Nagle algorithm waits for
+    /// that ACK sends the rest of the header within one round trip.
+    fn hold_tail(&mut self, ctx: &mut Context<Self>) {
+        self.probe.ack_now();
+        let server = &self.hub.config.server;
+        let (floor, ceiling) = (server.header_hold_min, server.header_hold);
+        let wait = header_hold(self.link_rtt(), floor, ceiling);
+        let timer = ctx.run_later(wait, |act, ctx| {
+            act.end_hold(None, "timed_out");
+            if let Some(frame) = act.decoder.flush_held(&mut act.inbox) {
+                if act.handle_frame(frame, ctx).is_continue() {
+                    act.drain(ctx);
+                }
+            }
+        });
+        metrics::counter!(metric::HELD_TAILS_TOTAL).increment(1);
+        self.hold = Some(Held {
+            timer,
+            since: Instant::now(),
+        });
+    }
+
+    /// The held tail is decided: more input came, the hold ran out, or the connection
+    /// closes. Cancels its timer (unless it is the timer that ran out) and records how
+    /// long it was held.
+    fn end_hold(&mut self, ctx: Option<&mut Context<Self>>, outcome: &'static str) {
+        let Some(held) = self.hold.take() else {
+            return;
+        };
+        if let Some(ctx) = ctx {
+            ctx.cancel_future(held.timer);
+        }
+        metrics::histogram!(metric::HEADER_HOLD_SECONDS, "outcome" => outcome)
+            .record(held.since.elapsed().as_secs_f64());
+    }
+
+    /// The connection's round trip, read from the socket at most once a second.
+    fn link_rtt(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        match self.rtt {
+            Some((rtt, read)) if now - read < RTT_REFRESH => Some(rtt),
+            _ => {
+                let rtt = self.probe.min_rtt();
+                self.rtt = rtt.map(|rtt| (rtt, now));
+                rtt
+            }
         }
     }
 
@@ -576,6 +636,7 @@ impl Session {
         if self.role != Some(role) {
             self.open_gauge().decrement(1);
             self.role = Some(role);
+            self.decoder.expect_from(role);
             self.open_gauge().increment(1);
         }
     }
@@ -629,9 +690,7 @@ impl Session {
     /// Stops reading and closes once what was read is handled; a held-back payload
     /// tail is delivered first, so every byte accepted reaches the tunnel.
     fn close(&mut self, ctx: &mut Context<Self>) {
-        if let Some(hold) = self.hold.take() {
-            ctx.cancel_future(hold);
-        }
+        self.end_hold(Some(ctx), "closed");
         self.eof = true;
         self.drain(ctx);
     }
@@ -745,9 +804,7 @@ impl StreamHandler<io::Result<BytesMut>> for Session {
     fn handle(&mut self, chunk: io::Result<BytesMut>, ctx: &mut Context<Self>) {
         match chunk {
             Ok(chunk) => {
-                if let Some(hold) = self.hold.take() {
-                    ctx.cancel_future(hold);
-                }
+                self.end_hold(Some(ctx), "more_input");
                 self.inbox.unsplit(chunk);
                 self.drain(ctx);
             }

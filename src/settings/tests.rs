@@ -60,6 +60,7 @@ const EVERY_KEY: &[(&str, &str, Option<&str>)] = &[
     ("ELFIN__SERVER__OUTPUT_QUEUE_CHUNKS", "8", None),
     ("ELFIN__SERVER__TUNNEL_STALL_SECS", "7", None),
     ("ELFIN__SERVER__HEADER_HOLD_MS", "25", None),
+    ("ELFIN__SERVER__HEADER_HOLD_MIN_MS", "2", None),
     ("ELFIN__SERVER__KEEPALIVE_SECS", "0", None),
     ("ELFIN__SERVER__BACKLOG", "128", None),
     ("ELFIN__STORAGE__BACKEND", "mongodb", None),
@@ -194,6 +195,7 @@ fn every_key_can_be_set_through_the_environment_and_keeps_its_value() {
         .check_client(plain, "192.168.2.1".parse().unwrap())
         .is_err());
     assert_eq!(config.server.header_hold, Duration::from_millis(25));
+    assert_eq!(config.server.header_hold_min, Duration::from_millis(2));
     assert_eq!(config.server.keepalive, Duration::ZERO);
     assert_eq!(
         config.server.workers,

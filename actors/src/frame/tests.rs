@@ -186,6 +186,69 @@ fn a_tail_that_cannot_start_this_users_header_is_not_held() {
     assert!(!decoder.holding(&buf));
 }
 
+/// What a tail of `payload` (after a data header of user `u`) the decoder holds back
+/// for a connection that has shown itself to be `role`.
+fn held_for(role: Option<Role>, payload: &[u8]) -> Vec<u8> {
+    let mut decoder = Decoder::new();
+    if let Some(role) = role {
+        decoder.expect_from(role);
+    }
+    let mut buf = BytesMut::from(&b"data;u;m;h;0;"[..]);
+    buf.extend_from_slice(payload);
+    decoder.decode(&mut buf);
+    while decoder.decode(&mut buf).is_some() {}
+    assert_eq!(decoder.holding(&buf), !buf.is_empty());
+    buf.to_vec()
+}
+
+#[test]
+fn a_device_holds_only_what_can_start_its_own_beat_or_data() {
+    let device = Some(Role::Device);
+    assert_eq!(held_for(device, b"xyzb"), b"b");
+    assert_eq!(held_for(device, b"xyzdata;u"), b"data;u");
+    assert_eq!(held_for(device, b"xyzc"), b"");
+    assert_eq!(held_for(device, b"xyzq"), b"");
+    assert_eq!(held_for(device, b"xyzconnme;u"), b"");
+    assert_eq!(held_for(device, b"xyzquery;"), b"");
+}
+
+#[test]
+fn a_client_holds_what_can_start_data_or_a_request_but_not_a_beat() {
+    let client = Some(Role::Client);
+    assert_eq!(held_for(client, b"xyzd"), b"d");
+    assert_eq!(held_for(client, b"xyzc"), b"c");
+    assert_eq!(held_for(client, b"xyzconnthem;u"), b"connthem;u");
+    assert_eq!(held_for(client, b"xyzq"), b"q");
+    assert_eq!(held_for(client, b"xyzb"), b"");
+    assert_eq!(held_for(client, b"xyzbeat;u"), b"");
+}
+
+#[test]
+fn a_connection_of_unknown_role_holds_every_keyword_start() {
+    for tail in [&b"b"[..], b"c", b"d", b"q", b"beat;u", b"query;"] {
+        let mut payload = b"xyz".to_vec();
+        payload.extend_from_slice(tail);
+        assert_eq!(held_for(None, &payload), tail);
+    }
+}
+
+#[test]
+fn whole_messages_are_recognised_whatever_the_role() {
+    // A device's `query` in one read is a query, held tails aside.
+    let mut decoder = Decoder::new();
+    decoder.expect_from(Role::Device);
+    let mut buf = BytesMut::from(&b"data;u;m;h;0;abquery;u\n"[..]);
+    decoder.decode(&mut buf);
+    assert_eq!(decoder.decode(&mut buf), Some(payload(b"ab")));
+    assert!(matches!(
+        decoder.decode(&mut buf),
+        Some(Frame::Request {
+            request: Request::Query,
+            ..
+        })
+    ));
+}
+
 #[test]
 fn a_query_right_after_a_data_frame_is_a_message() {
     assert_eq!(
