@@ -44,7 +44,9 @@ use crate::bridge::{Cause, Unlink};
 use crate::cluster::BeatsElsewhere;
 use crate::command::{answer, refuse, Applied, Command};
 use crate::config::Takeover;
-use crate::connection::{header_hold, Io, Lease, ReadChunks, SocketProbe, UNTUNNELLED_READ};
+use crate::connection::{
+    header_hold, precise_sleep, Io, Lease, ReadChunks, SocketProbe, UNTUNNELLED_READ,
+};
 use crate::debouncer;
 use crate::device::{masked, DeviceKey, Identity};
 use crate::frame::{Decoder, Frame, Header, Reply, Request, Role};
@@ -314,14 +316,14 @@ impl Session {
         let server = &self.hub.config.server;
         let (floor, ceiling) = (server.header_hold_min, server.header_hold);
         let wait = header_hold(self.link_rtt(), floor, ceiling);
-        let timer = ctx.run_later(wait, |act, ctx| {
+        let timer = ctx.spawn(precise_sleep(wait).into_actor(self).map(|(), act, ctx| {
             act.end_hold(None, "timed_out");
             if let Some(frame) = act.decoder.flush_held(&mut act.inbox) {
                 if act.handle_frame(frame, ctx).is_continue() {
                     act.drain(ctx);
                 }
             }
-        });
+        }));
         metrics::counter!(metric::HELD_TAILS_TOTAL).increment(1);
         self.hold = Some(Held {
             timer,

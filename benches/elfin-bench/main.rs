@@ -17,6 +17,7 @@
 mod cluster;
 mod fleet;
 mod gateway;
+mod modbus;
 mod net;
 mod plot;
 mod report;
@@ -73,6 +74,7 @@ enum Scenario {
     ReconnectStorm,
     StoreWrites,
     CrossNode,
+    ModbusPoll,
 }
 
 fn main() {
@@ -137,6 +139,7 @@ fn main() {
                     Scenario::ReconnectStorm => {
                         fleet::reconnect_storm(target.as_ref(), cli.full).await
                     }
+                    Scenario::ModbusPoll => modbus::modbus_poll(gw, cli.full).await,
                     Scenario::StoreWrites | Scenario::CrossNode => unreachable!(),
                 }
             }),

@@ -18,7 +18,7 @@ const SMALL: usize = 32;
 
 /// A gateway tunnel: (client, device), with device `i` online; the client on TLS
 /// when `tls` (the gateway must have a certificate).
-async fn gateway_tunnel(gw: &Gateway, i: usize, tls: bool) -> (Stream, Stream) {
+pub async fn gateway_tunnel(gw: &Gateway, i: usize, tls: bool) -> (Stream, Stream) {
     let device = net::device(i, gw.addr, &gw.uuid).await;
     net::wait_online(gw.addr, &gw.uuid, 1, Instant::now()).await;
     let config = tls.then(|| gw.tls.as_ref().expect("a gateway with TLS"));
@@ -27,7 +27,7 @@ async fn gateway_tunnel(gw: &Gateway, i: usize, tls: bool) -> (Stream, Stream) {
 }
 
 /// Both ends of relay pair `i`, as the scenarios take them.
-async fn relay_pair(i: usize, relay: &net::Baseline) -> (Stream, Stream) {
+pub async fn relay_pair(i: usize, relay: &net::Baseline) -> (Stream, Stream) {
     let (a, b) = net::relay_pair(i, relay.addr).await;
     (Box::new(a), Box::new(b))
 }
