@@ -1,9 +1,10 @@
 //! The server's lifetime: accept connections, start a session for each, and on
 //! shutdown close them all and flush what is pending.
 //!
-//! [`serve`] owns the listener. It hands every accepted connection to a worker (or
-//! runs it on the calling arbiter, see [`Workers`]) and never waits on anything but
-//! `accept` and the shutdown future. When that future completes it stops accepting,
+//! [`serve`] owns the listener. Its accept loops run on a thread of their own that
+//! does nothing but accept, admit and hand each connection to a worker (or to the
+//! calling arbiter, see [`Workers`]): a reconnect storm is taken off the listen queue
+//! at once even while the threads that register devices are busy with it. When that future completes it stops accepting,
 //! ends every session's input, waits (bounded) for them to close, and calls
 //! [`Hub::shutdown`].
 
@@ -71,6 +72,7 @@ struct Accepting {
     tls_warnings: Warnings,
     stop: CancellationToken,
     alive: mpsc::Sender<()>,
+    /// Where sessions run: the worker threads, or the caller's arbiter.
     workers: Vec<ArbiterHandle>,
     next: AtomicUsize,
 }
@@ -85,19 +87,36 @@ pub async fn serve_all(
         Workers::Caller => Vec::new(),
         Workers::Threads(n) => (0..n.get()).map(|_| Arbiter::new()).collect(),
     };
+    let handles = match workers.is_empty() {
+        true => vec![Arbiter::current()],
+        false => workers.iter().map(Arbiter::handle).collect(),
+    };
     let (alive, mut all_closed) = mpsc::channel::<()>(1);
     let shared = Arc::new(Accepting {
         tls_warnings: Warnings::default(),
         stop: CancellationToken::new(),
         alive,
-        workers: workers.iter().map(Arbiter::handle).collect(),
+        workers: handles,
         next: AtomicUsize::new(0),
         hub: Arc::new(hub.clone()),
     });
-    let loops: Vec<_> = listeners
-        .into_iter()
-        .map(|(listener, mode)| actix_rt::spawn(accept_loop(listener, mode, shared.clone())))
-        .collect();
+    let acceptor = Arbiter::new();
+    let mut loops = Vec::new();
+    for (listener, mode) in listeners {
+        // Registered again with the acceptor thread's own reactor, so its readiness
+        // does not wait for this thread.
+        let listener = listener.into_std();
+        let (done, ended) = tokio::sync::oneshot::channel::<()>();
+        let shared = shared.clone();
+        acceptor.spawn(async move {
+            match listener.and_then(TcpListener::from_std) {
+                Ok(listener) => accept_loop(listener, mode, shared).await,
+                Err(e) => log::error!("cannot accept connections: {e}"),
+            }
+            drop(done);
+        });
+        loops.push(ended);
+    }
     hub.accepting.store(true, Ordering::Relaxed);
     shutdown.await;
 
@@ -107,6 +126,7 @@ pub async fn serve_all(
     for accept in loops {
         let _ = accept.await;
     }
+    acceptor.stop();
     drop(shared);
     if tokio::time::timeout(CLOSE_TIMEOUT, all_closed.recv())
         .await
@@ -172,22 +192,31 @@ async fn accept_loop(listener: TcpListener, mode: Listen, s: Arc<Accepting>) {
             ticket,
         };
         let shared = s.clone();
-        let start = async move {
-            let stream = match TcpStream::from_std(stream) {
-                Ok(stream) => stream,
-                Err(e) => return log::debug!("connection lost at accept: {e}"),
-            };
-            let hub = &shared.hub;
-            if let Some(io) = transport(stream, peer, mode, hub, &shared.tls_warnings).await {
-                Session::start(io, peer, hub.clone(), lease);
-            }
-        };
-        if s.workers.is_empty() {
-            actix_rt::spawn(start);
-        } else {
-            let next = s.next.fetch_add(1, Ordering::Relaxed) % s.workers.len();
-            s.workers[next].spawn(start);
-        }
+        // What crosses to the worker is only the socket and its lease: the session's
+        // start (a TLS handshake's state among it) is made there, so a storm queued
+        // for a busy worker costs little memory on this thread.
+        let start = async move { Box::pin(start(stream, peer, mode, lease, shared)).await };
+        let next = s.next.fetch_add(1, Ordering::Relaxed) % s.workers.len();
+        s.workers[next].spawn(start);
+    }
+}
+
+/// On the worker: the connection's transport (a TLS handshake if it starts one), then
+/// its session.
+async fn start(
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    mode: Listen,
+    lease: Lease,
+    shared: Arc<Accepting>,
+) {
+    let stream = match TcpStream::from_std(stream) {
+        Ok(stream) => stream,
+        Err(e) => return log::debug!("connection lost at accept: {e}"),
+    };
+    let hub = &shared.hub;
+    if let Some(io) = transport(stream, peer, mode, hub, &shared.tls_warnings).await {
+        Session::start(io, peer, hub.clone(), lease);
     }
 }
 

@@ -220,6 +220,7 @@ pub async fn reconnect_storm(target: Option<&Gateway>, full: bool) -> Vec<Row> {
     let overflows = net::listen_overflows();
     let started = Instant::now();
     let devices = connect_devices(0, n, gw.addr, &gw.uuid).await;
+    let connected = started.elapsed().as_secs_f64();
     let took = net::wait_online(gw.addr, &gw.uuid, n, started)
         .await
         .as_secs_f64();
@@ -233,6 +234,14 @@ pub async fn reconnect_storm(target: Option<&Gateway>, full: bool) -> Vec<Row> {
             took,
             Some(base),
             Target::AtMost(2.0),
+        ),
+        Row::new(
+            "reconnect-storm",
+            "all connected and beating after",
+            "s",
+            connected,
+            None,
+            Target::None,
         ),
         Row::new(
             "reconnect-storm",
