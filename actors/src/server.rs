@@ -2,9 +2,10 @@
 //! shutdown close them all and flush what is pending.
 //!
 //! [`serve`] owns the listener. Its accept loops run on a thread of their own that
-//! does nothing but accept, admit and hand each connection to a worker (or to the
-//! calling arbiter, see [`Workers`]): a reconnect storm is taken off the listen queue
-//! at once even while the threads that register devices are busy with it. When that future completes it stops accepting,
+//! does nothing but accept, admit and hand each connection to a worker (with
+//! [`Workers::Caller`], on the calling arbiter like everything else): a reconnect storm
+//! is taken off the listen queue at once even while the threads that register devices
+//! are busy with it. When that future completes it stops accepting,
 //! ends every session's input, waits (bounded) for them to close, and calls
 //! [`Hub::shutdown`].
 
@@ -100,21 +101,33 @@ pub async fn serve_all(
         next: AtomicUsize::new(0),
         hub: Arc::new(hub.clone()),
     });
-    let acceptor = Arbiter::new();
+    // With worker threads, the accept loops get a thread of their own; with
+    // `Workers::Caller` (tests on a paused clock) everything stays on this arbiter.
+    let acceptor = (!workers.is_empty()).then(Arbiter::new);
     let mut loops = Vec::new();
     for (listener, mode) in listeners {
-        // Registered again with the acceptor thread's own reactor, so its readiness
-        // does not wait for this thread.
-        let listener = listener.into_std();
         let (done, ended) = tokio::sync::oneshot::channel::<()>();
         let shared = shared.clone();
-        acceptor.spawn(async move {
-            match listener.and_then(TcpListener::from_std) {
-                Ok(listener) => accept_loop(listener, mode, shared).await,
-                Err(e) => log::error!("cannot accept connections: {e}"),
+        match &acceptor {
+            Some(acceptor) => {
+                // Registered again with the acceptor thread's own reactor, so its
+                // readiness does not wait for this thread.
+                let listener = listener.into_std();
+                acceptor.spawn(async move {
+                    match listener.and_then(TcpListener::from_std) {
+                        Ok(listener) => accept_loop(listener, mode, shared).await,
+                        Err(e) => log::error!("cannot accept connections: {e}"),
+                    }
+                    drop(done);
+                });
             }
-            drop(done);
-        });
+            None => {
+                actix_rt::spawn(async move {
+                    accept_loop(listener, mode, shared).await;
+                    drop(done);
+                });
+            }
+        }
         loops.push(ended);
     }
     hub.accepting.store(true, Ordering::Relaxed);
@@ -126,7 +139,9 @@ pub async fn serve_all(
     for accept in loops {
         let _ = accept.await;
     }
-    acceptor.stop();
+    if let Some(acceptor) = acceptor {
+        acceptor.stop();
+    }
     drop(shared);
     if tokio::time::timeout(CLOSE_TIMEOUT, all_closed.recv())
         .await
