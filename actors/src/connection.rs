@@ -163,16 +163,35 @@ const COARSE: Duration = Duration::from_millis(2);
 /// whole milliseconds, and rounds a 0.3 ms sleep up to 1 to 2 ms (measured: 1.6 ms on
 /// average), which held 2 % of a Modbus master's polls that long; a short sleep waits
 /// on a timerfd of its own instead (a few syscalls, once per held tail). A longer
-/// one, or one whose timer cannot be made, uses the runtime's timer (and so follows
-/// a paused test clock).
+/// one, one past the bound on such timers, or one whose timer cannot be made uses the
+/// runtime's timer (and so follows a paused test clock).
 pub async fn precise_sleep(wait: Duration) {
     if wait < COARSE {
-        if let Ok(timer) = timerfd(wait) {
-            let _ = timer.readable().await;
-            return;
+        // Each is a descriptor while it runs: at most `MAX_TIMERS` at once, so peers
+        // that keep tails held cannot take the descriptors connections need.
+        let running = TIMERS.fetch_add(1, Ordering::Relaxed);
+        let _release = Release;
+        if running < MAX_TIMERS {
+            if let Ok(timer) = timerfd(wait) {
+                let _ = timer.readable().await;
+                return;
+            }
         }
     }
     tokio::time::sleep(wait).await;
+}
+
+/// Short holds waiting on a timerfd right now, and their bound.
+static TIMERS: AtomicUsize = AtomicUsize::new(0);
+const MAX_TIMERS: usize = 256;
+
+/// Gives a place among [`TIMERS`] back when dropped (a hold also ends by cancel).
+struct Release;
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        TIMERS.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[cfg(target_os = "linux")]
@@ -348,6 +367,23 @@ mod tests {
         assert_eq!(header_hold(None, floor, ceiling), ceiling);
         // The floor wins over a short link (a TLS proxy in front of the gateway).
         assert_eq!(header_hold(Some(loopback), 50 * MS, ceiling), 50 * MS);
+    }
+
+    #[tokio::test]
+    async fn a_short_sleep_is_not_rounded_to_the_runtimes_millisecond() {
+        let wait = Duration::from_micros(300);
+        let mut took = Duration::MAX;
+        // The shortest of a few: a busy machine may delay any one wake-up.
+        for _ in 0..5 {
+            let started = std::time::Instant::now();
+            precise_sleep(wait).await;
+            took = took.min(started.elapsed());
+        }
+        assert!(
+            took >= wait && took < 900 * Duration::from_micros(1),
+            "{took:?}"
+        );
+        assert_eq!(TIMERS.load(Ordering::Relaxed), 0, "every timer given back");
     }
 
     #[tokio::test]
