@@ -12,9 +12,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::gateway::Gateway;
-use crate::net::{self, percentile};
+use crate::net::percentile;
 use crate::report::{Row, Target};
-use crate::tunnel::{gateway_tunnel, relay_pair, round_trips};
+use crate::tunnel::alternating;
 
 /// A poll slower than this is one a master notices.
 const SLOW_MS: f64 = 5.0;
@@ -42,9 +42,10 @@ fn with_crc(mut frame: Vec<u8>) -> Vec<u8> {
     frame
 }
 
-/// One FC3 exchange: the request and the slave's response with random register
-/// values.
-fn fc3_poll(rng: &mut StdRng) -> (Vec<u8>, Vec<u8>) {
+/// FC3 exchange number `i`: the request and the slave's response with random register
+/// values (the same for the gateway and the relay).
+fn fc3_poll(i: usize) -> (Vec<u8>, Vec<u8>) {
+    let rng = &mut StdRng::seed_from_u64(i as u64);
     let slave: u8 = rng.random_range(1..=247);
     let start: u16 = rng.random();
     let count: u16 = rng.random_range(1..=125);
@@ -56,55 +57,19 @@ fn fc3_poll(rng: &mut StdRng) -> (Vec<u8>, Vec<u8>) {
     (with_crc(request), with_crc(response))
 }
 
-/// Poll times (µs) through the gateway and through the relay, in alternating blocks
-/// of the same polls so that drift on a shared machine falls on both alike.
-async fn polls(gw: &Gateway, count: usize) -> (Vec<f64>, Vec<f64>) {
-    const BLOCKS: usize = 10;
-    let relay = net::relay(1);
-    let (ch, dh) = (
-        net::client_header(&gw.uuid),
-        net::device_header(&gw.uuid, 0),
-    );
-    let mut relayed = relay_pair(3, &relay).await;
-    let mut tunnel = gateway_tunnel(gw, 0, false).await;
-    let (mut gateway, mut base) = (Vec::new(), Vec::new());
-    let per_block = count / BLOCKS;
-    for block in 0..BLOCKS {
-        let seed = block as u64;
-        let warm_up = if block == 0 { count / 10 } else { 0 };
-        let mut rng = StdRng::seed_from_u64(seed);
-        let (samples, pair) = round_trips(relayed, (&ch, &dh), true, per_block, warm_up, |_| {
-            fc3_poll(&mut rng)
-        })
-        .await;
-        base.extend(samples);
-        relayed = pair;
-        let mut rng = StdRng::seed_from_u64(seed);
-        let (samples, pair) = round_trips(tunnel, (&ch, &dh), false, per_block, warm_up, |_| {
-            fc3_poll(&mut rng)
-        })
-        .await;
-        gateway.extend(samples);
-        tunnel = pair;
-    }
-    (gateway, base)
-}
-
 pub async fn modbus_poll(gw: &Gateway, full: bool) -> Vec<Row> {
     // The Modbus spec's example: read 3 registers from 0x006B of slave 0x11.
     let example = with_crc(vec![0x11, 0x03, 0x00, 0x6B, 0x00, 0x03]);
     assert_eq!(example[6..], [0x76, 0x87], "CRC-16/MODBUS");
     let count = if full { 50_000 } else { 5_000 };
     let started = Instant::now();
-    let (mut gateway, mut base) = polls(gw, count).await;
+    let (gateway, base) = alternating(gw, count, false, fc3_poll).await;
     let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
     let slow = |s: &[f64]| {
         100.0 * s.iter().filter(|&&us| us > SLOW_MS * 1e3).count() as f64 / s.len() as f64
     };
     let (mean_gw, mean_base) = (mean(&gateway), mean(&base));
     let (slow_gw, slow_base) = (slow(&gateway), slow(&base));
-    gateway.sort_by(f64::total_cmp);
-    base.sort_by(f64::total_cmp);
     let ms = |us: f64| us / 1e3;
     let label = format!("{count} FC3 polls");
     let rows = vec![

@@ -18,7 +18,7 @@ const SMALL: usize = 32;
 
 /// A gateway tunnel: (client, device), with device `i` online; the client on TLS
 /// when `tls` (the gateway must have a certificate).
-pub async fn gateway_tunnel(gw: &Gateway, i: usize, tls: bool) -> (Stream, Stream) {
+async fn gateway_tunnel(gw: &Gateway, i: usize, tls: bool) -> (Stream, Stream) {
     let device = net::device(i, gw.addr, &gw.uuid).await;
     net::wait_online(gw.addr, &gw.uuid, 1, Instant::now()).await;
     let config = tls.then(|| gw.tls.as_ref().expect("a gateway with TLS"));
@@ -27,7 +27,7 @@ pub async fn gateway_tunnel(gw: &Gateway, i: usize, tls: bool) -> (Stream, Strea
 }
 
 /// Both ends of relay pair `i`, as the scenarios take them.
-pub async fn relay_pair(i: usize, relay: &net::Baseline) -> (Stream, Stream) {
+async fn relay_pair(i: usize, relay: &net::Baseline) -> (Stream, Stream) {
     let (a, b) = net::relay_pair(i, relay.addr).await;
     (Box::new(a), Box::new(b))
 }
@@ -209,6 +209,17 @@ pub fn fixed(i: usize) -> (Vec<u8>, Vec<u8>) {
 /// relay, taken in alternating blocks so that drift on a shared machine (another
 /// process waking up, frequency changes) falls on both alike.
 async fn latency_pair(gw: &Gateway, count: usize, tls: bool) -> (Vec<f64>, Vec<f64>) {
+    alternating(gw, count, tls, fixed).await
+}
+
+/// Sorted round-trip times of `payloads(i)` for the i-th round trip through the
+/// gateway and through the relay, in ten alternating blocks of the same payloads.
+pub async fn alternating(
+    gw: &Gateway,
+    count: usize,
+    tls: bool,
+    payloads: impl Fn(usize) -> (Vec<u8>, Vec<u8>),
+) -> (Vec<f64>, Vec<f64>) {
     const BLOCKS: usize = 10;
     let relay = net::relay(1);
     let (ch, dh) = (
@@ -222,7 +233,7 @@ async fn latency_pair(gw: &Gateway, count: usize, tls: bool) -> (Vec<f64>, Vec<f
     for block in 0..BLOCKS {
         let first = block * per_block;
         let warm_up = if block == 0 { count / 10 } else { 0 };
-        let payloads = |i: usize| fixed(first + i);
+        let payloads = |i: usize| payloads(first + i);
         let (samples, pair) =
             round_trips(relayed, (&ch, &dh), true, per_block, warm_up, payloads).await;
         base.extend(samples);
