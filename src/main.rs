@@ -185,9 +185,8 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     }
     let admin = match admin_listener.zip(prometheus) {
         Some((listener, prometheus)) => {
-            let token = settings.admin.token.as_ref().map(|t| t.expose().to_owned());
             let addr = listener.local_addr()?;
-            let server = admin::start(listener, token, hub.clone(), prometheus)
+            let server = admin::start(listener, settings.admin.rules(), hub.clone(), prometheus)
                 .context("cannot start the admin server")?;
             log::info!("admin pages on http://{addr}/");
             let handle = server.handle();

@@ -12,8 +12,9 @@
 //! and a list key takes `a,b` or a TOML array `["a", "b"]`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 use serde::{Deserialize, Serialize};
@@ -68,6 +69,15 @@ pub struct Admin {
     /// Required on every request when set; without it, `listen` must be loopback.
     #[serde(with = "de::optional")]
     pub token: Option<AdminToken>,
+    /// `Host:` names answered besides loopback addresses and `localhost`.
+    #[serde(with = "de::list")]
+    pub allowed_hosts: Vec<String>,
+    /// Reverse proxies (terminating HTTPS) whose `X-Forwarded-For` names the source.
+    #[serde(with = "de::list")]
+    pub trusted_proxies: Vec<IpAddr>,
+    /// How long a login lasts.
+    #[serde(rename = "session_secs", with = "de::positive_secs")]
+    pub session: Duration,
 }
 
 impl Default for Admin {
@@ -75,6 +85,21 @@ impl Default for Admin {
         Self {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 9100))),
             token: None,
+            allowed_hosts: Vec::new(),
+            trusted_proxies: Vec::new(),
+            session: Duration::from_secs(12 * 3600),
+        }
+    }
+}
+
+impl Admin {
+    /// The admin server's access rules.
+    pub fn rules(&self) -> crate::admin::Rules {
+        crate::admin::Rules {
+            token: self.token.as_ref().map(|t| t.expose().to_owned()),
+            allowed_hosts: self.allowed_hosts.clone(),
+            trusted_proxies: self.trusted_proxies.clone(),
+            session: self.session,
         }
     }
 }
@@ -84,21 +109,67 @@ impl Default for Admin {
 #[serde(transparent)]
 pub struct AdminToken(Secret);
 
-/// The shortest admin token accepted.
-const MIN_TOKEN_LEN: usize = 16;
+/// The least entropy an admin token must have, in bits (as [`token_bits`] estimates).
+const MIN_TOKEN_BITS: f64 = 128.0;
 
 impl std::str::FromStr for AdminToken {
     type Err = String;
     fn from_str(token: &str) -> Result<Self, String> {
         let safe = |b: u8| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b);
-        if token.len() < MIN_TOKEN_LEN || !token.bytes().all(safe) {
+        let how = "make one with `openssl rand -hex 32`";
+        if !token.bytes().all(safe) {
             return Err(format!(
-                "use at least {MIN_TOKEN_LEN} characters of A-Z a-z 0-9 - . _ ~ + / = (e.g. \
-                 the output of `openssl rand -hex 32`)"
+                "use only the characters A-Z a-z 0-9 - . _ ~ + / = ({how})"
+            ));
+        }
+        let bits = token_bits(token);
+        if bits < MIN_TOKEN_BITS {
+            return Err(format!(
+                "too easy to guess: about {bits:.0} bits where at least {MIN_TOKEN_BITS:.0} \
+                 are needed ({how})"
             ));
         }
         Ok(AdminToken(token.parse().unwrap_or_else(|e| match e {})))
     }
+}
+
+/// A conservative estimate of a token's entropy, as if it were drawn at random: its
+/// length times the bits of one character of the smallest alphabet that holds it
+/// (hex digits 4, lower-case letters and digits 5.2, base64 6), where a token made
+/// of a shorter string repeated counts only that string, and one of fewer than
+/// 8 different characters counts only the bits of that many.
+fn token_bits(token: &str) -> f64 {
+    let bytes = token.as_bytes();
+    let has = |f: fn(&u8) -> bool| bytes.iter().any(f);
+    let hex = bytes.iter().all(u8::is_ascii_hexdigit)
+        && !(has(u8::is_ascii_lowercase) && has(u8::is_ascii_uppercase));
+    let alphabet = if hex {
+        16
+    } else {
+        [
+            (has(u8::is_ascii_digit), 10),
+            (has(u8::is_ascii_lowercase), 26),
+            (has(u8::is_ascii_uppercase), 26),
+            (has(|b| !b.is_ascii_alphanumeric()), 7),
+        ]
+        .iter()
+        .filter(|(used, _)| *used)
+        .map(|(_, size)| size)
+        .sum()
+    };
+    let mut distinct = bytes.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let alphabet = if distinct.len() < 8 {
+        distinct.len()
+    } else {
+        alphabet
+    };
+    // The shortest string the token repeats ("abcabc" -> 3).
+    let period = (1..=bytes.len())
+        .find(|&p| (p..bytes.len()).all(|i| bytes[i] == bytes[i - p]))
+        .unwrap_or(bytes.len());
+    period as f64 * (alphabet.max(1) as f64).log2()
 }
 
 impl AdminToken {

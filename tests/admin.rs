@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::{Binary, TIMEOUT};
 
 const MAC: &str = "F0FE6B2A1C3D";
-const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+const TOKEN: &str = "6b1f0e8a93c24d57b0a1e6f3c9d28475";
 
 /// Polls `get` until `done` holds for its result, or fails with the last one.
 fn eventually<T: std::fmt::Debug>(mut get: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
@@ -158,34 +158,29 @@ fn the_status_api_lists_devices_and_tunnels_and_never_a_whole_uuid() {
 }
 
 #[test]
-fn with_a_token_every_request_needs_it_and_the_login_form_sets_a_cookie() {
+fn with_a_token_every_request_needs_it_and_the_login_form_opens_a_session() {
     let gw = Binary::start(&[
         ("ELFIN__ADMIN__TOKEN", TOKEN),
         // With a token, any address may be served; the test still uses loopback.
         ("ELFIN__ADMIN__LISTEN", "127.0.0.1:0"),
     ]);
-    for path in ["/healthz", "/readyz", "/metrics", "/api/status"] {
+    let bearer = format!("Bearer {TOKEN}");
+    for path in ["/healthz", "/readyz", "/metrics", "/api/status", "/app.js"] {
         let refused = gw.get(path);
         assert_eq!(refused.status, 401, "{path}");
         assert_eq!(refused.header("www-authenticate"), Some("Bearer"));
-        let wrong = gw.http("GET", path, &[("Authorization", "Bearer 0123")], None);
-        assert_eq!(wrong.status, 401, "{path}");
-        let bearer = format!("Bearer {TOKEN}");
         let right = gw.http("GET", path, &[("Authorization", &bearer)], None);
         assert_eq!(right.status, 200, "{path}: {}", right.body);
     }
-    // A browser goes to the login form first.
+    // A browser goes to the login form first; the form and its style load without
+    // the token, so the page is styled.
     let page = gw.get("/");
     assert_eq!(page.status, 303);
     assert_eq!(page.header("location"), Some("/login"));
     assert_eq!(gw.get("/login").status, 200);
-
-    let started = Instant::now();
-    let wrong = gw.http("POST", "/login", &[], Some(&[("token", "guess")]));
-    assert_eq!(wrong.status, 401);
-    assert!(wrong.body.contains("not the admin token"));
-    assert!(wrong.header("set-cookie").is_none());
-    assert!(started.elapsed() >= Duration::from_millis(900));
+    let style = gw.get("/style.css");
+    assert_eq!(style.status, 200);
+    assert!(style.body.contains(".login"));
 
     let signed_in = gw.http("POST", "/login", &[], Some(&[("token", TOKEN)]));
     assert_eq!(signed_in.status, 303);
@@ -193,19 +188,163 @@ fn with_a_token_every_request_needs_it_and_the_login_form_sets_a_cookie() {
     let cookie = signed_in.header("set-cookie").unwrap().to_owned();
     assert!(cookie.contains("HttpOnly"), "{cookie}");
     assert!(cookie.contains("SameSite=Strict"), "{cookie}");
-    let pair = cookie.split(';').next().unwrap();
-    let page = gw.http("GET", "/", &[("Cookie", pair)], None);
+    assert!(cookie.contains("Max-Age=43200"), "{cookie}");
+    assert!(!cookie.contains("Secure"), "plain HTTP, no proxy: {cookie}");
+    assert!(
+        !cookie.contains(TOKEN),
+        "the session id is not the token: {cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap().to_owned();
+    let page = gw.http("GET", "/", &[("Cookie", &pair)], None);
     assert_eq!(page.status, 200);
     assert!(page.body.contains("Elfin Connect gateway"));
-    let api = gw.http("GET", "/api/status", &[("Cookie", pair)], None);
-    assert_eq!(api.status, 200);
-    let forged = gw.http("GET", "/api/status", &[("Cookie", "elfin_admin=x")], None);
-    assert_eq!(forged.status, 401);
+    assert_eq!(
+        gw.http("GET", "/api/status", &[("Cookie", &pair)], None)
+            .status,
+        200
+    );
+    let forged = format!("elfin_session={TOKEN}");
+    assert_eq!(
+        gw.http("GET", "/api/status", &[("Cookie", &forged)], None)
+            .status,
+        401
+    );
+    // Signing out ends the session.
+    assert_eq!(
+        gw.http("POST", "/logout", &[("Cookie", &pair)], None)
+            .status,
+        303
+    );
+    assert_eq!(
+        gw.http("GET", "/api/status", &[("Cookie", &pair)], None)
+            .status,
+        401
+    );
+}
+
+#[test]
+fn wrong_tokens_make_their_address_wait_however_many_requests_it_sends() {
+    let gw = Binary::start(&[
+        ("ELFIN__ADMIN__TOKEN", TOKEN),
+        ("ELFIN__ADMIN__LISTEN", "127.0.0.1:0"),
+    ]);
+    let wrong = gw.http("POST", "/login", &[], Some(&[("token", "guess")]));
+    assert_eq!(wrong.status, 401);
+    assert!(wrong.body.contains("not the admin token"));
+    assert!(wrong.header("set-cookie").is_none());
+    // 40 guesses in parallel right after: none is checked, not even the right token.
+    let answers: Vec<(u16, Option<String>)> = std::thread::scope(|s| {
+        let guesses: Vec<_> = (0..40)
+            .map(|i| {
+                let gw = &gw;
+                s.spawn(move || {
+                    let guess = if i == 39 {
+                        TOKEN.to_owned()
+                    } else {
+                        format!("guess{i}")
+                    };
+                    let bearer = format!("Bearer {guess}");
+                    let r = gw.http("GET", "/api/status", &[("Authorization", &bearer)], None);
+                    (r.status, r.header("retry-after").map(str::to_owned))
+                })
+            })
+            .collect();
+        guesses.into_iter().map(|g| g.join().unwrap()).collect()
+    });
+    for (status, retry_after) in &answers {
+        assert_eq!(*status, 429, "{answers:?}");
+        let secs: u64 = retry_after.as_deref().unwrap().parse().unwrap();
+        assert!((1..=60).contains(&secs), "{answers:?}");
+    }
+    let paced_login = gw.http("POST", "/login", &[], Some(&[("token", TOKEN)]));
+    assert_eq!(paced_login.status, 429);
+    assert!(
+        paced_login.body.contains("try again"),
+        "{}",
+        paced_login.body
+    );
+    // After the wait, the right token works again, and the refusals were counted
+    // and logged with the address.
+    std::thread::sleep(Duration::from_millis(1100));
+    let bearer = format!("Bearer {TOKEN}");
+    let metrics = gw.http("GET", "/metrics", &[("Authorization", &bearer)], None);
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics
+            .body
+            .contains(r#"elfin_refusals_total{reason="admin_token"} 1"#),
+        "{}",
+        metrics.body
+    );
+    assert!(metrics
+        .body
+        .contains(r#"elfin_refusals_total{reason="admin_paced"} 41"#));
+    gw.wait_log("refused 127.0.0.1 (admin_token)");
+    assert_eq!(gw.log_count("(admin_paced)"), 1, "logged once a minute");
+}
+
+#[test]
+fn without_a_token_only_loopback_host_names_are_answered() {
+    let gw = Binary::start(&[]);
+    let port = gw.admin.unwrap().port();
+    for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}")] {
+        let r = gw.http("GET", "/api/status", &[("Host", &host)], None);
+        assert_eq!(r.status, 200, "{host}");
+    }
+    // A page of evil.example whose name was rebound to 127.0.0.1.
+    let rebound = gw.http("GET", "/api/status", &[("Host", "evil.example")], None);
+    assert_eq!(rebound.status, 403);
+    assert!(!rebound.body.contains("totals"));
+    gw.wait_log("(admin_host)");
+    // Named in admin.allowed_hosts: answered.
+    let gw = Binary::start(&[("ELFIN__ADMIN__ALLOWED_HOSTS", "gw.plant.example")]);
+    let named = gw.http(
+        "GET",
+        "/api/status",
+        &[("Host", "gw.plant.example:9100")],
+        None,
+    );
+    assert_eq!(named.status, 200);
+}
+
+#[test]
+fn through_a_trusted_proxy_the_login_cookie_is_secure() {
+    let gw = Binary::start(&[
+        ("ELFIN__ADMIN__TOKEN", TOKEN),
+        ("ELFIN__ADMIN__LISTEN", "127.0.0.1:0"),
+        ("ELFIN__ADMIN__TRUSTED_PROXIES", "127.0.0.1"),
+    ]);
+    let signed_in = gw.http(
+        "POST",
+        "/login",
+        &[("X-Forwarded-For", "198.51.100.4")],
+        Some(&[("token", TOKEN)]),
+    );
+    let cookie = signed_in.header("set-cookie").unwrap();
+    assert!(cookie.contains("Secure"), "{cookie}");
+    // Pacing follows the forwarded address, not the proxy's.
+    let wrong = [("X-Forwarded-For", "198.51.100.4")];
+    assert_eq!(
+        gw.http("POST", "/login", &wrong, Some(&[("token", "x")]))
+            .status,
+        401
+    );
+    assert_eq!(
+        gw.http("POST", "/login", &wrong, Some(&[("token", TOKEN)]))
+            .status,
+        429
+    );
+    let other = [("X-Forwarded-For", "198.51.100.5")];
+    assert_eq!(
+        gw.http("POST", "/login", &other, Some(&[("token", TOKEN)]))
+            .status,
+        303
+    );
 }
 
 #[test]
 fn an_all_digit_token_from_the_environment_keeps_every_digit() {
-    let token = "12345678901234567890123456789012";
+    let token = "31415926535897932384626433832795028841971";
     let gw = Binary::start(&[
         ("ELFIN__ADMIN__TOKEN", token),
         ("ELFIN__ADMIN__LISTEN", "127.0.0.1:0"),
@@ -217,7 +356,7 @@ fn an_all_digit_token_from_the_environment_keeps_every_digit() {
     };
     assert_eq!(status(token), 200);
     // What reading the token as a number made of it.
-    assert_eq!(status("12345678901234567000000000000000"), 401);
+    assert_eq!(status("31415926535897932000000000000000000000000"), 401);
 }
 
 #[test]

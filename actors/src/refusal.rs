@@ -36,6 +36,12 @@ pub enum Reason {
     /// A second connection for a live device that still beats, under
     /// `auth.device_takeover = "when-silent"`.
     Takeover,
+    /// A wrong admin token (bearer or login form).
+    AdminToken,
+    /// An admin request from an address still waiting after a wrong token.
+    AdminPaced,
+    /// An admin request for a `Host:` the admin server does not answer.
+    AdminHost,
 }
 
 impl Reason {
@@ -51,6 +57,9 @@ impl Reason {
             Reason::NewDeviceRate => "new_device_rate",
             Reason::Enrollment => "enrollment",
             Reason::Takeover => "takeover",
+            Reason::AdminToken => "admin_token",
+            Reason::AdminPaced => "admin_paced",
+            Reason::AdminHost => "admin_host",
         }
     }
 }

@@ -5,33 +5,35 @@
 //! own; nothing here is on a tunnel's path. The page's assets are compiled into the
 //! binary (an offline plant network has no CDN).
 //!
-//! Access: without `admin.token` the server only listens on loopback (the settings
-//! check refuses anything else); with a token, every request but the login form needs
-//! it, as `Authorization: Bearer <token>` or in the HttpOnly cookie the form sets.
+//! Access ([`guard`]): without `admin.token` the server only listens on loopback (the
+//! settings check refuses anything else) and answers only loopback `Host:` names; with
+//! a token, every request but the login form and its style sheet needs it, as
+//! `Authorization: Bearer <token>` or in the cookie of a session the form opened.
 
+mod guard;
 mod status;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::body::MessageBody;
+use actix_web::cookie::{Cookie, SameSite};
 use actix_web::dev::{Server, ServiceRequest, ServiceResponse};
 use actix_web::http::header;
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
-use subtle::ConstantTimeEq;
 
 use elfin_actors::Hub;
+pub use guard::Rules;
+use guard::{Guard, Verdict};
 use status::StatusBoard;
 
-/// The cookie the login form sets.
-const COOKIE: &str = "elfin_admin";
 /// How long `/readyz` waits for the store.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
-/// A wrong token at the login form is answered after this (slows guessing).
-const WRONG_TOKEN_DELAY: Duration = Duration::from_secs(1);
+/// What loads without the token: the login form and its style sheet.
+const PUBLIC: &[&str] = &["/login", "/style.css"];
 
 const PAGE: &str = include_str!("page/index.html");
 const LOGIN: &str = include_str!("page/login.html");
@@ -40,7 +42,7 @@ const STYLE: &str = include_str!("page/style.css");
 
 struct Admin {
     hub: Hub,
-    token: Option<String>,
+    guard: Guard,
     prometheus: PrometheusHandle,
     process: metrics_process::Collector,
     board: StatusBoard,
@@ -50,7 +52,7 @@ struct Admin {
 /// it with its handle.
 pub fn start(
     listener: std::net::TcpListener,
-    token: Option<String>,
+    rules: Rules,
     hub: Hub,
     prometheus: PrometheusHandle,
 ) -> std::io::Result<Server> {
@@ -61,7 +63,7 @@ pub fn start(
     let admin = web::Data::new(Admin {
         board: StatusBoard::new(hub.clone()),
         hub,
-        token,
+        guard: Guard::new(rules),
         prometheus,
         process,
     });
@@ -82,6 +84,7 @@ pub fn start(
             .route("/style.css", web::get().to(|| asset("text/css", STYLE)))
             .route("/login", web::get().to(login_form))
             .route("/login", web::post().to(login))
+            .route("/logout", web::post().to(logout))
     })
     .workers(1)
     .disable_signals()
@@ -101,8 +104,8 @@ async fn sample_forever(admin: Arc<Admin>) {
     }
 }
 
-/// Lets a request through if no token is set, it presents the token, or it is for
-/// the login form; otherwise sends a page to the login form and refuses the rest.
+/// Lets a request through when [`Guard::check`] does; otherwise sends a page to the
+/// login form and answers the rest with why (401, 403 or 429 with `Retry-After`).
 async fn authorize(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
@@ -110,40 +113,37 @@ async fn authorize(
     let admin = req
         .app_data::<web::Data<Admin>>()
         .expect("the admin state is registered");
-    let allowed = match &admin.token {
-        None => true,
-        Some(token) => req.path() == "/login" || presents(req.request(), token),
-    };
-    if allowed {
+    let public = PUBLIC.contains(&req.path());
+    let verdict = admin.guard.check(req.request(), public);
+    if verdict == Verdict::Allowed {
         return Ok(next.call(req).await?.map_into_left_body());
     }
-    let refused = if req.path() == "/" {
-        HttpResponse::SeeOther()
+    admin
+        .guard
+        .report(&admin.hub.refusals, req.request(), &verdict);
+    let refused = match verdict {
+        Verdict::ForeignHost => HttpResponse::Forbidden().json(serde_json::json!({
+            "error": "this admin server does not answer that Host (see admin.allowed_hosts)"
+        })),
+        Verdict::Paced(wait) => too_many(wait).json(serde_json::json!({
+            "error": "too many wrong admin tokens from this address; try again later"
+        })),
+        _ if req.path() == "/" || req.path().starts_with("/devices/") => HttpResponse::SeeOther()
             .insert_header((header::LOCATION, "/login"))
-            .finish()
-    } else {
-        HttpResponse::Unauthorized()
+            .finish(),
+        _ => HttpResponse::Unauthorized()
             .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
-            .json(serde_json::json!({ "error": "a valid admin token is required" }))
+            .json(serde_json::json!({ "error": "a valid admin token is required" })),
     };
     Ok(req.into_response(refused).map_into_right_body())
 }
 
-/// Whether the request carries `token`, as a bearer token or in the cookie.
-fn presents(req: &HttpRequest, token: &str) -> bool {
-    let bearer = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let cookie = req.cookie(COOKIE);
-    let presented = bearer.or_else(|| cookie.as_ref().map(|c| c.value()));
-    presented.is_some_and(|p| same(p, token))
-}
-
-/// Compares in time independent of where the two differ.
-fn same(presented: &str, token: &str) -> bool {
-    presented.as_bytes().ct_eq(token.as_bytes()).into()
+/// A 429 telling the source when to come back (whole seconds, rounded up).
+fn too_many(wait: Duration) -> actix_web::HttpResponseBuilder {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let mut response = HttpResponse::TooManyRequests();
+    response.insert_header((header::RETRY_AFTER, secs.max(1).to_string()));
+    response
 }
 
 async fn healthz() -> HttpResponse {
@@ -184,19 +184,32 @@ async fn status(admin: web::Data<Admin>) -> HttpResponse {
 
 /// The page, its script and style: same-origin only, never framed.
 fn html(status: actix_web::http::StatusCode, body: impl MessageBody + 'static) -> HttpResponse {
-    HttpResponse::build(status)
+    with_page_headers(&mut HttpResponse::build(status)).body(body)
+}
+
+fn with_page_headers(
+    response: &mut actix_web::HttpResponseBuilder,
+) -> &mut actix_web::HttpResponseBuilder {
+    response
         .content_type("text/html; charset=utf-8")
         .insert_header((
             header::CONTENT_SECURITY_POLICY,
             "default-src 'self'; frame-ancestors 'none'",
         ))
         .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
-        .body(body)
 }
 
-async fn page() -> HttpResponse {
-    html(actix_web::http::StatusCode::OK, PAGE)
+/// A page, with a sign-out button when there is a token to sign in with.
+async fn page(admin: web::Data<Admin>) -> HttpResponse {
+    let page = if admin.guard.has_token() {
+        PAGE.replace("<!--signout-->", SIGN_OUT)
+    } else {
+        PAGE.to_owned()
+    };
+    html(actix_web::http::StatusCode::OK, page)
 }
+
+const SIGN_OUT: &str = r#"<form class="signout" method="post" action="/logout"><button type="submit">Sign out</button></form>"#;
 
 async fn asset(content_type: &'static str, body: &'static str) -> HttpResponse {
     HttpResponse::Ok()
@@ -214,30 +227,62 @@ struct Login {
     token: String,
 }
 
-/// The login form's post: the right token gets the cookie and goes to the page.
-async fn login(admin: web::Data<Admin>, form: web::Form<Login>) -> HttpResponse {
-    match &admin.token {
-        Some(token) if same(&form.token, token) => {
-            let cookie = actix_web::cookie::Cookie::build(COOKIE, token.clone())
+/// The login form's post: the right token opens a session (its random id in an
+/// HttpOnly cookie) and goes to the page; a wrong one makes the source wait.
+async fn login(admin: web::Data<Admin>, req: HttpRequest, form: web::Form<Login>) -> HttpResponse {
+    if !admin.guard.has_token() {
+        return HttpResponse::SeeOther()
+            .insert_header((header::LOCATION, "/"))
+            .finish();
+    }
+    match admin.guard.login(&req, &form.token) {
+        Ok(session) => {
+            let lifetime = admin.guard.session_lifetime();
+            let cookie = Cookie::build(guard::COOKIE, session)
                 .path("/")
                 .http_only(true)
-                .same_site(actix_web::cookie::SameSite::Strict)
+                .secure(admin.guard.behind_proxy(&req))
+                .same_site(SameSite::Strict)
+                .max_age(actix_web::cookie::time::Duration::seconds(
+                    i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX),
+                ))
                 .finish();
             HttpResponse::SeeOther()
                 .insert_header((header::LOCATION, "/"))
                 .cookie(cookie)
                 .finish()
         }
-        Some(_) => {
-            tokio::time::sleep(WRONG_TOKEN_DELAY).await;
+        Err(verdict) => {
+            admin.guard.report(&admin.hub.refusals, &req, &verdict);
+            let (mut response, message) = match verdict {
+                Verdict::Paced(wait) => (
+                    too_many(wait),
+                    format!(
+                        "Too many wrong tokens from your address: try again in {} s.",
+                        wait.as_secs().max(1)
+                    ),
+                ),
+                _ => (
+                    HttpResponse::Unauthorized(),
+                    "That is not the admin token.".to_owned(),
+                ),
+            };
             let page = LOGIN.replace(
                 "<!--message-->",
-                "<p class=\"problem\">That is not the admin token.</p>",
+                &format!("<p class=\"problem\">{message}</p>"),
             );
-            html(actix_web::http::StatusCode::UNAUTHORIZED, page)
+            with_page_headers(&mut response).body(page)
         }
-        None => HttpResponse::SeeOther()
-            .insert_header((header::LOCATION, "/"))
-            .finish(),
     }
+}
+
+/// Ends the session of the request, if any, and goes to the login form.
+async fn logout(admin: web::Data<Admin>, req: HttpRequest) -> HttpResponse {
+    admin.guard.logout(&req);
+    let mut gone = Cookie::build(guard::COOKIE, "").path("/").finish();
+    gone.make_removal();
+    HttpResponse::SeeOther()
+        .insert_header((header::LOCATION, "/login"))
+        .cookie(gone)
+        .finish()
 }

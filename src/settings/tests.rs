@@ -111,9 +111,16 @@ const EVERY_KEY: &[(&str, &str, Option<&str>)] = &[
     ("ELFIN__ADMIN__LISTEN", "0.0.0.0:9100", None),
     (
         "ELFIN__ADMIN__TOKEN",
-        "12345678901234567890123456789012",
+        "3141592653589793238462643383279502884197",
         None,
     ),
+    (
+        "ELFIN__ADMIN__ALLOWED_HOSTS",
+        r#"["gw.plant.example", "10.1.2.3"]"#,
+        None,
+    ),
+    ("ELFIN__ADMIN__TRUSTED_PROXIES", r#"["10.0.0.9"]"#, None),
+    ("ELFIN__ADMIN__SESSION_SECS", "600", None),
     (
         "ELFIN__CLUSTER__NATS_URL",
         r#"["nats://n1:4222", "nats://n2:4222"]"#,
@@ -182,7 +189,7 @@ fn every_key_can_be_set_through_the_environment_and_keeps_its_value() {
 
     // What the gateway runs on, for the values the old parser turned into others.
     let token = s.admin.token.as_ref().unwrap();
-    assert_eq!(token.expose(), "12345678901234567890123456789012");
+    assert_eq!(token.expose(), "3141592653589793238462643383279502884197");
     let tls = s.tls.files().unwrap();
     assert!(tls.allow_tls12);
     assert_eq!(tls.handshake_timeout, Duration::from_secs(4));
@@ -329,13 +336,16 @@ fn a_bad_file_value_names_the_file_and_line() {
 
 #[test]
 fn the_environment_overrides_the_file() {
-    let text = "[admin]\ntoken = \"aaaaaaaaaaaaaaaaaaaaaaaa\"\n[server]\nworkers = 2\n";
+    let text = "[admin]\ntoken = \"5f0c3a9e1b7d24c86e0f9a3b5c7d1e2f\"\n[server]\nworkers = 2\n";
     let s = from_file(text, &[("ELFIN__SERVER__WORKERS", "4")]).unwrap();
     assert_eq!(
         s.server.workers,
         elfin_actors::Workers::Threads(NonZeroUsize::new(4).unwrap())
     );
-    assert_eq!(s.admin.token.unwrap().expose(), "aaaaaaaaaaaaaaaaaaaaaaaa");
+    assert_eq!(
+        s.admin.token.unwrap().expose(),
+        "5f0c3a9e1b7d24c86e0f9a3b5c7d1e2f"
+    );
 }
 
 #[test]
@@ -366,13 +376,42 @@ fn rules_between_keys_name_their_key_and_its_origin() {
         from_env(&[("ELFIN__ADMIN__LISTEN", "0.0.0.0:9100")]),
         &["admin.listen", "loopback", "admin.token"],
     );
-    let short = from_env(&[("ELFIN__ADMIN__TOKEN", "short-secret")]);
-    let err = format!("{:#}", short.unwrap_err());
-    assert!(
-        err.contains("at least 16") && err.contains("ELFIN__ADMIN__TOKEN"),
-        "{err}"
+    for weak in [
+        "short-secret",
+        // 24 characters of one letter: 0 bits, however long.
+        "aaaaaaaaaaaaaaaaaaaaaaaa",
+        // A 64-bit string twice.
+        "0123456789abcdef0123456789abcdef",
+        // 30 random digits: 100 bits.
+        "845120937561029384756102938475",
+    ] {
+        let err = format!(
+            "{:#}",
+            from_env(&[("ELFIN__ADMIN__TOKEN", weak)]).unwrap_err()
+        );
+        assert!(
+            err.contains("at least 128")
+                && err.contains("openssl rand -hex 32")
+                && err.contains("ELFIN__ADMIN__TOKEN"),
+            "{err}"
+        );
+        assert!(!err.contains(weak), "a secret never shows: {err}");
+    }
+}
+
+#[test]
+fn tokens_are_measured_as_random_strings_of_their_alphabet() {
+    use super::token_bits;
+    // `openssl rand -hex 16`, `-hex 32`, `-base64 32`.
+    assert_eq!(token_bits("9f86d081884c7d659a2feaa0c55ad015"), 128.0);
+    assert_eq!(
+        token_bits("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"),
+        256.0
     );
-    assert!(!err.contains("short-secret"), "a secret never shows: {err}");
+    assert!(token_bits("q3J7mV0pZ9xK2sL8dF4hG6tY1wR5uE0cB7nA3oI9eP8=") > 250.0);
+    assert!(token_bits("correcthorsebatterystaple") < 128.0);
+    assert_eq!(token_bits("abababababababababababababababab"), 2.0);
+    assert_eq!(token_bits("zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz"), 0.0);
 }
 
 #[test]
@@ -448,7 +487,7 @@ fn secrets_never_print() {
             "ELFIN__MONGODB__URI",
             "mongodb://gw:hunter2@db.example:27017/?tls=true",
         ),
-        ("ELFIN__ADMIN__TOKEN", "hunter2hunter2hunter2"),
+        ("ELFIN__ADMIN__TOKEN", "hunter2-Xq9vT4mZ8kL2pR7wN3bY6cJ1"),
         ("ELFIN__CLUSTER__PASSWORD", "hunter2"),
     ])
     .unwrap();
