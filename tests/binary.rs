@@ -354,3 +354,57 @@ fn with_enrollment_only_added_devices_register_and_the_refusal_is_logged_and_cou
         "{metrics}"
     );
 }
+
+#[test]
+fn query_replies_are_not_rendered_for_a_client_that_has_gone() {
+    let gw = Binary::start(&[
+        ("ELFIN__LIMITS__REQUESTS_PER_SEC", "10000"),
+        ("ELFIN__LIMITS__REQUEST_BURST", "10000"),
+    ]);
+    let uuid = gw.add_user("alice");
+    // 5 000 stored devices: each reply is about half a megabyte.
+    {
+        let mut db = rusqlite::Connection::open(gw.dir.path().join("elfin.db")).unwrap();
+        let tx = db.transaction().unwrap();
+        for i in 0..5_000 {
+            tx.execute(
+                "INSERT INTO devices (mac, host, last_seen_ms, owner)
+                 SELECT ?1, ?2, 0, id FROM users WHERE uuid = ?3",
+                rusqlite::params![format!("AC{i:010X}"), format!("meter-{i}"), uuid],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let requests = 200;
+    let mut client = gw.connect();
+    client.send(format!("query;{uuid}\n").repeat(requests).as_bytes());
+    // A few replies fill the socket and the output queue; the rest wait their turn.
+    std::thread::sleep(Duration::from_millis(500));
+    // Gone without reading: the kernel resets the connection.
+    drop(client);
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    let dropped = loop {
+        let dropped = gw.metric("elfin_requests_dropped_total");
+        if dropped as usize >= requests - 40 || std::time::Instant::now() > deadline {
+            break dropped;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        dropped as usize >= requests - 40,
+        "only {dropped} of {requests} requests dropped"
+    );
+    assert_eq!(
+        gw.metric(r#"elfin_messages_total{type="query"}"#),
+        requests as u64
+    );
+    // A client that only closed its sending side (netcat) still reads every reply.
+    let mut half = gw.connect();
+    half.send(format!("query;{uuid}\n").repeat(3).as_bytes());
+    half.raw().shutdown(std::net::Shutdown::Write).unwrap();
+    for _ in 0..3 {
+        let reply: serde_json::Value = serde_json::from_str(&half.line()).unwrap();
+        assert_eq!(reply.as_array().unwrap().len(), 5_000);
+    }
+}

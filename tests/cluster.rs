@@ -583,23 +583,11 @@ fn holds(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// The value of the series `series` (a metric's name with its labels) on `node`'s
-/// `/metrics`, 0 if absent.
-fn metric(node: &Binary, series: &str) -> u64 {
-    let metrics = node.get("/metrics").body;
-    let prefix = format!("{series} ");
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .map_or(0, |v| v.trim().parse().unwrap())
-}
-
 /// How many messages or peer connections `node` rejected for `reason`.
 fn rejected(node: &Binary, reason: &str) -> u64 {
-    metric(
-        node,
-        &format!("elfin_cluster_rejected_total{{reason=\"{reason}\"}}"),
-    )
+    node.metric(&format!(
+        "elfin_cluster_rejected_total{{reason=\"{reason}\"}}"
+    ))
 }
 
 #[test]
@@ -669,7 +657,7 @@ fn a_rogue_on_nats_sees_no_payload_and_its_replays_and_forgeries_change_nothing(
         assert!(lists_online(&devices, DEVICE_A), "{devices}");
     }
     for node in [fleet.a(), fleet.c()] {
-        assert_eq!(metric(node, "elfin_cluster_tunnel_ends"), 1);
+        assert_eq!(node.metric("elfin_cluster_tunnel_ends"), 1);
     }
     // Every node counted what it dropped, and said why.
     assert!(rejected(fleet.a(), "replay") > 0);
@@ -838,7 +826,7 @@ fn a_cross_node_tunnel_that_carried_nothing_ends_on_both_nodes_when_a_side_leave
     let uuid = fleet.uuid.clone();
     let _device = fleet.device(fleet.a(), DEVICE_A);
     let client = tunnel_eventually(fleet.c(), &uuid, DEVICE_A);
-    let ends = |node: &Binary| metric(node, "elfin_cluster_tunnel_ends");
+    let ends = |node: &Binary| node.metric("elfin_cluster_tunnel_ends");
     let deadline = Instant::now() + TIMEOUT;
     while ends(fleet.a()) != 1 || ends(fleet.c()) != 1 {
         assert!(

@@ -347,6 +347,11 @@ async fn query(hub: &Hub, uuid: &ByteString, me: &PeerLink) -> Bytes {
     let (stored, pending, live, elsewhere) = futures::join!(stored, pending, live, elsewhere);
     let (mut pending, live) = (pending.unwrap_or_default(), live.unwrap_or_default());
     pending.extend(elsewhere);
+    if me.out.is_closed() {
+        // The requester is gone while its devices were read: nothing to render for.
+        metrics::counter!(metric::REQUESTS_DROPPED_TOTAL).increment(1);
+        return Bytes::new();
+    }
     let rows = stored.len().max(live.len()) + pending.len();
     let format = hub.config.query.clone();
     let window = hub.config.heartbeat.online_window;

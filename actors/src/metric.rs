@@ -54,6 +54,8 @@ pub const TUNNEL_BYTES_TOTAL: &str = "elfin_tunnel_bytes_total";
 pub const PAYLOAD_DROPPED_BYTES_TOTAL: &str = "elfin_payload_dropped_bytes_total";
 /// Input bytes that were no message.
 pub const GARBAGE_BYTES_TOTAL: &str = "elfin_garbage_bytes_total";
+/// Requests dropped unanswered because their connection's output had closed.
+pub const REQUESTS_DROPPED_TOTAL: &str = "elfin_requests_dropped_total";
 /// Payload tails held back because they could start a header.
 pub const HELD_TAILS_TOTAL: &str = "elfin_held_tails_total";
 /// Open connections, by transport and role.
@@ -241,6 +243,12 @@ pub const CATALOGUE: &[(&str, Kind, Option<metrics::Unit>, &str)] = &[
         Kind::Counter,
         Some(metrics::Unit::Bytes),
         "Input bytes that were no message.",
+    ),
+    (
+        REQUESTS_DROPPED_TOTAL,
+        Kind::Counter,
+        None,
+        "Requests dropped unanswered because their connection's output had closed (the peer is gone).",
     ),
     (
         HELD_TAILS_TOTAL,

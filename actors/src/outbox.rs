@@ -268,6 +268,12 @@ impl Outbox {
         Ok(())
     }
 
+    /// Whether the output is closed (the socket failed or the connection is gone):
+    /// nothing sent now would reach the peer.
+    pub fn is_closed(&self) -> bool {
+        self.0.bytes.is_closed()
+    }
+
     /// The connection is closing: if its writer task never started, the socket's
     /// write half is dropped now (closing it) rather than with the last clone of this
     /// outbox, and later chunks are refused.

@@ -414,6 +414,15 @@ impl Session {
             Frame::Beat(header) => self.sighted(header, true, ctx),
             Frame::Data(header) if header.role == Role::Device => self.sighted(header, false, ctx),
             Frame::Data(_) => ControlFlow::Continue(()),
+            Frame::Request { .. } | Frame::Rejected { reply: true, .. } if self.out.is_closed() => {
+                // Nobody would read the reply: the work is not done.
+                metrics::counter!(metric::REQUESTS_DROPPED_TOTAL).increment(1);
+                log::debug!(
+                    "{}: request dropped, the connection's output is closed",
+                    self.remote
+                );
+                ControlFlow::Continue(())
+            }
             Frame::Request { request, fields } => {
                 if self.device.is_none() {
                     self.set_role(Role::Client);

@@ -218,6 +218,17 @@ impl Binary {
         self.log_count(text) > 0
     }
 
+    /// The value of the series `series` (a metric's name with its labels) on
+    /// `/metrics`, 0 if absent.
+    pub fn metric(&self, series: &str) -> u64 {
+        let metrics = self.get("/metrics").body;
+        let prefix = format!("{series} ");
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .map_or(0, |v| v.trim().parse().unwrap())
+    }
+
     /// How many log lines so far contain `text`.
     pub fn log_count(&self, text: &str) -> usize {
         self.log
