@@ -19,6 +19,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail};
 use serde::{Deserialize, Serialize};
 
+use elfin_actors::audit::AuditSettings;
 use elfin_actors::cluster::ClusterSettings;
 use elfin_actors::config::{de, Auth, Heartbeat, Persistence, Secret, Server};
 use elfin_actors::query::QueryFormat;
@@ -56,6 +57,7 @@ pub struct Settings {
     pub limits: Limits,
     pub log: Log,
     pub admin: Admin,
+    pub audit: AuditSettings,
     pub cluster: ClusterSettings,
 }
 
@@ -332,6 +334,8 @@ impl Settings {
             query: self.query.clone(),
             auth: self.auth.clone(),
             limits: self.limits.clone(),
+            audit: self.audit.clone(),
+            node: self.cluster.node_id.clone(),
             tls: None,
         }
     }

@@ -6,6 +6,7 @@ mod common;
 
 use common::mongo::Mongo;
 use common::{at, sighting};
+use elfin_actors::audit::{DeviceChange, DeviceEvent, Filter, TunnelRecord};
 use elfin_actors::store::embedded::EmbeddedStore;
 use elfin_actors::store::mongo::MongoStore;
 use elfin_actors::store::{Recorded, Sighting, Store, StoreError};
@@ -129,6 +130,167 @@ async fn a_ping_answers_while_the_database_is_reachable(store: &dyn Store) {
     store.ping().await.unwrap();
 }
 
+fn tunnel(id: &str, uuid: &str, device: &str, opened: i64) -> TunnelRecord {
+    TunnelRecord {
+        id: id.into(),
+        node: "gw-1".into(),
+        uuid: uuid.into(),
+        device: device.into(),
+        device_addr: "192.0.2.10:5000".into(),
+        peer_device: None,
+        client_addr: "198.51.100.7:40000".into(),
+        client_cert: Some("alice".into()),
+        opened: at(opened),
+        closed: None,
+        cause: None,
+        to_device: 0,
+        from_device: 0,
+    }
+}
+
+fn event(uuid: &str, mac: &str, change: DeviceChange, at_ms: i64) -> DeviceEvent {
+    DeviceEvent {
+        at: at(at_ms),
+        node: "gw-1".into(),
+        uuid: uuid.into(),
+        mac: mac.into(),
+        host: "plc".into(),
+        change,
+        address: "192.0.2.10:5000".into(),
+        cause: (change == DeviceChange::Offline).then(|| "silent".into()),
+    }
+}
+
+fn all() -> Filter {
+    Filter {
+        limit: 100,
+        ..Filter::default()
+    }
+}
+
+async fn a_tunnel_is_one_record_from_open_to_close(store: &dyn Store) {
+    let open = tunnel("t1", "ua", "M1", 1_000);
+    store
+        .write_audit(std::slice::from_ref(&open), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.audit_tunnels(&all()).await.unwrap(),
+        std::slice::from_ref(&open)
+    );
+    let closed = TunnelRecord {
+        closed: Some(at(9_000)),
+        cause: Some("client closed".into()),
+        to_device: 5_000_000_000,
+        from_device: 7,
+        ..open
+    };
+    store
+        .write_audit(std::slice::from_ref(&closed), &[])
+        .await
+        .unwrap();
+    assert_eq!(store.audit_tunnels(&all()).await.unwrap(), [closed]);
+}
+
+async fn audit_records_are_filtered_and_paged_newest_first(store: &dyn Store) {
+    let mut tunnels: Vec<TunnelRecord> = (0..5)
+        .map(|i| tunnel(&format!("t{i}"), "ua", "M1", 1_000 * (i + 1)))
+        .collect();
+    tunnels.push(tunnel("b1", "ub", "M2", 2_500));
+    let mut pair = tunnel("c1", "ua", "M3", 3_500);
+    pair.peer_device = Some("M1".into());
+    tunnels.push(pair);
+    let events = [
+        event("ua", "M1", DeviceChange::Online, 100),
+        event("ua", "M1", DeviceChange::Offline, 200),
+        event("ub", "M2", DeviceChange::Online, 300),
+        event("ua", "M1", DeviceChange::Refused, 400),
+    ];
+    store.write_audit(&tunnels, &events).await.unwrap();
+
+    let ids = |records: Vec<TunnelRecord>| records.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    let of_m1 = Filter {
+        mac: Some("M1".into()),
+        ..all()
+    };
+    // A connthem tunnel counts for both of its devices.
+    assert_eq!(
+        ids(store.audit_tunnels(&of_m1).await.unwrap()),
+        ["t4", "t3", "c1", "t2", "t1", "t0"]
+    );
+    let page = Filter {
+        offset: 2,
+        limit: 2,
+        ..of_m1.clone()
+    };
+    assert_eq!(ids(store.audit_tunnels(&page).await.unwrap()), ["c1", "t2"]);
+    let of_bob = Filter {
+        uuid: Some("ub".into()),
+        ..all()
+    };
+    assert_eq!(ids(store.audit_tunnels(&of_bob).await.unwrap()), ["b1"]);
+    // Since: tunnels still open or closed after it.
+    let since = Filter {
+        since: Some(at(4_500)),
+        ..all()
+    };
+    assert_eq!(
+        store.audit_tunnels(&since).await.unwrap().len(),
+        7,
+        "all still open"
+    );
+
+    let changes = |events: Vec<DeviceEvent>| {
+        events
+            .into_iter()
+            .map(|e| (e.mac, e.change))
+            .collect::<Vec<_>>()
+    };
+    let m1 = store.audit_devices(&of_m1).await.unwrap();
+    assert_eq!(m1[1].cause.as_deref(), Some("silent"));
+    assert_eq!(
+        changes(m1),
+        [
+            ("M1".to_owned(), DeviceChange::Refused),
+            ("M1".to_owned(), DeviceChange::Offline),
+            ("M1".to_owned(), DeviceChange::Online),
+        ]
+    );
+    let recent = Filter {
+        since: Some(at(250)),
+        ..all()
+    };
+    assert_eq!(store.audit_devices(&recent).await.unwrap().len(), 2);
+}
+
+async fn records_past_the_retention_are_pruned(store: &dyn Store) {
+    let mut old = tunnel("old", "ua", "M1", 1_000);
+    old.closed = Some(at(2_000));
+    let mut long = tunnel("long", "ua", "M1", 1_000);
+    long.closed = Some(at(60_000));
+    let open = tunnel("open", "ua", "M1", 50_000);
+    store
+        .write_audit(
+            &[old, long, open],
+            &[
+                event("ua", "M1", DeviceChange::Online, 1_000),
+                event("ua", "M1", DeviceChange::Offline, 60_000),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.prune_audit(at(10_000)).await.unwrap(), 2);
+    let left: Vec<String> = store
+        .audit_tunnels(&all())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(left, ["open", "long"]);
+    assert_eq!(store.audit_devices(&all()).await.unwrap().len(), 1);
+}
+
 /// One test per contract case and backend.
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
@@ -165,4 +327,7 @@ contract!(
     duplicate_users_are_refused,
     a_batch_is_written_whole_and_devices_keep_their_order,
     a_ping_answers_while_the_database_is_reachable,
+    a_tunnel_is_one_record_from_open_to_close,
+    audit_records_are_filtered_and_paged_newest_first,
+    records_past_the_retention_are_pruned,
 );

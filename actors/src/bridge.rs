@@ -10,6 +10,9 @@
 //! manager reads them for [`Tunnels`] (the status page) and keeps the total of ended
 //! tunnels, so the gateway's tunnel throughput is one sum.
 //!
+//! Every tunnel a connection of this node asked for goes into the audit trail
+//! ([`crate::audit`]) when it opens and when it closes, with why and how many bytes.
+//!
 //! A connection is in at most one tunnel: linking a connection that is already
 //! tunnelled removes its old tunnel first. A tunnel ends like a TCP relay's
 //! (`docs/PROTOCOL.md` §4): when one end goes away (closed, taken over, relinked) or
@@ -20,18 +23,41 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
+use bytestring::ByteString;
 
+use crate::audit::{Trail, TunnelRecord};
 use crate::frame::Role;
-use crate::link::{End, Meter, PeerEvent, SessionId, Tunnel, TunnelId};
+use crate::link::{End, Meter, PeerEvent, PeerLink, SessionId, Tunnel, TunnelId};
 use crate::metric;
 
-#[derive(Default)]
 pub struct BridgeManager {
     /// Each tunnelled session -> its side of its tunnel.
     tunnels: HashMap<SessionId, Side>,
     last_id: TunnelId,
     /// Bytes carried by tunnels that have ended.
     ended_bytes: u64,
+    trail: Trail,
+    /// The audit record of each open tunnel a connection of this node asked for.
+    audited: HashMap<TunnelId, Audited>,
+}
+
+/// An open tunnel's audit record, and the meters its bytes are read from at the end.
+struct Audited {
+    record: TunnelRecord,
+    to_device: Meter,
+    from_device: Meter,
+}
+
+impl BridgeManager {
+    pub fn new(trail: Trail) -> Self {
+        Self {
+            tunnels: HashMap::new(),
+            last_id: 0,
+            ended_bytes: 0,
+            trail,
+            audited: HashMap::new(),
+        }
+    }
 }
 
 /// One session's side of a tunnel.
@@ -58,6 +84,15 @@ pub struct Link {
     pub a: End,
     pub b: End,
     pub notify: bool,
+    /// Who asked for it, when that is a connection of this node: the tunnel is
+    /// audited here (the other node of a cross-node tunnel leaves it out).
+    pub requester: Option<Requester>,
+}
+
+/// The connection that asked for a tunnel, and for which user.
+pub struct Requester {
+    pub uuid: ByteString,
+    pub link: PeerLink,
 }
 
 /// A new tunnel, and the meters `a` and `b` count what they send on.
@@ -100,6 +135,8 @@ pub enum Cause {
     Relinked,
     /// The session's peer read nothing for this long while the session had data for it.
     Stalled(Duration),
+    /// The gateway is shutting down.
+    Shutdown,
 }
 
 /// Remove the tunnel of this session, if any.
@@ -132,9 +169,12 @@ impl BridgeManager {
             return;
         };
         self.ended_bytes += sent.get() + received.get();
+        self.audit_close(tunnel, &me, &other, cause);
         let has_client = me.role == Role::Client || other.role == Role::Client;
         match cause {
-            Cause::Closed => log::info!("tunnel {tunnel} closed by {}", me.name()),
+            Cause::Closed | Cause::Shutdown => {
+                log::info!("tunnel {tunnel} closed by {}", me.name())
+            }
             Cause::Relinked => log::info!("tunnel {tunnel} replaced: {} has a new one", me.name()),
             Cause::Stalled(after) => {
                 log::warn!(
@@ -161,22 +201,87 @@ impl BridgeManager {
     fn report(&self) {
         metrics::gauge!(metric::TUNNELS_OPEN).set((self.tunnels.len() / 2) as f64);
     }
+
+    /// Starts the audit record of a new tunnel that `requester` asked for.
+    fn audit_open(&mut self, tunnel: TunnelId, link: &Link, opened: &Opened) {
+        let Some(requester) = &link.requester else {
+            return;
+        };
+        // The device is the `connme` target, or the first of a `connthem` pair.
+        let (device, peer, to_device, from_device) = if link.a.role == Role::Device {
+            (&link.a, Some(&link.b), &opened.b_sent, &opened.a_sent)
+        } else {
+            (&link.b, None, &opened.a_sent, &opened.b_sent)
+        };
+        let record = TunnelRecord {
+            id: self.trail.tunnel_id(tunnel),
+            node: self.trail.node().to_owned(),
+            uuid: requester.uuid.to_string(),
+            device: device.mac().map(ToString::to_string).unwrap_or_default(),
+            device_addr: device.link.remote.to_string(),
+            peer_device: peer.and_then(|p| p.mac()).map(ToString::to_string),
+            client_addr: requester.link.remote.to_string(),
+            client_cert: requester.link.certificate.as_deref().map(str::to_owned),
+            opened: chrono::Utc::now(),
+            closed: None,
+            cause: None,
+            to_device: 0,
+            from_device: 0,
+        };
+        self.trail.tunnel(record.clone());
+        self.audited.insert(
+            tunnel,
+            Audited {
+                record,
+                to_device: to_device.clone(),
+                from_device: from_device.clone(),
+            },
+        );
+    }
+
+    /// Completes the audit record of a tunnel that ended: when, why, how many bytes.
+    fn audit_close(&mut self, tunnel: TunnelId, me: &End, other: &End, cause: Cause) {
+        let Some(Audited {
+            mut record,
+            to_device,
+            from_device,
+        }) = self.audited.remove(&tunnel)
+        else {
+            return;
+        };
+        let mine = Role::label(Some(me.role));
+        record.closed = Some(chrono::Utc::now());
+        record.cause = Some(match cause {
+            Cause::Closed => format!("{mine} closed"),
+            Cause::Relinked => format!("{mine} opened another tunnel"),
+            Cause::Stalled(after) => format!(
+                "stalled: the {} read nothing for {} s",
+                Role::label(Some(other.role)),
+                after.as_secs()
+            ),
+            Cause::Shutdown => "gateway shut down".to_owned(),
+        });
+        record.to_device = to_device.get();
+        record.from_device = from_device.get();
+        self.trail.tunnel(record);
+    }
 }
 
 impl Handler<Link> for BridgeManager {
     type Result = Opened;
 
     fn handle(&mut self, msg: Link, _: &mut Context<Self>) -> Opened {
-        let Link { a, b, notify } = msg;
-        self.remove(a.link.id, Cause::Relinked);
-        self.remove(b.link.id, Cause::Relinked);
+        self.remove(msg.a.link.id, Cause::Relinked);
+        self.remove(msg.b.link.id, Cause::Relinked);
         self.last_id += 1;
         let opened = Opened {
             tunnel: self.last_id,
-            a_sent: Meter::towards(b.role),
-            b_sent: Meter::towards(a.role),
+            a_sent: Meter::towards(msg.b.role),
+            b_sent: Meter::towards(msg.a.role),
         };
         let tunnel = opened.tunnel;
+        self.audit_open(tunnel, &msg, &opened);
+        let Link { a, b, notify, .. } = msg;
         if notify {
             for (to, peer, sent) in [(&a, &b, &opened.a_sent), (&b, &a, &opened.b_sent)] {
                 to.link.events.do_send(PeerEvent::Linked(Tunnel {

@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use bytestring::ByteString;
 
-use crate::bridge::Link;
+use crate::bridge::{Link, Requester};
 use crate::clock::Stamp;
 use crate::cluster::wire::WireRole;
 use crate::cluster::{Gather, Open, Probe};
@@ -259,6 +259,10 @@ async fn connme(
         a: End::client(me.clone()),
         b: End::device(device.clone(), owned(&mac)),
         notify: false,
+        requester: Some(Requester {
+            uuid: uuid.clone(),
+            link: me.clone(),
+        }),
     };
     let opened = hub
         .bridge
@@ -305,6 +309,10 @@ async fn connthem(
         a: End::device(a, owned(&mac1)),
         b: End::device(b, owned(&mac2)),
         notify: true,
+        requester: Some(Requester {
+            uuid: uuid.clone(),
+            link: me.clone(),
+        }),
     };
     hub.bridge
         .send(link)

@@ -32,6 +32,10 @@ pub struct Config {
     pub query: QueryFormat,
     pub auth: Auth,
     pub limits: Limits,
+    pub audit: crate::audit::AuditSettings,
+    /// This node's name in the audit trail (the cluster's node id); none = the host
+    /// name.
+    pub node: Option<String>,
     /// TLS on the listener, if configured.
     pub tls: Option<Arc<Tls>>,
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
 
+use crate::audit::Trail;
 use crate::bridge::BridgeManager;
 use crate::cluster::Cluster;
 use crate::config::Config;
@@ -56,12 +57,19 @@ impl Hub {
     /// Starts the shared actors on the current arbiter.
     pub fn start(store: Arc<dyn Store>, config: Config) -> Hub {
         let batches = &config.persistence;
+        let retention = Duration::from_secs(86_400 * u64::from(config.audit.retention_days.get()));
         let persistence = Persistence::new(
             store.clone(),
             batches.flush_interval,
             batches.max_batch.get(),
         )
+        .with_retention(retention)
         .start();
+        let node = config
+            .node
+            .clone()
+            .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned());
+        let trail = Trail::new(persistence.clone().recipient(), &node);
         let debouncer =
             HeartbeatDebouncer::new(config.heartbeat.debounce, persistence.clone().recipient())
                 .start();
@@ -69,9 +77,10 @@ impl Hub {
             registry: DeviceRegistry::new(
                 config.auth.device_takeover,
                 config.heartbeat.online_window,
+                trail.clone(),
             )
             .start(),
-            bridge: BridgeManager::default().start(),
+            bridge: BridgeManager::new(trail).start(),
             debouncer,
             persistence,
             users: Arc::new(UserDirectory::new(

@@ -5,7 +5,8 @@
 //! 1. [`clock`] (gateway time), [`frame`] (the codec: messages in, replies out),
 //!    [`config`] (the settings' sections and the rules their keys follow) and
 //!    [`metric`] (every metric's name and help text).
-//! 2. [`store`] (the database: embedded SQLite or MongoDB), [`device`] (a connected
+//! 2. [`audit`] (the audit trail's records), [`store`] (the database: embedded SQLite
+//!    or MongoDB), [`device`] (a connected
 //!    device's identity and last-seen), [`outbox`] (a connection's output: the bounded
 //!    queue, direct writes and the writer task), [`link`] (the tunnel vocabulary: how
 //!    actors reach a session and what they tell it), [`limits`] (what one peer may
@@ -22,6 +23,7 @@
 //! 7. [`session`]: one actor per connection; input, device identity and tunnel data.
 //! 8. [`server`]: the accept loop and the gateway's lifetime ([`serve`]).
 
+pub mod audit;
 pub mod bridge;
 pub mod clock;
 pub mod cluster;

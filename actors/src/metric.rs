@@ -54,6 +54,10 @@ pub const TUNNEL_BYTES_TOTAL: &str = "elfin_tunnel_bytes_total";
 pub const PAYLOAD_DROPPED_BYTES_TOTAL: &str = "elfin_payload_dropped_bytes_total";
 /// Input bytes that were no message.
 pub const GARBAGE_BYTES_TOTAL: &str = "elfin_garbage_bytes_total";
+/// Audit records written.
+pub const AUDIT_WRITTEN_TOTAL: &str = "elfin_audit_records_written_total";
+/// Audit records dropped: refused by the database, or past the pending bound.
+pub const AUDIT_DROPPED_TOTAL: &str = "elfin_audit_records_dropped_total";
 /// Requests dropped unanswered because their connection's output had closed.
 pub const REQUESTS_DROPPED_TOTAL: &str = "elfin_requests_dropped_total";
 /// Payload tails held back because they could start a header.
@@ -243,6 +247,18 @@ pub const CATALOGUE: &[(&str, Kind, Option<metrics::Unit>, &str)] = &[
         Kind::Counter,
         Some(metrics::Unit::Bytes),
         "Input bytes that were no message.",
+    ),
+    (
+        AUDIT_WRITTEN_TOTAL,
+        Kind::Counter,
+        None,
+        "Audit records (tunnels, device events) written to the store.",
+    ),
+    (
+        AUDIT_DROPPED_TOTAL,
+        Kind::Counter,
+        None,
+        "Audit records dropped: refused by the database, or past the bound kept through an outage.",
     ),
     (
         REQUESTS_DROPPED_TOTAL,

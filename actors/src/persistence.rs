@@ -12,7 +12,13 @@
 //! A permanent failure (the database refuses the batch) is logged, counted and the
 //! batch dropped, so it never blocks later writes or shutdown.
 //!
-//! (About 450 lines, half of them the tests: outage, refusal, coalescing, batching.)
+//! The audit trail ([`crate::audit`]) rides on the same batches: records arrive as
+//! [`Audit`] messages, a tunnel's close replaces its open while both wait, and they are
+//! written after the batch's sightings, kept through an outage like them (up to
+//! [`MAX_AUDIT_PENDING`]; past it the oldest device events are dropped and counted).
+//! Records older than the retention are pruned every [`PRUNE_EVERY`].
+//!
+//! (About 600 lines, half of them the tests: outage, refusal, coalescing, batching.)
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,11 +28,16 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use tokio::time::Instant;
 
+use crate::audit::{Audit, DeviceEvent, TunnelRecord};
 use crate::device::Identity;
 use crate::metric;
-use crate::store::{Sighting, Store};
+use crate::store::{Sighting, Store, StoreError};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Audit records waiting at most (through an outage).
+pub const MAX_AUDIT_PENDING: usize = 200_000;
+/// How often records past the retention are deleted.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// What a session does on each `beat` of a device whose sightings are stored: refresh
 /// last-seen and, unless the device already waits for the next batch, queue it.
@@ -43,7 +54,14 @@ pub struct Persistence {
     max_batch: usize,
     /// mac -> newest sighting not written yet.
     pending: HashMap<ByteString, Pending>,
+    /// Audit records not written yet: tunnels by id (the newest record of each), and
+    /// device events in order.
+    tunnels: HashMap<String, TunnelRecord>,
+    events: std::collections::VecDeque<DeviceEvent>,
+    /// Sightings and audit records of the write in flight.
     in_flight: usize,
+    /// How long audit records are kept.
+    retention: Duration,
     /// Set while the store is failing: the current backoff and when to try again.
     outage: Option<(Duration, Instant)>,
 }
@@ -55,9 +73,73 @@ impl Persistence {
             flush_interval,
             max_batch: max_batch.max(1),
             pending: HashMap::new(),
+            tunnels: HashMap::new(),
+            events: std::collections::VecDeque::new(),
             in_flight: 0,
+            retention: Duration::from_secs(90 * 86_400),
             outage: None,
         }
+    }
+
+    /// Keeps audit records for `retention` (default 90 days).
+    pub fn with_retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    fn waiting(&self) -> usize {
+        self.pending.len() + self.tunnels.len() + self.events.len()
+    }
+
+    fn keep_audit(&mut self, record: Audit) {
+        match record {
+            Audit::Tunnel(t) => {
+                self.tunnels.insert(t.id.clone(), t);
+            }
+            Audit::Device(e) => self.events.push_back(e),
+        }
+        let over = (self.tunnels.len() + self.events.len()).saturating_sub(MAX_AUDIT_PENDING);
+        if over > 0 {
+            let dropped = over.min(self.events.len());
+            self.events.drain(..dropped);
+            metrics::counter!(metric::AUDIT_DROPPED_TOTAL).increment(dropped as u64);
+            if dropped > 0 && self.outage.is_some() {
+                log::warn!(
+                    "audit records waiting for the database passed {MAX_AUDIT_PENDING}: \
+                     dropping the oldest device events"
+                );
+            }
+        }
+    }
+
+    /// Puts back audit records whose write failed, unless a newer record of the same
+    /// tunnel arrived meanwhile.
+    fn restore_audit(&mut self, tunnels: Vec<TunnelRecord>, events: Vec<DeviceEvent>) {
+        for t in tunnels {
+            self.tunnels.entry(t.id.clone()).or_insert(t);
+        }
+        for e in events.into_iter().rev() {
+            self.events.push_front(e);
+        }
+    }
+
+    /// Deletes audit records past the retention, in the background.
+    fn prune(&self, ctx: &mut Context<Self>) {
+        let store = self.store.clone();
+        let Ok(retention) = chrono::Duration::from_std(self.retention) else {
+            return;
+        };
+        let before = chrono::Utc::now() - retention;
+        ctx.spawn(
+            async move {
+                match store.prune_audit(before).await {
+                    Ok(0) => {}
+                    Ok(n) => log::info!("pruned {n} audit records from before {before}"),
+                    Err(e) => log::debug!("cannot prune audit records now: {e}"),
+                }
+            }
+            .into_actor(self),
+        );
     }
 
     fn keep(&mut self, record: Record) {
@@ -84,7 +166,7 @@ impl Persistence {
     /// Starts a batch write unless one is in flight, nothing is pending, or (without
     /// `force`) the store is in backoff.
     fn flush(&mut self, force: bool, ctx: &mut Context<Self>) {
-        if self.in_flight > 0 || self.pending.is_empty() {
+        if self.in_flight > 0 || self.waiting() == 0 {
             return;
         }
         if !force
@@ -104,18 +186,46 @@ impl Persistence {
                 .map(Self::take)
                 .collect()
         };
-        self.in_flight = batch.len();
+        let room = self.max_batch;
+        let ids: Vec<String> = self.tunnels.keys().take(room).cloned().collect();
+        let tunnels: Vec<TunnelRecord> = ids
+            .iter()
+            .filter_map(|id| self.tunnels.remove(id))
+            .collect();
+        let events: Vec<DeviceEvent> = {
+            let n = self
+                .events
+                .len()
+                .min(room.saturating_sub(tunnels.len()).max(1));
+            self.events.drain(..n).collect()
+        };
+        self.in_flight = batch.len() + tunnels.len() + events.len();
         let store = self.store.clone();
         async move {
-            let started = std::time::Instant::now();
-            let result = store.record(&batch).await;
-            metrics::histogram!(metric::STORE_ROUND_TRIP_SECONDS, "op" => "record")
-                .record(started.elapsed());
-            (batch, result)
+            let result = if batch.is_empty() {
+                Ok(Default::default())
+            } else {
+                let started = std::time::Instant::now();
+                let result = store.record(&batch).await;
+                metrics::histogram!(metric::STORE_ROUND_TRIP_SECONDS, "op" => "record")
+                    .record(started.elapsed());
+                result
+            };
+            let audited = if tunnels.is_empty() && events.is_empty() {
+                Ok(())
+            } else {
+                let started = std::time::Instant::now();
+                let audited = store.write_audit(&tunnels, &events).await;
+                metrics::histogram!(metric::STORE_ROUND_TRIP_SECONDS, "op" => "audit")
+                    .record(started.elapsed());
+                audited
+            };
+            (batch, result, (tunnels, events, audited))
         }
         .into_actor(self)
-        .map(|(batch, result), act, ctx| {
+        .map(|(batch, result, (tunnels, events, audited)), act, ctx| {
             act.in_flight = 0;
+            let mut failure = None;
             match result {
                 Ok(recorded) => {
                     metrics::counter!(metric::STORE_BATCHES_TOTAL).increment(1);
@@ -133,9 +243,6 @@ impl Persistence {
                             recorded.unknown_user
                         );
                     }
-                    if act.outage.take().is_some() {
-                        log::info!("database is back; wrote {} pending sightings", batch.len());
-                    }
                 }
                 Err(e) if !e.is_transient() => {
                     metrics::counter!(metric::STORE_ERRORS_TOTAL).increment(1);
@@ -147,35 +254,60 @@ impl Persistence {
                     );
                 }
                 Err(e) => {
-                    metrics::counter!(metric::STORE_ERRORS_TOTAL).increment(1);
                     for s in batch {
                         act.keep(Record::Sighting(s));
                     }
-                    let backoff = match act.outage {
-                        None => {
-                            log::warn!(
-                                "database write failed, keeping {} sightings and retrying: {e}",
-                                act.pending.len()
-                            );
-                            act.flush_interval.min(Duration::from_millis(500))
-                        }
-                        Some((backoff, _)) => {
-                            log::debug!(
-                                "database still failing ({} pending): {e}",
-                                act.pending.len()
-                            );
-                            (backoff * 2).min(MAX_BACKOFF)
-                        }
-                    };
-                    act.outage = Some((backoff, Instant::now() + backoff));
+                    failure = Some(e);
                 }
             }
+            let records = tunnels.len() + events.len();
+            match audited {
+                Ok(()) => metrics::counter!(metric::AUDIT_WRITTEN_TOTAL).increment(records as u64),
+                Err(e) if !e.is_transient() => {
+                    metrics::counter!(metric::STORE_ERRORS_TOTAL).increment(1);
+                    metrics::counter!(metric::AUDIT_DROPPED_TOTAL).increment(records as u64);
+                    log::error!("database refused {records} audit records, dropped: {e}");
+                }
+                Err(e) => {
+                    act.restore_audit(tunnels, events);
+                    failure = failure.or(Some(e));
+                }
+            }
+            match failure {
+                None => {
+                    if act.outage.take().is_some() {
+                        log::info!("database is back; wrote what was pending");
+                    }
+                }
+                Some(e) => act.failed(e),
+            }
             metrics::gauge!(metric::SIGHTINGS_PENDING).set(act.pending.len() as f64);
-            if act.pending.len() >= act.max_batch {
+            if act.waiting() >= act.max_batch {
                 act.flush(false, ctx);
             }
         })
         .spawn(ctx);
+    }
+
+    /// A write failed transiently: what it held is pending again; retry with backoff.
+    fn failed(&mut self, e: StoreError) {
+        metrics::counter!(metric::STORE_ERRORS_TOTAL).increment(1);
+        let backoff = match self.outage {
+            None => {
+                log::warn!(
+                    "database write failed, keeping {} sightings and {} audit records and \
+                     retrying: {e}",
+                    self.pending.len(),
+                    self.tunnels.len() + self.events.len()
+                );
+                self.flush_interval.min(Duration::from_millis(500))
+            }
+            Some((backoff, _)) => {
+                log::debug!("database still failing ({} pending): {e}", self.waiting());
+                (backoff * 2).min(MAX_BACKOFF)
+            }
+        };
+        self.outage = Some((backoff, Instant::now() + backoff));
     }
 }
 
@@ -184,6 +316,8 @@ impl Actor for Persistence {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.run_interval(self.flush_interval, |act, ctx| act.flush(false, ctx));
+        self.prune(ctx);
+        ctx.run_interval(PRUNE_EVERY, |act, ctx| act.prune(ctx));
     }
 }
 
@@ -245,7 +379,18 @@ impl Handler<Record> for Persistence {
 
     fn handle(&mut self, record: Record, ctx: &mut Context<Self>) {
         self.keep(record);
-        if self.pending.len() >= self.max_batch {
+        if self.waiting() >= self.max_batch {
+            self.flush(false, ctx);
+        }
+    }
+}
+
+impl Handler<Audit> for Persistence {
+    type Result = ();
+
+    fn handle(&mut self, record: Audit, ctx: &mut Context<Self>) {
+        self.keep_audit(record);
+        if self.waiting() >= self.max_batch {
             self.flush(false, ctx);
         }
     }
@@ -270,7 +415,7 @@ impl Handler<Flush> for Persistence {
 
     fn handle(&mut self, _: Flush, ctx: &mut Context<Self>) -> usize {
         self.flush(true, ctx);
-        self.pending.len() + self.in_flight
+        self.waiting() + self.in_flight
     }
 }
 
@@ -340,6 +485,32 @@ mod tests {
         }
         async fn ping(&self) -> Result<(), StoreError> {
             self.inner.ping().await
+        }
+        async fn write_audit(
+            &self,
+            tunnels: &[TunnelRecord],
+            events: &[DeviceEvent],
+        ) -> Result<(), StoreError> {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(StoreError::Transient("outage".into()));
+            }
+            self.inner.write_audit(tunnels, events).await
+        }
+        async fn audit_tunnels(
+            &self,
+            filter: &crate::audit::Filter,
+        ) -> Result<Vec<TunnelRecord>, StoreError> {
+            self.inner.audit_tunnels(filter).await
+        }
+        async fn audit_devices(
+            &self,
+            filter: &crate::audit::Filter,
+        ) -> Result<Vec<DeviceEvent>, StoreError> {
+            self.inner.audit_devices(filter).await
+        }
+        async fn prune_audit(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+            self.inner.prune_audit(before).await
         }
     }
 

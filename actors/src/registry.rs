@@ -6,6 +6,9 @@
 //! older one, which is told [`PeerEvent::Replaced`] and closes (it is usually a
 //! half-open socket the device already gave up on).
 //!
+//! Each device coming, going and each takeover refused goes into the audit trail
+//! ([`crate::audit`]), with the address and why.
+//!
 //! In cluster mode the registry tells the cluster ([`Watch`]) when a device becomes
 //! live here or stops being, and the cluster evicts a device that connected to another
 //! node since ([`Evict`]).
@@ -16,6 +19,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use bytestring::ByteString;
 
+use crate::audit::{DeviceChange, Trail};
 use crate::clock::Stamp;
 use crate::config::Takeover;
 use crate::device::{DeviceKey, Identity};
@@ -36,17 +40,32 @@ pub struct DeviceRegistry {
     /// beat counts as live for it.
     takeover: Takeover,
     online_window: Duration,
+    trail: Trail,
 }
 
 impl DeviceRegistry {
-    pub fn new(takeover: Takeover, online_window: Duration) -> Self {
+    pub fn new(takeover: Takeover, online_window: Duration, trail: Trail) -> Self {
         Self {
             users: HashMap::new(),
             online: 0,
             watcher: None,
             takeover,
             online_window,
+            trail,
         }
+    }
+
+    /// Records what happened to the device of `entry` in the audit trail.
+    fn audit(&self, entry: &Entry, change: DeviceChange, cause: Option<String>) {
+        let key = &entry.device.key;
+        self.trail.device(
+            &key.uuid,
+            &key.mac,
+            &entry.device.host,
+            change,
+            entry.link.remote,
+            cause,
+        );
     }
 }
 
@@ -71,6 +90,8 @@ pub struct Register {
 pub struct Unregister {
     pub device: DeviceKey,
     pub session: SessionId,
+    /// Why, for the audit trail ("closed", "silent", ...).
+    pub cause: &'static str,
 }
 
 /// A device became live here, or stopped being (not told when a newer connection of
@@ -184,28 +205,46 @@ impl Handler<Register> for DeviceRegistry {
             if let Some(live) = live.filter(|e| e.link.id != msg.link.id) {
                 let silent = live.device.activity.last_seen().instant().elapsed();
                 if silent < self.online_window {
-                    return Err(StillLive(live.link.remote));
+                    let refused = Entry {
+                        device: msg.device,
+                        link: msg.link,
+                    };
+                    let cause =
+                        format!("takeover refused: still beating from {}", live.link.remote);
+                    let still = live.link.remote;
+                    self.audit(&refused, DeviceChange::Refused, Some(cause));
+                    return Err(StillLive(still));
                 }
             }
         }
-        let devices = self.users.entry(key.uuid.clone()).or_default();
         let mac = key.mac.clone();
+        let new = msg.link.remote;
+        let new_id = msg.link.id;
         let entry = Entry {
             device: msg.device,
             link: msg.link,
         };
-        match devices.insert(mac.clone(), entry) {
-            Some(old) if old.link.id != devices[&mac].link.id => {
+        let devices = self.users.entry(key.uuid.clone()).or_default();
+        let replaced = devices.insert(mac.clone(), entry);
+        let now = &self.users[&key.uuid][&mac];
+        match replaced {
+            Some(old) if old.link.id != new_id => {
                 log::info!(
-                    "device {mac} reconnected from {}; closing its old connection from {}",
-                    devices[&mac].link.remote,
+                    "device {mac} reconnected from {new}; closing its old connection from {}",
                     old.link.remote
                 );
                 metrics::counter!(metric::DEVICE_TAKEOVERS_TOTAL).increment(1);
+                self.audit(
+                    &old,
+                    DeviceChange::Offline,
+                    Some(format!("replaced by {new}")),
+                );
+                self.audit(now, DeviceChange::Online, None);
                 old.link.events.do_send(PeerEvent::Replaced(old.device.key));
             }
             Some(_) => {}
             None => {
+                self.audit(now, DeviceChange::Online, None);
                 self.online += 1;
                 self.tell(Presence::Online(key));
             }
@@ -219,7 +258,9 @@ impl Handler<Unregister> for DeviceRegistry {
     type Result = ();
 
     fn handle(&mut self, msg: Unregister, _: &mut Context<Self>) {
-        self.remove(&msg.device, |e| e.link.id == msg.session);
+        if let Some(gone) = self.remove(&msg.device, |e| e.link.id == msg.session) {
+            self.audit(&gone, DeviceChange::Offline, Some(msg.cause.to_owned()));
+        }
     }
 }
 
@@ -228,6 +269,8 @@ impl Handler<Evict> for DeviceRegistry {
 
     fn handle(&mut self, Evict(device): Evict, _: &mut Context<Self>) {
         if let Some(old) = self.remove(&device, |_| true) {
+            let cause = "connected to another node".to_owned();
+            self.audit(&old, DeviceChange::Offline, Some(cause));
             metrics::counter!(metric::DEVICE_TAKEOVERS_TOTAL).increment(1);
             old.link.events.do_send(PeerEvent::Replaced(old.device.key));
         }

@@ -101,6 +101,8 @@ pub struct Session {
     /// What this connection has shown itself to be; none until it has spoken (the
     /// `role` label of `elfin_connections_open`).
     role: Option<Role>,
+    /// The limit that closed the connection, if one did.
+    closed_by: Option<&'static str>,
     /// Dropped with the session: tells the writer task to finish.
     _closing: oneshot::Sender<()>,
     /// Its place in the limits and shutdown's wait (released when the session is
@@ -241,6 +243,7 @@ impl Session {
                 last_message: Instant::now(),
                 requests,
                 read_limit,
+                closed_by: None,
                 _closing: closing,
                 lease,
                 transport,
@@ -378,6 +381,7 @@ impl Session {
 
     /// Closes the connection for a time limit, counting which.
     fn limit_reached(&mut self, limit: &'static str, ctx: &mut Context<Self>) {
+        self.closed_by = Some(limit);
         metrics::counter!(metric::CONNECTIONS_CLOSED_TOTAL, "limit" => limit).increment(1);
         log::debug!("{}: closed by limit {limit}", self.remote);
         self.inbox.clear();
@@ -658,11 +662,23 @@ impl Session {
         metrics::gauge!(metric::CONNECTIONS_OPEN, "transport" => transport, "role" => role)
     }
 
-    fn unregister(&self, device: Identity) {
+    fn unregister(&self, device: Identity, cause: &'static str) {
         self.hub.registry.do_send(Unregister {
             device: device.key,
             session: self.id,
+            cause,
         });
+    }
+
+    /// Why this session ends, in the audit trail's words.
+    fn end_cause(&self) -> &'static str {
+        match self.closed_by {
+            Some("idle") => "silent",
+            Some("identify") => "did not identify in time",
+            Some(_) => "closed by a limit",
+            None if self.lease.stop.is_cancelled() => "gateway shut down",
+            None => "closed",
+        }
     }
 
     /// Refreshes last-seen: a `beat` is persisted at once (batched), device data goes
@@ -800,12 +816,17 @@ impl Actor for Session {
                 d.host,
                 masked(&d.key.uuid)
             );
-            self.unregister(d);
+            self.unregister(d, self.end_cause());
         }
         if self.tunnel.take().is_some() {
+            let cause = if self.lease.stop.is_cancelled() {
+                Cause::Shutdown
+            } else {
+                Cause::Closed
+            };
             self.hub.bridge.do_send(Unlink {
                 session: self.id,
-                cause: Cause::Closed,
+                cause,
             });
         }
     }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
+use elfin_actors::audit::{DeviceEvent, Filter, TunnelRecord};
 use elfin_actors::persistence::{Flush, Persistence, Record};
 use elfin_actors::store::embedded::EmbeddedStore;
 use elfin_actors::store::mongo::{MongoStore, HOUSEKEEPING_COMMANDS};
@@ -95,7 +96,7 @@ fn rows(backend: &str, n: usize, (rate, base, trips): (f64, f64, f64)) -> Vec<Ro
     ]
 }
 
-/// The embedded store, counting its transactions (one per `record`).
+/// The embedded store, counting its transactions (one per `record` or audit batch).
 struct Counted {
     inner: Arc<dyn Store>,
     writes: AtomicUsize,
@@ -145,6 +146,32 @@ impl Store for Counted {
     }
     async fn ping(&self) -> Result<(), elfin_actors::store::StoreError> {
         self.inner.ping().await
+    }
+    async fn write_audit(
+        &self,
+        tunnels: &[TunnelRecord],
+        events: &[DeviceEvent],
+    ) -> Result<(), elfin_actors::store::StoreError> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.inner.write_audit(tunnels, events).await
+    }
+    async fn audit_tunnels(
+        &self,
+        filter: &Filter,
+    ) -> Result<Vec<TunnelRecord>, elfin_actors::store::StoreError> {
+        self.inner.audit_tunnels(filter).await
+    }
+    async fn audit_devices(
+        &self,
+        filter: &Filter,
+    ) -> Result<Vec<DeviceEvent>, elfin_actors::store::StoreError> {
+        self.inner.audit_devices(filter).await
+    }
+    async fn prune_audit(
+        &self,
+        before: DateTime<Utc>,
+    ) -> Result<u64, elfin_actors::store::StoreError> {
+        self.inner.prune_audit(before).await
     }
 }
 

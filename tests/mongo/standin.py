@@ -100,6 +100,8 @@ class StandIn:
             cursor = coll.find(doc.get("filter", {}), doc.get("projection"))
             if doc.get("sort"):
                 cursor = cursor.sort(list(doc["sort"].items()))
+            if doc.get("skip"):
+                cursor = cursor.skip(int(doc["skip"]))
             if doc.get("limit"):
                 cursor = cursor.limit(abs(int(doc["limit"])))
             return cursor_reply(db_name, doc[name], list(cursor))

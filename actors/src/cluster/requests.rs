@@ -150,6 +150,8 @@ impl Cluster {
                 a: role.end(end),
                 b: End::device(device, mac),
                 notify: true,
+                // The asking node audits it.
+                requester: None,
             };
             if bridge.send(link).await.is_err() {
                 return failed("offline");

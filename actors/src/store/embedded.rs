@@ -10,12 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::DateTime;
+use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
     Account, AccountKey, Device, OwnedDevice, Recorded, Sighting, Store, StoreError, User,
 };
+use crate::audit::{DeviceChange, DeviceEvent, Filter, TunnelRecord};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS users (
@@ -32,6 +33,39 @@ CREATE TABLE IF NOT EXISTS devices (
     owner INTEGER REFERENCES users(id) ON DELETE SET NULL
 );
 CREATE INDEX IF NOT EXISTS devices_owner ON devices(owner);
+CREATE TABLE IF NOT EXISTS audit_tunnels (
+    id TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    uuid TEXT NOT NULL,
+    device TEXT NOT NULL,
+    device_addr TEXT NOT NULL,
+    peer_device TEXT,
+    client_addr TEXT NOT NULL,
+    client_cert TEXT,
+    opened_ms INTEGER NOT NULL,
+    closed_ms INTEGER,
+    cause TEXT,
+    to_device INTEGER NOT NULL,
+    from_device INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_tunnels_opened ON audit_tunnels(opened_ms);
+CREATE INDEX IF NOT EXISTS audit_tunnels_uuid ON audit_tunnels(uuid, opened_ms);
+CREATE INDEX IF NOT EXISTS audit_tunnels_device ON audit_tunnels(device, opened_ms);
+CREATE INDEX IF NOT EXISTS audit_tunnels_peer ON audit_tunnels(peer_device, opened_ms);
+CREATE TABLE IF NOT EXISTS audit_devices (
+    id INTEGER PRIMARY KEY,
+    at_ms INTEGER NOT NULL,
+    node TEXT NOT NULL,
+    uuid TEXT NOT NULL,
+    mac TEXT NOT NULL,
+    host TEXT NOT NULL,
+    change TEXT NOT NULL,
+    address TEXT NOT NULL,
+    cause TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_devices_at ON audit_devices(at_ms);
+CREATE INDEX IF NOT EXISTS audit_devices_uuid ON audit_devices(uuid, at_ms);
+CREATE INDEX IF NOT EXISTS audit_devices_mac ON audit_devices(mac, at_ms);
 ";
 
 pub struct EmbeddedStore {
@@ -279,6 +313,177 @@ impl Store for EmbeddedStore {
         })
         .await
     }
+
+    async fn write_audit(
+        &self,
+        tunnels: &[TunnelRecord],
+        events: &[DeviceEvent],
+    ) -> Result<(), StoreError> {
+        let (tunnels, events) = (tunnels.to_vec(), events.to_vec());
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            {
+                let mut tunnel = tx
+                    .prepare_cached(
+                        "INSERT INTO audit_tunnels (id, node, uuid, device, device_addr,
+                             peer_device, client_addr, client_cert, opened_ms, closed_ms,
+                             cause, to_device, from_device)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                         ON CONFLICT (id) DO UPDATE SET
+                             closed_ms = excluded.closed_ms, cause = excluded.cause,
+                             to_device = excluded.to_device,
+                             from_device = excluded.from_device",
+                    )
+                    .map_err(unavailable)?;
+                for t in &tunnels {
+                    tunnel
+                        .execute(params![
+                            t.id,
+                            t.node,
+                            t.uuid,
+                            t.device,
+                            t.device_addr,
+                            t.peer_device,
+                            t.client_addr,
+                            t.client_cert,
+                            t.opened.timestamp_millis(),
+                            t.closed.map(|c| c.timestamp_millis()),
+                            t.cause,
+                            i64::try_from(t.to_device).unwrap_or(i64::MAX),
+                            i64::try_from(t.from_device).unwrap_or(i64::MAX),
+                        ])
+                        .map_err(unavailable)?;
+                }
+                let mut event = tx
+                    .prepare_cached(
+                        "INSERT INTO audit_devices (at_ms, node, uuid, mac, host, change,
+                             address, cause)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    )
+                    .map_err(unavailable)?;
+                for e in &events {
+                    event
+                        .execute(params![
+                            e.at.timestamp_millis(),
+                            e.node,
+                            e.uuid,
+                            e.mac,
+                            e.host,
+                            e.change.label(),
+                            e.address,
+                            e.cause,
+                        ])
+                        .map_err(unavailable)?;
+                }
+            }
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn audit_tunnels(&self, filter: &Filter) -> Result<Vec<TunnelRecord>, StoreError> {
+        let (uuid, mac, since, limit, offset) = filter_params(filter);
+        self.with(move |conn| {
+            let mut q = conn
+                .prepare_cached(
+                    "SELECT id, node, uuid, device, device_addr, peer_device, client_addr,
+                         client_cert, opened_ms, closed_ms, cause, to_device, from_device
+                     FROM audit_tunnels
+                     WHERE (?1 IS NULL OR uuid = ?1)
+                       AND (?2 IS NULL OR device = ?2 OR peer_device = ?2)
+                       AND (?3 IS NULL OR closed_ms IS NULL OR closed_ms >= ?3)
+                     ORDER BY opened_ms DESC, id DESC LIMIT ?4 OFFSET ?5",
+                )
+                .map_err(unavailable)?;
+            let rows = q
+                .query_map(params![uuid, mac, since, limit, offset], |r| {
+                    Ok(TunnelRecord {
+                        id: r.get(0)?,
+                        node: r.get(1)?,
+                        uuid: r.get(2)?,
+                        device: r.get(3)?,
+                        device_addr: r.get(4)?,
+                        peer_device: r.get(5)?,
+                        client_addr: r.get(6)?,
+                        client_cert: r.get(7)?,
+                        opened: time(r.get(8)?),
+                        closed: r.get::<_, Option<i64>>(9)?.map(time),
+                        cause: r.get(10)?,
+                        to_device: r.get::<_, i64>(11)?.max(0) as u64,
+                        from_device: r.get::<_, i64>(12)?.max(0) as u64,
+                    })
+                })
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(unavailable)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn audit_devices(&self, filter: &Filter) -> Result<Vec<DeviceEvent>, StoreError> {
+        let (uuid, mac, since, limit, offset) = filter_params(filter);
+        self.with(move |conn| {
+            let mut q = conn
+                .prepare_cached(
+                    "SELECT at_ms, node, uuid, mac, host, change, address, cause
+                     FROM audit_devices
+                     WHERE (?1 IS NULL OR uuid = ?1) AND (?2 IS NULL OR mac = ?2)
+                       AND (?3 IS NULL OR at_ms >= ?3)
+                     ORDER BY at_ms DESC, id DESC LIMIT ?4 OFFSET ?5",
+                )
+                .map_err(unavailable)?;
+            let rows = q
+                .query_map(params![uuid, mac, since, limit, offset], |r| {
+                    Ok(DeviceEvent {
+                        at: time(r.get(0)?),
+                        node: r.get(1)?,
+                        uuid: r.get(2)?,
+                        mac: r.get(3)?,
+                        host: r.get(4)?,
+                        change: DeviceChange::parse(&r.get::<_, String>(5)?)
+                            .unwrap_or(DeviceChange::Offline),
+                        address: r.get(6)?,
+                        cause: r.get(7)?,
+                    })
+                })
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(unavailable)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn prune_audit(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let before = before.timestamp_millis();
+        self.with(move |conn| {
+            let tunnels = conn
+                .execute(
+                    "DELETE FROM audit_tunnels WHERE coalesce(closed_ms, opened_ms) < ?1",
+                    [before],
+                )
+                .map_err(unavailable)?;
+            let events = conn
+                .execute("DELETE FROM audit_devices WHERE at_ms < ?1", [before])
+                .map_err(unavailable)?;
+            Ok((tunnels + events) as u64)
+        })
+        .await
+    }
+}
+
+fn time(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+/// The filter's parameters: uuid, mac, since (ms), limit, offset.
+fn filter_params(f: &Filter) -> (Option<String>, Option<String>, Option<i64>, i64, i64) {
+    (
+        f.uuid.clone(),
+        f.mac.clone(),
+        f.since.map(|t| t.timestamp_millis()),
+        i64::try_from(f.limit).unwrap_or(i64::MAX),
+        i64::try_from(f.offset).unwrap_or(i64::MAX),
+    )
 }
 
 /// The rules every store follows are tested once for both backends, in the

@@ -1,4 +1,5 @@
-//! The database behind the gateway: users, their devices, and device sightings.
+//! The database behind the gateway: users, their devices, device sightings, and the
+//! audit trail ([`crate::audit`]).
 //!
 //! [`Store`] is what the persistence actor writes through and what `query` and the
 //! operator commands read. Two backends implement it: [`embedded`] (SQLite in a local
@@ -17,6 +18,7 @@ use bytestring::ByteString;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::audit::{DeviceEvent, Filter, TunnelRecord};
 use crate::config::de;
 
 /// A device was seen: what the persistence actor batches and the store records.
@@ -246,4 +248,23 @@ pub trait Store: Send + Sync + 'static {
 
     /// One round trip that touches the database, for the readiness check.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Writes audit records in one batch: tunnels by id (a later record of a tunnel
+    /// replaces its earlier one), device events appended.
+    async fn write_audit(
+        &self,
+        tunnels: &[TunnelRecord],
+        events: &[DeviceEvent],
+    ) -> Result<(), StoreError>;
+
+    /// Tunnels of the filter's user and device (as either end of a `connthem`), open
+    /// at or after `since`, newest first.
+    async fn audit_tunnels(&self, filter: &Filter) -> Result<Vec<TunnelRecord>, StoreError>;
+
+    /// Device events of the filter's user and device, at or after `since`, newest
+    /// first.
+    async fn audit_devices(&self, filter: &Filter) -> Result<Vec<DeviceEvent>, StoreError>;
+
+    /// Deletes audit records that ended before `before`; answers how many.
+    async fn prune_audit(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
 }

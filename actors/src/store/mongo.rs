@@ -30,6 +30,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bson::oid::ObjectId;
 use bson::{doc, Bson, Document};
+use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Collection, Cursor, Database, IndexModel};
@@ -38,6 +39,7 @@ use tokio::time::Instant;
 use super::{
     Account, AccountKey, Device, OwnedDevice, Recorded, Sighting, Store, StoreError, User,
 };
+use crate::audit::{DeviceChange, DeviceEvent, Filter, TunnelRecord};
 
 /// How long a cached user (and its `allDevices`) is trusted before it is read again.
 pub const USER_TTL: Duration = Duration::from_secs(60);
@@ -57,10 +59,16 @@ pub const HOUSEKEEPING_COMMANDS: &[&str] = &[
     "buildInfo",
 ];
 
+/// The audit trail's collections: the gateway's own, which the Web UI ignores.
+pub const AUDIT_TUNNELS: &str = "gatewayAuditTunnels";
+pub const AUDIT_DEVICES: &str = "gatewayAuditDevices";
+
 pub struct MongoStore {
     db: Database,
     users: Collection<Document>,
     devices: Collection<Document>,
+    audit_tunnels: Collection<Document>,
+    audit_devices: Collection<Document>,
     cache: Mutex<Cache>,
     health: Health,
 }
@@ -106,6 +114,8 @@ impl MongoStore {
         Ok(Self {
             users: db.collection("users"),
             devices: db.collection("devices"),
+            audit_tunnels: db.collection(AUDIT_TUNNELS),
+            audit_devices: db.collection(AUDIT_DEVICES),
             db,
             cache: Mutex::default(),
             health: Health::default(),
@@ -115,8 +125,19 @@ impl MongoStore {
     /// Creates the indexes the gateway's queries use, if missing. An index the Web UI
     /// made on the same key with other options is left as it is.
     pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
-        for (coll, key) in [(&self.users, "uuid"), (&self.devices, "macAddress")] {
-            let index = IndexModel::builder().keys(doc! { key: 1 }).build();
+        let indexes = [
+            (&self.users, doc! { "uuid": 1 }),
+            (&self.devices, doc! { "macAddress": 1 }),
+            (&self.audit_tunnels, doc! { "opened": -1 }),
+            (&self.audit_tunnels, doc! { "uuid": 1, "opened": -1 }),
+            (&self.audit_tunnels, doc! { "device": 1, "opened": -1 }),
+            (&self.audit_tunnels, doc! { "peerDevice": 1, "opened": -1 }),
+            (&self.audit_devices, doc! { "at": -1 }),
+            (&self.audit_devices, doc! { "uuid": 1, "at": -1 }),
+            (&self.audit_devices, doc! { "mac": 1, "at": -1 }),
+        ];
+        for (coll, keys) in indexes {
+            let index = IndexModel::builder().keys(keys).build();
             match self.health.watch(coll.create_index(index).await) {
                 Ok(_) => {}
                 // IndexOptionsConflict / IndexKeySpecsConflict: an equivalent index exists.
@@ -586,6 +607,104 @@ impl Store for MongoStore {
             })
             .collect())
     }
+
+    async fn write_audit(
+        &self,
+        tunnels: &[TunnelRecord],
+        events: &[DeviceEvent],
+    ) -> Result<(), StoreError> {
+        if !tunnels.is_empty() {
+            let updates: Vec<Document> = tunnels
+                .iter()
+                .map(|t| {
+                    let mut fields = tunnel_doc(t);
+                    fields.remove("_id");
+                    doc! { "q": { "_id": &t.id }, "u": { "$set": fields }, "upsert": true }
+                })
+                .collect();
+            self.write(doc! { "update": AUDIT_TUNNELS, "updates": updates, "ordered": false })
+                .await?;
+        }
+        if !events.is_empty() {
+            let documents: Vec<Document> = events.iter().map(event_doc).collect();
+            self.write(doc! { "insert": AUDIT_DEVICES, "documents": documents, "ordered": false })
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn audit_tunnels(&self, filter: &Filter) -> Result<Vec<TunnelRecord>, StoreError> {
+        self.check_reachable()?;
+        let mut clauses = Vec::new();
+        if let Some(uuid) = &filter.uuid {
+            clauses.push(doc! { "uuid": uuid });
+        }
+        if let Some(mac) = &filter.mac {
+            clauses.push(doc! { "$or": [ { "device": mac }, { "peerDevice": mac } ] });
+        }
+        if let Some(since) = filter.since {
+            let since = bson::DateTime::from_chrono(since);
+            clauses.push(doc! { "$or": [ { "closed": null }, { "closed": { "$gte": since } } ] });
+        }
+        let docs = self
+            .collect(
+                self.audit_tunnels
+                    .find(all_of(clauses))
+                    .sort(doc! { "opened": -1, "_id": -1 })
+                    .skip(filter.offset as u64)
+                    .limit(i64::try_from(filter.limit).unwrap_or(i64::MAX)),
+            )
+            .await?;
+        Ok(docs.iter().filter_map(tunnel_from_doc).collect())
+    }
+
+    async fn audit_devices(&self, filter: &Filter) -> Result<Vec<DeviceEvent>, StoreError> {
+        self.check_reachable()?;
+        let mut clauses = Vec::new();
+        if let Some(uuid) = &filter.uuid {
+            clauses.push(doc! { "uuid": uuid });
+        }
+        if let Some(mac) = &filter.mac {
+            clauses.push(doc! { "mac": mac });
+        }
+        if let Some(since) = filter.since {
+            clauses.push(doc! { "at": { "$gte": bson::DateTime::from_chrono(since) } });
+        }
+        let docs = self
+            .collect(
+                self.audit_devices
+                    .find(all_of(clauses))
+                    .sort(doc! { "at": -1, "_id": -1 })
+                    .skip(filter.offset as u64)
+                    .limit(i64::try_from(filter.limit).unwrap_or(i64::MAX)),
+            )
+            .await?;
+        Ok(docs.iter().filter_map(event_from_doc).collect())
+    }
+
+    async fn prune_audit(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let before = bson::DateTime::from_chrono(before);
+        let tunnels = self
+            .health
+            .watch(
+                self.audit_tunnels
+                    .delete_many(doc! { "$or": [
+                        { "closed": { "$lt": before } },
+                        { "closed": null, "opened": { "$lt": before } },
+                    ] })
+                    .await,
+            )
+            .map_err(unavailable)?;
+        let events = self
+            .health
+            .watch(
+                self.audit_devices
+                    .delete_many(doc! { "at": { "$lt": before } })
+                    .await,
+            )
+            .map_err(unavailable)?;
+        Ok(tunnels.deleted_count + events.deleted_count)
+    }
 }
 
 /// Tracks whether MongoDB is reachable and logs each change once.
@@ -685,5 +804,79 @@ fn device_from_doc(d: &Document) -> Option<Device> {
         host: d.get_str("hostName").unwrap_or_default().to_owned(),
         mac: d.get_str("macAddress").ok()?.to_owned(),
         last_seen: d.get_datetime("lastSeenDate").ok()?.to_chrono(),
+    })
+}
+
+/// One filter of all `clauses` (none: everything).
+fn all_of(clauses: Vec<Document>) -> Document {
+    match clauses.len() {
+        0 => Document::new(),
+        1 => clauses.into_iter().next().unwrap_or_default(),
+        _ => doc! { "$and": clauses },
+    }
+}
+
+fn tunnel_doc(t: &TunnelRecord) -> Document {
+    doc! {
+        "_id": &t.id,
+        "node": &t.node,
+        "uuid": &t.uuid,
+        "device": &t.device,
+        "deviceAddress": &t.device_addr,
+        "peerDevice": t.peer_device.as_deref(),
+        "clientAddress": &t.client_addr,
+        "clientCertificate": t.client_cert.as_deref(),
+        "opened": bson::DateTime::from_chrono(t.opened),
+        "closed": t.closed.map(bson::DateTime::from_chrono),
+        "cause": t.cause.as_deref(),
+        "bytesToDevice": i64::try_from(t.to_device).unwrap_or(i64::MAX),
+        "bytesFromDevice": i64::try_from(t.from_device).unwrap_or(i64::MAX),
+    }
+}
+
+fn tunnel_from_doc(d: &Document) -> Option<TunnelRecord> {
+    let text = |key: &str| d.get_str(key).ok().map(str::to_owned);
+    let count = |key: &str| d.get(key).and_then(bson_usize).unwrap_or(0) as u64;
+    Some(TunnelRecord {
+        id: text("_id")?,
+        node: text("node").unwrap_or_default(),
+        uuid: text("uuid").unwrap_or_default(),
+        device: text("device").unwrap_or_default(),
+        device_addr: text("deviceAddress").unwrap_or_default(),
+        peer_device: text("peerDevice"),
+        client_addr: text("clientAddress").unwrap_or_default(),
+        client_cert: text("clientCertificate"),
+        opened: d.get_datetime("opened").ok()?.to_chrono(),
+        closed: d.get_datetime("closed").ok().map(|c| c.to_chrono()),
+        cause: text("cause"),
+        to_device: count("bytesToDevice"),
+        from_device: count("bytesFromDevice"),
+    })
+}
+
+fn event_doc(e: &DeviceEvent) -> Document {
+    doc! {
+        "at": bson::DateTime::from_chrono(e.at),
+        "node": &e.node,
+        "uuid": &e.uuid,
+        "mac": &e.mac,
+        "host": &e.host,
+        "change": e.change.label(),
+        "address": &e.address,
+        "cause": e.cause.as_deref(),
+    }
+}
+
+fn event_from_doc(d: &Document) -> Option<DeviceEvent> {
+    let text = |key: &str| d.get_str(key).ok().map(str::to_owned);
+    Some(DeviceEvent {
+        at: d.get_datetime("at").ok()?.to_chrono(),
+        node: text("node").unwrap_or_default(),
+        uuid: text("uuid").unwrap_or_default(),
+        mac: text("mac").unwrap_or_default(),
+        host: text("host").unwrap_or_default(),
+        change: DeviceChange::parse(d.get_str("change").ok()?)?,
+        address: text("address").unwrap_or_default(),
+        cause: text("cause"),
     })
 }
