@@ -4,6 +4,7 @@
 //! library.
 
 mod admin;
+mod audit;
 mod certs;
 mod logging;
 mod settings;
@@ -45,6 +46,25 @@ enum Command {
     /// Inspect devices.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Print the audit trail: tunnels (who, to which device, from where, when, how
+    /// long, why it ended, bytes each way) and devices coming and going, newest first.
+    Audit {
+        /// Only this user's (by name).
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
+        /// Only this device's (its MAC).
+        #[arg(long, value_name = "MAC")]
+        device: Option<String>,
+        /// Only since then: an age (30m, 24h, 7d) or a time (2026-12-01T08:00:00Z).
+        #[arg(long, value_name = "AGE|TIME")]
+        since: Option<String>,
+        /// At most this many tunnels and this many device events.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object per line instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -115,6 +135,22 @@ fn main() -> ExitCode {
             Command::Device(DeviceCommand::List { uuid }) => list_devices(&settings, uuid).await,
             Command::Device(DeviceCommand::Add { uuid, mac, host }) => {
                 add_device(&settings, uuid, mac, host).await
+            }
+            Command::Audit {
+                user,
+                device,
+                since,
+                limit,
+                json,
+            } => {
+                let wanted = audit::Wanted {
+                    user,
+                    device,
+                    since,
+                    offset: 0,
+                    limit,
+                };
+                print_audit(&settings, wanted, json).await
             }
         }
     });
@@ -383,6 +419,79 @@ async fn list_devices(settings: &Settings, owner: Option<String>) -> anyhow::Res
                 .format(&settings.query.time_format)
                 .to_string(),
             d.owner.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(())
+}
+
+async fn print_audit(settings: &Settings, wanted: audit::Wanted, json: bool) -> anyhow::Result<()> {
+    let store = open_store(settings).await?;
+    let Some(filter) = audit::filter(&*store, &wanted).await? else {
+        anyhow::bail!("no user named {:?}", wanted.user.unwrap_or_default());
+    };
+    let (tunnels, events, names) = futures::try_join!(
+        store.audit_tunnels(&filter),
+        store.audit_devices(&filter),
+        audit::user_names(&*store)
+    )?;
+    let shown = audit::Shown {
+        names: &names,
+        format: &settings.query,
+    };
+    if json {
+        for t in tunnels {
+            let row = serde_json::json!({ "tunnel": shown.tunnel(t) });
+            println!("{row}");
+        }
+        for e in events {
+            let row = serde_json::json!({ "device_event": shown.event(e) });
+            println!("{row}");
+        }
+        return Ok(());
+    }
+    println!("TUNNELS ({})", tunnels.len());
+    println!(
+        "{:<22}  {:<9}  {:<16}  {:<14}  {:<21}  {:<16}  {:>7}  {:>10}  {:>10}  CAUSE",
+        "OPENED", "DURATION", "USER", "DEVICE", "CLIENT", "CERTIFICATE", "NODE", "TO DEV", "FROM DEV"
+    );
+    for t in tunnels {
+        let t = shown.tunnel(t);
+        let device = match &t.peer_device {
+            Some(peer) => format!("{}+{peer}", t.device),
+            None => t.device.clone(),
+        };
+        println!(
+            "{:<22}  {:<9}  {:<16}  {:<14}  {:<21}  {:<16}  {:>7}  {:>10}  {:>10}  {}",
+            t.opened,
+            t.seconds.map_or("open".to_owned(), |s| format!("{s} s")),
+            t.user,
+            device,
+            t.client_address,
+            t.client_certificate.as_deref().unwrap_or("-"),
+            t.node,
+            t.bytes_to_device,
+            t.bytes_from_device,
+            t.cause.as_deref().unwrap_or("-"),
+        );
+    }
+    println!();
+    println!("DEVICE EVENTS ({})", events.len());
+    println!(
+        "{:<22}  {:<8}  {:<14}  {:<16}  {:<16}  {:<21}  {:>7}  CAUSE",
+        "AT", "EVENT", "DEVICE", "HOST", "USER", "ADDRESS", "NODE"
+    );
+    for e in events {
+        let e = shown.event(e);
+        println!(
+            "{:<22}  {:<8}  {:<14}  {:<16}  {:<16}  {:<21}  {:>7}  {}",
+            e.at,
+            e.event,
+            e.device,
+            e.host,
+            e.user,
+            e.address,
+            e.node,
+            e.cause.as_deref().unwrap_or("-"),
         );
     }
     Ok(())

@@ -363,19 +363,10 @@ fn query_replies_are_not_rendered_for_a_client_that_has_gone() {
     ]);
     let uuid = gw.add_user("alice");
     // 5 000 stored devices: each reply is about half a megabyte.
-    {
-        let mut db = rusqlite::Connection::open(gw.dir.path().join("elfin.db")).unwrap();
-        let tx = db.transaction().unwrap();
-        for i in 0..5_000 {
-            tx.execute(
-                "INSERT INTO devices (mac, host, last_seen_ms, owner)
-                 SELECT ?1, ?2, 0, id FROM users WHERE uuid = ?3",
-                rusqlite::params![format!("AC{i:010X}"), format!("meter-{i}"), uuid],
-            )
-            .unwrap();
-        }
-        tx.commit().unwrap();
-    }
+    gw.store_devices(
+        &uuid,
+        (0..5_000).map(|i| (format!("AC{i:010X}"), format!("meter-{i}"))),
+    );
     let requests = 200;
     let mut client = gw.connect();
     client.send(format!("query;{uuid}\n").repeat(requests).as_bytes());

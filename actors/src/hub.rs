@@ -8,14 +8,14 @@ use std::time::{Duration, SystemTime};
 use actix::prelude::*;
 
 use crate::audit::Trail;
-use crate::bridge::BridgeManager;
+use crate::bridge::{BridgeManager, Tunnels};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::debouncer::{FlushAll, HeartbeatDebouncer};
 use crate::limits::{Admission, LookupGuard};
 use crate::persistence::{Flush, Persistence};
 use crate::refusal::Refusals;
-use crate::registry::DeviceRegistry;
+use crate::registry::{AllLive, DeviceRegistry};
 use crate::store::Store;
 use crate::tenants::Tenants;
 use crate::users::UserDirectory;
@@ -47,7 +47,7 @@ pub struct Hub {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShutdownError {
-    #[error("{0} sightings could not be written before the shutdown timeout")]
+    #[error("{0} sightings and audit records could not be written before the shutdown timeout")]
     Unwritten(usize),
     #[error("the persistence actor stopped before everything was written")]
     PersistenceGone,
@@ -117,6 +117,12 @@ impl Hub {
     /// Persists every device the debouncer tracks and writes everything pending, for
     /// at most the shutdown timeout. Call it once no session is left.
     pub async fn shutdown(&self) -> Result<(), ShutdownError> {
+        // The last sessions' tunnels and devices reach the audit trail: once the
+        // bridge and the registry have answered, what the sessions told them is
+        // handled and its records are queued at the persistence actor, ahead of the
+        // flushes below. (Both are empty by now, so the answers cost nothing.)
+        let _ = self.bridge.send(Tunnels).await;
+        let _ = self.registry.send(AllLive).await;
         let _ = self.debouncer.send(FlushAll).await;
         let deadline = tokio::time::Instant::now() + self.config.persistence.shutdown_timeout;
         loop {

@@ -1,5 +1,7 @@
 //! The admin HTTP server on `admin.listen`: `/healthz` and `/readyz` for supervisors,
-//! `/metrics` for Prometheus, and the live status page (`/`, fed by `/api/status`).
+//! `/metrics` for Prometheus, the live status page (`/`, fed by `/api/status` and
+//! `/api/devices`), a page per device (`/devices/<mac>`, fed by `/api/devices/<mac>`)
+//! and the audit trail (`/api/audit`).
 //!
 //! Served by actix-web on the gateway's actix system with one worker thread of its
 //! own; nothing here is on a tunnel's path. The page's assets are compiled into the
@@ -25,6 +27,7 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 
+use crate::audit;
 use elfin_actors::Hub;
 pub use guard::Rules;
 use guard::{Guard, Verdict};
@@ -38,6 +41,9 @@ const PUBLIC: &[&str] = &["/login", "/style.css"];
 const PAGE: &str = include_str!("page/index.html");
 const LOGIN: &str = include_str!("page/login.html");
 const SCRIPT: &str = include_str!("page/app.js");
+const COMMON_SCRIPT: &str = include_str!("page/common.js");
+const DEVICE_PAGE: &str = include_str!("page/device.html");
+const DEVICE_SCRIPT: &str = include_str!("page/device.js");
 const STYLE: &str = include_str!("page/style.css");
 
 struct Admin {
@@ -76,7 +82,19 @@ pub fn start(
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics))
             .route("/api/status", web::get().to(status))
+            .route("/api/devices", web::get().to(devices))
+            .route("/api/devices/{mac}", web::get().to(device))
+            .route("/api/audit", web::get().to(audit_trail))
             .route("/", web::get().to(page))
+            .route("/devices/{mac}", web::get().to(device_page))
+            .route(
+                "/device.js",
+                web::get().to(|| asset("text/javascript", DEVICE_SCRIPT)),
+            )
+            .route(
+                "/common.js",
+                web::get().to(|| asset("text/javascript", COMMON_SCRIPT)),
+            )
             .route(
                 "/app.js",
                 web::get().to(|| asset("text/javascript", SCRIPT)),
@@ -182,6 +200,98 @@ async fn status(admin: web::Data<Admin>) -> HttpResponse {
         .json(admin.board.status().await)
 }
 
+/// `GET /api/devices?q=&status=&user=&page=&per_page=`: one page of the devices.
+async fn devices(admin: web::Data<Admin>, query: web::Query<status::DeviceQuery>) -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(admin.board.devices(&query).await)
+}
+
+/// `GET /api/devices/<mac>`: the device, its tunnels and its history.
+async fn device(admin: web::Data<Admin>, mac: web::Path<String>) -> HttpResponse {
+    match admin.board.device(&mac).await {
+        Some(detail) => HttpResponse::Ok()
+            .insert_header((header::CACHE_CONTROL, "no-store"))
+            .json(detail),
+        None => HttpResponse::NotFound()
+            .json(serde_json::json!({ "error": "the gateway knows no device with this MAC" })),
+    }
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    /// "tunnels" (the default) or "devices".
+    kind: Option<String>,
+    user: Option<String>,
+    device: Option<String>,
+    since: Option<String>,
+    page: Option<usize>,
+    per_page: Option<usize>,
+}
+
+/// `GET /api/audit?kind=tunnels|devices&user=&device=&since=&page=&per_page=`: one page
+/// of the audit trail, newest first.
+async fn audit_trail(admin: web::Data<Admin>, query: web::Query<AuditQuery>) -> HttpResponse {
+    let per_page = query.per_page.unwrap_or(50).clamp(1, 200);
+    let page = query.page.unwrap_or(1).max(1);
+    let wanted = audit::Wanted {
+        user: query.user.clone(),
+        device: query.device.clone(),
+        since: query.since.clone(),
+        offset: (page - 1).saturating_mul(per_page),
+        // One more than a page: whether another page follows.
+        limit: per_page + 1,
+    };
+    let store = &*admin.hub.store;
+    let devices = match query.kind.as_deref() {
+        None | Some("tunnels") => false,
+        Some("devices") => true,
+        Some(other) => {
+            return HttpResponse::BadRequest().json(serde_json::json!({
+                "error": format!("kind {other:?}: expected tunnels or devices")
+            }))
+        }
+    };
+    let read = async {
+        let Some(filter) = audit::filter(store, &wanted).await? else {
+            return Ok(Vec::new());
+        };
+        let names = admin.board.user_names().await;
+        let shown = audit::Shown {
+            names: &names,
+            format: &admin.hub.config.query,
+        };
+        let rows: Vec<serde_json::Value> = if devices {
+            let events = store.audit_devices(&filter).await?;
+            events.into_iter().map(|e| serde_json::json!(shown.event(e))).collect()
+        } else {
+            let tunnels = store.audit_tunnels(&filter).await?;
+            tunnels.into_iter().map(|t| serde_json::json!(shown.tunnel(t))).collect()
+        };
+        Ok::<_, audit::AuditError>(rows)
+    };
+    match read.await {
+        Ok(mut rows) => {
+            let more = rows.len() > per_page;
+            rows.truncate(per_page);
+            HttpResponse::Ok()
+                .insert_header((header::CACHE_CONTROL, "no-store"))
+                .json(serde_json::json!({
+                    "kind": if devices { "devices" } else { "tunnels" },
+                    "page": page,
+                    "per_page": per_page,
+                    "more": more,
+                    "rows": rows,
+                }))
+        }
+        Err(audit::AuditError::BadArgument(why)) => {
+            HttpResponse::BadRequest().json(serde_json::json!({ "error": why }))
+        }
+        Err(audit::AuditError::Store(e)) => HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({ "error": e.to_string() })),
+    }
+}
+
 /// The page, its script and style: same-origin only, never framed.
 fn html(status: actix_web::http::StatusCode, body: impl MessageBody + 'static) -> HttpResponse {
     with_page_headers(&mut HttpResponse::build(status)).body(body)
@@ -205,6 +315,16 @@ async fn page(admin: web::Data<Admin>) -> HttpResponse {
         PAGE.replace("<!--signout-->", SIGN_OUT)
     } else {
         PAGE.to_owned()
+    };
+    html(actix_web::http::StatusCode::OK, page)
+}
+
+/// The device page; its script reads the MAC from the address.
+async fn device_page(admin: web::Data<Admin>) -> HttpResponse {
+    let page = if admin.guard.has_token() {
+        DEVICE_PAGE.replace("<!--signout-->", SIGN_OUT)
+    } else {
+        DEVICE_PAGE.to_owned()
     };
     html(actix_web::http::StatusCode::OK, page)
 }

@@ -1,5 +1,7 @@
-//! What the status page shows (`GET /api/status`): totals, users with their devices,
-//! open tunnels, and the last 15 minutes of connections and throughput.
+//! What the status page shows: totals, open tunnels and the last 15 minutes of
+//! connections and throughput (`GET /api/status`); the devices, searched and paged
+//! (`GET /api/devices`); and one device with its tunnels and history
+//! (`GET /api/devices/<mac>`).
 //!
 //! Live state comes from the registry and the bridge by message, every request. The
 //! stored users and devices come from the store at most every [`DIRECTORY_TTL`],
@@ -7,12 +9,12 @@
 //! when the store fails, the last listing is kept and the failure shown. Uuids appear
 //! only masked.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use elfin_actors::bridge::{TunnelInfo, Tunnels};
 use elfin_actors::cluster::{Members, Membership};
@@ -23,13 +25,19 @@ use elfin_actors::registry::{AllLive, Connected};
 use elfin_actors::store::{OwnedDevice, User};
 use elfin_actors::Hub;
 
+use crate::audit;
+
 /// How long the store's listing of users and devices is reused.
 pub const DIRECTORY_TTL: Duration = Duration::from_secs(10);
 /// One history sample per this, kept for [`HISTORY_SPAN`].
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 const HISTORY_SPAN: Duration = Duration::from_secs(15 * 60);
-/// At most this many device rows are sent; online devices first.
-const MAX_ROWS: usize = 2_000;
+/// Devices per page unless asked otherwise, and at most (a page stays a few tens of
+/// KiB).
+const PER_PAGE: usize = 50;
+const MAX_PER_PAGE: usize = 200;
+/// Records of each kind the device page shows.
+const DEVICE_HISTORY: usize = 50;
 /// A store read for the page gives up after this.
 const STORE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -38,9 +46,6 @@ pub struct Status {
     pub version: &'static str,
     pub uptime_secs: u64,
     pub totals: Totals,
-    pub users: Vec<UserRow>,
-    /// Device rows left out beyond [`MAX_ROWS`].
-    pub rows_omitted: usize,
     pub tunnels: Vec<TunnelRow>,
     pub history: Vec<Sample>,
     pub sample_secs: u64,
@@ -60,22 +65,61 @@ pub struct Totals {
     pub bytes_per_sec: f64,
 }
 
-#[derive(Serialize)]
-pub struct UserRow {
-    /// None for a uuid with live devices that is no stored user (a guest).
-    pub name: Option<String>,
-    pub uuid: String,
-    pub devices: Vec<DeviceRow>,
-}
-
-#[derive(Serialize)]
+/// A device as the page lists it.
+#[derive(Serialize, Clone)]
 pub struct DeviceRow {
     pub host: String,
     pub mac: String,
+    /// Its user's name; none for a uuid that is no stored user (a guest).
+    pub user: Option<String>,
+    /// Its user's uuid, masked.
+    pub uuid: String,
     pub online: bool,
     pub last_seen: String,
     /// The address its connection comes from, while online.
     pub connected_from: Option<String>,
+    #[serde(skip)]
+    last_seen_at: DateTime<Utc>,
+}
+
+/// What `/api/devices` is asked for.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct DeviceQuery {
+    /// Part of a MAC, host name, user name or address (any case).
+    pub q: Option<String>,
+    /// "online" or "offline".
+    pub status: Option<String>,
+    /// A user's name, exactly.
+    pub user: Option<String>,
+    /// From 1.
+    pub page: Option<usize>,
+    pub per_page: Option<usize>,
+}
+
+/// One page of devices, online first, then by host name and MAC.
+#[derive(Serialize)]
+pub struct DevicePage {
+    /// Devices matching the query, on every page.
+    pub total: usize,
+    pub page: usize,
+    pub per_page: usize,
+    pub pages: usize,
+    pub devices: Vec<DeviceRow>,
+    pub store_error: Option<String>,
+}
+
+/// Everything the device page shows.
+#[derive(Serialize)]
+pub struct DeviceDetail {
+    pub device: DeviceRow,
+    /// Its open tunnels (on this node).
+    pub tunnels_now: Vec<TunnelRow>,
+    /// Its tunnels from the audit trail, newest first.
+    pub tunnels: Vec<audit::TunnelRow>,
+    /// It coming and going, newest first.
+    pub events: Vec<audit::EventRow>,
+    pub audit_error: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -181,10 +225,11 @@ impl StatusBoard {
             Ok(report) => (report.total_bytes, report.open),
             Err(_) => (0, Vec::new()),
         };
-        let (users, rows_omitted, offline, store_error) = {
+        let (offline, store_error) = {
             let directory = self.directory().await;
-            let (users, omitted, offline) = self.user_rows(&directory, &live);
-            (users, omitted, offline, directory.error.clone())
+            let rows = self.device_rows(&directory, &live);
+            let offline = rows.iter().filter(|d| !d.online).count();
+            (offline, directory.error.clone())
         };
         let history: Vec<Sample> = {
             let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
@@ -202,8 +247,6 @@ impl StatusBoard {
                 tunnel_bytes,
                 bytes_per_sec: history.last().map_or(0.0, |s| s.bytes_per_sec),
             },
-            users,
-            rows_omitted,
             tunnels: open.iter().map(|t| tunnel_row(t, now)).collect(),
             history,
             sample_secs: SAMPLE_EVERY.as_secs(),
@@ -245,85 +288,193 @@ impl StatusBoard {
         directory
     }
 
-    /// Users and their devices, stored and live merged; with the number of rows left
-    /// out and of offline devices.
-    fn user_rows(&self, directory: &Directory, live: &[Connected]) -> (Vec<UserRow>, usize, usize) {
-        let format = &self.hub.config.query;
-        let shown = |at: DateTime<Utc>| {
-            at.with_timezone(&format.time_zone)
-                .format(&format.time_format)
-                .to_string()
-        };
-        // uuid -> (name, mac -> row)
-        let mut users: BTreeMap<&str, (Option<&str>, BTreeMap<String, DeviceRow>)> = directory
+    /// Every device, stored and live merged (live wins), with its user's name.
+    fn device_rows(&self, directory: &Directory, live: &[Connected]) -> Vec<DeviceRow> {
+        let names: HashMap<&str, &str> = directory
             .users
             .iter()
-            .map(|u| {
-                (
-                    u.uuid.as_str(),
-                    (Some(u.username.as_str()), BTreeMap::new()),
-                )
-            })
+            .map(|u| (u.uuid.as_str(), u.username.as_str()))
             .collect();
+        let row = |uuid: Option<&str>| {
+            let user = uuid.and_then(|u| names.get(u)).map(|n| n.to_string());
+            (user, uuid.map(masked).unwrap_or_default())
+        };
+        let mut rows: HashMap<&str, DeviceRow> = HashMap::with_capacity(directory.devices.len());
         for d in &directory.devices {
-            let Some(owner) = d.owner.as_deref() else {
-                continue;
-            };
-            let Some((_, devices)) = users.get_mut(owner) else {
-                continue;
-            };
-            devices.insert(
-                d.device.mac.clone(),
+            let (user, uuid) = row(d.owner.as_deref());
+            rows.insert(
+                &d.device.mac,
                 DeviceRow {
                     host: d.device.host.clone(),
                     mac: d.device.mac.clone(),
+                    user,
+                    uuid,
                     online: false,
-                    last_seen: shown(d.device.last_seen),
+                    last_seen: String::new(),
                     connected_from: None,
+                    last_seen_at: d.device.last_seen,
                 },
             );
         }
         for c in live {
-            let (_, devices) = users.entry(&c.uuid).or_insert((None, BTreeMap::new()));
-            devices.insert(
-                c.device.mac.to_string(),
+            let (user, uuid) = row(Some(&c.uuid));
+            rows.insert(
+                &c.device.mac,
                 DeviceRow {
                     host: c.device.host.to_string(),
                     mac: c.device.mac.to_string(),
+                    user,
+                    uuid,
                     online: true,
-                    last_seen: shown(c.device.last_seen.to_utc()),
+                    last_seen: String::new(),
                     connected_from: Some(c.remote.to_string()),
+                    last_seen_at: c.device.last_seen.to_utc(),
                 },
             );
         }
-        let offline = users
-            .values()
-            .flat_map(|(_, d)| d.values())
-            .filter(|d| !d.online)
-            .count();
-        // Online rows first, then offline ones, up to MAX_ROWS in all.
-        let mut budget = [MAX_ROWS, MAX_ROWS - live.len().min(MAX_ROWS)];
-        let mut omitted = 0;
-        let mut rows = Vec::with_capacity(users.len());
-        for (uuid, (name, devices)) in users {
-            let mut kept = Vec::new();
-            for row in devices.into_values() {
-                let left = &mut budget[usize::from(!row.online)];
-                if *left == 0 {
-                    omitted += 1;
-                } else {
-                    *left -= 1;
-                    kept.push(row);
-                }
-            }
-            rows.push(UserRow {
-                name: name.map(str::to_owned),
-                uuid: masked(uuid),
-                devices: kept,
-            });
-        }
-        (rows, omitted, offline)
+        rows.into_values().collect()
     }
+
+    /// One page of the devices matching `query`.
+    pub async fn devices(&self, query: &DeviceQuery) -> DevicePage {
+        let live = self.hub.registry.send(AllLive).await.unwrap_or_default();
+        let directory = self.directory().await;
+        let needle = query.q.as_deref().unwrap_or("").trim().to_lowercase();
+        let status = query.status.as_deref();
+        let mut rows: Vec<DeviceRow> = self
+            .device_rows(&directory, &live)
+            .into_iter()
+            .filter(|d| match status {
+                Some("online") => d.online,
+                Some("offline") => !d.online,
+                _ => true,
+            })
+            .filter(|d| {
+                query
+                    .user
+                    .as_deref()
+                    .is_none_or(|user| d.user.as_deref() == Some(user))
+            })
+            .filter(|d| needle.is_empty() || matches(d, &needle))
+            .collect();
+        rows.sort_unstable_by(|a, b| {
+            b.online
+                .cmp(&a.online)
+                .then_with(|| a.host.cmp(&b.host))
+                .then_with(|| a.mac.cmp(&b.mac))
+        });
+        let per_page = query.per_page.unwrap_or(PER_PAGE).clamp(1, MAX_PER_PAGE);
+        let total = rows.len();
+        let pages = total.div_ceil(per_page).max(1);
+        let page = query.page.unwrap_or(1).clamp(1, pages);
+        let mut devices: Vec<DeviceRow> = rows
+            .into_iter()
+            .skip((page - 1) * per_page)
+            .take(per_page)
+            .collect();
+        for d in &mut devices {
+            d.last_seen = self.shown(d.last_seen_at);
+        }
+        DevicePage {
+            total,
+            page,
+            per_page,
+            pages,
+            devices,
+            store_error: directory.error.clone(),
+        }
+    }
+
+    /// One device with its tunnels and history; `None` if the gateway knows no such
+    /// device.
+    pub async fn device(&self, mac: &str) -> Option<DeviceDetail> {
+        let (live, tunnels) =
+            futures::join!(self.hub.registry.send(AllLive), self.hub.bridge.send(Tunnels));
+        let live = live.unwrap_or_default();
+        let (mut device, names) = {
+            let directory = self.directory().await;
+            let device = self
+                .device_rows(&directory, &live)
+                .into_iter()
+                .find(|d| d.mac == mac)?;
+            let names: HashMap<String, String> = directory
+                .users
+                .iter()
+                .map(|u| (u.uuid.clone(), u.username.clone()))
+                .collect();
+            (device, names)
+        };
+        device.last_seen = self.shown(device.last_seen_at);
+        let now = SystemTime::now();
+        let tunnels_now = tunnels
+            .map(|r| r.open)
+            .unwrap_or_default()
+            .iter()
+            .filter(|t| [&t.a, &t.b].iter().any(|e| e.mac().is_some_and(|m| m == mac)))
+            .map(|t| tunnel_row(t, now))
+            .collect();
+        let filter = elfin_actors::audit::Filter {
+            mac: Some(mac.to_owned()),
+            limit: DEVICE_HISTORY,
+            ..Default::default()
+        };
+        let store = &self.hub.store;
+        let read = tokio::time::timeout(STORE_TIMEOUT, async {
+            futures::try_join!(store.audit_tunnels(&filter), store.audit_devices(&filter))
+        })
+        .await;
+        let shown = audit::Shown {
+            names: &names,
+            format: &self.hub.config.query,
+        };
+        let (tunnels, events, audit_error) = match read {
+            Ok(Ok((tunnels, events))) => (
+                tunnels.into_iter().map(|t| shown.tunnel(t)).collect(),
+                events.into_iter().map(|e| shown.event(e)).collect(),
+                None,
+            ),
+            Ok(Err(e)) => (Vec::new(), Vec::new(), Some(e.to_string())),
+            Err(_) => (
+                Vec::new(),
+                Vec::new(),
+                Some(format!("the store did not answer within {STORE_TIMEOUT:?}")),
+            ),
+        };
+        Some(DeviceDetail {
+            device,
+            tunnels_now,
+            tunnels,
+            events,
+            audit_error,
+        })
+    }
+
+    /// uuid -> name of the stored users, as last read.
+    pub async fn user_names(&self) -> HashMap<String, String> {
+        self.directory()
+            .await
+            .users
+            .iter()
+            .map(|u| (u.uuid.clone(), u.username.clone()))
+            .collect()
+    }
+
+    fn shown(&self, at: DateTime<Utc>) -> String {
+        let format = &self.hub.config.query;
+        at.with_timezone(&format.time_zone)
+            .format(&format.time_format)
+            .to_string()
+    }
+}
+
+/// Whether the device's MAC, host name, user name or address contains `needle`
+/// (lower case).
+fn matches(d: &DeviceRow, needle: &str) -> bool {
+    let has = |text: &str| text.to_lowercase().contains(needle);
+    has(&d.mac)
+        || has(&d.host)
+        || d.user.as_deref().is_some_and(has)
+        || d.connected_from.as_deref().is_some_and(has)
 }
 
 fn end_row(end: &End) -> EndRow {

@@ -218,6 +218,23 @@ impl Binary {
         self.log_count(text) > 0
     }
 
+    /// Stores devices of the user `uuid` straight in the embedded database file (as if
+    /// each had connected once, at the Unix epoch): (mac, host) pairs.
+    pub fn store_devices(&self, uuid: &str, devices: impl IntoIterator<Item = (String, String)>) {
+        let mut db = rusqlite::Connection::open(self.dir.path().join("elfin.db")).unwrap();
+        db.busy_timeout(Duration::from_secs(5)).unwrap();
+        let tx = db.transaction().unwrap();
+        for (mac, host) in devices {
+            tx.execute(
+                "INSERT INTO devices (mac, host, last_seen_ms, owner)
+                 SELECT ?1, ?2, 0, id FROM users WHERE uuid = ?3",
+                rusqlite::params![mac, host, uuid],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+
     /// The value of the series `series` (a metric's name with its labels) on
     /// `/metrics`, 0 if absent.
     pub fn metric(&self, series: &str) -> u64 {

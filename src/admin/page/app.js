@@ -1,30 +1,6 @@
-// The status page: polls /api/status and redraws. Every value that came from a
-// device or a client (host names, macs) is set as text, never as markup.
+// The status page: polls /api/status and the page of /api/devices on screen, and
+// redraws (helpers in common.js).
 "use strict";
-
-const REFRESH_MS = 2000;
-
-function $(id) { return document.getElementById(id); }
-
-function cell(row, text, cls) {
-  const td = row.insertCell();
-  td.textContent = text;
-  if (cls) td.className = cls;
-  return td;
-}
-
-function bytes(n) {
-  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
-  return (i === 0 ? n.toFixed(0) : n.toFixed(1)) + " " + units[i];
-}
-
-function age(secs) {
-  if (secs < 60) return secs + " s";
-  if (secs < 3600) return Math.floor(secs / 60) + " min";
-  return Math.floor(secs / 3600) + " h " + Math.floor((secs % 3600) / 60) + " min";
-}
 
 function end(e) {
   const who = e.kind === "device" ? "device " + e.mac : "client";
@@ -85,41 +61,82 @@ function render(s) {
     cell(row, bytes(t.bytes_b_to_a), "num bytes-b-a").dataset.bytes = t.bytes_b_to_a;
   }
 
-  const devices = $("device-table").tBodies[0];
-  devices.replaceChildren();
-  for (const u of s.users) {
-    const list = u.devices.slice().sort((a, b) => (b.online - a.online) || a.mac.localeCompare(b.mac));
-    for (const d of list) {
-      const row = devices.insertRow();
-      row.dataset.mac = d.mac;
-      cell(row, (u.name || "(not stored)") + " " + u.uuid);
-      cell(row, d.host);
-      cell(row, d.mac);
-      cell(row, d.online ? "online" : "offline", "status " + (d.online ? "online" : "offline"));
-      cell(row, d.last_seen);
-      cell(row, d.connected_from || "");
-    }
-  }
-  const omitted = $("omitted");
-  omitted.hidden = s.rows_omitted === 0;
-  omitted.textContent = s.rows_omitted + " more devices not shown.";
-
   chart($("chart-connections"), s.history, "connections", v => v.toFixed(0));
   chart($("chart-throughput"), s.history, "bytes_per_sec", v => bytes(v) + "/s");
   $("updated").textContent = "updated " + new Date().toLocaleTimeString();
 }
 
+// The device list: only the page on screen is fetched, with the search and filter.
+const view = { q: "", status: "", page: 1, pages: 1 };
+
+function renderDevices(p) {
+  view.page = p.page;
+  view.pages = p.pages;
+  const devices = $("device-table").tBodies[0];
+  devices.replaceChildren();
+  for (const d of p.devices) {
+    const row = devices.insertRow();
+    row.dataset.mac = d.mac;
+    const link = document.createElement("a");
+    link.href = "/devices/" + encodeURIComponent(d.mac);
+    link.textContent = d.host || "(no name)";
+    row.insertCell().appendChild(link);
+    cell(row, d.mac, "mac");
+    cell(row, (d.user || "(not stored)") + " " + d.uuid);
+    cell(row, d.online ? "online" : "offline", "status " + (d.online ? "online" : "offline"));
+    cell(row, d.last_seen);
+    cell(row, d.connected_from || "");
+  }
+  $("matches").textContent = p.total + (p.total === 1 ? " device" : " devices");
+  $("page-of").textContent = "page " + p.page + " of " + p.pages;
+  $("previous").disabled = p.page <= 1;
+  $("next").disabled = p.page >= p.pages;
+}
+
+function devicesUrl() {
+  const query = new URLSearchParams({ page: view.page });
+  if (view.q) query.set("q", view.q);
+  if (view.status) query.set("status", view.status);
+  return "/api/devices?" + query;
+}
+
+// Fetches the device page now; a slower answer to an older search is dropped.
+let asked = 0;
+async function refreshDevices() {
+  const mine = ++asked;
+  const page = await get(devicesUrl());
+  if (mine === asked) renderDevices(page);
+}
+
+let timer = null;
 async function refresh() {
+  clearTimeout(timer);
   try {
-    const response = await fetch("/api/status", { credentials: "same-origin", cache: "no-store" });
-    if (response.status === 401) { window.location.href = "/login"; return; }
-    if (!response.ok) throw new Error("HTTP " + response.status);
-    render(await response.json());
+    const [status] = await Promise.all([get("/api/status"), refreshDevices()]);
+    render(status);
   } catch (e) {
     $("updated").textContent = "cannot reach the gateway: " + e.message;
   } finally {
-    setTimeout(refresh, REFRESH_MS);
+    timer = setTimeout(refresh, REFRESH_MS);
   }
 }
+
+let typing = null;
+$("search").addEventListener("input", () => {
+  clearTimeout(typing);
+  typing = setTimeout(() => {
+    view.q = $("search").value.trim();
+    view.page = 1;
+    refreshDevices().catch(() => {});
+  }, 150);
+});
+$("status-filter").addEventListener("change", () => {
+  view.status = $("status-filter").value;
+  view.page = 1;
+  refreshDevices().catch(() => {});
+});
+$("device-search").addEventListener("submit", e => e.preventDefault());
+$("previous").addEventListener("click", () => { view.page = Math.max(1, view.page - 1); refreshDevices().catch(() => {}); });
+$("next").addEventListener("click", () => { view.page = Math.min(view.pages, view.page + 1); refreshDevices().catch(() => {}); });
 
 refresh();

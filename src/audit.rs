@@ -1,0 +1,207 @@
+//! The audit trail for people: what `elfin-gateway audit`, `/api/audit` and the device
+//! page show. Filters come from their arguments (a user's name, a MAC, `--since 24h`);
+//! rows name the user instead of showing a uuid (an unknown one appears masked) and
+//! give times in `query.time_zone` and `query.time_format`.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use elfin_actors::audit::{DeviceEvent, Filter, TunnelRecord};
+use elfin_actors::device::masked;
+use elfin_actors::query::QueryFormat;
+use elfin_actors::store::{AccountKey, Store, StoreError};
+
+/// What to read: as the command line and the API take it.
+#[derive(Debug, Default, Clone)]
+pub struct Wanted {
+    /// A user's name.
+    pub user: Option<String>,
+    pub device: Option<String>,
+    /// `24h`, `30m`, `7d`, `2w`, `90s`, or a time (`2026-12-01T08:00:00Z`, `2026-12-01`).
+    pub since: Option<String>,
+    pub offset: usize,
+    pub limit: usize,
+}
+
+/// Why a request for the trail cannot be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("{0}")]
+    BadArgument(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// When `--since` starts, from now.
+pub fn parse_since(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+    let text = text.trim();
+    if let Ok(at) = DateTime::parse_from_rfc3339(text) {
+        return Ok(at.to_utc());
+    }
+    if let Ok(day) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Ok(day.and_time(chrono::NaiveTime::MIN).and_utc());
+    }
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => 0,
+    };
+    let amount: i64 = number.parse().unwrap_or(-1);
+    match amount.checked_mul(seconds) {
+        Some(secs) if seconds > 0 && amount >= 0 => Ok(now - chrono::Duration::seconds(secs)),
+        _ => Err(format!(
+            "since {text:?}: expected an age such as 30m, 24h, 7d or a time such as \
+             2026-12-01T08:00:00Z"
+        )),
+    }
+}
+
+/// The store's filter for `wanted`; `None` when it names a user that does not exist
+/// (nothing can match).
+pub async fn filter(store: &dyn Store, wanted: &Wanted) -> Result<Option<Filter>, AuditError> {
+    let since = wanted
+        .since
+        .as_deref()
+        .map(|s| parse_since(s, Utc::now()))
+        .transpose()
+        .map_err(AuditError::BadArgument)?;
+    let uuid = match &wanted.user {
+        Some(name) => match store.account(AccountKey::Username(name)).await? {
+            Some(account) => Some(account.uuid),
+            None => return Ok(None),
+        },
+        None => None,
+    };
+    Ok(Some(Filter {
+        uuid,
+        mac: wanted.device.clone(),
+        since,
+        offset: wanted.offset,
+        limit: wanted.limit,
+    }))
+}
+
+/// Turns records into rows: user names, times in the configured zone and format.
+pub struct Shown<'a> {
+    /// uuid -> user name.
+    pub names: &'a HashMap<String, String>,
+    pub format: &'a QueryFormat,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TunnelRow {
+    pub user: String,
+    pub device: String,
+    pub device_address: String,
+    pub peer_device: Option<String>,
+    pub client_address: String,
+    pub client_certificate: Option<String>,
+    pub node: String,
+    pub opened: String,
+    /// None while the tunnel is open.
+    pub closed: Option<String>,
+    pub seconds: Option<i64>,
+    pub cause: Option<String>,
+    pub bytes_to_device: u64,
+    pub bytes_from_device: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EventRow {
+    pub at: String,
+    pub user: String,
+    pub device: String,
+    pub host: String,
+    /// "online", "offline" or "refused".
+    pub event: &'static str,
+    pub address: String,
+    pub cause: Option<String>,
+    pub node: String,
+}
+
+impl Shown<'_> {
+    pub fn time(&self, at: DateTime<Utc>) -> String {
+        at.with_timezone(&self.format.time_zone)
+            .format(&self.format.time_format)
+            .to_string()
+    }
+
+    fn user(&self, uuid: &str) -> String {
+        self.names
+            .get(uuid)
+            .cloned()
+            .unwrap_or_else(|| masked(uuid))
+    }
+
+    pub fn tunnel(&self, t: TunnelRecord) -> TunnelRow {
+        TunnelRow {
+            user: self.user(&t.uuid),
+            seconds: t.closed.map(|c| (c - t.opened).num_seconds().max(0)),
+            opened: self.time(t.opened),
+            closed: t.closed.map(|c| self.time(c)),
+            device: t.device,
+            device_address: t.device_addr,
+            peer_device: t.peer_device,
+            client_address: t.client_addr,
+            client_certificate: t.client_cert,
+            node: t.node,
+            cause: t.cause,
+            bytes_to_device: t.to_device,
+            bytes_from_device: t.from_device,
+        }
+    }
+
+    pub fn event(&self, e: DeviceEvent) -> EventRow {
+        EventRow {
+            at: self.time(e.at),
+            user: self.user(&e.uuid),
+            event: e.change.label(),
+            device: e.mac,
+            host: e.host,
+            address: e.address,
+            cause: e.cause,
+            node: e.node,
+        }
+    }
+}
+
+/// uuid -> name of every stored user.
+pub async fn user_names(store: &dyn Store) -> Result<HashMap<String, String>, StoreError> {
+    Ok(store
+        .users()
+        .await?
+        .into_iter()
+        .map(|u| (u.uuid, u.username))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_ages_and_times() {
+        let now = DateTime::parse_from_rfc3339("2026-12-02T12:00:00Z")
+            .unwrap()
+            .to_utc();
+        let at = |s: &str| parse_since(s, now).map(|t| t.to_rfc3339());
+        assert_eq!(at("24h").unwrap(), "2026-12-01T12:00:00+00:00");
+        assert_eq!(at("30m").unwrap(), "2026-12-02T11:30:00+00:00");
+        assert_eq!(at("7d").unwrap(), "2026-11-25T12:00:00+00:00");
+        assert_eq!(at("2026-12-01").unwrap(), "2026-12-01T00:00:00+00:00");
+        assert_eq!(
+            at("2026-12-01T08:00:00+01:00").unwrap(),
+            "2026-12-01T07:00:00+00:00"
+        );
+        for bad in ["", "h", "24", "24x", "-1h", "99999999999999999999d"] {
+            assert!(at(bad).is_err(), "{bad}");
+        }
+    }
+}
