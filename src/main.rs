@@ -452,7 +452,15 @@ async fn print_audit(settings: &Settings, wanted: audit::Wanted, json: bool) -> 
     println!("TUNNELS ({})", tunnels.len());
     println!(
         "{:<22}  {:<9}  {:<16}  {:<14}  {:<21}  {:<16}  {:>7}  {:>10}  {:>10}  CAUSE",
-        "OPENED", "DURATION", "USER", "DEVICE", "CLIENT", "CERTIFICATE", "NODE", "TO DEV", "FROM DEV"
+        "OPENED",
+        "DURATION",
+        "USER",
+        "DEVICE",
+        "CLIENT",
+        "CERTIFICATE",
+        "NODE",
+        "TO DEV",
+        "FROM DEV"
     );
     for t in tunnels {
         let t = shown.tunnel(t);

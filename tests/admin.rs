@@ -115,10 +115,7 @@ fn the_status_api_lists_devices_and_tunnels_and_never_a_whole_uuid() {
     assert_eq!(s["totals"]["connections"], 2);
     assert!(s.get("users").is_none(), "devices are paged apart: {s}");
     // The devices: searched and paged at /api/devices.
-    let page = eventually(
-        || gw.get("/api/devices").json(),
-        |p| p["total"] == 2,
-    );
+    let page = eventually(|| gw.get("/api/devices").json(), |p| p["total"] == 2);
     let rows = page["devices"].as_array().unwrap();
     let (online, offline) = (rows[0].clone(), rows[1].clone());
     assert_eq!(online["mac"], MAC, "online first: {page}");

@@ -43,7 +43,10 @@ fn a_device_among_twenty_thousand_is_found_by_any_of_its_names_and_pages_stay_sm
         &alice,
         (0..20_000).map(|i| (format!("AC{i:010X}"), format!("meter-{i:05}"))),
     );
-    gw.store_devices(&bob, (0..5).map(|i| (format!("B0{i:010X}"), format!("pump-{i}"))));
+    gw.store_devices(
+        &bob,
+        (0..5).map(|i| (format!("B0{i:010X}"), format!("pump-{i}"))),
+    );
     let _live = gw.device(&bob, MAC, "heat-pump-7");
 
     let all = eventually(|| gw.get("/api/devices").json(), |p| p["total"] == 20_006);
@@ -70,17 +73,27 @@ fn a_device_among_twenty_thousand_is_found_by_any_of_its_names_and_pages_stay_sm
     assert_eq!(offline_of_bob["total"], 5);
     assert!(offline_of_bob["devices"][0]["host"] == "pump-0");
     let nothing = gw.get("/api/devices?q=no-such-device").json();
-    assert_eq!((nothing["total"].clone(), nothing["pages"].clone()), (0.into(), 1.into()));
+    assert_eq!(
+        (nothing["total"].clone(), nothing["pages"].clone()),
+        (0.into(), 1.into())
+    );
 
     // Paging: the pages are disjoint and in order; a page is a few tens of KiB.
     let second = gw.get("/api/devices?page=2&per_page=100").json();
     let third = gw.get("/api/devices?page=3&per_page=100").json();
-    assert_eq!((second["page"].clone(), second["pages"].clone()), (2.into(), 201.into()));
+    assert_eq!(
+        (second["page"].clone(), second["pages"].clone()),
+        (2.into(), 201.into())
+    );
     assert_eq!(macs(&second).len(), 100);
     assert!(macs(&second).last() < macs(&third).first());
     let biggest = gw.get("/api/devices?per_page=100000");
     assert_eq!(biggest.json()["per_page"], 200, "clamped");
-    assert!(biggest.body.len() < 64 * 1024, "{} bytes", biggest.body.len());
+    assert!(
+        biggest.body.len() < 64 * 1024,
+        "{} bytes",
+        biggest.body.len()
+    );
     let past_the_end = gw.get("/api/devices?page=9999").json();
     assert_eq!(past_the_end["page"], 401);
     assert!(!biggest.body.contains(&alice) && !all.to_string().contains(&bob));
@@ -124,7 +137,13 @@ fn every_tunnel_and_device_event_is_in_the_audit_trail_even_after_a_sigterm() {
     let mut client = gw.tunnel(&alice, MAC);
     client.send(&[format!("data;{alice};T;T;1;").as_bytes(), &[7u8; 1000]].concat());
     device.bytes(1000);
-    device.send(&[format!("data;{alice};{MAC};plc-1;0;").as_bytes(), &[9u8; 300]].concat());
+    device.send(
+        &[
+            format!("data;{alice};{MAC};plc-1;0;").as_bytes(),
+            &[9u8; 300],
+        ]
+        .concat(),
+    );
     client.bytes(300);
     let client_addr = client.raw().local_addr().unwrap().to_string();
     client.close();
@@ -156,7 +175,10 @@ fn every_tunnel_and_device_event_is_in_the_audit_trail_even_after_a_sigterm() {
     assert_eq!(closed["bytes_to_device"], 1000);
     assert_eq!(closed["bytes_from_device"], 300);
     assert!(!tunnels.to_string().contains(&alice), "no whole uuid");
-    assert_eq!(gw.get("/api/audit?user=nobody").json()["rows"], serde_json::json!([]));
+    assert_eq!(
+        gw.get("/api/audit?user=nobody").json()["rows"],
+        serde_json::json!([])
+    );
     assert_eq!(gw.get("/api/audit?since=yesterday").status, 400);
     assert_eq!(gw.get("/api/audit?kind=everything").status, 400);
 
@@ -171,7 +193,10 @@ fn every_tunnel_and_device_event_is_in_the_audit_trail_even_after_a_sigterm() {
     assert_eq!(closed["cause"], "client closed");
     assert_eq!(closed["device"], MAC);
     assert_eq!(closed["node"], tunnels[0]["node"]);
-    assert!(closed["device_address"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(closed["device_address"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
 
     let events = trail(&gw, &["--device", MAC], "device_event");
     let story: Vec<(String, String)> = events
@@ -200,7 +225,13 @@ fn every_tunnel_and_device_event_is_in_the_audit_trail_even_after_a_sigterm() {
     assert_eq!(trail(&gw, &["--user", "bob"], "device_event").len(), 2);
     assert_eq!(trail(&gw, &["--since", "1h"], "tunnel").len(), 2);
     let table = gw.cli(&["audit", "--user", "alice", "--since", "24h"]);
-    assert!(table.contains("TUNNELS (2)") && table.contains("DEVICE EVENTS (4)"), "{table}");
-    assert!(table.contains("client closed") && table.contains(&client_addr), "{table}");
+    assert!(
+        table.contains("TUNNELS (2)") && table.contains("DEVICE EVENTS (4)"),
+        "{table}"
+    );
+    assert!(
+        table.contains("client closed") && table.contains(&client_addr),
+        "{table}"
+    );
     assert!(!table.contains(&alice), "no whole uuid: {table}");
 }

@@ -8,9 +8,12 @@ mod common;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
+use elfin_actors::audit::{DeviceChange, Filter};
 use elfin_actors::config::{Devices, Takeover};
 use elfin_actors::device::DeviceKey;
-use elfin_actors::registry::Lookup;
+use elfin_actors::persistence::Flush;
+use elfin_actors::registry::{AllLive, Lookup};
+use elfin_actors::store::Store;
 use tokio::time::Instant;
 
 use common::{failed_reason, Peer, TestGateway};
@@ -149,6 +152,26 @@ async fn only_stored_devices_register_when_enrollment_is_required() {
     assert!(!registered(&gw, &uuid, MAC).await);
 }
 
+/// The device's events in the audit trail, oldest first: (what, address, why).
+async fn device_story(gw: &TestGateway, mac: &str) -> Vec<(DeviceChange, String, String)> {
+    // What the registry was told is passed on; then written.
+    gw.hub.registry.send(AllLive).await.unwrap();
+    while gw.hub.persistence.send(Flush).await.unwrap() > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let filter = Filter {
+        mac: Some(mac.into()),
+        limit: 100,
+        ..Filter::default()
+    };
+    let events = gw.store.audit_devices(&filter).await.unwrap();
+    events
+        .into_iter()
+        .rev()
+        .map(|e| (e.change, e.address, e.cause.unwrap_or_default()))
+        .collect()
+}
+
 #[actix_rt::test]
 async fn a_sniffed_heartbeat_takes_over_nothing_while_the_device_beats() {
     tokio::time::pause();
@@ -161,6 +184,21 @@ async fn a_sniffed_heartbeat_takes_over_nothing_while_the_device_beats() {
     let mut attacker = gw.connect().await;
     attacker.send(format!("beat;{uuid};{MAC};plc-1;0")).await;
     settle(&mut attacker, &uuid).await;
+
+    // The refusal is in the audit trail, with the attacker's address.
+    let device_addr = device.stream.local_addr().unwrap().to_string();
+    let attacker_addr = attacker.stream.local_addr().unwrap().to_string();
+    assert_eq!(
+        device_story(&gw, MAC).await,
+        [
+            (DeviceChange::Online, device_addr.clone(), String::new()),
+            (
+                DeviceChange::Refused,
+                attacker_addr,
+                format!("takeover refused: still beating from {device_addr}")
+            ),
+        ]
+    );
 
     // The live tunnel is untouched, and the next engineer reaches the real device.
     tunnel.send(format!("data;{uuid};T;T;1;READ-1")).await;
@@ -189,6 +227,43 @@ async fn a_sniffed_heartbeat_takes_over_nothing_while_the_device_beats() {
     replacement.send(format!("beat;{uuid};{MAC};plc-1;0")).await;
     settle(&mut replacement, &uuid).await;
     device.expect_closed().await;
+    let replacement_addr = replacement.stream.local_addr().unwrap().to_string();
+    let story = device_story(&gw, MAC).await;
+    assert_eq!(
+        story[story.len() - 2..],
+        [
+            (
+                DeviceChange::Offline,
+                device_addr,
+                format!("replaced by {replacement_addr}")
+            ),
+            (DeviceChange::Online, replacement_addr, String::new()),
+        ]
+    );
+}
+
+#[actix_rt::test]
+async fn a_device_that_falls_silent_goes_offline_as_silent() {
+    tokio::time::pause();
+    let gw = TestGateway::start_with(|c| c.limits.idle = Duration::from_secs(180)).await;
+    let uuid = gw.add_user("alice").await;
+    let mut device = gw.device(&uuid, MAC, "plc-1").await;
+    let addr = device.stream.local_addr().unwrap().to_string();
+    tokio::time::sleep(Duration::from_secs(181)).await;
+    device.expect_closed().await;
+    let closes = gw.device(&uuid, MAC, "plc-1").await;
+    let closes_addr = closes.stream.local_addr().unwrap().to_string();
+    drop(closes);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        device_story(&gw, MAC).await,
+        [
+            (DeviceChange::Online, addr.clone(), String::new()),
+            (DeviceChange::Offline, addr, "silent".into()),
+            (DeviceChange::Online, closes_addr.clone(), String::new()),
+            (DeviceChange::Offline, closes_addr, "closed".into()),
+        ]
+    );
 }
 
 #[actix_rt::test]

@@ -130,6 +130,45 @@ async fn a_connthem_tunnel_ending_leaves_both_devices_connected() {
     let mut other = gw.tunnel(&uuid, b).await;
     dev_b.send(format!("data;{uuid};{b};b;0;b-ok")).await;
     assert_eq!(other.bytes(4).await, b"b-ok");
+
+    // The audit trail: the pair, asked for by the requester, ended by the relink.
+    gw.hub
+        .bridge
+        .send(elfin_actors::bridge::Tunnels)
+        .await
+        .unwrap();
+    while gw
+        .hub
+        .persistence
+        .send(elfin_actors::persistence::Flush)
+        .await
+        .unwrap()
+        > 0
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let filter = elfin_actors::audit::Filter {
+        mac: Some(b.into()),
+        limit: 10,
+        ..Default::default()
+    };
+    let trail = elfin_actors::store::Store::audit_tunnels(&*gw.store, &filter)
+        .await
+        .unwrap();
+    let pair = trail.last().unwrap();
+    assert_eq!(
+        (pair.device.as_str(), pair.peer_device.as_deref()),
+        (a, Some(b))
+    );
+    assert_eq!(
+        pair.client_addr,
+        requester.stream.local_addr().unwrap().to_string()
+    );
+    assert_eq!(
+        pair.cause.as_deref(),
+        Some("replaced by a newer tunnel of the device")
+    );
+    assert_eq!(trail.len(), 2, "the pair, and the client's tunnel to {b}");
 }
 
 #[actix_rt::test]

@@ -253,7 +253,7 @@ impl BridgeManager {
         record.closed = Some(chrono::Utc::now());
         record.cause = Some(match cause {
             Cause::Closed => format!("{mine} closed"),
-            Cause::Relinked => format!("{mine} opened another tunnel"),
+            Cause::Relinked => format!("replaced by a newer tunnel of the {mine}"),
             Cause::Stalled(after) => format!(
                 "stalled: the {} read nothing for {} s",
                 Role::label(Some(other.role)),

@@ -263,10 +263,16 @@ async fn audit_trail(admin: web::Data<Admin>, query: web::Query<AuditQuery>) -> 
         };
         let rows: Vec<serde_json::Value> = if devices {
             let events = store.audit_devices(&filter).await?;
-            events.into_iter().map(|e| serde_json::json!(shown.event(e))).collect()
+            events
+                .into_iter()
+                .map(|e| serde_json::json!(shown.event(e)))
+                .collect()
         } else {
             let tunnels = store.audit_tunnels(&filter).await?;
-            tunnels.into_iter().map(|t| serde_json::json!(shown.tunnel(t))).collect()
+            tunnels
+                .into_iter()
+                .map(|t| serde_json::json!(shown.tunnel(t)))
+                .collect()
         };
         Ok::<_, audit::AuditError>(rows)
     };
@@ -287,8 +293,9 @@ async fn audit_trail(admin: web::Data<Admin>, query: web::Query<AuditQuery>) -> 
         Err(audit::AuditError::BadArgument(why)) => {
             HttpResponse::BadRequest().json(serde_json::json!({ "error": why }))
         }
-        Err(audit::AuditError::Store(e)) => HttpResponse::ServiceUnavailable()
-            .json(serde_json::json!({ "error": e.to_string() })),
+        Err(audit::AuditError::Store(e)) => {
+            HttpResponse::ServiceUnavailable().json(serde_json::json!({ "error": e.to_string() }))
+        }
     }
 }
 

@@ -388,8 +388,10 @@ impl StatusBoard {
     /// One device with its tunnels and history; `None` if the gateway knows no such
     /// device.
     pub async fn device(&self, mac: &str) -> Option<DeviceDetail> {
-        let (live, tunnels) =
-            futures::join!(self.hub.registry.send(AllLive), self.hub.bridge.send(Tunnels));
+        let (live, tunnels) = futures::join!(
+            self.hub.registry.send(AllLive),
+            self.hub.bridge.send(Tunnels)
+        );
         let live = live.unwrap_or_default();
         let (mut device, names) = {
             let directory = self.directory().await;
@@ -410,7 +412,11 @@ impl StatusBoard {
             .map(|r| r.open)
             .unwrap_or_default()
             .iter()
-            .filter(|t| [&t.a, &t.b].iter().any(|e| e.mac().is_some_and(|m| m == mac)))
+            .filter(|t| {
+                [&t.a, &t.b]
+                    .iter()
+                    .any(|e| e.mac().is_some_and(|m| m == mac))
+            })
             .map(|t| tunnel_row(t, now))
             .collect();
         let filter = elfin_actors::audit::Filter {
