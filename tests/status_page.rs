@@ -1,6 +1,7 @@
 //! The status page in a real browser: headless Chromium, driven over WebDriver by
 //! chromedriver (Debian's `chromium` and `chromium-driver`, which `tests/run.sh`
-//! installs), against the real binary with a device online and a tunnel carrying data.
+//! installs), against the real binary with a device online, a tunnel carrying data
+//! and 20 000 stored devices to search among; then the device's own page.
 //!
 //! Without Chromium the test says it is skipped, unless `ELFIN_REQUIRE_BROWSER` is
 //! set (as `tests/run.sh` does), in which case it fails.
@@ -170,6 +171,12 @@ fn the_status_page_shows_a_device_online_and_its_tunnel_counting_live() {
     };
     let gw = Binary::start(&[]);
     let uuid = gw.add_user("alice");
+    // Another user's fleet (a user may have at most 10 000 devices by default).
+    let fleet = gw.add_user("fleet");
+    gw.store_devices(
+        &fleet,
+        (0..20_000).map(|i| (format!("AC{i:010X}"), format!("meter-{i:05}"))),
+    );
     let mut device = gw.device(&uuid, MAC, "plc-1");
     let mut client = gw.tunnel(&uuid, MAC);
     let header = format!("data;{uuid};T;T;1;");
@@ -212,8 +219,100 @@ fn the_status_page_shows_a_device_online_and_its_tunnel_counting_live() {
         "1"
     );
 
+    // One page of devices is on screen, not 20 001 rows.
+    let shown = "return document.querySelectorAll('#device-table tbody tr').length;";
+    assert_eq!(browser.eval(shown), 50);
+    browser.wait(
+        "return document.getElementById('page-of').textContent;",
+        |v| v == "page 1 of 401",
+    );
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
     browser.screenshot(&shot);
     eprintln!("screenshot of the status page: {}", shot.display());
     assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
+
+    // The device a customer calls about, typed into the search box: on screen
+    // within a second.
+    browser.eval(
+        "const s = document.getElementById('search'); s.value = 'ac00000030d4'; \
+         window.searchStarted = performance.now(); \
+         s.dispatchEvent(new Event('input')); return null;",
+    );
+    let found = browser.wait(
+        "const rows = document.querySelectorAll('#device-table tbody tr'); \
+         return rows.length === 1 && rows[0].dataset.mac === 'AC00000030D4' \
+           ? performance.now() - window.searchStarted : null;",
+        |v| !v.is_null(),
+    );
+    let took = found.as_f64().unwrap();
+    eprintln!("search among 20 001 devices on the page: {took:.0} ms");
+    assert!(took < 1000.0, "the device showed after {took:.0} ms");
+    let row = browser.eval("return document.querySelector('#device-table tbody tr').textContent;");
+    assert!(row.as_str().unwrap().contains("meter-12500"), "{row}");
+
+    // The filter and the pager.
+    browser.eval(
+        "const s = document.getElementById('search'); s.value = ''; \
+         s.dispatchEvent(new Event('input')); \
+         const f = document.getElementById('status-filter'); f.value = 'online'; \
+         f.dispatchEvent(new Event('change')); return null;",
+    );
+    browser.wait(shown, |v| v == 1);
+    browser.eval(
+        "const f = document.getElementById('status-filter'); f.value = 'offline'; \
+         f.dispatchEvent(new Event('change')); return null;",
+    );
+    browser.wait(
+        "return document.getElementById('page-of').textContent;",
+        |v| v == "page 1 of 400",
+    );
+    browser.eval("document.getElementById('next').click(); return null;");
+    browser.wait(
+        "return document.getElementById('page-of').textContent;",
+        |v| v == "page 2 of 400",
+    );
+    let first =
+        browser.eval("return document.querySelector('#device-table tbody tr').dataset.mac;");
+    assert_eq!(
+        first, "AC0000000032",
+        "the 51st offline device by host name"
+    );
+
+    // The device's own page: its connection, its open tunnel, its coming online.
+    browser.open(&format!("http://{}/devices/{MAC}", gw.admin.unwrap()));
+    browser.wait(
+        "return document.querySelectorAll('#open-tunnels tbody tr[data-tunnel]').length;",
+        |v| v == 1,
+    );
+    assert_eq!(
+        browser.eval("return document.getElementById('status').textContent;"),
+        "online"
+    );
+    assert_eq!(
+        browser.eval("return document.getElementById('host').textContent;"),
+        "plc-1"
+    );
+    browser.wait(
+        "const c = document.querySelector('#device-events tbody tr td.status'); \
+         return c ? c.textContent : null;",
+        |v| v == "online",
+    );
+    // A past tunnel appears in its history once it ends.
+    drop(client);
+    browser.wait(
+        "const r = document.querySelector('#tunnel-history tbody tr'); \
+         return r ? r.textContent : null;",
+        |v| {
+            v.as_str()
+                .is_some_and(|t| t.contains("client closed") && t.contains("5.9 KiB"))
+        },
+    );
+    let page = browser.eval("return document.body.textContent;");
+    assert!(
+        !page.as_str().unwrap().contains(&uuid),
+        "a whole uuid on the device page"
+    );
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("device-page.png");
+    browser.screenshot(&shot);
+    eprintln!("screenshot of the device page: {}", shot.display());
 }

@@ -14,6 +14,10 @@ function rows(table, items, fill) {
   const body = $(table).tBodies[0];
   body.replaceChildren();
   for (const item of items) fill(body.insertRow(), item);
+  if (!items.length) {
+    const none = cell(body.insertRow(), "none", "muted");
+    none.colSpan = $(table).tHead.rows[0].cells.length;
+  }
 }
 
 function render(d) {
@@ -33,6 +37,7 @@ function render(d) {
   problem.textContent = d.audit_error ? "Audit trail: " + d.audit_error : "";
 
   rows("open-tunnels", d.tunnels_now, (row, t) => {
+    row.dataset.tunnel = t.id;
     cell(row, t.id, "num");
     cell(row, end(t.a));
     cell(row, end(t.b));
