@@ -119,6 +119,23 @@ impl Gateway {
         }
     }
 
+    /// The directory the bench's own gateway runs in (its embedded database is
+    /// `elfin.db` there).
+    pub fn dir(&self) -> Option<&std::path::Path> {
+        self._dir.as_ref().map(|d| d.path())
+    }
+
+    /// SIGTERM to the bench's own gateway; waits for it to exit. Whether it exited 0.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        child.wait().is_ok_and(|status| status.success())
+    }
+
     /// The gateway's resident memory, when its process is known.
     pub fn rss_kib(&self) -> Option<u64> {
         self.pid.and_then(crate::net::rss_kib)

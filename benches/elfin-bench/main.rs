@@ -19,6 +19,7 @@ mod fleet;
 mod gateway;
 mod modbus;
 mod net;
+mod operator;
 mod plot;
 mod report;
 mod store;
@@ -75,6 +76,7 @@ enum Scenario {
     StoreWrites,
     CrossNode,
     ModbusPoll,
+    OperatorView,
 }
 
 fn main() {
@@ -125,6 +127,7 @@ fn main() {
                     .expect("store-writes failed")
             }
             Scenario::CrossNode => runtime.block_on(cluster::cross_node(cli.full)),
+            Scenario::OperatorView => runtime.block_on(operator::operator_view(cli.full)),
             _ => runtime.block_on(async {
                 let gw = &*gateway::target_or_start(target.as_ref(), &[], true);
                 match scenario {
@@ -140,7 +143,9 @@ fn main() {
                         fleet::reconnect_storm(target.as_ref(), cli.full).await
                     }
                     Scenario::ModbusPoll => modbus::modbus_poll(gw, cli.full).await,
-                    Scenario::StoreWrites | Scenario::CrossNode => unreachable!(),
+                    Scenario::StoreWrites | Scenario::CrossNode | Scenario::OperatorView => {
+                        unreachable!()
+                    }
                 }
             }),
         };
