@@ -120,7 +120,7 @@ impl Gateway {
     }
 
     /// The directory the bench's own gateway runs in (its embedded database is
-    /// `elfin.db` there).
+    /// `data/elfin.db` there).
     pub fn dir(&self) -> Option<&std::path::Path> {
         self._dir.as_ref().map(|d| d.path())
     }

@@ -31,7 +31,7 @@ pub async fn operator_view(full: bool) -> Vec<Row> {
 fn search(gw: &Gateway, full: bool) -> Vec<Row> {
     let dir = gw.dir().expect("the bench's own gateway");
     {
-        let mut db = rusqlite::Connection::open(dir.join("elfin.db")).unwrap();
+        let mut db = rusqlite::Connection::open(dir.join("data/elfin.db")).unwrap();
         db.busy_timeout(Duration::from_secs(5)).unwrap();
         let tx = db.transaction().unwrap();
         for i in 0..STORED {
@@ -121,7 +121,8 @@ async fn churn(gw: &mut Gateway, full: bool) -> Vec<Row> {
         let (opened, stop) = (opened.clone(), stop.clone());
         tokio::spawn(async move {
             let limit = Arc::new(tokio::sync::Semaphore::new(256));
-            let mut every = tokio::time::interval(Duration::from_micros(1_000_000 / TUNNELS_PER_SEC));
+            let mut every =
+                tokio::time::interval(Duration::from_micros(1_000_000 / TUNNELS_PER_SEC));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut k = 0usize;
             let mut tasks = tokio::task::JoinSet::new();
@@ -164,11 +165,14 @@ async fn churn(gw: &mut Gateway, full: bool) -> Vec<Row> {
     let rate = opened.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
     // Every tunnel, the churning ones and the two latency pairs', in the trail.
     let tunnels = opened.load(Ordering::Relaxed) + 2;
-    assert!(gw.terminate(), "the gateway did not exit cleanly on SIGTERM");
+    assert!(
+        gw.terminate(),
+        "the gateway did not exit cleanly on SIGTERM"
+    );
     for r in readers {
         r.abort();
     }
-    let db = rusqlite::Connection::open(gw.dir().unwrap().join("elfin.db")).unwrap();
+    let db = rusqlite::Connection::open(gw.dir().unwrap().join("data/elfin.db")).unwrap();
     let (recorded, closed): (u64, u64) = db
         .query_row(
             "SELECT count(*), count(closed_ms) FROM audit_tunnels",
