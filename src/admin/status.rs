@@ -78,8 +78,56 @@ pub struct DeviceRow {
     pub last_seen: String,
     /// The address its connection comes from, while online.
     pub connected_from: Option<String>,
-    #[serde(skip)]
-    last_seen_at: DateTime<Utc>,
+}
+
+/// A device while a request looks through all of them: borrowed from the store's
+/// listing and the live connections.
+struct Entry<'a> {
+    host: &'a str,
+    mac: &'a str,
+    user: Option<&'a str>,
+    uuid: Option<&'a str>,
+    last_seen: DateTime<Utc>,
+    /// Where its connection comes from, while online.
+    from: Option<std::net::SocketAddr>,
+}
+
+/// What the search box asked for: found in a MAC, host name, user name or address,
+/// in any case, without allocating per device.
+struct Needle(Vec<u8>);
+
+impl Needle {
+    fn new(text: &str) -> Self {
+        Needle(text.trim().to_lowercase().into_bytes())
+    }
+
+    fn in_text(&self, text: &str) -> bool {
+        let (hay, needle) = (text.as_bytes(), self.0.as_slice());
+        if needle.is_ascii() {
+            hay.windows(needle.len())
+                .any(|w| w.eq_ignore_ascii_case(needle))
+        } else {
+            text.to_lowercase()
+                .as_bytes()
+                .windows(needle.len())
+                .any(|w| w == needle)
+        }
+    }
+
+    /// Whether `d` matches; `address` is scratch space for its address as text.
+    fn finds(&self, d: &Entry<'_>, address: &mut String) -> bool {
+        use std::fmt::Write as _;
+        if self.0.is_empty() {
+            return true;
+        }
+        if self.in_text(d.mac) || self.in_text(d.host) || d.user.is_some_and(|u| self.in_text(u)) {
+            return true;
+        }
+        let Some(from) = d.from else { return false };
+        address.clear();
+        let _ = write!(address, "{from}");
+        self.in_text(address)
+    }
 }
 
 /// What `/api/devices` is asked for.
@@ -227,8 +275,10 @@ impl StatusBoard {
         };
         let (offline, store_error) = {
             let directory = self.directory().await;
-            let rows = self.device_rows(&directory, &live);
-            let offline = rows.iter().filter(|d| !d.online).count();
+            let offline = Self::entries(&directory, &live)
+                .iter()
+                .filter(|d| d.from.is_none())
+                .count();
             (offline, directory.error.clone())
         };
         let history: Vec<Sample> = {
@@ -288,93 +338,83 @@ impl StatusBoard {
         directory
     }
 
-    /// Every device, stored and live merged (live wins), with its user's name.
-    fn device_rows(&self, directory: &Directory, live: &[Connected]) -> Vec<DeviceRow> {
+    /// Every device, stored and live merged (live wins), borrowed from both.
+    fn entries<'a>(directory: &'a Directory, live: &'a [Connected]) -> Vec<Entry<'a>> {
         let names: HashMap<&str, &str> = directory
             .users
             .iter()
             .map(|u| (u.uuid.as_str(), u.username.as_str()))
             .collect();
-        let row = |uuid: Option<&str>| {
-            let user = uuid.and_then(|u| names.get(u)).map(|n| n.to_string());
-            (user, uuid.map(masked).unwrap_or_default())
-        };
-        let mut rows: HashMap<&str, DeviceRow> = HashMap::with_capacity(directory.devices.len());
+        let mut all: HashMap<&str, Entry<'a>> = HashMap::with_capacity(directory.devices.len());
         for d in &directory.devices {
-            let (user, uuid) = row(d.owner.as_deref());
-            rows.insert(
+            let uuid = d.owner.as_deref();
+            all.insert(
                 &d.device.mac,
-                DeviceRow {
-                    host: d.device.host.clone(),
-                    mac: d.device.mac.clone(),
-                    user,
+                Entry {
+                    host: &d.device.host,
+                    mac: &d.device.mac,
+                    user: uuid.and_then(|u| names.get(u).copied()),
                     uuid,
-                    online: false,
-                    last_seen: String::new(),
-                    connected_from: None,
-                    last_seen_at: d.device.last_seen,
+                    last_seen: d.device.last_seen,
+                    from: None,
                 },
             );
         }
         for c in live {
-            let (user, uuid) = row(Some(&c.uuid));
-            rows.insert(
+            all.insert(
                 &c.device.mac,
-                DeviceRow {
-                    host: c.device.host.to_string(),
-                    mac: c.device.mac.to_string(),
-                    user,
-                    uuid,
-                    online: true,
-                    last_seen: String::new(),
-                    connected_from: Some(c.remote.to_string()),
-                    last_seen_at: c.device.last_seen.to_utc(),
+                Entry {
+                    host: &c.device.host,
+                    mac: &c.device.mac,
+                    user: names.get(&*c.uuid).copied(),
+                    uuid: Some(&c.uuid),
+                    last_seen: c.device.last_seen.to_utc(),
+                    from: Some(c.remote),
                 },
             );
         }
-        rows.into_values().collect()
+        all.into_values().collect()
     }
 
     /// One page of the devices matching `query`.
     pub async fn devices(&self, query: &DeviceQuery) -> DevicePage {
         let live = self.hub.registry.send(AllLive).await.unwrap_or_default();
         let directory = self.directory().await;
-        let needle = query.q.as_deref().unwrap_or("").trim().to_lowercase();
+        let needle = Needle::new(query.q.as_deref().unwrap_or(""));
         let status = query.status.as_deref();
-        let mut rows: Vec<DeviceRow> = self
-            .device_rows(&directory, &live)
+        let mut address = String::new();
+        let mut found: Vec<Entry<'_>> = Self::entries(&directory, &live)
             .into_iter()
             .filter(|d| match status {
-                Some("online") => d.online,
-                Some("offline") => !d.online,
+                Some("online") => d.from.is_some(),
+                Some("offline") => d.from.is_none(),
                 _ => true,
             })
             .filter(|d| {
                 query
                     .user
                     .as_deref()
-                    .is_none_or(|user| d.user.as_deref() == Some(user))
+                    .is_none_or(|user| d.user == Some(user))
             })
-            .filter(|d| needle.is_empty() || matches(d, &needle))
+            .filter(|d| needle.finds(d, &mut address))
             .collect();
-        rows.sort_unstable_by(|a, b| {
-            b.online
-                .cmp(&a.online)
-                .then_with(|| a.host.cmp(&b.host))
-                .then_with(|| a.mac.cmp(&b.mac))
+        found.sort_unstable_by(|a, b| {
+            b.from
+                .is_some()
+                .cmp(&a.from.is_some())
+                .then_with(|| a.host.cmp(b.host))
+                .then_with(|| a.mac.cmp(b.mac))
         });
         let per_page = query.per_page.unwrap_or(PER_PAGE).clamp(1, MAX_PER_PAGE);
-        let total = rows.len();
+        let total = found.len();
         let pages = total.div_ceil(per_page).max(1);
         let page = query.page.unwrap_or(1).clamp(1, pages);
-        let mut devices: Vec<DeviceRow> = rows
-            .into_iter()
+        let devices = found
+            .iter()
             .skip((page - 1) * per_page)
             .take(per_page)
+            .map(|d| self.row(d))
             .collect();
-        for d in &mut devices {
-            d.last_seen = self.shown(d.last_seen_at);
-        }
         DevicePage {
             total,
             page,
@@ -382,6 +422,19 @@ impl StatusBoard {
             pages,
             devices,
             store_error: directory.error.clone(),
+        }
+    }
+
+    /// A device as the pages show it.
+    fn row(&self, d: &Entry<'_>) -> DeviceRow {
+        DeviceRow {
+            host: d.host.to_owned(),
+            mac: d.mac.to_owned(),
+            user: d.user.map(str::to_owned),
+            uuid: d.uuid.map(masked).unwrap_or_default(),
+            online: d.from.is_some(),
+            last_seen: self.shown(d.last_seen),
+            connected_from: d.from.map(|a| a.to_string()),
         }
     }
 
@@ -393,12 +446,12 @@ impl StatusBoard {
             self.hub.bridge.send(Tunnels)
         );
         let live = live.unwrap_or_default();
-        let (mut device, names) = {
+        let (device, names) = {
             let directory = self.directory().await;
-            let device = self
-                .device_rows(&directory, &live)
-                .into_iter()
-                .find(|d| d.mac == mac)?;
+            let device = Self::entries(&directory, &live)
+                .iter()
+                .find(|d| d.mac == mac)
+                .map(|d| self.row(d))?;
             let names: HashMap<String, String> = directory
                 .users
                 .iter()
@@ -406,7 +459,6 @@ impl StatusBoard {
                 .collect();
             (device, names)
         };
-        device.last_seen = self.shown(device.last_seen_at);
         let now = SystemTime::now();
         let tunnels_now = tunnels
             .map(|r| r.open)
@@ -471,16 +523,6 @@ impl StatusBoard {
             .format(&format.time_format)
             .to_string()
     }
-}
-
-/// Whether the device's MAC, host name, user name or address contains `needle`
-/// (lower case).
-fn matches(d: &DeviceRow, needle: &str) -> bool {
-    let has = |text: &str| text.to_lowercase().contains(needle);
-    has(&d.mac)
-        || has(&d.host)
-        || d.user.as_deref().is_some_and(has)
-        || d.connected_from.as_deref().is_some_and(has)
 }
 
 fn end_row(end: &End) -> EndRow {
