@@ -187,6 +187,31 @@ fn a_client_on_one_node_reaches_a_device_on_another_byte_exact() {
     // The device hangs up: the client on the other node is closed.
     device.close();
     again.expect_closed();
+
+    // Each tunnel is in the shared audit trail once, recorded by its client's node.
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    let trail = loop {
+        let trail: Vec<serde_json::Value> = fleet
+            .a()
+            .cli(&["audit", "--json", "--device", DEVICE_A])
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v.get("tunnel").cloned())
+            .collect();
+        let closed = trail.iter().filter(|t| !t["closed"].is_null()).count();
+        if closed == 2 || std::time::Instant::now() > deadline {
+            break trail;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let nodes: Vec<&str> = trail.iter().map(|t| t["node"].as_str().unwrap()).collect();
+    assert_eq!(nodes, ["b", "c"], "{trail:?}");
+    let first = &trail[1];
+    let carried = payload.len() as u64 + 21;
+    assert_eq!(first["cause"], "client closed");
+    assert_eq!(first["bytes_to_device"], carried);
+    assert_eq!(first["bytes_from_device"], carried);
+    assert_eq!(trail[0]["cause"], "device closed");
 }
 
 #[test]
