@@ -106,9 +106,13 @@ pub struct TunnelRow {
     pub client_address: String,
     pub client_certificate: Option<String>,
     pub node: String,
+    /// In `query.time_zone` and `query.time_format`.
     pub opened: String,
     /// None while the tunnel is open.
     pub closed: Option<String>,
+    /// The same two times in RFC 3339, UTC, for scripts.
+    pub opened_utc: DateTime<Utc>,
+    pub closed_utc: Option<DateTime<Utc>>,
     pub seconds: Option<i64>,
     pub cause: Option<String>,
     pub bytes_to_device: u64,
@@ -117,7 +121,10 @@ pub struct TunnelRow {
 
 #[derive(Debug, Serialize)]
 pub struct EventRow {
+    /// In `query.time_zone` and `query.time_format`.
     pub at: String,
+    /// The same in RFC 3339, UTC.
+    pub at_utc: DateTime<Utc>,
     pub user: String,
     pub device: String,
     pub host: String,
@@ -148,6 +155,8 @@ impl Shown<'_> {
             seconds: t.closed.map(|c| (c - t.opened).num_seconds().max(0)),
             opened: self.time(t.opened),
             closed: t.closed.map(|c| self.time(c)),
+            opened_utc: t.opened,
+            closed_utc: t.closed,
             device: t.device,
             device_address: t.device_addr,
             peer_device: t.peer_device,
@@ -163,6 +172,7 @@ impl Shown<'_> {
     pub fn event(&self, e: DeviceEvent) -> EventRow {
         EventRow {
             at: self.time(e.at),
+            at_utc: e.at,
             user: self.user(&e.uuid),
             event: e.change.label(),
             device: e.mac,

@@ -190,6 +190,8 @@ fn every_tunnel_and_device_event_is_in_the_audit_trail_even_after_a_sigterm() {
     let (open, closed) = (&tunnels[0], &tunnels[1]);
     assert_eq!(open["cause"], "gateway shut down");
     assert!(open["seconds"].is_u64());
+    let utc = |v: &Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
+    assert!(utc(&open["closed_utc"]) >= utc(&open["opened_utc"]));
     assert_eq!(closed["cause"], "client closed");
     assert_eq!(closed["device"], MAC);
     assert_eq!(closed["node"], tunnels[0]["node"]);
