@@ -62,6 +62,11 @@ pub struct Persistence {
     in_flight: usize,
     /// How long audit records are kept.
     retention: Duration,
+    /// At most this many audit records wait ([`MAX_AUDIT_PENDING`]).
+    audit_bound: usize,
+    /// Audit records are being dropped for want of room (logged once until a write
+    /// succeeds).
+    overflowing: bool,
     /// Set while the store is failing: the current backoff and when to try again.
     outage: Option<(Duration, Instant)>,
 }
@@ -77,6 +82,8 @@ impl Persistence {
             events: std::collections::VecDeque::new(),
             in_flight: 0,
             retention: Duration::from_secs(90 * 86_400),
+            audit_bound: MAX_AUDIT_PENDING,
+            overflowing: false,
             outage: None,
         }
     }
@@ -98,17 +105,23 @@ impl Persistence {
             }
             Audit::Device(e) => self.events.push_back(e),
         }
-        let over = (self.tunnels.len() + self.events.len()).saturating_sub(MAX_AUDIT_PENDING);
-        if over > 0 {
-            let dropped = over.min(self.events.len());
-            self.events.drain(..dropped);
-            metrics::counter!(metric::AUDIT_DROPPED_TOTAL).increment(dropped as u64);
-            if dropped > 0 && self.outage.is_some() {
-                log::warn!(
-                    "audit records waiting for the database passed {MAX_AUDIT_PENDING}: \
-                     dropping the oldest device events"
-                );
+        if self.tunnels.len() + self.events.len() <= self.audit_bound {
+            return;
+        }
+        // Past the bound (a long outage): the oldest device event goes, or else some
+        // tunnel's record.
+        if self.events.pop_front().is_none() {
+            if let Some(id) = self.tunnels.keys().next().cloned() {
+                self.tunnels.remove(&id);
             }
+        }
+        metrics::counter!(metric::AUDIT_DROPPED_TOTAL).increment(1);
+        if !self.overflowing {
+            self.overflowing = true;
+            log::warn!(
+                "more than {MAX_AUDIT_PENDING} audit records wait for the database: dropping \
+                 the oldest device events (then tunnel records) until it takes them again"
+            );
         }
     }
 
@@ -275,6 +288,7 @@ impl Persistence {
             }
             match failure {
                 None => {
+                    act.overflowing = false;
                     if act.outage.take().is_some() {
                         log::info!("database is back; wrote what was pending");
                     }
@@ -619,6 +633,75 @@ mod tests {
             started.elapsed() < Duration::from_secs(3600),
             "no interval waited"
         );
+    }
+
+    fn event(mac: &str, at_ms: i64) -> Audit {
+        Audit::Device(DeviceEvent {
+            at: DateTime::<Utc>::from_timestamp_millis(at_ms).unwrap(),
+            node: "n".into(),
+            uuid: "ua".into(),
+            mac: mac.into(),
+            host: "h".into(),
+            change: crate::audit::DeviceChange::Online,
+            address: "192.0.2.1:1".into(),
+            cause: None,
+        })
+    }
+
+    #[actix_rt::test]
+    async fn audit_records_wait_out_an_outage_within_their_bound_and_a_tunnel_is_one_row() {
+        tokio::time::pause();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Flaky::new(&dir, true, false);
+        let mut persistence = Persistence::new(store.clone(), Duration::from_millis(20), 100);
+        persistence.audit_bound = 4;
+        let persistence = persistence.start();
+        let opened = TunnelRecord {
+            id: "t1".into(),
+            node: "n".into(),
+            uuid: "ua".into(),
+            device: "M1".into(),
+            device_addr: "192.0.2.1:1".into(),
+            peer_device: None,
+            client_addr: "192.0.2.2:2".into(),
+            client_cert: None,
+            opened: DateTime::<Utc>::from_timestamp_millis(1_000).unwrap(),
+            closed: None,
+            cause: None,
+            to_device: 0,
+            from_device: 0,
+        };
+        let closed = TunnelRecord {
+            closed: Some(DateTime::<Utc>::from_timestamp_millis(2_000).unwrap()),
+            cause: Some("client closed".into()),
+            to_device: 10,
+            ..opened.clone()
+        };
+        persistence.do_send(Audit::Tunnel(opened));
+        for i in 0..5 {
+            persistence.do_send(event(&format!("M{i}"), i));
+        }
+        persistence.do_send(Audit::Tunnel(closed.clone()));
+        actix_rt::time::sleep(Duration::from_millis(300)).await;
+        assert!(store.attempts.load(Ordering::SeqCst) >= 2, "it retried");
+
+        store.failing.store(false, Ordering::SeqCst);
+        settle(&persistence).await;
+        let all = crate::audit::Filter {
+            limit: 100,
+            ..Default::default()
+        };
+        assert_eq!(store.inner.audit_tunnels(&all).await.unwrap(), [closed]);
+        // Bound 4: the tunnel and the three newest events; the two oldest dropped.
+        let macs: Vec<String> = store
+            .inner
+            .audit_devices(&all)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.mac)
+            .collect();
+        assert_eq!(macs, ["M4", "M3", "M2"]);
     }
 
     #[actix_rt::test]
