@@ -311,3 +311,30 @@ async fn guessing_from_many_connections_of_one_address_is_paced_as_one() {
     assert!(took[1] < Duration::from_millis(100), "{took:?}");
     assert!(took[5] >= Duration::from_secs(4), "{took:?}");
 }
+
+#[actix_rt::test]
+async fn a_flapping_device_costs_the_audit_trail_a_bounded_number_of_rows() {
+    tokio::time::pause();
+    let gw = TestGateway::start().await;
+    let uuid = gw.add_user("alice").await;
+    // Twenty connections of one device, each replacing the one before (a flapping
+    // modem, or someone replaying its heartbeat): 39 events.
+    let mut last = None;
+    for _ in 0..20 {
+        last = Some(beat(&gw, &uuid, MAC).await);
+    }
+    let story = device_story(&gw, MAC).await;
+    assert_eq!(story.len(), 30, "at most 30 a window");
+    // The last connection falls silent (closed after `limits.idle`, still in the
+    // full window: not recorded either). The next window records again, and says how
+    // many were left out.
+    tokio::time::sleep(Duration::from_secs(601)).await;
+    last.unwrap().expect_closed().await;
+    let _next = beat(&gw, &uuid, MAC).await;
+    let story = device_story(&gw, MAC).await;
+    assert_eq!(story.len(), 31);
+    assert_eq!(
+        (story[30].0, story[30].2.as_str()),
+        (DeviceChange::Online, "10 earlier events not recorded")
+    );
+}

@@ -12,13 +12,25 @@
 //! A tunnel is recorded by the node its requester is connected to, so a cross-node
 //! tunnel is one record, naming that node.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use actix::prelude::*;
 use bytestring::ByteString;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::metric;
+
+/// Device events recorded per device in a [`DEVICE_WINDOW`]; past it (a device
+/// flapping, or someone replaying its heartbeat to take it over and over) they are
+/// counted, not written, and the next window's first event says how many were left
+/// out. A device's database rows stay bounded whatever its connections do.
+pub const DEVICE_EVENTS_PER_WINDOW: u32 = 30;
+pub const DEVICE_WINDOW: Duration = Duration::from_secs(600);
 
 /// The `[audit]` section.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,6 +131,63 @@ pub struct Trail {
     node: Arc<str>,
     /// This process's start, which keeps tunnel ids unique across restarts.
     boot: i64,
+    budgets: Arc<Mutex<Budgets>>,
+}
+
+/// Each device's events in its current window.
+#[derive(Default)]
+struct Budgets {
+    windows: HashMap<(ByteString, ByteString), Window>,
+    /// Expired windows are swept once there are this many.
+    sweep_at: usize,
+}
+
+struct Window {
+    start: Instant,
+    recorded: u32,
+    left_out: u32,
+}
+
+impl Budgets {
+    /// Whether an event of (uuid, mac) may be recorded now; with the number of events
+    /// the device's previous window left out, if any.
+    fn take(&mut self, uuid: &ByteString, mac: &ByteString) -> (bool, u32) {
+        let now = Instant::now();
+        if self.windows.len() >= self.sweep_at.max(10_000) {
+            self.windows
+                .retain(|_, w| now.duration_since(w.start) < DEVICE_WINDOW);
+            self.sweep_at = 2 * self.windows.len();
+        }
+        let fresh = Window {
+            start: now,
+            recorded: 0,
+            left_out: 0,
+        };
+        let window = self
+            .windows
+            .entry((uuid.clone(), mac.clone()))
+            .or_insert(fresh);
+        let mut earlier = 0;
+        if now.duration_since(window.start) >= DEVICE_WINDOW {
+            earlier = window.left_out;
+            window.start = now;
+            window.recorded = 0;
+            window.left_out = 0;
+        }
+        if window.recorded >= DEVICE_EVENTS_PER_WINDOW {
+            window.left_out += 1;
+            if window.left_out == 1 {
+                log::warn!(
+                    "device {mac}: more than {DEVICE_EVENTS_PER_WINDOW} online/offline events \
+                     in {} min; the audit trail records no more of them until the window ends",
+                    DEVICE_WINDOW.as_secs() / 60
+                );
+            }
+            return (false, earlier);
+        }
+        window.recorded += 1;
+        (true, earlier)
+    }
 }
 
 impl Trail {
@@ -127,6 +196,7 @@ impl Trail {
             sink,
             node: node.into(),
             boot: Utc::now().timestamp_millis(),
+            budgets: Arc::default(),
         }
     }
 
@@ -152,6 +222,20 @@ impl Trail {
         address: SocketAddr,
         cause: Option<String>,
     ) {
+        let (record, earlier) = self
+            .budgets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(uuid, mac);
+        if !record {
+            metrics::counter!(metric::AUDIT_DROPPED_TOTAL).increment(1);
+            return;
+        }
+        let cause = match (cause, earlier) {
+            (cause, 0) => cause,
+            (Some(cause), n) => Some(format!("{cause} ({n} earlier events not recorded)")),
+            (None, n) => Some(format!("{n} earlier events not recorded")),
+        };
         self.sink.do_send(Audit::Device(DeviceEvent {
             at: Utc::now(),
             node: self.node.to_string(),
