@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use crate::audit::{Audit, DeviceEvent, TunnelRecord};
 use crate::device::Identity;
 use crate::metric;
-use crate::store::{Sighting, Store, StoreError};
+use crate::store::{Recorded, Sighting, Store, StoreError};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Audit records waiting at most (through an outage).
@@ -189,104 +189,20 @@ impl Persistence {
         {
             return;
         }
-        let batch: Vec<Sighting> = if self.pending.len() <= self.max_batch {
-            self.pending.drain().map(|(_, p)| Self::take(p)).collect()
-        } else {
-            // A backlog (after an outage) goes out max_batch at a time.
-            let macs: Vec<ByteString> = self.pending.keys().take(self.max_batch).cloned().collect();
-            macs.iter()
-                .filter_map(|mac| self.pending.remove(mac))
-                .map(Self::take)
-                .collect()
-        };
-        let room = self.max_batch;
-        let ids: Vec<String> = self.tunnels.keys().take(room).cloned().collect();
-        let tunnels: Vec<TunnelRecord> = ids
-            .iter()
-            .filter_map(|id| self.tunnels.remove(id))
-            .collect();
-        let events: Vec<DeviceEvent> = {
-            let n = self
-                .events
-                .len()
-                .min(room.saturating_sub(tunnels.len()).max(1));
-            self.events.drain(..n).collect()
-        };
-        self.in_flight = batch.len() + tunnels.len() + events.len();
+        let batch = self.take_batch();
+        self.in_flight = batch.len();
         let store = self.store.clone();
         async move {
-            let result = if batch.is_empty() {
-                Ok(Default::default())
-            } else {
-                let started = std::time::Instant::now();
-                let result = store.record(&batch).await;
-                metrics::histogram!(metric::STORE_ROUND_TRIP_SECONDS, "op" => "record")
-                    .record(started.elapsed());
-                result
-            };
-            let audited = if tunnels.is_empty() && events.is_empty() {
-                Ok(())
-            } else {
-                let started = std::time::Instant::now();
-                let audited = store.write_audit(&tunnels, &events).await;
-                metrics::histogram!(metric::STORE_ROUND_TRIP_SECONDS, "op" => "audit")
-                    .record(started.elapsed());
-                audited
-            };
-            (batch, result, (tunnels, events, audited))
+            let written = batch.write(&*store).await;
+            (batch, written)
         }
         .into_actor(self)
-        .map(|(batch, result, (tunnels, events, audited)), act, ctx| {
+        .map(|(batch, (recorded, audited)), act, ctx| {
             act.in_flight = 0;
-            let mut failure = None;
-            match result {
-                Ok(recorded) => {
-                    metrics::counter!(metric::STORE_BATCHES_TOTAL).increment(1);
-                    metrics::counter!(metric::SIGHTINGS_WRITTEN_TOTAL)
-                        .increment(recorded.written as u64);
-                    if recorded.refused > 0 {
-                        metrics::counter!(metric::SIGHTINGS_DROPPED_TOTAL)
-                            .increment(recorded.refused as u64);
-                    }
-                    if recorded.unknown_user > 0 {
-                        metrics::counter!(metric::SIGHTINGS_UNKNOWN_USER_TOTAL)
-                            .increment(recorded.unknown_user as u64);
-                        log::debug!(
-                            "{} sightings of unknown users not written",
-                            recorded.unknown_user
-                        );
-                    }
-                }
-                Err(e) if !e.is_transient() => {
-                    metrics::counter!(metric::STORE_ERRORS_TOTAL).increment(1);
-                    metrics::counter!(metric::SIGHTINGS_DROPPED_TOTAL)
-                        .increment(batch.len() as u64);
-                    log::error!(
-                        "database refused a batch of {} sightings, dropped: {e}",
-                        batch.len()
-                    );
-                }
-                Err(e) => {
-                    for s in batch {
-                        act.keep(Record::Sighting(s));
-                    }
-                    failure = Some(e);
-                }
-            }
-            let records = tunnels.len() + events.len();
-            match audited {
-                Ok(()) => metrics::counter!(metric::AUDIT_WRITTEN_TOTAL).increment(records as u64),
-                Err(e) if !e.is_transient() => {
-                    metrics::counter!(metric::STORE_ERRORS_TOTAL).increment(1);
-                    metrics::counter!(metric::AUDIT_DROPPED_TOTAL).increment(records as u64);
-                    log::error!("database refused {records} audit records, dropped: {e}");
-                }
-                Err(e) => {
-                    act.restore_audit(tunnels, events);
-                    failure = failure.or(Some(e));
-                }
-            }
-            match failure {
+            // Both parts are accounted for; the first failure sets the backoff.
+            let sightings = act.sightings_written(batch.sightings, recorded);
+            let audit = act.audit_written(batch.tunnels, batch.events, audited);
+            match sightings.or(audit) {
                 None => {
                     act.overflowing = false;
                     if act.outage.take().is_some() {
@@ -301,6 +217,102 @@ impl Persistence {
             }
         })
         .spawn(ctx);
+    }
+
+    /// What the next write takes: at most `max_batch` sightings (a backlog after an
+    /// outage goes out that many at a time), and as many audit records.
+    fn take_batch(&mut self) -> Batch {
+        let sightings: Vec<Sighting> = if self.pending.len() <= self.max_batch {
+            self.pending.drain().map(|(_, p)| Self::take(p)).collect()
+        } else {
+            let macs: Vec<ByteString> = self.pending.keys().take(self.max_batch).cloned().collect();
+            macs.iter()
+                .filter_map(|mac| self.pending.remove(mac))
+                .map(Self::take)
+                .collect()
+        };
+        let ids: Vec<String> = self.tunnels.keys().take(self.max_batch).cloned().collect();
+        let tunnels: Vec<TunnelRecord> = ids
+            .iter()
+            .filter_map(|id| self.tunnels.remove(id))
+            .collect();
+        let room = self.max_batch.saturating_sub(tunnels.len()).max(1);
+        let events = self.events.drain(..self.events.len().min(room)).collect();
+        Batch {
+            sightings,
+            tunnels,
+            events,
+        }
+    }
+
+    /// Counts what a write of sightings did; keeps them again if it may succeed later
+    /// and answers that failure.
+    fn sightings_written(
+        &mut self,
+        batch: Vec<Sighting>,
+        result: Result<Recorded, StoreError>,
+    ) -> Option<StoreError> {
+        match result {
+            Ok(recorded) => {
+                metrics::counter!(metric::STORE_BATCHES_TOTAL).increment(1);
+                metrics::counter!(metric::SIGHTINGS_WRITTEN_TOTAL)
+                    .increment(recorded.written as u64);
+                if recorded.refused > 0 {
+                    metrics::counter!(metric::SIGHTINGS_DROPPED_TOTAL)
+                        .increment(recorded.refused as u64);
+                }
+                if recorded.unknown_user > 0 {
+                    metrics::counter!(metric::SIGHTINGS_UNKNOWN_USER_TOTAL)
+                        .increment(recorded.unknown_user as u64);
+                    log::debug!(
+                        "{} sightings of unknown users not written",
+                        recorded.unknown_user
+                    );
+                }
+                None
+            }
+            Err(e) if !e.is_transient() => {
+                metrics::counter!(metric::STORE_ERRORS_TOTAL).increment(1);
+                metrics::counter!(metric::SIGHTINGS_DROPPED_TOTAL).increment(batch.len() as u64);
+                log::error!(
+                    "database refused a batch of {} sightings, dropped: {e}",
+                    batch.len()
+                );
+                None
+            }
+            Err(e) => {
+                for s in batch {
+                    self.keep(Record::Sighting(s));
+                }
+                Some(e)
+            }
+        }
+    }
+
+    /// As [`Persistence::sightings_written`], for audit records.
+    fn audit_written(
+        &mut self,
+        tunnels: Vec<TunnelRecord>,
+        events: Vec<DeviceEvent>,
+        result: Result<(), StoreError>,
+    ) -> Option<StoreError> {
+        let records = tunnels.len() + events.len();
+        match result {
+            Ok(()) => {
+                metrics::counter!(metric::AUDIT_WRITTEN_TOTAL).increment(records as u64);
+                None
+            }
+            Err(e) if !e.is_transient() => {
+                metrics::counter!(metric::STORE_ERRORS_TOTAL).increment(1);
+                metrics::counter!(metric::AUDIT_DROPPED_TOTAL).increment(records as u64);
+                log::error!("database refused {records} audit records, dropped: {e}");
+                None
+            }
+            Err(e) => {
+                self.restore_audit(tunnels, events);
+                Some(e)
+            }
+        }
     }
 
     /// A write failed transiently: what it held is pending again; retry with backoff.
@@ -344,6 +356,46 @@ pub enum Record {
     /// A device that beats: queued once (see [`crate::device::Activity::queue`]) and
     /// read when its batch is taken.
     Beat(Identity),
+}
+
+/// What one write takes to the store.
+struct Batch {
+    sightings: Vec<Sighting>,
+    tunnels: Vec<TunnelRecord>,
+    events: Vec<DeviceEvent>,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.sightings.len() + self.tunnels.len() + self.events.len()
+    }
+
+    /// Writes the sightings, then the audit records (each part only if there is one),
+    /// timing each round trip.
+    async fn write(
+        &self,
+        store: &dyn Store,
+    ) -> (Result<Recorded, StoreError>, Result<(), StoreError>) {
+        let recorded = if self.sightings.is_empty() {
+            Ok(Recorded::default())
+        } else {
+            let started = std::time::Instant::now();
+            let recorded = store.record(&self.sightings).await;
+            metrics::histogram!(metric::STORE_ROUND_TRIP_SECONDS, "op" => "record")
+                .record(started.elapsed());
+            recorded
+        };
+        let audited = if self.tunnels.is_empty() && self.events.is_empty() {
+            Ok(())
+        } else {
+            let started = std::time::Instant::now();
+            let audited = store.write_audit(&self.tunnels, &self.events).await;
+            metrics::histogram!(metric::STORE_ROUND_TRIP_SECONDS, "op" => "audit")
+                .record(started.elapsed());
+            audited
+        };
+        (recorded, audited)
+    }
 }
 
 /// A device waiting for the next batch.
