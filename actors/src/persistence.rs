@@ -16,7 +16,8 @@
 //! [`Audit`] messages, a tunnel's close replaces its open while both wait, and they are
 //! written after the batch's sightings, kept through an outage like them (up to
 //! [`MAX_AUDIT_PENDING`]; past it the oldest device events are dropped and counted).
-//! Records older than the retention are pruned every [`PRUNE_EVERY`].
+//! Records older than the retention are pruned a minute after start, then every
+//! [`PRUNE_EVERY`].
 //!
 //! (About 600 lines, half of them the tests: outage, refusal, coalescing, batching.)
 
@@ -36,8 +37,10 @@ use crate::store::{Recorded, Sighting, Store, StoreError};
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Audit records waiting at most (through an outage).
 pub const MAX_AUDIT_PENDING: usize = 200_000;
-/// How often records past the retention are deleted.
+/// How often records past the retention are deleted, the first time this long after
+/// start.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+pub const PRUNE_FIRST: Duration = Duration::from_secs(60);
 
 /// What a session does on each `beat` of a device whose sightings are stored: refresh
 /// last-seen and, unless the device already waits for the next batch, queue it.
@@ -342,8 +345,11 @@ impl Actor for Persistence {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.run_interval(self.flush_interval, |act, ctx| act.flush(false, ctx));
-        self.prune(ctx);
-        ctx.run_interval(PRUNE_EVERY, |act, ctx| act.prune(ctx));
+        // Not at start, when devices reconnect: a minute later, then hourly.
+        ctx.run_later(PRUNE_FIRST, |act, ctx| {
+            act.prune(ctx);
+            ctx.run_interval(PRUNE_EVERY, |act, ctx| act.prune(ctx));
+        });
     }
 }
 
@@ -754,6 +760,41 @@ mod tests {
             .map(|e| e.mac)
             .collect();
         assert_eq!(macs, ["M4", "M3", "M2"]);
+    }
+
+    #[actix_rt::test]
+    async fn records_past_the_retention_are_pruned_a_minute_after_start() {
+        tokio::time::pause();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("db")).unwrap());
+        let Audit::Device(mut old) = event("M1", 0) else {
+            unreachable!()
+        };
+        old.at = Utc::now() - chrono::Duration::days(2);
+        let mut new = old.clone();
+        new.at = Utc::now();
+        store.write_audit(&[], &[old, new]).await.unwrap();
+        let _persistence = Persistence::new(store.clone(), Duration::from_secs(1), 100)
+            .with_retention(Duration::from_secs(86_400))
+            .start();
+        let all = crate::audit::Filter {
+            limit: 10,
+            ..Default::default()
+        };
+        actix_rt::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(
+            store.audit_devices(&all).await.unwrap().len(),
+            2,
+            "not at start"
+        );
+        actix_rt::time::sleep(Duration::from_secs(31)).await;
+        for _ in 0..100 {
+            if store.audit_devices(&all).await.unwrap().len() == 1 {
+                return;
+            }
+            actix_rt::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the record from two days ago is still there");
     }
 
     #[actix_rt::test]
