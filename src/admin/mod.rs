@@ -316,22 +316,22 @@ fn with_page_headers(
         .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
 }
 
-/// A page, with a sign-out button when there is a token to sign in with.
+/// The status page.
 async fn page(admin: web::Data<Admin>) -> HttpResponse {
-    let page = if admin.guard.has_token() {
-        PAGE.replace("<!--signout-->", SIGN_OUT)
-    } else {
-        PAGE.to_owned()
-    };
-    html(actix_web::http::StatusCode::OK, page)
+    signed_page(&admin, PAGE)
 }
 
 /// The device page; its script reads the MAC from the address.
 async fn device_page(admin: web::Data<Admin>) -> HttpResponse {
+    signed_page(&admin, DEVICE_PAGE)
+}
+
+/// A page, with a sign-out button when there is a token to sign in with.
+fn signed_page(admin: &Admin, page: &str) -> HttpResponse {
     let page = if admin.guard.has_token() {
-        DEVICE_PAGE.replace("<!--signout-->", SIGN_OUT)
+        page.replace("<!--signout-->", SIGN_OUT)
     } else {
-        DEVICE_PAGE.to_owned()
+        page.to_owned()
     };
     html(actix_web::http::StatusCode::OK, page)
 }
