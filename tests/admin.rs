@@ -4,25 +4,12 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Binary, TIMEOUT};
+use common::{eventually, Binary};
 
 const MAC: &str = "F0FE6B2A1C3D";
 const TOKEN: &str = "6b1f0e8a93c24d57b0a1e6f3c9d28475";
-
-/// Polls `get` until `done` holds for its result, or fails with the last one.
-fn eventually<T: std::fmt::Debug>(mut get: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let value = get();
-        if done(&value) {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "gave up waiting: {value:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn health_and_readiness_answer_on_loopback_without_a_token() {

@@ -189,21 +189,19 @@ fn a_client_on_one_node_reaches_a_device_on_another_byte_exact() {
     again.expect_closed();
 
     // Each tunnel is in the shared audit trail once, recorded by its client's node.
-    let deadline = std::time::Instant::now() + common::TIMEOUT;
-    let trail = loop {
-        let trail: Vec<serde_json::Value> = fleet
-            .a()
-            .cli(&["audit", "--json", "--device", DEVICE_A])
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|v| v.get("tunnel").cloned())
-            .collect();
-        let closed = trail.iter().filter(|t| !t["closed"].is_null()).count();
-        if closed == 2 || std::time::Instant::now() > deadline {
-            break trail;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let trail = common::eventually(
+        || {
+            let trail: Vec<serde_json::Value> = fleet
+                .a()
+                .cli(&["audit", "--json", "--device", DEVICE_A])
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter_map(|v| v.get("tunnel").cloned())
+                .collect();
+            trail
+        },
+        |trail| trail.iter().filter(|t| !t["closed"].is_null()).count() == 2,
+    );
     let nodes: Vec<&str> = trail.iter().map(|t| t["node"].as_str().unwrap()).collect();
     assert_eq!(nodes, ["b", "c"], "{trail:?}");
     let first = &trail[1];

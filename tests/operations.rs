@@ -5,25 +5,12 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::{Binary, TIMEOUT};
+use common::{eventually, Binary};
 use serde_json::Value;
 
 const MAC: &str = "F0FE6B2A1C3D";
-
-/// Polls `get` until `done` holds for its result, or fails with the last one.
-fn eventually<T: std::fmt::Debug>(mut get: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let value = get();
-        if done(&value) {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "gave up waiting: {value:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn macs(page: &Value) -> Vec<String> {
     page["devices"]

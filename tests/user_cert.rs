@@ -226,21 +226,20 @@ async fn a_certificate_reaches_its_own_users_devices_and_an_admins_reaches_all()
     );
 
     // The audit trail names the certificate each tunnel was opened with.
-    let deadline = std::time::Instant::now() + common::TIMEOUT;
-    let certificates = loop {
-        let rows = gw.get("/api/audit").json()["rows"].clone();
-        let mut certificates: Vec<String> = rows
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|r| r["client_certificate"].as_str().map(str::to_owned))
-            .collect();
-        certificates.sort();
-        if certificates.len() == 2 || std::time::Instant::now() > deadline {
-            break certificates;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let certificates = common::eventually(
+        || {
+            let rows = gw.get("/api/audit").json()["rows"].clone();
+            let mut certificates: Vec<String> = rows
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|r| r["client_certificate"].as_str().map(str::to_owned))
+                .collect();
+            certificates.sort();
+            certificates
+        },
+        |certificates| certificates.len() == 2,
+    );
     assert_eq!(certificates, ["alice", "root"]);
 
     // Revoked and re-read: Alice's certificate no longer completes a handshake.

@@ -473,3 +473,17 @@ pub fn failed_reason(line: &str) -> String {
     assert!(!reason.is_empty());
     reason
 }
+
+/// Polls `get` until `done` holds for its result (every 50 ms, at most [`TIMEOUT`]),
+/// or fails with the last one.
+pub fn eventually<T: std::fmt::Debug>(mut get: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let value = get();
+        if done(&value) {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "gave up waiting: {value:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -9,7 +9,9 @@ pub mod nats;
 pub mod pki;
 
 #[allow(unused_imports)]
-pub use binary::{failed_reason, repo_file, run_cli, Binary, Peer as BlockingPeer, TIMEOUT};
+pub use binary::{
+    eventually, failed_reason, repo_file, run_cli, Binary, Peer as BlockingPeer, TIMEOUT,
+};
 #[allow(unused_imports)]
 pub use inproc::{Peer, TestGateway};
 
