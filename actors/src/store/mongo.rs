@@ -286,6 +286,25 @@ impl MongoStore {
         Ok((reply, refused))
     }
 
+    /// The documents of `coll` matching all `clauses`, newest (by `time`) first, the
+    /// filter's page of them.
+    async fn newest_first(
+        &self,
+        coll: &Collection<Document>,
+        clauses: Vec<Document>,
+        time: &str,
+        filter: &Filter,
+    ) -> Result<Vec<Document>, StoreError> {
+        self.check_reachable()?;
+        self.collect(
+            coll.find(all_of(clauses))
+                .sort(doc! { time: -1, "_id": -1 })
+                .skip(filter.offset as u64)
+                .limit(i64::try_from(filter.limit).unwrap_or(i64::MAX)),
+        )
+        .await
+    }
+
     /// Fails fast while the database is known to be unreachable (between probes).
     fn check_reachable(&self) -> Result<(), StoreError> {
         if self.health.should_try() {
@@ -634,7 +653,6 @@ impl Store for MongoStore {
     }
 
     async fn audit_tunnels(&self, filter: &Filter) -> Result<Vec<TunnelRecord>, StoreError> {
-        self.check_reachable()?;
         let mut clauses = Vec::new();
         if let Some(uuid) = &filter.uuid {
             clauses.push(doc! { "uuid": uuid });
@@ -647,19 +665,12 @@ impl Store for MongoStore {
             clauses.push(doc! { "$or": [ { "closed": null }, { "closed": { "$gte": since } } ] });
         }
         let docs = self
-            .collect(
-                self.audit_tunnels
-                    .find(all_of(clauses))
-                    .sort(doc! { "opened": -1, "_id": -1 })
-                    .skip(filter.offset as u64)
-                    .limit(i64::try_from(filter.limit).unwrap_or(i64::MAX)),
-            )
+            .newest_first(&self.audit_tunnels, clauses, "opened", filter)
             .await?;
         Ok(docs.iter().filter_map(tunnel_from_doc).collect())
     }
 
     async fn audit_devices(&self, filter: &Filter) -> Result<Vec<DeviceEvent>, StoreError> {
-        self.check_reachable()?;
         let mut clauses = Vec::new();
         if let Some(uuid) = &filter.uuid {
             clauses.push(doc! { "uuid": uuid });
@@ -671,13 +682,7 @@ impl Store for MongoStore {
             clauses.push(doc! { "at": { "$gte": bson::DateTime::from_chrono(since) } });
         }
         let docs = self
-            .collect(
-                self.audit_devices
-                    .find(all_of(clauses))
-                    .sort(doc! { "at": -1, "_id": -1 })
-                    .skip(filter.offset as u64)
-                    .limit(i64::try_from(filter.limit).unwrap_or(i64::MAX)),
-            )
+            .newest_first(&self.audit_devices, clauses, "at", filter)
             .await?;
         Ok(docs.iter().filter_map(event_from_doc).collect())
     }
