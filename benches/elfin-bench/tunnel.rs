@@ -248,10 +248,17 @@ pub async fn alternating(
     (gateway, base)
 }
 
-fn latency_rows(label: &str, gateway: &[f64], base: &[f64]) -> Vec<Row> {
+/// p50 and p99 of round trips through the gateway against the relay's in the same
+/// run, held to scenario 2's targets.
+pub fn latency_rows(
+    scenario: &'static str,
+    label: &str,
+    gateway: &[f64],
+    base: &[f64],
+) -> Vec<Row> {
     vec![
         Row::new(
-            "tunnel-latency",
+            scenario,
             format!("p50, {label}"),
             "us",
             percentile(gateway, 0.5),
@@ -259,7 +266,7 @@ fn latency_rows(label: &str, gateway: &[f64], base: &[f64]) -> Vec<Row> {
             Target::AtMostBaselinePlus(10.0),
         ),
         Row::new(
-            "tunnel-latency",
+            scenario,
             format!("p99, {label}"),
             "us",
             percentile(gateway, 0.99),
@@ -272,7 +279,7 @@ fn latency_rows(label: &str, gateway: &[f64], base: &[f64]) -> Vec<Row> {
 pub async fn latency(gw: &Gateway, full: bool, figures: &mut Figures) -> Vec<Row> {
     let count = if full { 50_000 } else { 5_000 };
     let (gateway, base) = latency_pair(gw, count, false).await;
-    let mut rows = latency_rows("32 B each way", &gateway, &base);
+    let mut rows = latency_rows("tunnel-latency", "32 B each way", &gateway, &base);
     figures.latency = Some((gateway, base));
     if gw.tls.is_some() {
         let (tls, base) = latency_pair(gw, count / 2, true).await;
@@ -290,6 +297,7 @@ pub async fn latency(gw: &Gateway, full: bool, figures: &mut Figures) -> Vec<Row
         let (gateway, base) = latency_pair(gw, count / 2, false).await;
         let requests = viewers.stop();
         rows.extend(latency_rows(
+            "tunnel-latency",
             &format!("status page open ({requests} admin requests)"),
             &gateway,
             &base,
@@ -450,7 +458,12 @@ pub async fn many_tunnels(target: Option<&Gateway>, full: bool) -> Vec<Row> {
         if workers == 0 {
             let count = if full { 20_000 } else { 3_000 };
             let (gateway, base) = latency_pair(gw, count, false).await;
-            rows.extend(latency_rows("one tunnel, workers = 0", &gateway, &base));
+            rows.extend(latency_rows(
+                "tunnel-latency",
+                "one tunnel, workers = 0",
+                &gateway,
+                &base,
+            ));
         }
         if target.is_some() {
             break;
