@@ -213,6 +213,38 @@ fn a_client_on_one_node_reaches_a_device_on_another_byte_exact() {
 }
 
 #[test]
+fn cross_node_ends_on_two_workers_carry_every_tunnel_byte_exact() {
+    // Each cross-node end moves, with its peer connections, to the worker thread of
+    // the local connection it is tunnelled to. With two workers, connections are
+    // dealt to both in turn, so these ends move to either thread on both nodes.
+    let Some(fleet) = Fleet::start_with(&[("ELFIN__SERVER__WORKERS", "2")]) else {
+        return;
+    };
+    let uuid = fleet.uuid.clone();
+    let macs: Vec<String> = (0..4).map(|i| format!("AABBCCDDEE{i:02X}")).collect();
+    let mut devices: Vec<Peer> = macs.iter().map(|m| fleet.device(fleet.a(), m)).collect();
+    let mut clients: Vec<Peer> = macs
+        .iter()
+        .map(|m| tunnel_eventually(fleet.b(), &uuid, m))
+        .collect();
+    let payload = every_byte_value_and_a_mebibyte();
+    for ((mac, device), client) in macs.iter().zip(&mut devices).zip(&mut clients) {
+        carry(client, device, &uuid, "T", 1, &payload);
+        carry(device, client, &uuid, mac, 0, &payload);
+    }
+    // And all of them at once, both ways.
+    std::thread::scope(|s| {
+        for ((mac, device), client) in macs.iter().zip(&mut devices).zip(&mut clients) {
+            let (uuid, payload) = (&uuid, &payload);
+            // One thread writes each stream, another reads it.
+            let (mut device_out, mut client_in) = (device.try_clone(), client.try_clone());
+            s.spawn(move || carry(client, device, uuid, "T", 1, payload));
+            s.spawn(move || carry(&mut device_out, &mut client_in, uuid, mac, 0, payload));
+        }
+    });
+}
+
+#[test]
 fn what_an_end_sends_before_it_hangs_up_still_crosses_whole() {
     let Some(fleet) = Fleet::start() else {
         return;

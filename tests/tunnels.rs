@@ -429,6 +429,7 @@ async fn a_tunnel_announced_after_its_removal_is_not_reinstalled() {
         certificate: None,
         events: Sink.start().recipient(),
         out,
+        home: actix_rt::Arbiter::current(),
     };
     // Removal first, announcement second (as when the bridge's messages cross).
     session.events.do_send(PeerEvent::Unlinked {

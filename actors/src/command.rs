@@ -451,6 +451,7 @@ async fn reach(
         mac: owned(mac),
         role,
         remote: me.remote,
+        home: me.home.clone(),
     };
     cluster
         .send(open)

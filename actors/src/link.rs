@@ -41,6 +41,9 @@ pub struct PeerLink {
     pub certificate: Option<Arc<str>>,
     pub events: Recipient<PeerEvent>,
     pub out: Outbox,
+    /// The thread its actor runs on (a cross-node end of a tunnel to it runs there
+    /// too).
+    pub home: ArbiterHandle,
 }
 
 /// A session's place in a tunnel: which tunnel, its other end, and the meter of what

@@ -262,6 +262,7 @@ impl Session {
             certificate: self.certificate.clone(),
             events: ctx.address().recipient(),
             out: self.out.clone(),
+            home: actix_rt::Arbiter::current(),
         }
     }
 

@@ -379,6 +379,15 @@ impl Peer {
         }
     }
 
+    /// The same connection, for another thread (what this one has buffered stays
+    /// here).
+    pub fn try_clone(&self) -> Peer {
+        Peer {
+            stream: self.stream.try_clone().unwrap(),
+            buffered: Vec::new(),
+        }
+    }
+
     /// One write (peers write one message per write).
     pub fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).unwrap();

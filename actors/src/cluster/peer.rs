@@ -15,6 +15,9 @@
 //! ([`Expected`]). After the listener's one-byte acknowledgement, everything on the
 //! connection is the tunnel's payload, with TCP's flow control end to end.
 //!
+//! The lanes are made on the cluster's thread and then move, sockets and all, to the
+//! worker thread of the local connection their tunnel serves ([`Lanes::start_on`]).
+//!
 //! A tunnel has two such connections, one per direction ([`Lanes`]): a TLS session
 //! is one state machine, so the two directions of one connection would take turns
 //! on a lock, and a tunnel busy both ways would run at half speed. Connections per
@@ -25,8 +28,12 @@
 use std::collections::HashMap;
 use std::io;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
+
+use actix::prelude::ArbiterHandle;
 
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -39,7 +46,7 @@ use rustls::{
 };
 use sha2::{Digest, Sha256};
 use socket2::{SockRef, TcpKeepalive};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
@@ -59,9 +66,22 @@ const MAX_ATTACHING: usize = 256;
 /// A one-time token: 128 random bits.
 pub type Token = [u8; 16];
 
-/// A peer connection, either side of it, after the greeting.
-pub trait PeerStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> PeerStream for T {}
+/// A peer connection, either side of it, after the greeting: TLS over a [`Socket`].
+pub trait PeerStream: AsyncRead + AsyncWrite + Send + Unpin {
+    fn socket(&mut self) -> &mut Socket;
+}
+
+impl PeerStream for tokio_rustls::client::TlsStream<BufReader<Socket>> {
+    fn socket(&mut self) -> &mut Socket {
+        self.get_mut().0.get_mut()
+    }
+}
+
+impl PeerStream for tokio_rustls::server::TlsStream<BufReader<Socket>> {
+    fn socket(&mut self) -> &mut Socket {
+        self.get_mut().0.get_mut()
+    }
+}
 
 pub type Stream = Box<dyn PeerStream>;
 
@@ -70,6 +90,130 @@ pub type Stream = Box<dyn PeerStream>;
 pub struct Lanes {
     pub read: Stream,
     pub write: Stream,
+}
+
+impl Lanes {
+    /// Runs `start` with these lanes on `home` (the thread of the local connection
+    /// they are tunnelled to), their sockets registered with that thread's reactor:
+    /// a tunnel's bytes then never wait for another thread to wake, on either
+    /// node, as a tunnel within one worker does not. On this thread if `home` is
+    /// gone.
+    pub async fn start_on<T: Send + 'static>(
+        mut self,
+        home: &ArbiterHandle,
+        start: impl FnOnce(Lanes) -> T + Send + 'static,
+    ) -> io::Result<T> {
+        self.read.socket().detach()?;
+        self.write.socket().detach()?;
+        let (done, started) = oneshot::channel();
+        let there = Arc::new(Mutex::new(Some((self, start, done))));
+        let run = move || {
+            let Some((mut lanes, start, done)) = there.lock().ok().and_then(|mut m| m.take())
+            else {
+                return;
+            };
+            let attached = lanes
+                .read
+                .socket()
+                .attach()
+                .and_then(|()| lanes.write.socket().attach())
+                .map(|()| start(lanes));
+            let _ = done.send(attached);
+        };
+        if !home.spawn_fn(run.clone()) {
+            run();
+        }
+        started
+            .await
+            .map_err(|_| io::Error::other("the connection's thread stopped"))?
+    }
+}
+
+/// A peer connection's TCP socket, which can move from one thread's reactor to
+/// another's ([`Lanes::start_on`]) under its TLS session and read buffer.
+pub struct Socket(Bound);
+
+enum Bound {
+    /// Registered with this thread's reactor.
+    Here(TcpStream),
+    /// On its way to another thread.
+    Moving(std::net::TcpStream),
+    /// Failed to register.
+    Lost,
+}
+
+impl Socket {
+    fn new(tcp: TcpStream) -> Socket {
+        Socket(Bound::Here(tcp))
+    }
+
+    fn detach(&mut self) -> io::Result<()> {
+        self.0 = match std::mem::replace(&mut self.0, Bound::Lost) {
+            Bound::Here(tcp) => Bound::Moving(tcp.into_std()?),
+            other => other,
+        };
+        Ok(())
+    }
+
+    /// Registers with the current thread's reactor (an already readable socket is
+    /// reported at once).
+    fn attach(&mut self) -> io::Result<()> {
+        self.0 = match std::mem::replace(&mut self.0, Bound::Lost) {
+            Bound::Moving(std) => Bound::Here(TcpStream::from_std(std)?),
+            other => other,
+        };
+        match self.0 {
+            Bound::Lost => Err(io::Error::other("peer connection lost while moving")),
+            _ => Ok(()),
+        }
+    }
+
+    fn tcp(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+        match &mut self.0 {
+            Bound::Here(tcp) => Ok(Pin::new(tcp)),
+            _ => Err(io::Error::other("peer connection not attached to a thread")),
+        }
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.get_mut().tcp()?.poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().tcp()?.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().tcp()?.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().tcp()?.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().tcp()?.poll_shutdown(cx)
+    }
 }
 
 /// Which way a lane carries bytes, as the dialing node says in its greeting.
@@ -440,8 +584,8 @@ fn tune(stream: &TcpStream, timeout: Duration) -> io::Result<()> {
 
 /// A peer connection's socket with a read buffer under TLS: rustls reads at most
 /// 4 KiB at a time, which would be four system calls for each 16 KiB record.
-fn buffered(tcp: TcpStream) -> BufReader<TcpStream> {
-    BufReader::with_capacity(64 * 1024, tcp)
+fn buffered(tcp: TcpStream) -> BufReader<Socket> {
+    BufReader::with_capacity(64 * 1024, Socket::new(tcp))
 }
 
 /// Dials node `node` at `addr`, whose certificate is `fingerprint`, and attaches the

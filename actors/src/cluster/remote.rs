@@ -250,6 +250,7 @@ pub fn start(parts: Parts) -> PeerLink {
         certificate: None,
         events: addr.recipient(),
         out,
+        home: actix_rt::Arbiter::current(),
     }
 }
 

@@ -145,7 +145,18 @@ impl Cluster {
                     return failed("offline");
                 }
             };
-            let end = start_end(lanes, &config, asker.name, asker.remote, tracker, &bridge);
+            let started = start_end(
+                lanes,
+                &device.home,
+                &config,
+                asker.name,
+                asker.remote,
+                tracker,
+                &bridge,
+            );
+            let Ok(end) = started.await else {
+                return failed("offline");
+            };
             let link = Link {
                 a: role.end(end),
                 b: End::device(device, mac),
@@ -220,25 +231,33 @@ fn unhex_token(text: &str) -> Option<Token> {
 }
 
 /// Starts the [`Remote`](remote::Remote) end of a tunnel whose peer connections are
-/// `lanes`, its other end on node `node` standing for the connection `remote`.
-fn start_end(
+/// `lanes`, its other end on node `node` standing for the connection `remote`, on
+/// `home`: the thread of the local connection it is tunnelled to.
+async fn start_end(
     lanes: peer::Lanes,
+    home: &ArbiterHandle,
     config: &ClusterConfig,
     node: String,
     remote: SocketAddr,
     tracker: Recipient<Tracked>,
     bridge: &Addr<BridgeManager>,
-) -> PeerLink {
-    remote::start(remote::Parts {
-        lanes,
-        node,
-        remote,
-        stall: config.stall,
-        out_chunks: config.out_chunks,
-        out_bytes: config.out_bytes,
-        bridge: bridge.clone(),
-        tracker,
-    })
+) -> std::io::Result<PeerLink> {
+    let (stall, out_chunks, out_bytes) = (config.stall, config.out_chunks, config.out_bytes);
+    let bridge = bridge.clone();
+    lanes
+        .start_on(home, move |lanes| {
+            remote::start(remote::Parts {
+                lanes,
+                node,
+                remote,
+                stall,
+                out_chunks,
+                out_bytes,
+                bridge,
+                tracker,
+            })
+        })
+        .await
 }
 
 /// Is device (uuid, mac) live on another node?
@@ -298,6 +317,8 @@ pub struct Open {
     pub mac: ByteString,
     pub role: WireRole,
     pub remote: SocketAddr,
+    /// The thread of that local connection.
+    pub home: ArbiterHandle,
 }
 
 /// How long the attached connection may trail the answer that says it is attached
@@ -335,7 +356,9 @@ impl Handler<Open> for Cluster {
                 });
                 return None;
             }
-            Some(start_end(lanes, &config, node, remote, tracker, &bridge))
+            start_end(lanes, &open.home, &config, node, remote, tracker, &bridge)
+                .await
+                .ok()
         })
     }
 }
