@@ -288,6 +288,44 @@ fn a_tls_client_on_a_gateway_without_tls_is_closed_and_warned_about_once() {
     assert_eq!(warnings, 1, "{log:?}");
 }
 
+/// A sender whose writes outran the tunnel (its bytes backed up in the gateway) is
+/// cut wherever its socket was full, inside a header too, and sends the rest when it
+/// is scheduled again: on a busy host that is far longer than the link's round trip
+/// (here 20 ms; a loopback's hold is a fraction of a millisecond). After a backlog a
+/// held tail waits the longest hold, so that rest is still a header.
+#[test]
+fn a_sender_cut_mid_header_after_a_backlog_keeps_the_tunnel_exact() {
+    let gw = Binary::start(&[]);
+    let uuid = gw.add_user("alice");
+    let mut device = gw.connect();
+    device.send(format!("beat;{uuid};{MAC};plc;0").as_bytes());
+    gw.wait_online(&uuid, MAC);
+    let mut client = gw.tunnel(&uuid, MAC);
+    let header = format!("data;{uuid};T;T;1;");
+    let cut = "data;".len() + 8;
+    let payload = |len: usize, seed: u32| -> Vec<u8> {
+        let mut x = seed;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    };
+    let (first, second) = (payload(1 << 20, 7), payload(64 << 10, 11));
+    let want = [&first[..], &second].concat();
+    let reader = std::thread::spawn(move || device.bytes(want.len()) == want);
+    client.send(&[header.as_bytes(), &first, &header.as_bytes()[..cut]].concat());
+    std::thread::sleep(Duration::from_millis(20));
+    client.send(&[&header.as_bytes()[cut..], &second[..]].concat());
+    assert!(
+        reader.join().unwrap(),
+        "header bytes leaked into the payload"
+    );
+}
+
 #[test]
 fn tunnels_stay_byte_exact_with_their_ends_on_different_workers() {
     // Connections are dealt to the two workers in turn: devices k..k+3 alternate, and

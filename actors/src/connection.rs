@@ -7,8 +7,9 @@
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use futures::Stream;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::limits::Ticket;
@@ -70,21 +72,37 @@ impl Io {
 }
 
 /// The TCP socket under a connection, as its session may use it: the link's round
-/// trip, and an acknowledgement sent at once. The socket is owned by the halves of
-/// [`Io`]; the reader ([`ReadChunks`]) forgets it here when it is dropped, so this
-/// never touches a descriptor that was closed (and perhaps reused by another
-/// connection). Both run on the session's thread, so the check and the call cannot
-/// be split by a drop.
+/// trip, an acknowledgement sent at once, and whether the peer's bytes were backing
+/// up just now (told by the reader). The socket is owned by the halves of [`Io`]; the
+/// reader ([`ReadChunks`]) forgets it here when it is dropped, so this never touches
+/// a descriptor that was closed (and perhaps reused by another connection). Both run
+/// on the session's thread, so the check and the call cannot be split by a drop.
 #[derive(Debug)]
-pub struct SocketProbe(AtomicI32);
+pub struct SocketProbe {
+    fd: AtomicI32,
+    /// When a read last took all it had room for, as [`coarse_ms`].
+    full_read: AtomicU32,
+}
+
+/// Milliseconds since the first call, wrapping (about every 49 days), on the
+/// runtime's clock (paused in tests).
+fn coarse_ms() -> u32 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    Instant::now().duration_since(epoch).as_millis() as u32
+}
 
 impl SocketProbe {
     pub fn new(fd: RawFd) -> Self {
-        Self(AtomicI32::new(fd))
+        Self {
+            fd: AtomicI32::new(fd),
+            // Long ago: no backlog yet.
+            full_read: AtomicU32::new(coarse_ms().wrapping_sub(u32::MAX / 2)),
+        }
     }
 
     fn socket(&self) -> Option<BorrowedFd<'_>> {
-        let fd = self.0.load(Ordering::Relaxed);
+        let fd = self.fd.load(Ordering::Relaxed);
         // SAFETY: `fd` is the connection's socket, open while its reader lives (it
         // sets -1 here when dropped; see the type's doc).
         (fd >= 0).then(|| unsafe { BorrowedFd::borrow_raw(fd) })
@@ -131,7 +149,20 @@ impl SocketProbe {
     }
 
     fn forget(&self) {
-        self.0.store(-1, Ordering::Relaxed);
+        self.fd.store(-1, Ordering::Relaxed);
+    }
+
+    /// A read took all it had room for: more was waiting.
+    fn read_full(&self) {
+        self.full_read.store(coarse_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether the peer's bytes backed up within `window`: a read took all it had
+    /// room for. Such a peer's writes outran the connection, so they are cut
+    /// wherever its socket was full, and the rest waits on the peer's scheduling.
+    pub fn backlogged_within(&self, window: Duration) -> bool {
+        let since = coarse_ms().wrapping_sub(self.full_read.load(Ordering::Relaxed));
+        u128::from(since) <= window.as_millis()
     }
 }
 
@@ -297,6 +328,9 @@ impl ReadChunks {
         if filled.is_empty() {
             return Poll::Ready(None);
         }
+        if let Some(probe) = self.probe.as_ref().filter(|_| filled.len() == self.size) {
+            probe.read_full();
+        }
         if filled.len() == self.size {
             // More is coming: the next reads go to a growing block on the heap.
             self.size = (self.size * 2).min(self.limit.load(Ordering::Relaxed).max(1));
@@ -330,6 +364,9 @@ impl Stream for ReadChunks {
             Ok(0) => Poll::Ready(None),
             Ok(n) => {
                 let chunk = this.buf.split();
+                if let Some(probe) = this.probe.as_ref().filter(|_| n == room) {
+                    probe.read_full();
+                }
                 if n == room {
                     this.size = (this.size * 2).min(max);
                 } else if n < this.size / 8 {

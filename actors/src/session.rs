@@ -315,11 +315,20 @@ impl Session {
     /// [`crate::connection::header_hold`]), then forwards it as payload. The held
     /// bytes are acknowledged at once, so a sender whose Nagle algorithm waits for
     /// that ACK sends the rest of the header within one round trip.
+    ///
+    /// Right after a backlog the tail waits the longest hold instead: a sender whose
+    /// writes outran the tunnel is cut wherever its socket was full, and sends the
+    /// rest when it is scheduled again, which the link's round trip says nothing
+    /// about. A bulk stream that really ends in such a tail has its last bytes late;
+    /// no header byte becomes payload.
     fn hold_tail(&mut self, ctx: &mut Context<Self>) {
         self.probe.ack_now();
         let server = &self.hub.config.server;
         let (floor, ceiling) = (server.header_hold_min, server.header_hold);
-        let wait = header_hold(self.link_rtt(), floor, ceiling);
+        let wait = match self.probe.backlogged_within(ceiling) {
+            true => ceiling,
+            false => header_hold(self.link_rtt(), floor, ceiling),
+        };
         let timer = ctx.spawn(precise_sleep(wait).into_actor(self).map(|(), act, ctx| {
             act.end_hold(None, "timed_out");
             if let Some(frame) = act.decoder.flush_held(&mut act.inbox) {
