@@ -191,10 +191,10 @@ pub async fn receive_checked(
             };
             let (chunk, rest) = data.split_at(take);
             for piece in chunk.chunks(32 * 1024) {
-                assert!(
-                    pattern.at(got, piece.len()) == piece,
-                    "corrupt bytes at offset {got}"
-                );
+                let expected = pattern.at(got, piece.len());
+                if expected != piece {
+                    corrupt(got, expected, piece, n);
+                }
                 got += piece.len() as u64;
             }
             data = rest;
@@ -202,6 +202,24 @@ pub async fn receive_checked(
         progress(got);
     }
     assert_eq!(got, total, "more bytes than sent");
+}
+
+/// Panics saying where `got` first differs from `expected` (at stream offset `at`)
+/// and what came instead, in the read of `read` bytes it was part of.
+fn corrupt(at: u64, expected: &[u8], got: &[u8], read: usize) -> ! {
+    let first = expected.iter().zip(got).take_while(|(e, g)| e == g).count();
+    let show = |bytes: &[u8]| {
+        let end = (first + 48).min(bytes.len());
+        String::from_utf8_lossy(&bytes[first..end])
+            .escape_debug()
+            .to_string()
+    };
+    panic!(
+        "corrupt bytes at offset {} (a read of {read} bytes): expected \"{}\", got \"{}\"",
+        at + first as u64,
+        show(expected),
+        show(got)
+    )
 }
 
 /// Writes `total` payload bytes as frames of `frame` payload bytes, each after

@@ -36,11 +36,22 @@ async fn relay_pair(i: usize, relay: &net::Baseline) -> (Stream, Stream) {
 /// headers; every byte is checked. Returns MB/s both ways together and the
 /// throughput over time (seconds, MB/s).
 pub async fn both_ways(
-    (a, b): (Stream, Stream),
+    pair: (Stream, Stream),
     headers: (Vec<u8>, Vec<u8>),
     relayed: bool,
     total: u64,
 ) -> (f64, Vec<(f64, f64)>) {
+    let (mbs, timeline, _) = both_ways_kept(pair, headers, relayed, total).await;
+    (mbs, timeline)
+}
+
+/// [`both_ways`], handing the pair back open for more.
+pub async fn both_ways_kept(
+    (a, b): (Stream, Stream),
+    headers: (Vec<u8>, Vec<u8>),
+    relayed: bool,
+    total: u64,
+) -> (f64, Vec<(f64, f64)>, (Stream, Stream)) {
     let pattern = Arc::new(Pattern::new());
     let received = Arc::new(AtomicU64::new(0));
     let (ar, aw) = tokio::io::split(a);
@@ -69,6 +80,7 @@ pub async fn both_ways(
                 received.fetch_add(got - before, Ordering::Relaxed);
             })
             .await;
+            reader
         }));
     }
     let sampler = {
@@ -89,15 +101,24 @@ pub async fn both_ways(
             }
         })
     };
+    let mut readers = Vec::new();
     for task in tasks {
-        task.await.expect("a tunnel end failed");
+        readers.push(task.await.expect("a tunnel end failed"));
     }
     let secs = started.elapsed().as_secs_f64();
+    let mut writers = Vec::new();
     for sender in senders {
-        drop(sender.await.expect("a tunnel end failed"));
+        writers.push(sender.await.expect("a tunnel end failed"));
     }
     let timeline = sampler.await.unwrap();
-    (2.0 * total as f64 / secs / 1e6, timeline)
+    let (Some(bw), Some(aw)) = (writers.pop(), writers.pop()) else {
+        unreachable!("two writers")
+    };
+    let (Some(br), Some(ar)) = (readers.pop(), readers.pop()) else {
+        unreachable!("two readers")
+    };
+    let pair = (ar.unsplit(aw), br.unsplit(bw));
+    (2.0 * total as f64 / secs / 1e6, timeline, pair)
 }
 
 pub async fn throughput(gw: &Gateway, full: bool, figures: &mut Figures) -> Vec<Row> {
