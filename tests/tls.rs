@@ -130,6 +130,43 @@ async fn a_tls_client_tunnels_to_a_plain_device_on_the_same_port() {
     }
 }
 
+/// A TLS client whose writes outran the tunnel, cut inside a header, the rest 20 ms
+/// later (the binary test `a_sender_cut_mid_header_after_a_backlog_keeps_the_tunnel_exact`
+/// on plain TCP): TLS hands over at most a record (16 KiB) per read, so the backlog
+/// shows as reads of a whole record, never as a full read buffer.
+#[actix_rt::test]
+async fn a_tls_sender_cut_mid_header_after_a_backlog_keeps_the_tunnel_exact() {
+    let pki = Pki::new();
+    pki.issue("localhost", "server");
+    let gw = gateway(|_| {}, pki.files(false, false)).await;
+    let uuid = gw.add_user("alice").await;
+    let mut device = gw.device(&uuid, MAC, "plc-1").await;
+    let mut client = tls_connect(&gw, client_config(&pki, false, None))
+        .await
+        .unwrap();
+    connme(&mut client, &uuid).await;
+    let header = format!("data;{uuid};T1;T1;1;");
+    let cut = "data;".len() + 8;
+    let bytes = |len: u32, seed: u32| -> Vec<u8> {
+        (0..len)
+            .map(|i| ((i ^ seed).wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect()
+    };
+    let (first, second) = (bytes(1 << 20, 7), bytes(64 << 10, 11));
+    let send = async {
+        let cut_write = [header.as_bytes(), &first, &header.as_bytes()[..cut]].concat();
+        client.write_all(&cut_write).await.unwrap();
+        client.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let rest = [&header.as_bytes()[cut..], &second[..]].concat();
+        client.write_all(&rest).await.unwrap();
+        client.flush().await.unwrap();
+    };
+    let want = [&first[..], &second].concat();
+    let ((), got) = futures::join!(send, device.bytes(want.len()));
+    assert!(got == want, "header bytes leaked into the payload");
+}
+
 #[actix_rt::test]
 async fn tls_1_2_is_refused_unless_allowed() {
     let pki = Pki::new();

@@ -152,7 +152,7 @@ impl SocketProbe {
         self.fd.store(-1, Ordering::Relaxed);
     }
 
-    /// A read took all it had room for: more was waiting.
+    /// A read took all it had room for (more was waiting), or a whole TLS record.
     fn read_full(&self) {
         self.full_read.store(coarse_ms(), Ordering::Relaxed);
     }
@@ -293,6 +293,10 @@ impl Drop for ReadChunks {
 /// The smallest read: a heartbeat or a short request fits many times.
 const MIN_READ: usize = 1024;
 
+/// A read this large means the peer sends in bulk, like one that fills its buffer:
+/// it is the most plaintext one TLS read hands over (a record).
+const RECORD: usize = 16 * 1024;
+
 /// The largest read of a connection that carries no tunnel.
 pub const UNTUNNELLED_READ: usize = 4096;
 
@@ -364,7 +368,7 @@ impl Stream for ReadChunks {
             Ok(0) => Poll::Ready(None),
             Ok(n) => {
                 let chunk = this.buf.split();
-                if let Some(probe) = this.probe.as_ref().filter(|_| n == room) {
+                if let Some(probe) = this.probe.as_ref().filter(|_| n == room || n >= RECORD) {
                     probe.read_full();
                 }
                 if n == room {
