@@ -132,8 +132,8 @@ async fn a_tls_client_tunnels_to_a_plain_device_on_the_same_port() {
 
 /// A TLS client whose writes outran the tunnel, cut inside a header, the rest 20 ms
 /// later (the binary test `a_sender_cut_mid_header_after_a_backlog_keeps_the_tunnel_exact`
-/// on plain TCP): TLS hands over at most a record (16 KiB) per read, so the backlog
-/// shows as reads of a whole record, never as a full read buffer.
+/// on plain TCP): TLS hands over at most a record (16 KiB) per read, so a backlog
+/// need not show as a full read buffer; a read of a whole record counts too.
 #[actix_rt::test]
 async fn a_tls_sender_cut_mid_header_after_a_backlog_keeps_the_tunnel_exact() {
     let pki = Pki::new();

@@ -132,10 +132,8 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Drop for Flushed<W> {
 /// The largest read from a peer connection.
 const READ_SIZE: usize = 64 * 1024;
 
-/// What a new [`Remote`] needs.
+/// What a new [`Remote`] needs besides its peer connections.
 pub struct Parts {
-    /// The tunnel's connections to the other node.
-    pub lanes: peer::Lanes,
     /// The node the other end is on.
     pub node: String,
     /// The address of the connection the other end stands for (for logs).
@@ -192,10 +190,21 @@ struct Receive {
     gone: oneshot::Receiver<()>,
 }
 
-/// Starts a `Remote`; returns its link, to tunnel a local connection to.
-pub fn start(parts: Parts) -> PeerLink {
+/// Starts a `Remote` on `home`, the thread of the local connection it is to be
+/// tunnelled to, its peer connections `lanes` moved there
+/// ([`peer::Lanes::start_on`]); returns its link.
+pub async fn start_on(
+    lanes: peer::Lanes,
+    parts: Parts,
+    home: &ArbiterHandle,
+) -> io::Result<PeerLink> {
+    lanes.start_on(home, move |lanes| start(lanes, parts)).await
+}
+
+/// Starts a `Remote` on this thread; returns its link, to tunnel a local connection
+/// to.
+fn start(lanes: peer::Lanes, parts: Parts) -> PeerLink {
     let Parts {
-        lanes,
         node,
         remote,
         stall,

@@ -242,22 +242,16 @@ async fn start_end(
     tracker: Recipient<Tracked>,
     bridge: &Addr<BridgeManager>,
 ) -> std::io::Result<PeerLink> {
-    let (stall, out_chunks, out_bytes) = (config.stall, config.out_chunks, config.out_bytes);
-    let bridge = bridge.clone();
-    lanes
-        .start_on(home, move |lanes| {
-            remote::start(remote::Parts {
-                lanes,
-                node,
-                remote,
-                stall,
-                out_chunks,
-                out_bytes,
-                bridge,
-                tracker,
-            })
-        })
-        .await
+    let parts = remote::Parts {
+        node,
+        remote,
+        stall: config.stall,
+        out_chunks: config.out_chunks,
+        out_bytes: config.out_bytes,
+        bridge: bridge.clone(),
+        tracker,
+    };
+    remote::start_on(lanes, parts, home).await
 }
 
 /// Is device (uuid, mac) live on another node?
