@@ -95,13 +95,20 @@ async fn gateway(tune: impl FnOnce(&mut elfin_actors::Config), tls: TlsFiles) ->
     .await
 }
 
-#[actix_rt::test]
-async fn a_tls_client_tunnels_to_a_plain_device_on_the_same_port() {
+/// A gateway with TLS, user alice and her device online on it, and the PKI of its
+/// certificate.
+async fn alice_and_her_device() -> (Pki, TestGateway, String, common::Peer) {
     let pki = Pki::new();
     pki.issue("localhost", "server");
     let gw = gateway(|_| {}, pki.files(false, false)).await;
     let uuid = gw.add_user("alice").await;
-    let mut device = gw.device(&uuid, MAC, "plc-1").await;
+    let device = gw.device(&uuid, MAC, "plc-1").await;
+    (pki, gw, uuid, device)
+}
+
+#[actix_rt::test]
+async fn a_tls_client_tunnels_to_a_plain_device_on_the_same_port() {
+    let (pki, gw, uuid, mut device) = alice_and_her_device().await;
 
     let config = client_config(&pki, false, None);
     let mut query = tls_connect(&gw, config.clone()).await.unwrap();
@@ -136,11 +143,7 @@ async fn a_tls_client_tunnels_to_a_plain_device_on_the_same_port() {
 /// need not show as a full read buffer; a read of a whole record counts too.
 #[actix_rt::test]
 async fn a_tls_sender_cut_mid_header_after_a_backlog_keeps_the_tunnel_exact() {
-    let pki = Pki::new();
-    pki.issue("localhost", "server");
-    let gw = gateway(|_| {}, pki.files(false, false)).await;
-    let uuid = gw.add_user("alice").await;
-    let mut device = gw.device(&uuid, MAC, "plc-1").await;
+    let (pki, gw, uuid, mut device) = alice_and_her_device().await;
     let mut client = tls_connect(&gw, client_config(&pki, false, None))
         .await
         .unwrap();
