@@ -123,6 +123,9 @@ impl Lanes {
         if !home.spawn_fn(run.clone()) {
             run();
         }
+        // Only the spawned copy may hold the lanes now: if `home` stops before it
+        // runs, dropping it ends `started`.
+        drop(run);
         started
             .await
             .map_err(|_| io::Error::other("the connection's thread stopped"))?
@@ -791,6 +794,55 @@ mod tests {
         assert!(dial(&b_tls, &addr, &a.fingerprint, token, second, second)
             .await
             .is_err());
+    }
+
+    #[actix_rt::test]
+    async fn lanes_moved_to_another_thread_carry_bytes_there_and_start_here_if_it_is_gone() {
+        let (a_tls, b_tls, a, _) = pair();
+        let expected = Arc::new(Expected::default());
+        let addr = listening(a_tls, expected.clone()).await.to_string();
+        let second = Duration::from_secs(1);
+        let lanes = async || {
+            let (token, attached) = expected.expect();
+            let at_b = dial(&b_tls, &addr, &a.fingerprint, token, second, second)
+                .await
+                .unwrap();
+            (at_b, attached.await.unwrap().1)
+        };
+        let here = std::thread::current().id();
+
+        // b's lanes move to a worker thread, which echoes what a sends.
+        let worker = actix_rt::Arbiter::new();
+        let (at_b, mut at_a) = lanes().await;
+        let ran_on = at_b
+            .start_on(&worker.handle(), |mut lanes| {
+                actix_rt::spawn(async move {
+                    let mut got = [0u8; 5];
+                    lanes.read.read_exact(&mut got).await.unwrap();
+                    lanes.write.write_all(&got).await.unwrap();
+                    lanes.write.flush().await.unwrap();
+                });
+                std::thread::current().id()
+            })
+            .await
+            .unwrap();
+        assert_ne!(ran_on, here);
+        at_a.write.write_all(b"hello").await.unwrap();
+        at_a.write.flush().await.unwrap();
+        let mut echoed = [0u8; 5];
+        at_a.read.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(&echoed, b"hello");
+
+        // A thread that has stopped: they start on this one.
+        let gone = worker.handle();
+        worker.stop();
+        worker.join().unwrap();
+        let (at_b, _at_a) = lanes().await;
+        let ran_on = at_b
+            .start_on(&gone, |_| std::thread::current().id())
+            .await
+            .unwrap();
+        assert_eq!(ran_on, here);
     }
 
     #[tokio::test]
