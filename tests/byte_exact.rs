@@ -7,9 +7,10 @@
 //! A header split by a cut goes on as a real sender's next segment does: at once (a
 //! split write), or, on a slow link, within the link's round trip, which is shorter
 //! than the gateway's hold of that connection (a longer pause means the peer stopped
-//! mid-header, which no peer does; `a_header_rest_after_the_hold_is_payload` shows
-//! what then happens). Anywhere else a pause may be longer than the hold. Set
-//! `ELFIN_SEED` to replay a failing run.
+//! mid-header; `a_header_rest_after_the_hold_is_payload` shows what then happens, and
+//! the binary and TLS tests `…_cut_mid_header_after_a_backlog_…` the one way a real
+//! sender does: its writes outran the tunnel). Anywhere else a pause may be longer
+//! than the hold. Set `ELFIN_SEED` to replay a failing run.
 
 mod common;
 
