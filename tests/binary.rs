@@ -303,18 +303,10 @@ fn a_sender_cut_mid_header_after_a_backlog_keeps_the_tunnel_exact() {
     let mut client = gw.tunnel(&uuid, MAC);
     let header = format!("data;{uuid};T;T;1;");
     let cut = "data;".len() + 8;
-    let payload = |len: usize, seed: u32| -> Vec<u8> {
-        let mut x = seed;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x as u8
-            })
-            .collect()
-    };
-    let (first, second) = (payload(1 << 20, 7), payload(64 << 10, 11));
+    let (first, second) = (
+        common::random_bytes(1 << 20, 7),
+        common::random_bytes(64 << 10, 11),
+    );
     let want = [&first[..], &second].concat();
     let reader = std::thread::spawn(move || device.bytes(want.len()) == want);
     client.send(&[header.as_bytes(), &first, &header.as_bytes()[..cut]].concat());

@@ -144,13 +144,7 @@ fn carry(from: &mut Peer, to: &mut Peer, uuid: &str, mac: &str, kind: u8, payloa
 
 fn every_byte_value_and_a_mebibyte() -> Vec<u8> {
     let mut payload: Vec<u8> = (0..=255u8).collect();
-    let mut x = 0x2545_f491_u32;
-    payload.extend((0..1 << 20).map(|_| {
-        x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        x as u8
-    }));
+    payload.extend(common::random_bytes(1 << 20, 0x2545_f491));
     payload
 }
 

@@ -15,6 +15,20 @@ pub use binary::{
 #[allow(unused_imports)]
 pub use inproc::{Peer, TestGateway};
 
+/// `len` bytes of every value in no pattern a tunnel could mistake for anything
+/// (xorshift32 from `seed`, which must not be 0): payloads to check byte for byte.
+pub fn random_bytes(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
 /// A moment a fixed number of seconds into a fixed day, for stored sightings.
 pub fn at(secs: i64) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap()
