@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::gateway::Gateway;
-use crate::net::{self, percentile, Stream};
+use crate::net::{self, percentile, Stream, Usage};
 use crate::report::{Row, Target};
 use crate::store::StandIn;
 use crate::tunnel;
@@ -169,16 +169,23 @@ pub async fn cross_node(full: bool) -> Vec<Row> {
     let total: u64 = if full { 1 << 30 } else { 128 << 20 };
     let block = total / BLOCKS as u64;
     let (mut same_secs, mut cross_secs) = (0.0, 0.0);
+    let (mut same_used, mut cross_used) = (Usage::default(), Usage::default());
+    let nodes = || a.usage().add(b.usage());
     let mut cross = (cross_client, cross_device);
     for _ in 0..BLOCKS {
+        let before = nodes();
         let (mbs, _, pair) = tunnel::both_ways_kept(same, headers.clone(), false, block).await;
+        same_used = same_used.add(nodes().since(before));
         same_secs += 2.0 * block as f64 / 1e6 / mbs;
         same = pair;
+        let before = nodes();
         let (mbs, _, pair) =
             tunnel::both_ways_kept(cross, cross_headers.clone(), false, block).await;
+        cross_used = cross_used.add(nodes().since(before));
         cross_secs += 2.0 * block as f64 / 1e6 / mbs;
         cross = pair;
     }
+    let gib = 2.0 * total as f64 / f64::from(1 << 30);
     drop((same, cross));
     let mbs = |secs: f64| 2.0 * total as f64 / 1e6 / secs;
     let (same_mbs, cross_mbs) = (mbs(same_secs), mbs(cross_secs));
@@ -217,6 +224,14 @@ pub async fn cross_node(full: bool) -> Vec<Row> {
             cross_mbs,
             Some(same_mbs),
             Target::RatioAtLeast(0.6),
+        ),
+        Row::new(
+            "cross-node",
+            "throughput: CPU time of both nodes per GiB carried (baseline: same node)",
+            "ms",
+            cross_used.cpu_secs * 1e3 / gib,
+            Some(same_used.cpu_secs * 1e3 / gib),
+            Target::None,
         ),
         Row::new(
             "cross-node",

@@ -140,6 +140,11 @@ impl Gateway {
     pub fn rss_kib(&self) -> Option<u64> {
         self.pid.and_then(crate::net::rss_kib)
     }
+
+    /// The gateway's CPU time and page faults so far, when its process is known.
+    pub fn usage(&self) -> crate::net::Usage {
+        self.pid.and_then(crate::net::Usage::of).unwrap_or_default()
+    }
 }
 
 impl Drop for Gateway {

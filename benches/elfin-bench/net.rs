@@ -281,6 +281,10 @@ impl Baseline {
     pub fn rss_kib(&self) -> u64 {
         rss_kib(self.child.id()).unwrap_or(0)
     }
+
+    pub fn usage(&self) -> Usage {
+        Usage::of(self.child.id()).unwrap_or_default()
+    }
 }
 
 impl Drop for Baseline {
@@ -359,6 +363,45 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .next()?
         .parse()
         .ok()
+}
+
+/// What a process has used so far: CPU time (user and system) and minor page
+/// faults. Unlike a rate, CPU time per byte hardly moves with the host's steal time.
+#[derive(Clone, Copy, Default)]
+pub struct Usage {
+    pub cpu_secs: f64,
+    pub minor_faults: u64,
+}
+
+impl Usage {
+    pub fn of(pid: u32) -> Option<Usage> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The fields after the command name (which may hold spaces and parentheses),
+        // from the third (state) on.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+        // SAFETY: sysconf only reads a system constant.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Some(Usage {
+            cpu_secs: (field(14)? + field(15)?) as f64 / ticks,
+            minor_faults: field(10)?,
+        })
+    }
+
+    /// What was used since `earlier`.
+    pub fn since(self, earlier: Usage) -> Usage {
+        Usage {
+            cpu_secs: self.cpu_secs - earlier.cpu_secs,
+            minor_faults: self.minor_faults.saturating_sub(earlier.minor_faults),
+        }
+    }
+
+    pub fn add(self, other: Usage) -> Usage {
+        Usage {
+            cpu_secs: self.cpu_secs + other.cpu_secs,
+            minor_faults: self.minor_faults + other.minor_faults,
+        }
+    }
 }
 
 /// Waits (at most 20 s) until the kernel has let go of the sockets of earlier
