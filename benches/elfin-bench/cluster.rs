@@ -170,18 +170,18 @@ pub async fn cross_node(full: bool) -> Vec<Row> {
     let block = total / BLOCKS as u64;
     let (mut same_secs, mut cross_secs) = (0.0, 0.0);
     let (mut same_used, mut cross_used) = (Usage::default(), Usage::default());
-    let nodes = || a.usage().add(b.usage());
+    let nodes = || a.usage().unwrap_or_default() + b.usage().unwrap_or_default();
     let mut cross = (cross_client, cross_device);
     for _ in 0..BLOCKS {
         let before = nodes();
         let (mbs, _, pair) = tunnel::both_ways_kept(same, headers.clone(), false, block).await;
-        same_used = same_used.add(nodes().since(before));
+        same_used = same_used + (nodes() - before);
         same_secs += 2.0 * block as f64 / 1e6 / mbs;
         same = pair;
         let before = nodes();
         let (mbs, _, pair) =
             tunnel::both_ways_kept(cross, cross_headers.clone(), false, block).await;
-        cross_used = cross_used.add(nodes().since(before));
+        cross_used = cross_used + (nodes() - before);
         cross_secs += 2.0 * block as f64 / 1e6 / mbs;
         cross = pair;
     }

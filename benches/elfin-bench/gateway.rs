@@ -142,8 +142,8 @@ impl Gateway {
     }
 
     /// The gateway's CPU time and page faults so far, when its process is known.
-    pub fn usage(&self) -> crate::net::Usage {
-        self.pid.and_then(crate::net::Usage::of).unwrap_or_default()
+    pub fn usage(&self) -> Option<crate::net::Usage> {
+        self.pid.and_then(crate::net::Usage::of)
     }
 }
 

@@ -387,16 +387,24 @@ impl Usage {
             minor_faults: field(10)?,
         })
     }
+}
 
-    /// What was used since `earlier`.
-    pub fn since(self, earlier: Usage) -> Usage {
+impl std::ops::Sub for Usage {
+    type Output = Usage;
+
+    /// What was used between two readings.
+    fn sub(self, earlier: Usage) -> Usage {
         Usage {
             cpu_secs: self.cpu_secs - earlier.cpu_secs,
             minor_faults: self.minor_faults.saturating_sub(earlier.minor_faults),
         }
     }
+}
 
-    pub fn add(self, other: Usage) -> Usage {
+impl std::ops::Add for Usage {
+    type Output = Usage;
+
+    fn add(self, other: Usage) -> Usage {
         Usage {
             cpu_secs: self.cpu_secs + other.cpu_secs,
             minor_faults: self.minor_faults + other.minor_faults,
