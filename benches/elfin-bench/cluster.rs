@@ -185,7 +185,6 @@ pub async fn cross_node(full: bool) -> Vec<Row> {
         cross_secs += 2.0 * block as f64 / 1e6 / mbs;
         cross = pair;
     }
-    let gib = 2.0 * total as f64 / f64::from(1 << 30);
     drop((same, cross));
     let mbs = |secs: f64| 2.0 * total as f64 / 1e6 / secs;
     let (same_mbs, cross_mbs) = (mbs(same_secs), mbs(cross_secs));
@@ -229,8 +228,8 @@ pub async fn cross_node(full: bool) -> Vec<Row> {
             "cross-node",
             "throughput: CPU time of both nodes per GiB carried (baseline: same node)",
             "ms",
-            cross_used.cpu_secs * 1e3 / gib,
-            Some(same_used.cpu_secs * 1e3 / gib),
+            cross_used.per_gib(2 * total).0,
+            Some(same_used.per_gib(2 * total).0),
             Target::None,
         ),
         Row::new(

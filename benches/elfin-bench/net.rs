@@ -387,6 +387,12 @@ impl Usage {
             minor_faults: field(10)?,
         })
     }
+
+    /// CPU milliseconds and page faults per GiB of `bytes` carried.
+    pub fn per_gib(self, bytes: u64) -> (f64, f64) {
+        let gib = bytes as f64 / f64::from(1 << 30);
+        (self.cpu_secs * 1e3 / gib, self.minor_faults as f64 / gib)
+    }
 }
 
 impl std::ops::Sub for Usage {

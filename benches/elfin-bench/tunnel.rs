@@ -145,23 +145,24 @@ pub async fn throughput(gw: &Gateway, full: bool, figures: &mut Figures) -> Vec<
         Some(base),
         Target::RatioAtLeast(0.9),
     )];
-    // Only when the gateway's process is known (`--target` without `--target-pid`).
+    // None when the gateway's process is unknown (`--target` without `--target-pid`).
     if let Some(used) = gw_used {
-        let gib = 2.0 * total as f64 / f64::from(1 << 30);
+        let ((cpu, faults), (relay_cpu, relay_faults)) =
+            (used.per_gib(2 * total), relay_used.per_gib(2 * total));
         rows.push(Row::new(
             "tunnel-throughput",
             "CPU time per GiB carried (baseline: relay)",
             "ms",
-            used.cpu_secs * 1e3 / gib,
-            Some(relay_used.cpu_secs * 1e3 / gib),
+            cpu,
+            Some(relay_cpu),
             Target::None,
         ));
         rows.push(Row::new(
             "tunnel-throughput",
             "page faults per GiB carried (baseline: relay)",
             "",
-            used.minor_faults as f64 / gib,
-            Some(relay_used.minor_faults as f64 / gib),
+            faults,
+            Some(relay_faults),
             Target::None,
         ));
     }
