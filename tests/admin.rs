@@ -35,9 +35,15 @@ fn metrics_follow_prometheus_conventions_and_count_what_happened() {
     assert_eq!(device.bytes(3), b"abd");
     let mut vandal = gw.connect();
     vandal.send(b"garbage garbage\n");
+    // A batch's round trip is timed as it returns and the batch counted after its
+    // audit write: wait for both.
     let scrape = eventually(
         || gw.get("/metrics").body,
-        |body| body.contains("elfin_garbage_bytes_total 16") && body.contains("op=\"record\""),
+        |body| {
+            body.contains("elfin_garbage_bytes_total 16")
+                && body.contains("op=\"record\"")
+                && body.contains("elfin_store_batches_total")
+        },
     );
     for series in [
         "elfin_connections_open{transport=\"plain\",role=\"device\"} 1",
