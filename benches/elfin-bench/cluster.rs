@@ -189,13 +189,10 @@ pub async fn cross_node(full: bool) -> Vec<Row> {
         cross_secs += 2.0 * block as f64 / 1e6 / mbs;
         cross = pair;
     }
-    let cross_used = cross_a + cross_b;
+    let ms_per_gib = |used: Usage| used.per_gib(2 * total).0;
+    let same_ms = ms_per_gib(same_used);
     // On machines of their own, a crossing tunnel runs as fast as its busier node.
-    let busier = if cross_a.cpu_secs > cross_b.cpu_secs {
-        cross_a
-    } else {
-        cross_b
-    };
+    let busier_ms = ms_per_gib(cross_a).max(ms_per_gib(cross_b));
     drop((same, cross));
     let mbs = |secs: f64| 2.0 * total as f64 / 1e6 / secs;
     let (same_mbs, cross_mbs) = (mbs(same_secs), mbs(cross_secs));
@@ -239,16 +236,16 @@ pub async fn cross_node(full: bool) -> Vec<Row> {
             "cross-node",
             "throughput: CPU time of both nodes per GiB carried (baseline: same node)",
             "ms",
-            cross_used.per_gib(2 * total).0,
-            Some(same_used.per_gib(2 * total).0),
+            ms_per_gib(cross_a + cross_b),
+            Some(same_ms),
             Target::None,
         ),
         Row::new(
             "cross-node",
             "throughput: CPU time of the busier node per GiB carried (baseline: same node)",
             "ms",
-            busier.per_gib(2 * total).0,
-            Some(same_used.per_gib(2 * total).0),
+            busier_ms,
+            Some(same_ms),
             Target::None,
         ),
         Row::new(
