@@ -56,13 +56,23 @@ pub fn parse_since(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Stri
         _ => 0,
     };
     let amount: i64 = number.parse().unwrap_or(-1);
-    match amount.checked_mul(seconds) {
-        Some(secs) if seconds > 0 && amount >= 0 => Ok(now - chrono::Duration::seconds(secs)),
-        _ => Err(format!(
-            "since {text:?}: expected an age such as 30m, 24h, 7d or a time such as \
-             2026-12-01T08:00:00Z"
-        )),
-    }
+    let start = amount
+        .checked_mul(seconds)
+        .filter(|_| seconds > 0 && amount >= 0)
+        .and_then(chrono::TimeDelta::try_seconds)
+        .and_then(|age| now.checked_sub_signed(age));
+    start.ok_or_else(|| {
+        format!(
+            "since {text:?}: expected an age such as 30m, 24h, 7d (at most a few thousand \
+             years) or a time such as 2026-12-01T08:00:00Z"
+        )
+    })
+}
+
+/// `--since` as the command line takes it: checked when the arguments are parsed, so
+/// a bad one is a usage error (exit 2) naming the argument.
+pub fn since_arg(text: &str) -> Result<String, String> {
+    parse_since(text, Utc::now()).map(|_| text.to_owned())
 }
 
 /// The store's filter for `wanted`; `None` when it names a user that does not exist
@@ -212,8 +222,29 @@ mod tests {
             at("2026-12-01T08:00:00+01:00").unwrap(),
             "2026-12-01T07:00:00+00:00"
         );
-        for bad in ["", "h", "24", "24x", "-1h", "99999999999999999999d"] {
+        for bad in [
+            "",
+            "h",
+            "24",
+            "24x",
+            "-1h",
+            "99999999999999999999d",
+            "300000000d",
+            "9223372036854775807s",
+            "15250284452w",
+        ] {
             assert!(at(bad).is_err(), "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever `since` says, it is a time or a message, never a panic.
+        #[test]
+        fn since_never_panics(text in "\\PC{0,40}", digits in "[0-9]{1,25}", unit in "[smhdwx]?") {
+            let now = Utc::now();
+            let _ = parse_since(&text, now);
+            let _ = parse_since(&format!("{digits}{unit}"), now);
+            let _ = parse_since(&format!("{digits}{unit}"), DateTime::<Utc>::MIN_UTC);
         }
     }
 }

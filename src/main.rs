@@ -56,7 +56,7 @@ enum Command {
         #[arg(long, value_name = "MAC")]
         device: Option<String>,
         /// Only since then: an age (30m, 24h, 7d) or a time (2026-12-01T08:00:00Z).
-        #[arg(long, value_name = "AGE|TIME")]
+        #[arg(long, value_name = "AGE|TIME", value_parser = audit::since_arg)]
         since: Option<String>,
         /// At most this many tunnels and this many device events.
         #[arg(long, default_value_t = 100)]
@@ -84,8 +84,8 @@ enum UserCommand {
         /// The user's name, as `user add` took it.
         #[arg(required_unless_present = "revoke")]
         name: Option<String>,
-        /// Days the certificate is valid.
-        #[arg(long, default_value_t = 365)]
+        /// Days the certificate is valid (at most 100 years).
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=36_500))]
         days: u32,
         /// Where the key store goes (default: NAME.p12).
         #[arg(long, value_name = "FILE.p12")]
@@ -223,8 +223,13 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let admin = match admin_listener.zip(prometheus) {
         Some((listener, prometheus)) => {
             let addr = listener.local_addr()?;
-            let server = admin::start(listener, settings.admin.rules(), hub.clone(), prometheus)
-                .context("cannot start the admin server")?;
+            let server = admin::start(
+                listener,
+                settings.admin.rules(settings.limits.ipv6_prefix),
+                hub.clone(),
+                prometheus,
+            )
+            .context("cannot start the admin server")?;
             log::info!("admin pages on http://{addr}/");
             let handle = server.handle();
             actix_rt::spawn(server);

@@ -74,7 +74,8 @@ pub struct Admin {
     /// `Host:` names answered besides loopback addresses and `localhost`.
     #[serde(with = "de::list")]
     pub allowed_hosts: Vec<String>,
-    /// Reverse proxies (terminating HTTPS) whose `X-Forwarded-For` names the source.
+    /// Reverse proxies (terminating HTTPS) whose `Forwarded` or `X-Forwarded-For`
+    /// names the source (read from the right, past these).
     #[serde(with = "de::list")]
     pub trusted_proxies: Vec<IpAddr>,
     /// How long a login lasts.
@@ -95,13 +96,14 @@ impl Default for Admin {
 }
 
 impl Admin {
-    /// The admin server's access rules.
-    pub fn rules(&self) -> crate::admin::Rules {
+    /// The admin server's access rules; IPv6 sources grouped by `ipv6_prefix`.
+    pub fn rules(&self, ipv6_prefix: elfin_actors::source::Ipv6Prefix) -> crate::admin::Rules {
         crate::admin::Rules {
             token: self.token.as_ref().map(|t| t.expose().to_owned()),
             allowed_hosts: self.allowed_hosts.clone(),
             trusted_proxies: self.trusted_proxies.clone(),
             session: self.session,
+            ipv6_prefix,
         }
     }
 }

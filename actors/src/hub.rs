@@ -92,14 +92,16 @@ impl Hub {
                 config.auth.devices,
                 &config.limits,
             )),
-            refusals: Arc::default(),
+            refusals: Arc::new(Refusals::new(config.limits.ipv6_prefix)),
             lookups: Arc::new(LookupGuard::new(
                 config.limits.failed_lookups_per_min,
                 config.limits.failed_lookup_delay,
+                config.limits.ipv6_prefix,
             )),
             admission: Admission::new(
                 config.limits.max_connections.get(),
                 config.limits.max_connections_per_ip.get(),
+                config.limits.ipv6_prefix,
             ),
             accepting: Arc::default(),
             started: SystemTime::now(),

@@ -24,6 +24,7 @@
 //! 8. [`server`]: the accept loop and the gateway's lifetime ([`serve`]).
 
 pub mod audit;
+pub mod bounded;
 pub mod bridge;
 pub mod clock;
 pub mod cluster;
@@ -44,6 +45,7 @@ pub mod refusal;
 pub mod registry;
 pub mod server;
 pub mod session;
+pub mod source;
 pub mod store;
 pub mod tenants;
 pub mod tls;

@@ -5,7 +5,11 @@
 //! peer is bounded. [`Limits`] holds the settings; [`Admission`] counts open
 //! connections and hands out a [`Ticket`] per admitted one (returned when the
 //! connection closes); [`TokenBucket`] paces one connection's requests;
-//! [`LookupGuard`] slows down a source address that keeps presenting unknown uuids.
+//! [`LookupGuard`] slows down a source that keeps presenting unknown uuids.
+//!
+//! "Per address" means per [`Source`]: an IPv4 address, or an IPv6 prefix
+//! (`limits.ipv6_prefix`). The tables kept per source are bounded and fail closed
+//! ([`BoundedMap`]).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -17,14 +21,25 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use crate::bounded::BoundedMap;
 use crate::config::de;
+use crate::source::{Ipv6Prefix, Source};
+
+/// Sources whose refusals were logged lately, at most.
+const MAX_WARNED_SOURCES: usize = 10_000;
+/// Sources with failed look-ups tracked at once, at most.
+const MAX_LOOKUP_SOURCES: usize = 100_000;
 
 /// The `[limits]` section.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     pub max_connections: NonZeroUsize,
+    /// Per source: an IPv4 address, or an IPv6 network of `ipv6_prefix` bits.
     pub max_connections_per_ip: NonZeroUsize,
+    /// How many leading bits of an IPv6 address name one source for every
+    /// per-address limit (64: one customer line).
+    pub ipv6_prefix: Ipv6Prefix,
     /// A new connection must send a valid message within this, and any message must
     /// be complete this long after its first byte.
     #[serde(rename = "identify_secs", with = "de::positive_secs")]
@@ -58,6 +73,7 @@ impl Default for Limits {
         Self {
             max_connections: NonZeroUsize::new(50_000).unwrap(),
             max_connections_per_ip: NonZeroUsize::new(2_000).unwrap(),
+            ipv6_prefix: Ipv6Prefix::DEFAULT,
             identify: Duration::from_secs(10),
             idle: Duration::from_secs(180),
             output_queue_bytes: NonZeroUsize::new(1 << 20).unwrap(),
@@ -78,7 +94,7 @@ impl Default for Limits {
 pub enum Refused {
     #[error("the gateway holds its maximum number of connections")]
     Total,
-    #[error("this address holds its maximum number of connections")]
+    #[error("this address (or its IPv6 network) holds its maximum number of connections")]
     PerIp,
 }
 
@@ -91,35 +107,46 @@ impl Refused {
     }
 }
 
-/// Open connections, in all and per source address.
-#[derive(Debug)]
+/// Open connections, in all and per source.
 pub struct Admission {
     max: usize,
     max_per_ip: usize,
+    prefix: Ipv6Prefix,
     open: AtomicUsize,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
-    /// Refusals are logged once a minute per address.
+    per_source: Mutex<HashMap<Source, usize>>,
+    /// Refusals are logged once a minute per source.
     pub warnings: Warnings,
 }
 
-/// When each address was last warned about, so a flood logs once a minute.
-#[derive(Debug, Default)]
+/// When each source was last warned about, so a flood logs once a minute.
 pub struct Warnings {
-    last: Mutex<HashMap<IpAddr, Instant>>,
+    prefix: Ipv6Prefix,
+    last: Mutex<BoundedMap<Source, Option<Instant>>>,
 }
 
 impl Warnings {
-    /// True at most once a minute per address: whether to log.
-    pub fn should_warn(&self, ip: IpAddr) -> bool {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if last.len() > 10_000 {
-            last.retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
+    const EVERY: Duration = Duration::from_secs(60);
+
+    pub fn new(prefix: Ipv6Prefix) -> Self {
+        Self {
+            prefix,
+            last: Mutex::new(BoundedMap::new(
+                "refusal warnings",
+                MAX_WARNED_SOURCES,
+                Self::EVERY,
+            )),
         }
-        match last.get(&ip) {
-            Some(at) if now.duration_since(*at) < Duration::from_secs(60) => false,
+    }
+
+    /// True at most once a minute per source: whether to log.
+    pub fn should_warn(&self, ip: IpAddr) -> bool {
+        let mut table = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let (last, _) = table.touch(&self.prefix.source_of(ip), now, || None);
+        match last {
+            Some(at) if now.duration_since(*at) < Self::EVERY => false,
             _ => {
-                last.insert(ip, now);
+                *last = Some(now);
                 true
             }
         }
@@ -127,20 +154,26 @@ impl Warnings {
 }
 
 /// One admitted connection; dropping it gives its place back.
-#[derive(Debug)]
 pub struct Ticket {
-    ip: IpAddr,
+    source: Source,
     admission: Arc<Admission>,
 }
 
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Ticket({})", self.source)
+    }
+}
+
 impl Admission {
-    pub fn new(max: usize, max_per_ip: usize) -> Arc<Self> {
+    pub fn new(max: usize, max_per_ip: usize, prefix: Ipv6Prefix) -> Arc<Self> {
         Arc::new(Self {
             max,
             max_per_ip,
+            prefix,
             open: AtomicUsize::new(0),
-            per_ip: Mutex::default(),
-            warnings: Warnings::default(),
+            per_source: Mutex::default(),
+            warnings: Warnings::new(prefix),
         })
     }
 
@@ -153,15 +186,16 @@ impl Admission {
         if self.open.load(Ordering::Relaxed) >= self.max {
             return Err(Refused::Total);
         }
-        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        let count = per_ip.entry(ip).or_default();
+        let source = self.prefix.source_of(ip);
+        let mut per_source = self.per_source.lock().unwrap_or_else(|e| e.into_inner());
+        let count = per_source.entry(source).or_default();
         if *count >= self.max_per_ip {
             return Err(Refused::PerIp);
         }
         *count += 1;
         self.open.fetch_add(1, Ordering::Relaxed);
         Ok(Ticket {
-            ip,
+            source,
             admission: self.clone(),
         })
     }
@@ -171,11 +205,11 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         let a = &self.admission;
         a.open.fetch_sub(1, Ordering::Relaxed);
-        let mut per_ip = a.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = per_ip.get_mut(&self.ip) {
+        let mut per_source = a.per_source.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = per_source.get_mut(&self.source) {
             *count -= 1;
             if *count == 0 {
-                per_ip.remove(&self.ip);
+                per_source.remove(&self.source);
             }
         }
     }
@@ -231,17 +265,16 @@ impl TokenBucket {
     }
 }
 
-/// Failed uuid look-ups per source address, in one-minute windows. Past the
-/// threshold, the address's failed look-ups are answered one at a time, `delay` apart,
-/// however many connections it asks from.
-#[derive(Debug)]
+/// Failed uuid look-ups per source, in one-minute windows. Past the threshold, the
+/// source's failed look-ups are answered one at a time, `delay` apart, however many
+/// connections (or addresses of its IPv6 network) it asks from.
 pub struct LookupGuard {
     per_min: u32,
     delay: Duration,
-    failures: Mutex<HashMap<IpAddr, Failures>>,
+    prefix: Ipv6Prefix,
+    failures: Mutex<BoundedMap<Source, Failures>>,
 }
 
-#[derive(Debug)]
 struct Failures {
     /// Start of the current minute, and failures in it.
     since: Instant,
@@ -251,25 +284,30 @@ struct Failures {
 }
 
 impl LookupGuard {
-    pub fn new(per_min: u32, delay: Duration) -> Self {
+    pub fn new(per_min: u32, delay: Duration, prefix: Ipv6Prefix) -> Self {
+        Self::with_capacity(per_min, delay, prefix, MAX_LOOKUP_SOURCES)
+    }
+
+    fn with_capacity(per_min: u32, delay: Duration, prefix: Ipv6Prefix, max: usize) -> Self {
+        // A source is forgotten two minutes after its last failure: its minute has
+        // ended by then, and so has any queue of slowed answers shorter than that.
+        let forget = Duration::from_secs(120);
         Self {
             per_min,
             delay,
-            failures: Mutex::default(),
+            prefix,
+            failures: Mutex::new(BoundedMap::new("failed look-ups", max, forget)),
         }
     }
 
     /// Records a failed look-up from `ip`; returns how long to wait before answering
-    /// (zero below the threshold; past it, the address's answers queue up `delay`
+    /// (zero below the threshold; past it, the source's answers queue up `delay`
     /// apart).
     pub fn failed(&self, ip: IpAddr) -> Duration {
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         let minute = Duration::from_secs(60);
-        if failures.len() > 100_000 {
-            failures.retain(|_, f| now.duration_since(f.since) < minute || f.next > now);
-        }
-        let f = failures.entry(ip).or_insert(Failures {
+        let (f, _) = failures.touch(&self.prefix.source_of(ip), now, || Failures {
             since: now,
             count: 0,
             next: now,
@@ -296,7 +334,7 @@ mod tests {
 
     #[test]
     fn admission_counts_in_all_and_per_address_and_gives_places_back() {
-        let admission = Admission::new(3, 2);
+        let admission = Admission::new(3, 2, Ipv6Prefix::DEFAULT);
         let a1 = admission.admit(ip(1)).unwrap();
         let _a2 = admission.admit(ip(1)).unwrap();
         assert_eq!(admission.admit(ip(1)).unwrap_err(), Refused::PerIp);
@@ -322,7 +360,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn failed_look_ups_slow_down_after_the_threshold_for_a_minute() {
-        let guard = LookupGuard::new(2, Duration::from_secs(1));
+        let guard = LookupGuard::new(2, Duration::from_secs(1), Ipv6Prefix::DEFAULT);
         assert_eq!(guard.failed(ip(1)), Duration::ZERO);
         assert_eq!(guard.failed(ip(1)), Duration::ZERO);
         assert_eq!(guard.failed(ip(1)), Duration::from_secs(1));
@@ -334,9 +372,58 @@ mod tests {
         assert_eq!(guard.failed(ip(1)), Duration::ZERO);
     }
 
+    fn v6(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn an_ipv6_network_counts_as_one_source() {
+        let admission = Admission::new(10, 2, Ipv6Prefix::DEFAULT);
+        let _a = admission.admit(v6("2001:db8:1:2::1")).unwrap();
+        let _b = admission.admit(v6("2001:db8:1:2::2")).unwrap();
+        assert_eq!(
+            admission.admit(v6("2001:db8:1:2:ffff::3")).unwrap_err(),
+            Refused::PerIp
+        );
+        let _other = admission.admit(v6("2001:db8:1:3::1")).unwrap();
+        let _mapped = admission.admit(v6("::ffff:192.0.2.1")).unwrap();
+        let _v4 = admission.admit(IpAddr::from([192, 0, 2, 1])).unwrap();
+        assert_eq!(
+            admission.admit(IpAddr::from([192, 0, 2, 1])).unwrap_err(),
+            Refused::PerIp,
+            "an IPv4-mapped address is its IPv4 address"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rotating_ipv6_addresses_does_not_escape_look_up_pacing() {
+        let guard = LookupGuard::new(2, Duration::from_secs(1), Ipv6Prefix::DEFAULT);
+        let delays: Vec<Duration> = (1..=4u16)
+            .map(|i| guard.failed(IpAddr::from([0x2001, 0xdb8, 0, 7, i, i, i, i])))
+            .collect();
+        assert_eq!(delays[1], Duration::ZERO);
+        assert_eq!(delays[2], Duration::from_secs(1));
+        assert_eq!(delays[3], Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_look_up_table_paces_newcomers_together() {
+        let guard = LookupGuard::with_capacity(2, Duration::from_secs(1), Ipv6Prefix::DEFAULT, 3);
+        for last in 1..=3 {
+            guard.failed(ip(last));
+        }
+        // Every source beyond the table's three shares one count: past two failures
+        // in all, newcomers are slowed, however many addresses they rotate through.
+        assert_eq!(guard.failed(ip(10)), Duration::ZERO);
+        assert_eq!(guard.failed(ip(11)), Duration::ZERO);
+        assert_eq!(guard.failed(ip(12)), Duration::from_secs(1));
+        assert_eq!(guard.failed(ip(13)), Duration::from_secs(2));
+        assert_eq!(guard.failures.lock().unwrap().len(), 3);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn refusals_are_logged_once_a_minute_per_address() {
-        let warnings = Warnings::default();
+        let warnings = Warnings::new(Ipv6Prefix::DEFAULT);
         assert!(warnings.should_warn(ip(1)));
         assert!(!warnings.should_warn(ip(1)));
         assert!(warnings.should_warn(ip(2)));

@@ -62,6 +62,8 @@ pub const AUDIT_DROPPED_TOTAL: &str = "elfin_audit_records_dropped_total";
 pub const REQUESTS_DROPPED_TOTAL: &str = "elfin_requests_dropped_total";
 /// Payload tails held back because they could start a header.
 pub const HELD_TAILS_TOTAL: &str = "elfin_held_tails_total";
+/// Keys filed under a full table's shared entry, by table.
+pub const BOUNDED_TABLE_OVERFLOWS_TOTAL: &str = "elfin_bounded_table_overflows_total";
 /// Open connections, by transport and role.
 pub const CONNECTIONS_OPEN: &str = "elfin_connections_open";
 /// Devices with a live connection.
@@ -91,6 +93,12 @@ pub enum Kind {
 
 /// Every metric: its name, kind, unit and help text.
 pub const CATALOGUE: &[(&str, Kind, Option<metrics::Unit>, &str)] = &[
+    (
+        BOUNDED_TABLE_OVERFLOWS_TOTAL,
+        Kind::Counter,
+        None,
+        "Sources filed under a full per-source table's shared entry (paced together), by table.",
+    ),
     (
         CONNECTIONS_TOTAL,
         Kind::Counter,

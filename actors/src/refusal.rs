@@ -2,9 +2,10 @@
 //! in `elfin_refusals_total{reason}` and logged at info with the peer's address, at
 //! most once a minute per address and reason, or per user and reason for a user's
 //! limits ([`Refusals`]), so a flood costs a line a minute and an operator still sees
-//! why an engineer or a device is turned away.
+//! why an engineer or a device is turned away. "Per address" is per [`Source`] (an
+//! IPv6 network counts once), and the table of what was logged is bounded
+//! ([`BoundedMap`]).
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -12,7 +13,9 @@ use std::time::Duration;
 use bytestring::ByteString;
 use tokio::time::Instant;
 
+use crate::bounded::BoundedMap;
 use crate::metric;
+use crate::source::{Ipv6Prefix, Source};
 
 /// Why the gateway refused what a peer asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -64,30 +67,45 @@ impl Reason {
     }
 }
 
-/// When each (address or user, reason) was last logged.
-#[derive(Debug, Default)]
+/// When each (source or user, reason) was last logged.
 pub struct Refusals {
-    logged: Mutex<HashMap<(Per, Reason), Instant>>,
+    prefix: Ipv6Prefix,
+    logged: Mutex<BoundedMap<(Per, Reason), Option<Instant>>>,
+}
+
+impl Default for Refusals {
+    fn default() -> Self {
+        Self::new(Ipv6Prefix::DEFAULT)
+    }
 }
 
 /// What a refusal's log line is rate-limited by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Per {
-    Address(IpAddr),
+    Address(Source),
     User(ByteString),
 }
 
 /// How often one address is logged for one reason.
 const LOG_EVERY: Duration = Duration::from_secs(60);
 
-/// Entries kept before the old ones are swept.
+/// (Source or user, reason) pairs whose last log line is remembered, at most.
 const MAX_ENTRIES: usize = 10_000;
 
 impl Refusals {
+    /// Refusals whose log lines are rate-limited per source as `prefix` groups them.
+    pub fn new(prefix: Ipv6Prefix) -> Self {
+        Self {
+            prefix,
+            logged: Mutex::new(BoundedMap::new("refusal log", MAX_ENTRIES, LOG_EVERY)),
+        }
+    }
+
     /// Counts a refusal of `peer` and logs `detail` (what was refused, in words) at
-    /// most once a minute per address and reason.
+    /// most once a minute per source and reason.
     pub fn report(&self, peer: IpAddr, reason: Reason, detail: impl FnOnce() -> String) {
-        self.count_and_log(peer, Per::Address(peer), reason, detail);
+        let source = self.prefix.source_of(peer);
+        self.count_and_log(peer, Per::Address(source), reason, detail);
     }
 
     /// As [`Refusals::report`], logged at most once a minute per user and reason
@@ -118,13 +136,11 @@ impl Refusals {
     fn should_log(&self, per: Per, reason: Reason) -> bool {
         let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        if logged.len() >= MAX_ENTRIES {
-            logged.retain(|_, at| now.duration_since(*at) < LOG_EVERY);
-        }
-        match logged.get(&(per.clone(), reason)) {
+        let (last, _) = logged.touch(&(per, reason), now, || None);
+        match last {
             Some(at) if now.duration_since(*at) < LOG_EVERY => false,
             _ => {
-                logged.insert((per, reason), now);
+                *last = Some(now);
                 true
             }
         }
@@ -138,8 +154,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn each_address_and_reason_is_logged_once_a_minute() {
         let refusals = Refusals::default();
-        let a = Per::Address(IpAddr::from([10, 0, 0, 1]));
-        let b = Per::Address(IpAddr::from([10, 0, 0, 2]));
+        let a = Per::Address(Source::V4([10, 0, 0, 1].into()));
+        let b = Per::Address(Source::V4([10, 0, 0, 2].into()));
         assert!(refusals.should_log(a.clone(), Reason::Takeover));
         assert!(!refusals.should_log(a.clone(), Reason::Takeover));
         assert!(

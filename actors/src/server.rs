@@ -94,7 +94,7 @@ pub async fn serve_all(
     };
     let (alive, mut all_closed) = mpsc::channel::<()>(1);
     let shared = Arc::new(Accepting {
-        tls_warnings: Warnings::default(),
+        tls_warnings: Warnings::new(hub.config.limits.ipv6_prefix),
         stop: CancellationToken::new(),
         alive,
         workers: handles,

@@ -9,13 +9,17 @@
 //! - **Pacing**: each wrong token (bearer or login) from a source address makes that
 //!   address wait before its next try, doubling from 1 s up to a minute; meanwhile it
 //!   gets `429` with `Retry-After`, however many requests it sends in parallel. IPv6
-//!   sources are paced by their /64. A valid session is never paced.
+//!   sources are paced by their prefix (`limits.ipv6_prefix`, a /64). A valid session
+//!   is never paced. Behind `admin.trusted_proxies`, the source is read from the
+//!   proxies' headers ([`forwarded`](super::forwarded)). The table of sources is
+//!   bounded and fails closed: once it holds [`MAX_SOURCES`] sources that failed
+//!   lately, every new one shares one pace (logged once).
 //!
 //! Every refusal is counted in `elfin_refusals_total{reason="admin_…"}` and logged with
 //! the source address, at most once a minute per address and reason.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -24,7 +28,10 @@ use actix_web::HttpRequest;
 use rand::RngCore;
 use subtle::ConstantTimeEq;
 
+use super::forwarded;
+use elfin_actors::bounded::BoundedMap;
 use elfin_actors::refusal::{Reason, Refusals};
+use elfin_actors::source::{Ipv6Prefix, Source};
 
 /// The cookie a session travels in.
 pub const COOKIE: &str = "elfin_session";
@@ -33,8 +40,8 @@ const FIRST_WAIT: Duration = Duration::from_secs(1);
 const MAX_WAIT: Duration = Duration::from_secs(60);
 /// An address's failures are forgotten once it has not failed for this long.
 const FORGET_AFTER: Duration = Duration::from_secs(15 * 60);
-/// Source addresses tracked at once; past it, new ones share one pace.
-const MAX_SOURCES: usize = 10_000;
+/// Sources tracked at once; past it, new ones share one pace.
+pub const MAX_SOURCES: usize = 10_000;
 /// Sessions kept at once; past it, the one expiring first is dropped.
 const MAX_SESSIONS: usize = 1_000;
 
@@ -44,20 +51,21 @@ pub struct Rules {
     pub allowed_hosts: Vec<String>,
     pub trusted_proxies: Vec<IpAddr>,
     pub session: Duration,
+    /// How IPv6 sources are grouped (`limits.ipv6_prefix`).
+    pub ipv6_prefix: Ipv6Prefix,
 }
 
 pub struct Guard {
     rules: Rules,
     sessions: Mutex<HashMap<String, Instant>>,
-    failures: Mutex<HashMap<IpAddr, Failures>>,
+    failures: Mutex<BoundedMap<Source, Failures>>,
 }
 
 #[derive(Clone, Copy)]
 struct Failures {
     count: u32,
     /// No try from this source is checked before this.
-    until: Instant,
-    last: Instant,
+    until: tokio::time::Instant,
 }
 
 /// What a request presented, and whether it may go on.
@@ -83,7 +91,7 @@ impl Guard {
         Self {
             rules,
             sessions: Mutex::default(),
-            failures: Mutex::default(),
+            failures: Mutex::new(BoundedMap::new("admin pacing", MAX_SOURCES, FORGET_AFTER)),
         }
     }
 
@@ -178,21 +186,13 @@ impl Guard {
         refusals.report(self.source(req), reason, || detail);
     }
 
-    /// The address a request comes from: through a trusted proxy, the last address
-    /// its `X-Forwarded-For` names.
+    /// The address a request comes from: through trusted proxies, the first address
+    /// from the right of their headers that is not one of them.
     pub fn source(&self, req: &HttpRequest) -> IpAddr {
         let peer = req
             .peer_addr()
             .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
-        if !self.rules.trusted_proxies.contains(&peer) {
-            return peer;
-        }
-        req.headers()
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .and_then(|last| last.trim().parse().ok())
-            .unwrap_or(peer)
+        forwarded::source(peer, req.headers(), &self.rules.trusted_proxies)
     }
 
     fn host_allowed(&self, req: &HttpRequest) -> bool {
@@ -253,61 +253,42 @@ impl Guard {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn lock_failures(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Failures>> {
+    fn lock_failures(&self) -> std::sync::MutexGuard<'_, BoundedMap<Source, Failures>> {
         self.failures.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// How long `source` must still wait, if it must.
+    /// How long `source` must still wait, if it must: its own pace, or the shared
+    /// one while the table is full.
     fn waiting(&self, source: IpAddr) -> Option<Duration> {
+        let now = tokio::time::Instant::now();
         let failures = self.lock_failures();
-        let until = failures.get(&pace_key(source))?.until;
-        until.checked_duration_since(Instant::now())
+        let until = failures
+            .get(&self.rules.ipv6_prefix.source_of(source), now)?
+            .until;
+        until.checked_duration_since(now)
     }
 
     /// Records a wrong token from `source`; answers how long it now waits.
     fn failed(&self, source: IpAddr) -> Duration {
-        let now = Instant::now();
+        let now = tokio::time::Instant::now();
         let mut failures = self.lock_failures();
-        let mut key = pace_key(source);
-        if !failures.contains_key(&key) && failures.len() >= MAX_SOURCES {
-            failures.retain(|_, f| now.duration_since(f.last) < FORGET_AFTER);
-            if failures.len() >= MAX_SOURCES {
-                key = IpAddr::from(Ipv6Addr::UNSPECIFIED);
-            }
-        }
-        let entry = failures.entry(key).or_insert(Failures {
+        let key = self.rules.ipv6_prefix.source_of(source);
+        let (entry, _) = failures.touch(&key, now, || Failures {
             count: 0,
             until: now,
-            last: now,
         });
-        if now.duration_since(entry.last) >= FORGET_AFTER {
-            entry.count = 0;
-        }
         entry.count = entry.count.saturating_add(1);
         let wait = FIRST_WAIT
             .saturating_mul(1 << (entry.count - 1).min(6))
             .min(MAX_WAIT);
         entry.until = now + wait;
-        entry.last = now;
         wait
     }
 
+    /// The right token: the source's own pace is forgotten (a shared one is not).
     fn succeeded(&self, source: IpAddr) {
-        self.lock_failures().remove(&pace_key(source));
-    }
-}
-
-/// Sources are paced by address, IPv6 ones by their /64 (one host's share).
-fn pace_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::from(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
+        self.lock_failures()
+            .remove(&self.rules.ipv6_prefix.source_of(source));
     }
 }
 
@@ -346,6 +327,7 @@ mod tests {
             allowed_hosts: allowed.iter().map(|h| h.to_string()).collect(),
             trusted_proxies: vec!["10.0.0.9".parse().unwrap()],
             session: Duration::from_secs(3600),
+            ipv6_prefix: Ipv6Prefix::DEFAULT,
         })
     }
 
@@ -417,6 +399,40 @@ mod tests {
         g.failed("2001:db8:1:2::1".parse().unwrap());
         assert!(g.waiting("2001:db8:1:2:ffff::9".parse().unwrap()).is_some());
         assert!(g.waiting("2001:db8:1:3::1".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn a_full_table_paces_every_new_source_together() {
+        let g = guard(Some("right"), &[]);
+        let wrong_from = |source: &str| {
+            from("10.0.0.9:5000", "gw")
+                .insert_header(("x-forwarded-for", source))
+                .insert_header((header::AUTHORIZATION, "Bearer wrong"))
+                .to_http_request()
+        };
+        // More sources than the table holds, each with one wrong token.
+        for i in 0..MAX_SOURCES + 50 {
+            let source = IpAddr::from(std::net::Ipv4Addr::from(0xC633_0000 + i as u32));
+            let verdict = g.check(&wrong_from(&source.to_string()), false);
+            assert!(
+                matches!(verdict, Verdict::WrongToken(_) | Verdict::Paced(_)),
+                "{verdict:?}"
+            );
+        }
+        assert_eq!(g.lock_failures().len(), MAX_SOURCES);
+        // A new source is paced at once: it shares the newcomers' pace.
+        let mut paced = 0;
+        for _ in 0..300 {
+            if matches!(
+                g.check(&wrong_from("203.0.113.99"), false),
+                Verdict::Paced(_)
+            ) {
+                paced += 1;
+            }
+        }
+        assert_eq!(paced, 300, "every try of a new source is paced");
+        // Sources with an entry of their own keep it.
+        assert!(g.waiting(IpAddr::from([198, 51, 0, 0])).is_some());
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! a token, every request but the login form and its style sheet needs it, as
 //! `Authorization: Bearer <token>` or in the cookie of a session the form opened.
 
+mod forwarded;
 mod guard;
 mod status;
 
@@ -77,6 +78,7 @@ pub fn start(
     let server = HttpServer::new(move || {
         App::new()
             .app_data(admin.clone())
+            .app_data(web::QueryConfig::default().error_handler(bad_query))
             .wrap(from_fn(authorize))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
@@ -156,6 +158,14 @@ async fn authorize(
     Ok(req.into_response(refused).map_into_right_body())
 }
 
+/// A query string that does not parse (a page that is no number, one too large for
+/// one): a 400 saying why, as JSON like every other refusal of the API.
+fn bad_query(err: actix_web::error::QueryPayloadError, _req: &HttpRequest) -> actix_web::Error {
+    let body = serde_json::json!({ "error": format!("bad query string: {err}") });
+    actix_web::error::InternalError::from_response(err, HttpResponse::BadRequest().json(body))
+        .into()
+}
+
 /// A 429 telling the source when to come back (whole seconds, rounded up).
 fn too_many(wait: Duration) -> actix_web::HttpResponseBuilder {
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -229,29 +239,65 @@ struct AuditQuery {
     per_page: Option<usize>,
 }
 
+/// Pages beyond this are refused rather than read (no store skips further).
+const MAX_AUDIT_OFFSET: usize = 1_000_000_000;
+
+/// What an `/api/audit` request asks for, checked.
+struct AuditRequest {
+    wanted: audit::Wanted,
+    /// Device events rather than tunnels.
+    devices: bool,
+    page: usize,
+    per_page: usize,
+}
+
+impl AuditQuery {
+    /// The request, or why it cannot be answered (a 400).
+    fn request(&self) -> Result<AuditRequest, String> {
+        let per_page = self.per_page.unwrap_or(50).clamp(1, 200);
+        let page = self.page.unwrap_or(1).max(1);
+        let offset = (page - 1)
+            .checked_mul(per_page)
+            .filter(|offset| *offset <= MAX_AUDIT_OFFSET)
+            .ok_or_else(|| format!("page {page}: past the last page there can be"))?;
+        let devices = match self.kind.as_deref() {
+            None | Some("tunnels") => false,
+            Some("devices") => true,
+            Some(other) => return Err(format!("kind {other:?}: expected tunnels or devices")),
+        };
+        if let Some(since) = &self.since {
+            audit::parse_since(since, chrono::Utc::now())?;
+        }
+        let wanted = audit::Wanted {
+            user: self.user.clone(),
+            device: self.device.clone(),
+            since: self.since.clone(),
+            offset,
+            // One more than a page: whether another page follows.
+            limit: per_page + 1,
+        };
+        Ok(AuditRequest {
+            wanted,
+            devices,
+            page,
+            per_page,
+        })
+    }
+}
+
 /// `GET /api/audit?kind=tunnels|devices&user=&device=&since=&page=&per_page=`: one page
 /// of the audit trail, newest first.
 async fn audit_trail(admin: web::Data<Admin>, query: web::Query<AuditQuery>) -> HttpResponse {
-    let per_page = query.per_page.unwrap_or(50).clamp(1, 200);
-    let page = query.page.unwrap_or(1).max(1);
-    let wanted = audit::Wanted {
-        user: query.user.clone(),
-        device: query.device.clone(),
-        since: query.since.clone(),
-        offset: (page - 1).saturating_mul(per_page),
-        // One more than a page: whether another page follows.
-        limit: per_page + 1,
+    let AuditRequest {
+        wanted,
+        devices,
+        page,
+        per_page,
+    } = match query.request() {
+        Ok(request) => request,
+        Err(why) => return HttpResponse::BadRequest().json(serde_json::json!({ "error": why })),
     };
     let store = &*admin.hub.store;
-    let devices = match query.kind.as_deref() {
-        None | Some("tunnels") => false,
-        Some("devices") => true,
-        Some(other) => {
-            return HttpResponse::BadRequest().json(serde_json::json!({
-                "error": format!("kind {other:?}: expected tunnels or devices")
-            }))
-        }
-    };
     let read = async {
         let Some(filter) = audit::filter(store, &wanted).await? else {
             return Ok(Vec::new());
@@ -412,4 +458,67 @@ async fn logout(admin: web::Data<Admin>, req: HttpRequest) -> HttpResponse {
         .insert_header((header::LOCATION, "/login"))
         .cookie(gone)
         .finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(query: &str) -> Result<AuditRequest, String> {
+        web::Query::<AuditQuery>::from_query(query)
+            .map_err(|e| e.to_string())?
+            .request()
+    }
+
+    #[test]
+    fn audit_queries_are_checked_into_requests_or_reasons() {
+        let r = request("kind=devices&page=3&per_page=10&since=24h").unwrap();
+        assert!(r.devices);
+        assert_eq!(
+            (r.page, r.per_page, r.wanted.offset, r.wanted.limit),
+            (3, 10, 20, 11)
+        );
+        for bad in [
+            "since=300000000d",
+            "since=-1h",
+            "kind=everything",
+            "page=18446744073709551615",
+            "page=99999999999999999999999",
+            "per_page=-1",
+        ] {
+            assert!(request(bad).is_err(), "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        /// No query string reaches a panic: each is a request or a reason.
+        #[test]
+        fn no_audit_query_panics(
+            kind in proptest::option::of("\\PC{0,12}"),
+            since in proptest::option::of("[0-9]{0,22}[smhdw]?|\\PC{0,30}"),
+            page in proptest::option::of("[0-9]{1,22}|-?[0-9]{1,4}"),
+            per_page in proptest::option::of("[0-9]{1,22}"),
+            raw in "\\PC{0,60}",
+        ) {
+            let mut pairs = Vec::new();
+            for (name, value) in [("kind", kind), ("since", since), ("page", page), ("per_page", per_page)] {
+                if let Some(value) = value {
+                    pairs.push(format!("{name}={}", urlencode(&value)));
+                }
+            }
+            let _ = request(&pairs.join("&"));
+            let _ = request(&raw);
+        }
+    }
+
+    fn urlencode(text: &str) -> String {
+        text.bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    }
 }

@@ -96,6 +96,7 @@ const EVERY_KEY: &[(&str, &str, Option<&str>)] = &[
     ("ELFIN__TLS__HANDSHAKE_TIMEOUT_SECS", "4", None),
     ("ELFIN__LIMITS__MAX_CONNECTIONS", "100", None),
     ("ELFIN__LIMITS__MAX_CONNECTIONS_PER_IP", "10", None),
+    ("ELFIN__LIMITS__IPV6_PREFIX", "56", None),
     ("ELFIN__LIMITS__IDENTIFY_SECS", "2", None),
     ("ELFIN__LIMITS__IDLE_SECS", "30", None),
     ("ELFIN__LIMITS__OUTPUT_QUEUE_BYTES", "65536", None),
