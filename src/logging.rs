@@ -1,10 +1,13 @@
-//! Log output: env_logger's plain lines (the default, what `journalctl` shows), or one
-//! JSON object per line for log shippers (`log.format = "json"`).
+//! Log output: env_logger's plain lines (the default, what `journalctl` shows) with
+//! control characters escaped ([`escaped`]), or one JSON object per line for log
+//! shippers (`log.format = "json"`).
 
 use std::io::Write as _;
 
 use log::LevelFilter;
 use serde::{Deserialize, Serialize};
+
+use crate::printable::escaped;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -64,6 +67,18 @@ pub fn init(log: &Log) {
                 "msg": record.args().to_string(),
             });
             writeln!(out, "{line}")
+        });
+    } else {
+        builder.format(|out, record| {
+            let message = record.args().to_string();
+            writeln!(
+                out,
+                "[{} {:<5} {}] {}",
+                out.timestamp(),
+                record.level(),
+                record.target(),
+                escaped(&message)
+            )
         });
     }
     builder.init();

@@ -7,6 +7,7 @@ mod admin;
 mod audit;
 mod certs;
 mod logging;
+mod printable;
 mod settings;
 
 use std::path::PathBuf;
@@ -20,6 +21,7 @@ use elfin_actors::store::{self, Store};
 use elfin_actors::tls::Tls;
 use elfin_actors::{Hub, Listen};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use printable::escaped;
 use settings::Settings;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -398,7 +400,12 @@ async fn user_command(settings: &Settings, cmd: UserCommand) -> anyhow::Result<(
         UserCommand::List => {
             println!("{:<36}  {:<20}  {:>7}", "UUID", "NAME", "DEVICES");
             for u in store.users().await? {
-                println!("{:<36}  {:<20}  {:>7}", u.uuid, u.username, u.devices);
+                println!(
+                    "{:<36}  {:<20}  {:>7}",
+                    escaped(&u.uuid),
+                    escaped(&u.username),
+                    u.devices
+                );
             }
         }
     }
@@ -441,14 +448,14 @@ async fn list_devices(settings: &Settings, owner: Option<String>) -> anyhow::Res
     for d in store.devices(owner.as_deref()).await? {
         println!(
             "{:<20}  {:<24}  {:<22}  {}",
-            d.device.mac,
-            d.device.host,
+            escaped(&d.device.mac),
+            escaped(&d.device.host),
             d.device
                 .last_seen
                 .with_timezone(&zone)
                 .format(&settings.query.time_format)
                 .to_string(),
-            d.owner.as_deref().unwrap_or("-")
+            escaped(d.owner.as_deref().unwrap_or("-"))
         );
     }
     Ok(())
@@ -502,14 +509,14 @@ async fn print_audit(settings: &Settings, wanted: audit::Wanted, json: bool) -> 
             "{:<22}  {:<9}  {:<16}  {:<14}  {:<21}  {:<16}  {:>7}  {:>10}  {:>10}  {}",
             t.opened,
             t.seconds.map_or("open".to_owned(), |s| format!("{s} s")),
-            t.user,
-            device,
+            escaped(&t.user),
+            escaped(&device),
             t.client_address,
-            t.client_certificate.as_deref().unwrap_or("-"),
-            t.node,
+            escaped(t.client_certificate.as_deref().unwrap_or("-")),
+            escaped(&t.node),
             t.bytes_to_device,
             t.bytes_from_device,
-            t.cause.as_deref().unwrap_or("-"),
+            escaped(t.cause.as_deref().unwrap_or("-")),
         );
     }
     println!();
@@ -524,12 +531,12 @@ async fn print_audit(settings: &Settings, wanted: audit::Wanted, json: bool) -> 
             "{:<22}  {:<8}  {:<14}  {:<16}  {:<16}  {:<21}  {:>7}  {}",
             e.at,
             e.event,
-            e.device,
-            e.host,
-            e.user,
+            escaped(&e.device),
+            escaped(&e.host),
+            escaped(&e.user),
             e.address,
-            e.node,
-            e.cause.as_deref().unwrap_or("-"),
+            escaped(&e.node),
+            escaped(e.cause.as_deref().unwrap_or("-")),
         );
     }
     Ok(())

@@ -224,3 +224,60 @@ fn every_tunnel_and_device_event_is_in_the_audit_trail_even_after_a_sigterm() {
     );
     assert!(!table.contains(&alice), "no whole uuid: {table}");
 }
+
+#[test]
+fn control_characters_from_peers_never_reach_the_operators_terminal() {
+    let mut gw = Binary::start(&[("ELFIN__QUERY__TIME_ZONE", "UTC")]);
+    let alice = gw.add_user("alice");
+    let evil = "\x1b[31mpump\x1b]0:owned\x07";
+    let device = gw.device(&alice, MAC, evil);
+    drop(device);
+    gw.wait_log("went away");
+    assert!(gw.stop().success());
+
+    let raw = |text: &str| text.chars().any(|c| c.is_control() && c != '\n');
+    let log = gw.log_lines();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("\\x1b[31mpump\\x1b]0:owned\\x07")),
+        "escaped in the log: {log:?}"
+    );
+    assert!(
+        !log.iter().any(|l| raw(l)),
+        "no raw control character in the log"
+    );
+
+    for args in [&["audit"][..], &["device", "list"], &["user", "list"]] {
+        let table = gw.cli(args);
+        assert!(!raw(&table), "{args:?}: {table:?}");
+    }
+    assert!(gw.cli(&["device", "list"]).contains("\\x1b[31mpump"));
+    // JSON output keeps the host name as it is (JSON escapes it).
+    let json = gw.cli(&["audit", "--json"]);
+    let event: Value = serde_json::from_str(json.lines().last().unwrap()).unwrap();
+    assert_eq!(event["device_event"]["host"], evil);
+}
+
+#[test]
+fn time_arguments_out_of_range_are_usage_errors_not_panics() {
+    let gw = Binary::start(&[]);
+    for since in ["300000000d", "9223372036854775807s", "-1h", "soon"] {
+        let (code, stderr) = gw.cli_fails(&["audit", &format!("--since={since}")]);
+        assert_eq!(code, 2, "{since}: {stderr}");
+        assert!(stderr.contains("--since"), "{since}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let (code, stderr) = gw.cli_fails(&["user", "cert", "alice", "--days", "4000000000"]);
+    assert_eq!(code, 2, "{stderr}");
+    for query in [
+        "since=300000000d",
+        "page=18446744073709551615&per_page=200",
+        "page=99999999999999999999999",
+        "per_page=-3",
+    ] {
+        let answer = gw.get(&format!("/api/audit?{query}"));
+        assert_eq!(answer.status, 400, "{query}");
+        assert!(answer.json()["error"].is_string(), "{query}");
+    }
+    assert_eq!(gw.get("/healthz").status, 200, "still serving");
+}

@@ -148,6 +148,24 @@ impl Binary {
         succeeded(command(&self.dir, &self.env).args(args), args)
     }
 
+    /// Runs an operator command that must fail; returns its exit code and stderr.
+    pub fn cli_fails(&self, args: &[&str]) -> (i32, String) {
+        let out = command(&self.dir, &self.env)
+            .args(args)
+            .output()
+            .expect("run elfin-gateway");
+        assert!(!out.status.success(), "{args:?} succeeded");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Every log line so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
     /// Adds a user through the CLI and returns its uuid.
     pub fn add_user(&self, name: &str) -> String {
         self.cli(&["user", "add", name])
