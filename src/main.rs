@@ -189,6 +189,9 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         None => None,
     };
     let tls = settings.tls.files().map(Tls::load).transpose()?;
+    if let Some(tls) = &tls {
+        log::info!("TLS: {}", tls.loaded());
+    }
     let store = store::open(&settings.storage, &settings.mongodb, true).await?;
     let mut config = settings.gateway_config();
     config.tls = tls.clone();
@@ -318,16 +321,20 @@ fn keep_freed_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_memory() {}
 
-/// SIGHUP reads the certificate and key again (after a renewal); a broken or
-/// mismatched pair keeps the one in use.
+/// SIGHUP reads the certificate, its key, the client CA and the revocation list again
+/// (after a renewal or a `user cert --revoke`) and logs what is now in force; a broken
+/// file keeps everything in use, and the log says which file and why.
 async fn reload_on_sighup(mut hangups: Signal, tls: Arc<Tls>) {
     while hangups.recv().await.is_some() {
         match tls.reload() {
-            Ok(()) => log::info!(
-                "TLS certificate reloaded from {}",
+            Ok(loaded) => log::info!(
+                "SIGHUP: TLS certificate reloaded from {}: {loaded}",
                 tls.files().cert.display()
             ),
-            Err(e) => log::error!("TLS certificate not reloaded, keeping the one in use: {e}"),
+            Err(e) => log::error!(
+                "SIGHUP: TLS not reloaded, keeping the certificate and revocation list in \
+                 use: {e}"
+            ),
         }
     }
 }
@@ -385,8 +392,7 @@ async fn user_command(settings: &Settings, cmd: UserCommand) -> anyhow::Result<(
             let generated = password.is_none();
             let password = password.unwrap_or_else(certs::new_password);
             let issued = authority.issue(&name, days, &password)?;
-            std::fs::write(&out, &issued.p12)
-                .with_context(|| format!("cannot write {}", out.display()))?;
+            certs::write_private(&out, &issued.p12)?;
             println!("{}", out.display());
             println!(
                 "serial {} valid until {}",

@@ -250,17 +250,24 @@ impl Settings {
         if tls.listen.is_some() && tls.cert.is_none() {
             return Err(("tls.listen", "needs tls.cert and tls.key".into()));
         }
+        let clients = self.auth.clients.setting();
         if self.auth.clients != Clients::Any && tls.cert.is_none() {
             return Err((
                 "auth.clients",
-                format!("{:?} needs tls.cert and tls.key", self.auth.clients),
+                format!(
+                    "= \"{clients}\" needs TLS: set tls.cert and tls.key (the server's \
+                     certificate chain and private key, PEM), or set auth.clients = \"any\""
+                ),
             ));
         }
         let certificates = matches!(self.auth.clients, Clients::ClientCert | Clients::UserCert);
         if certificates && tls.client_ca.is_none() {
             return Err((
                 "auth.clients",
-                format!("{:?} needs tls.client_ca", self.auth.clients),
+                format!(
+                    "= \"{clients}\" needs tls.client_ca: the CA certificate (PEM) that signs \
+                     the clients' certificates (README, \"Client certificates\")"
+                ),
             ));
         }
         if let Some(addr) = self.admin.listen {
@@ -388,21 +395,27 @@ impl Overrides {
     }
 
     /// The error about `key`, saying which environment variable set it, if one did.
-    /// A secret's value is not shown.
+    /// A secret's value is not shown. A reason about the key's value starts with
+    /// `= value`, and reads on from the key as the operator wrote it
+    /// (`auth.clients = "user-cert" needs ...`).
     fn error(&self, key: &str, reason: String) -> anyhow::Error {
         let name = format!(
             "{ENV_PREFIX}{}",
             key.replace('.', "__").to_ascii_uppercase()
         );
+        let lead = match reason.starts_with("= ") {
+            true => format!("{key} "),
+            false => format!("{key}: "),
+        };
         match self.vars.get(&name) {
             Some(value) if SECRET_KEYS.contains(&key) => {
                 let reason = reason.replace(value.as_str(), "****");
-                anyhow!("settings: {key}: {reason} (environment variable {name})")
+                anyhow!("settings: {lead}{reason} (environment variable {name})")
             }
             Some(value) => {
-                anyhow!("settings: {key}: {reason} (environment variable {name}={value:?})")
+                anyhow!("settings: {lead}{reason} (environment variable {name}={value:?})")
             }
-            None => anyhow!("settings: {key}: {reason}"),
+            None => anyhow!("settings: {lead}{reason}"),
         }
     }
 

@@ -355,3 +355,21 @@ async fn a_tls_only_port_serves_tls_clients_and_closes_plain_ones() {
     send(&mut client, format!("data;{uuid};T1;T1;1;via 443")).await;
     assert_eq!(device.bytes(7).await, b"via 443");
 }
+
+#[test]
+fn a_missing_revocation_list_is_refused_naming_the_setting_and_the_command_that_makes_it() {
+    let pki = Pki::new();
+    pki.issue("localhost", "server");
+    let mut files = pki.files(false, true);
+    files.client_crl = Some(pki.path("clients.crl"));
+    let err = Tls::load(files).unwrap_err().to_string();
+    assert!(err.starts_with("tls.client_crl = "), "{err}");
+    assert!(err.contains("clients.crl"), "{err}");
+    assert!(err.contains("elfin-gateway user cert NAME"), "{err}");
+    assert!(!err.contains("I/O error"), "{err}");
+
+    // A broken key names its setting too.
+    std::fs::write(pki.path("server.key"), "not a key").unwrap();
+    let err = Tls::load(pki.files(false, false)).unwrap_err().to_string();
+    assert!(err.starts_with("tls.key = "), "{err}");
+}

@@ -166,6 +166,14 @@ async fn a_certificate_reaches_its_own_users_devices_and_an_admins_reaches_all()
         ],
     );
     assert!(issued.contains("serial "), "{issued}");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(d.join("alice.p12"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "a key store is its owner's only");
+    }
     let generated = run_cli(&dir, &env, &["user", "cert", "bob"]);
     let password = generated
         .lines()
@@ -246,7 +254,11 @@ async fn a_certificate_reaches_its_own_users_devices_and_an_admins_reaches_all()
     let revoked = run_cli(&dir, &env, &["user", "cert", "--revoke", "alice"]);
     assert!(revoked.contains("revoked "), "{revoked}");
     gw.signal("HUP");
-    gw.wait_log("TLS certificate reloaded");
+    let reloaded = gw.wait_log("TLS certificate reloaded");
+    assert!(
+        reloaded.contains("revocation list with 1 revoked certificate"),
+        "{reloaded}"
+    );
     let shut_out = match connect(&gw, alice_cert).await {
         Err(_) => true,
         Ok(mut tls) => ask(&mut tls, &format!("query;{alice}\n")).await.is_none(),

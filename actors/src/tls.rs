@@ -106,18 +106,44 @@ pub struct TlsFiles {
     pub handshake_timeout: Duration,
 }
 
+/// Why the TLS files cannot be used: the setting that names the file, the file, and
+/// the reason.
 #[derive(Debug, thiserror::Error)]
-#[error("{file}: {reason}")]
+#[error("{setting} = {file:?}: {reason}")]
 pub struct TlsError {
+    pub setting: &'static str,
     pub file: String,
     pub reason: String,
 }
 
 impl TlsError {
-    fn new(file: &Path, reason: impl fmt::Display) -> Self {
+    fn new(setting: &'static str, file: &Path, reason: impl fmt::Display) -> Self {
         Self {
+            setting,
             file: file.display().to_string(),
             reason: reason.to_string(),
+        }
+    }
+}
+
+/// What a load or reload put in force, for the operator's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loaded {
+    /// The server certificate's subject and expiry, in words.
+    pub certificate: String,
+    /// Certificates on the revocation list, if there is one.
+    pub revoked: Option<usize>,
+}
+
+impl fmt::Display for Loaded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "server certificate {}", self.certificate)?;
+        match self.revoked {
+            Some(n) => write!(
+                f,
+                "; client revocation list with {n} revoked certificate(s)"
+            ),
+            None => Ok(()),
         }
     }
 }
@@ -126,6 +152,7 @@ impl TlsError {
 pub struct Tls {
     files: TlsFiles,
     config: RwLock<Arc<ServerConfig>>,
+    loaded: RwLock<Loaded>,
 }
 
 impl fmt::Debug for Tls {
@@ -135,21 +162,31 @@ impl fmt::Debug for Tls {
 }
 
 impl Tls {
-    /// Reads the files; an error names the file at fault.
+    /// Reads the files; an error names the setting and the file at fault.
     pub fn load(files: TlsFiles) -> Result<Arc<Tls>, TlsError> {
-        let config = server_config(&files)?;
+        let (config, loaded) = server_config(&files)?;
         Ok(Arc::new(Tls {
             files,
             config: RwLock::new(Arc::new(config)),
+            loaded: RwLock::new(loaded),
         }))
     }
 
     /// Reads the files again: new handshakes use them, open connections keep going.
-    /// On error the pair in use stays.
-    pub fn reload(&self) -> Result<(), TlsError> {
-        let config = server_config(&self.files)?;
+    /// On error everything in use stays. Says what is now in force.
+    pub fn reload(&self) -> Result<Loaded, TlsError> {
+        let (config, loaded) = server_config(&self.files)?;
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
-        Ok(())
+        *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = loaded.clone();
+        Ok(loaded)
+    }
+
+    /// What is in force now.
+    pub fn loaded(&self) -> Loaded {
+        self.loaded
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn acceptor(&self) -> TlsAcceptor {
@@ -170,14 +207,20 @@ impl Tls {
     }
 }
 
-fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
+fn server_config(files: &TlsFiles) -> Result<(ServerConfig, Loaded), TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .and_then(|certs| certs.collect())
-        .map_err(|e| TlsError::new(&files.cert, e))?;
-    if certs.is_empty() {
-        return Err(TlsError::new(&files.cert, "no certificate in the file"));
-    }
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| TlsError::new(&files.key, e))?;
+        .map_err(|e| TlsError::new("tls.cert", &files.cert, e))?;
+    let Some(leaf) = certs.first() else {
+        return Err(TlsError::new(
+            "tls.cert",
+            &files.cert,
+            "no certificate in the file",
+        ));
+    };
+    let certificate = describe(leaf);
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| TlsError::new("tls.key", &files.key, e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let versions: &[&rustls::SupportedProtocolVersion] = if files.allow_tls12 {
         &[&rustls::version::TLS13, &rustls::version::TLS12]
@@ -186,19 +229,23 @@ fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
     };
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions)
-        .map_err(|e| TlsError::new(&files.cert, e))?;
+        .map_err(|e| TlsError::new("tls.cert", &files.cert, e))?;
+    let mut revoked = None;
     let builder = match &files.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(ca).map_err(|e| TlsError::new(ca, e))? {
-                let cert = cert.map_err(|e| TlsError::new(ca, e))?;
-                roots.add(cert).map_err(|e| TlsError::new(ca, e))?;
+            let ca_error = |e: &dyn fmt::Display| TlsError::new("tls.client_ca", ca, e);
+            for cert in CertificateDer::pem_file_iter(ca).map_err(|e| ca_error(&e))? {
+                let cert = cert.map_err(|e| ca_error(&e))?;
+                roots.add(cert).map_err(|e| ca_error(&e))?;
             }
             let crls = match &files.client_crl {
-                Some(crl) => CertificateRevocationListDer::pem_file_iter(crl)
-                    .and_then(|crls| crls.collect::<Result<Vec<_>, _>>())
-                    .map_err(|e| TlsError::new(crl, e))?,
+                Some(crl) => {
+                    let crls = read_crls(crl)?;
+                    revoked = Some(crls.iter().map(|c| revoked_in(c)).sum());
+                    crls
+                }
                 None => Vec::new(),
             };
             // Clients without a certificate still connect: they are told what is
@@ -207,18 +254,64 @@ fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
                 .with_crls(crls)
                 .allow_unauthenticated()
                 .build()
-                .map_err(|e| TlsError::new(ca, e))?;
+                .map_err(|e| ca_error(&e))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| TlsError::new(&files.key, format!("does not fit the certificate: {e}")))?;
+    let mut config = builder.with_single_cert(certs, key).map_err(|e| {
+        TlsError::new(
+            "tls.key",
+            &files.key,
+            format!("does not fit the certificate: {e}"),
+        )
+    })?;
     // Stateless session tickets: a client that reconnects resumes, client certificate
     // included, whichever worker thread takes it.
-    config.ticketer =
-        rustls::crypto::ring::Ticketer::new().map_err(|e| TlsError::new(&files.cert, e))?;
-    Ok(config)
+    config.ticketer = rustls::crypto::ring::Ticketer::new()
+        .map_err(|e| TlsError::new("tls.cert", &files.cert, e))?;
+    Ok((
+        config,
+        Loaded {
+            certificate,
+            revoked,
+        },
+    ))
+}
+
+/// The revocation lists in `path`. A missing file is refused, not read as an empty
+/// list: a list deleted by mistake must not un-revoke every certificate on it.
+fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    if !path.exists() {
+        return Err(TlsError::new(
+            "tls.client_crl",
+            path,
+            "no such file. `elfin-gateway user cert NAME` writes it with the first \
+             certificate it issues (and `user cert --revoke` updates it); until there is \
+             one, leave tls.client_crl unset. A missing list is not taken as empty, so \
+             deleting it cannot un-revoke a certificate",
+        ));
+    }
+    CertificateRevocationListDer::pem_file_iter(path)
+        .and_then(|crls| crls.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::new("tls.client_crl", path, e))
+}
+
+/// How many certificates a revocation list names (0 if it does not parse here;
+/// rustls then refuses it with its own reason).
+fn revoked_in(crl: &CertificateRevocationListDer<'_>) -> usize {
+    x509_parser::parse_x509_crl(crl).map_or(0, |(_, crl)| crl.iter_revoked_certificates().count())
+}
+
+/// A certificate's subject and expiry, for the log.
+fn describe(cert: &CertificateDer<'_>) -> String {
+    match x509_parser::parse_x509_certificate(cert) {
+        Ok((_, c)) => format!(
+            "{} valid until {}",
+            c.subject(),
+            c.validity().not_after.to_datetime().date()
+        ),
+        Err(_) => "(unreadable)".to_owned(),
+    }
 }
 
 /// Why a client's certificate failed a handshake, in words an operator can act on;
@@ -283,6 +376,18 @@ pub enum Clients {
     /// Only over TLS with a certificate from the client CA that names the user (its
     /// subject's common name): only that user's devices, or every user's for an admin.
     UserCert,
+}
+
+impl Clients {
+    /// The value as `settings.toml` spells it.
+    pub fn setting(self) -> &'static str {
+        match self {
+            Clients::Any => "any",
+            Clients::Tls => "tls",
+            Clients::ClientCert => "client-cert",
+            Clients::UserCert => "user-cert",
+        }
+    }
 }
 
 /// The user a client certificate names: its subject's common name.

@@ -53,6 +53,16 @@ pub struct Status {
     pub store_error: Option<String>,
     /// In cluster mode: this node, its NATS connection and the nodes it hears.
     pub cluster: Option<Members>,
+    pub clock: Clock,
+}
+
+/// The gateway's time as the page shows every time: in `query.time_zone` and
+/// `query.time_format`, with the zone named (one zone on one screen, whatever the
+/// browser's is).
+#[derive(Serialize)]
+pub struct Clock {
+    pub now: String,
+    pub zone: String,
 }
 
 #[derive(Serialize)]
@@ -168,6 +178,7 @@ pub struct DeviceDetail {
     /// It coming and going, newest first.
     pub events: Vec<audit::EventRow>,
     pub audit_error: Option<String>,
+    pub clock: Clock,
 }
 
 #[derive(Serialize)]
@@ -302,6 +313,7 @@ impl StatusBoard {
             sample_secs: SAMPLE_EVERY.as_secs(),
             store_error,
             cluster,
+            clock: self.clock(),
         }
     }
 
@@ -504,7 +516,15 @@ impl StatusBoard {
             tunnels,
             events,
             audit_error,
+            clock: self.clock(),
         })
+    }
+
+    fn clock(&self) -> Clock {
+        Clock {
+            now: self.shown(Utc::now()),
+            zone: self.hub.config.query.time_zone.name().to_owned(),
+        }
     }
 
     /// uuid -> name of the stored users, as last read.

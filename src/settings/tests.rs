@@ -515,3 +515,26 @@ fn the_cluster_waits_for_a_silent_node_at_most_the_stall_time() {
     assert_eq!(c.node_timeout, Duration::from_secs(5));
     assert!(!c.node.is_empty(), "the host name");
 }
+
+#[test]
+fn set_up_errors_name_the_setting_as_the_operator_writes_it() {
+    let err = from_env(&[("ELFIN__AUTH__CLIENTS", "user-cert")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(r#"auth.clients = "user-cert" needs TLS: set tls.cert and tls.key"#),
+        "{err}"
+    );
+    assert!(!err.contains("UserCert"), "{err}");
+    let err = from_env(&[
+        ("ELFIN__AUTH__CLIENTS", "client-cert"),
+        ("ELFIN__TLS__CERT", "server.pem"),
+        ("ELFIN__TLS__KEY", "server.key"),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains(r#"auth.clients = "client-cert" needs tls.client_ca"#),
+        "{err}"
+    );
+}

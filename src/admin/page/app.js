@@ -63,7 +63,7 @@ function render(s) {
 
   chart($("chart-connections"), s.history, "connections", v => v.toFixed(0));
   chart($("chart-throughput"), s.history, "bytes_per_sec", v => bytes(v) + "/s");
-  $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+  $("updated").textContent = "updated " + s.clock.now + " · times in " + s.clock.zone;
 }
 
 // The device list: only the page on screen is fetched, with the search and filter.

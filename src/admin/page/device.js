@@ -63,7 +63,7 @@ function render(d) {
     cell(row, e.cause || "");
     cell(row, e.node);
   });
-  $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+  $("updated").textContent = "updated " + d.clock.now + " · times in " + d.clock.zone;
 }
 
 async function refresh() {
