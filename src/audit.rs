@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use elfin_actors::audit::{DeviceEvent, Filter, TunnelRecord};
+use elfin_actors::audit::{DeviceEvent, Filter, RefusalRecord, TunnelRecord};
 use elfin_actors::device::masked;
 use elfin_actors::query::QueryFormat;
 use elfin_actors::store::{AccountKey, Store, StoreError};
@@ -115,6 +115,7 @@ pub struct TunnelRow {
     pub peer_device: Option<String>,
     pub client_address: String,
     pub client_certificate: Option<String>,
+    pub client_certificate_serial: Option<String>,
     pub node: String,
     /// In `query.time_zone` and `query.time_format`.
     pub opened: String,
@@ -127,6 +128,26 @@ pub struct TunnelRow {
     pub cause: Option<String>,
     pub bytes_to_device: u64,
     pub bytes_from_device: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RefusalRow {
+    /// In `query.time_zone` and `query.time_format`.
+    pub at: String,
+    /// The same in RFC 3339, UTC.
+    pub at_utc: DateTime<Utc>,
+    /// connme, connthem, query, handshake or takeover.
+    pub request: &'static str,
+    /// The user the peer named (masked if it is no user), and the device.
+    pub user: Option<String>,
+    pub device: Option<String>,
+    /// `elfin_refusals_total`'s reason, and in words.
+    pub reason: String,
+    pub detail: String,
+    pub source: String,
+    pub certificate: Option<String>,
+    pub certificate_serial: Option<String>,
+    pub node: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -172,10 +193,27 @@ impl Shown<'_> {
             peer_device: t.peer_device,
             client_address: t.client_addr,
             client_certificate: t.client_cert,
+            client_certificate_serial: t.client_cert_serial,
             node: t.node,
             cause: t.cause,
             bytes_to_device: t.to_device,
             bytes_from_device: t.from_device,
+        }
+    }
+
+    pub fn refusal(&self, r: RefusalRecord) -> RefusalRow {
+        RefusalRow {
+            at: self.time(r.at),
+            at_utc: r.at,
+            request: r.request.label(),
+            user: r.uuid.as_deref().map(|uuid| self.user(uuid)),
+            device: r.device,
+            reason: r.reason,
+            detail: r.detail,
+            source: r.source,
+            certificate: r.certificate,
+            certificate_serial: r.certificate_serial,
+            node: r.node,
         }
     }
 

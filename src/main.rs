@@ -472,9 +472,10 @@ async fn print_audit(settings: &Settings, wanted: audit::Wanted, json: bool) -> 
     let Some(filter) = audit::filter(&*store, &wanted).await? else {
         anyhow::bail!("no user named {:?}", wanted.user.unwrap_or_default());
     };
-    let (tunnels, events, names) = futures::try_join!(
+    let (tunnels, events, refusals, names) = futures::try_join!(
         store.audit_tunnels(&filter),
         store.audit_devices(&filter),
+        store.audit_refusals(&filter),
         audit::user_names(&*store)
     )?;
     let shown = audit::Shown {
@@ -488,6 +489,10 @@ async fn print_audit(settings: &Settings, wanted: audit::Wanted, json: bool) -> 
         }
         for e in events {
             let row = serde_json::json!({ "device_event": shown.event(e) });
+            println!("{row}");
+        }
+        for r in refusals {
+            let row = serde_json::json!({ "refusal": shown.refusal(r) });
             println!("{row}");
         }
         return Ok(());
@@ -518,7 +523,10 @@ async fn print_audit(settings: &Settings, wanted: audit::Wanted, json: bool) -> 
             escaped(&t.user),
             escaped(&device),
             t.client_address,
-            escaped(t.client_certificate.as_deref().unwrap_or("-")),
+            escaped(&certificate(
+                t.client_certificate.as_deref(),
+                t.client_certificate_serial.as_deref()
+            )),
             escaped(&t.node),
             t.bytes_to_device,
             t.bytes_from_device,
@@ -545,5 +553,38 @@ async fn print_audit(settings: &Settings, wanted: audit::Wanted, json: bool) -> 
             escaped(e.cause.as_deref().unwrap_or("-")),
         );
     }
+    println!();
+    println!("REFUSALS ({})", refusals.len());
+    println!(
+        "{:<22}  {:<9}  {:<16}  {:<14}  {:<14}  {:<21}  {:<16}  {:>7}  DETAIL",
+        "AT", "REQUEST", "USER", "DEVICE", "REASON", "SOURCE", "CERTIFICATE", "NODE"
+    );
+    for r in refusals {
+        let r = shown.refusal(r);
+        println!(
+            "{:<22}  {:<9}  {:<16}  {:<14}  {:<14}  {:<21}  {:<16}  {:>7}  {}",
+            r.at,
+            r.request,
+            escaped(r.user.as_deref().unwrap_or("-")),
+            escaped(r.device.as_deref().unwrap_or("-")),
+            r.reason,
+            r.source,
+            escaped(&certificate(
+                r.certificate.as_deref(),
+                r.certificate_serial.as_deref()
+            )),
+            escaped(&r.node),
+            escaped(&r.detail),
+        );
+    }
     Ok(())
+}
+
+/// A certificate as the tables show it: its subject's name and serial.
+fn certificate(name: Option<&str>, serial: Option<&str>) -> String {
+    match (name, serial) {
+        (Some(name), Some(serial)) => format!("{name} #{serial}"),
+        (Some(name), None) => name.to_owned(),
+        (None, _) => "-".to_owned(),
+    }
 }

@@ -281,3 +281,70 @@ fn time_arguments_out_of_range_are_usage_errors_not_panics() {
     }
     assert_eq!(gw.get("/healthz").status, 200, "still serving");
 }
+
+#[test]
+fn refusals_are_in_the_audit_trail_and_tunnel_records_stay_within_their_budget() {
+    let mut gw = Binary::start(&[
+        ("ELFIN__QUERY__TIME_ZONE", "UTC"),
+        ("ELFIN__AUDIT__BUDGET_PER_10MIN", "3"),
+    ]);
+    let alice = gw.add_user("alice");
+    let mut device = gw.device(&alice, MAC, "plc-1");
+
+    // An open tunnel's row shows the bytes it has carried so far.
+    let mut client = gw.tunnel(&alice, MAC);
+    client.send(&[format!("data;{alice};T;T;1;").as_bytes(), &[7u8; 1000]].concat());
+    device.bytes(1000);
+    let page = eventually(
+        || gw.get(&format!("/api/devices/{MAC}")).json(),
+        |p| p["tunnels"][0]["bytes_to_device"] == 1000,
+    );
+    assert_eq!(page["tunnels"][0]["closed"], Value::Null, "still open");
+    client.close();
+    gw.wait_log("tunnel 1 closed by client");
+
+    // Five more tunnels from one engineer: the budget records two more, counts the rest.
+    for n in 2..=6 {
+        gw.tunnel(&alice, MAC).close();
+        gw.wait_log(&format!("tunnel {n} closed by client"));
+    }
+    // A stranger guesses a user: refused, and recorded with what it named.
+    let mut stranger = gw.connect();
+    let guessed = "5f1e2d3c-4b5a-4978-8a6b-5c4d3e2f1a0b";
+    stranger.send(format!("connme;{guessed};{MAC}\n").as_bytes());
+    let _ = stranger.line();
+    let stranger_addr = stranger.raw().local_addr().unwrap().to_string();
+
+    let refusals = eventually(
+        || gw.get("/api/audit?kind=refusals").json(),
+        |p| p["rows"].as_array().is_some_and(|r| !r.is_empty()),
+    );
+    let refusal = &refusals["rows"][0];
+    assert_eq!(refusal["request"], "connme");
+    assert_eq!(refusal["reason"], "unknown_user");
+    assert_eq!(refusal["device"], MAC);
+    assert_eq!(refusal["source"], stranger_addr);
+    assert!(!refusals.to_string().contains(guessed), "no whole uuid");
+    let page = gw.get(&format!("/api/devices/{MAC}")).json();
+    assert_eq!(page["refusals"][0]["request"], "connme", "{page}");
+
+    let tunnels = eventually(
+        || gw.get(&format!("/api/audit?device={MAC}")).json(),
+        |p| p["rows"].as_array().is_some_and(|r| r.len() == 3),
+    );
+    assert_eq!(tunnels["rows"].as_array().unwrap().len(), 3, "{tunnels}");
+    assert!(gw.metric("elfin_audit_records_dropped_total") >= 3);
+    assert!(gw.log_contains("more than 3 tunnels in 10 min"));
+
+    assert!(gw.stop().success());
+    let table = gw.cli(&["audit"]);
+    assert!(table.contains("REFUSALS (1)"), "{table}");
+    assert!(table.contains("unknown_user"), "{table}");
+    let json = gw.cli(&["audit", "--json"]);
+    let refusal: Value = json
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find_map(|v| v.get("refusal").cloned())
+        .unwrap();
+    assert_eq!(refusal["request"], "connme");
+}

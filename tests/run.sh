@@ -10,7 +10,9 @@
 # mode against a real NATS server, and client certificates against ones openssl
 # makes: Debian's chromium, chromium-driver, nats-server and openssl packages are
 # installed if missing, and those tests fail rather than skip without
-# them (ELFIN_REQUIRE_BROWSER, ELFIN_REQUIRE_NATS).
+# them (ELFIN_REQUIRE_BROWSER, ELFIN_REQUIRE_NATS). The IPv6 test makes a network
+# namespace of its own (unshare from util-linux, ip from iproute2; it needs root) and
+# fails rather than skips without one (ELFIN_REQUIRE_NETNS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +21,8 @@ missing=()
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 [ -x /usr/sbin/nats-server ] || [ -x /usr/bin/nats-server ] || missing+=(nats-server)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v ip >/dev/null || missing+=(iproute2)
+command -v unshare >/dev/null || missing+=(util-linux)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing Debian's ${missing[*]} for the tests" >&2
   sudo=""
@@ -27,7 +31,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get install -y -q "${missing[@]}" >/dev/null ||
     { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q "${missing[@]}" >/dev/null; }
 fi
-export ELFIN_REQUIRE_BROWSER=1 ELFIN_REQUIRE_NATS=1
+export ELFIN_REQUIRE_BROWSER=1 ELFIN_REQUIRE_NATS=1 ELFIN_REQUIRE_NETNS=1
 
 venv=target/standin-venv
 if [ -z "${MONGODB_URI:-}" ] && ! "$venv/bin/python" -c "import mockupdb, mongomock" 2>/dev/null; then

@@ -6,7 +6,9 @@ mod common;
 
 use common::mongo::Mongo;
 use common::{at, sighting};
-use elfin_actors::audit::{DeviceChange, DeviceEvent, Filter, TunnelRecord};
+use elfin_actors::audit::{
+    Attempt, AuditBatch, AuditSize, DeviceChange, DeviceEvent, Filter, RefusalRecord, TunnelRecord,
+};
 use elfin_actors::store::embedded::EmbeddedStore;
 use elfin_actors::store::mongo::MongoStore;
 use elfin_actors::store::{Recorded, Sighting, Store, StoreError};
@@ -140,6 +142,7 @@ fn tunnel(id: &str, uuid: &str, device: &str, opened: i64) -> TunnelRecord {
         peer_device: None,
         client_addr: "198.51.100.7:40000".into(),
         client_cert: Some("alice".into()),
+        client_cert_serial: Some("1A2B".into()),
         opened: at(opened),
         closed: None,
         cause: None,
@@ -161,6 +164,34 @@ fn event(uuid: &str, mac: &str, change: DeviceChange, at_ms: i64) -> DeviceEvent
     }
 }
 
+fn batch(tunnels: &[TunnelRecord], events: &[DeviceEvent]) -> AuditBatch {
+    AuditBatch {
+        tunnels: tunnels.to_vec(),
+        events: events.to_vec(),
+        refusals: Vec::new(),
+    }
+}
+
+fn refusal(
+    uuid: Option<&str>,
+    device: Option<&str>,
+    request: Attempt,
+    at_ms: i64,
+) -> RefusalRecord {
+    RefusalRecord {
+        at: at(at_ms),
+        node: "gw-1".into(),
+        request,
+        uuid: uuid.map(str::to_owned),
+        device: device.map(str::to_owned),
+        reason: "user_binding".into(),
+        detail: "connme for user u… with a client certificate: it names user \"bob\"".into(),
+        source: "198.51.100.7:40000".into(),
+        certificate: Some("bob".into()),
+        certificate_serial: Some("0C0FFEE0".into()),
+    }
+}
+
 fn all() -> Filter {
     Filter {
         limit: 100,
@@ -171,7 +202,7 @@ fn all() -> Filter {
 async fn a_tunnel_is_one_record_from_open_to_close(store: &dyn Store) {
     let open = tunnel("t1", "ua", "M1", 1_000);
     store
-        .write_audit(std::slice::from_ref(&open), &[])
+        .write_audit(&batch(std::slice::from_ref(&open), &[]))
         .await
         .unwrap();
     assert_eq!(
@@ -186,7 +217,7 @@ async fn a_tunnel_is_one_record_from_open_to_close(store: &dyn Store) {
         ..open
     };
     store
-        .write_audit(std::slice::from_ref(&closed), &[])
+        .write_audit(&batch(std::slice::from_ref(&closed), &[]))
         .await
         .unwrap();
     assert_eq!(store.audit_tunnels(&all()).await.unwrap(), [closed]);
@@ -206,7 +237,7 @@ async fn audit_records_are_filtered_and_paged_newest_first(store: &dyn Store) {
         event("ub", "M2", DeviceChange::Online, 300),
         event("ua", "M1", DeviceChange::Refused, 400),
     ];
-    store.write_audit(&tunnels, &events).await.unwrap();
+    store.write_audit(&batch(&tunnels, &events)).await.unwrap();
 
     let ids = |records: Vec<TunnelRecord>| records.into_iter().map(|t| t.id).collect::<Vec<_>>();
     let of_m1 = Filter {
@@ -270,13 +301,13 @@ async fn records_past_the_retention_are_pruned(store: &dyn Store) {
     long.closed = Some(at(60_000));
     let open = tunnel("open", "ua", "M1", 50_000);
     store
-        .write_audit(
+        .write_audit(&batch(
             &[old, long, open],
             &[
                 event("ua", "M1", DeviceChange::Online, 1_000),
                 event("ua", "M1", DeviceChange::Offline, 60_000),
             ],
-        )
+        ))
         .await
         .unwrap();
     assert_eq!(store.prune_audit(at(10_000)).await.unwrap(), 2);
@@ -289,6 +320,53 @@ async fn records_past_the_retention_are_pruned(store: &dyn Store) {
         .collect();
     assert_eq!(left, ["open", "long"]);
     assert_eq!(store.audit_devices(&all()).await.unwrap().len(), 1);
+}
+
+async fn refusals_are_recorded_filtered_counted_and_pruned(store: &dyn Store) {
+    let refusals = AuditBatch {
+        refusals: vec![
+            refusal(Some("ua"), Some("M1"), Attempt::Connme, 1_000),
+            refusal(None, None, Attempt::Handshake, 2_000),
+            refusal(Some("ub"), None, Attempt::Query, 3_000),
+            refusal(Some("ua"), Some("M1"), Attempt::Takeover, 50_000),
+        ],
+        ..batch(&[tunnel("t1", "ua", "M1", 1_000)], &[])
+    };
+    store.write_audit(&refusals).await.unwrap();
+    let all_refusals = store.audit_refusals(&all()).await.unwrap();
+    assert_eq!(all_refusals.len(), 4);
+    assert_eq!(
+        all_refusals[0], refusals.refusals[3],
+        "newest first, as written"
+    );
+    let of_m1 = Filter {
+        mac: Some("M1".into()),
+        ..all()
+    };
+    let requests: Vec<Attempt> = store
+        .audit_refusals(&of_m1)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.request)
+        .collect();
+    assert_eq!(requests, [Attempt::Takeover, Attempt::Connme]);
+    let of_ub = Filter {
+        uuid: Some("ub".into()),
+        ..all()
+    };
+    assert_eq!(store.audit_refusals(&of_ub).await.unwrap().len(), 1);
+    assert_eq!(
+        store.audit_size().await.unwrap(),
+        AuditSize {
+            tunnels: 1,
+            device_events: 0,
+            refusals: 4
+        }
+    );
+    // The three old refusals, and the tunnel (open since long before).
+    assert_eq!(store.prune_audit(at(10_000)).await.unwrap(), 4);
+    assert_eq!(store.audit_refusals(&all()).await.unwrap().len(), 1);
 }
 
 /// One test per contract case and backend.
@@ -330,4 +408,5 @@ contract!(
     a_tunnel_is_one_record_from_open_to_close,
     audit_records_are_filtered_and_paged_newest_first,
     records_past_the_retention_are_pruned,
+    refusals_are_recorded_filtered_counted_and_pruned,
 );

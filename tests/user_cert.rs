@@ -249,6 +249,24 @@ async fn a_certificate_reaches_its_own_users_devices_and_an_admins_reaches_all()
         |certificates| certificates.len() == 2,
     );
     assert_eq!(certificates, ["alice", "root"]);
+    // Beside each name, the certificate's serial: two certificates of one user differ.
+    let alice_serial = issued
+        .lines()
+        .find_map(|l| l.strip_prefix("serial "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let rows = gw.get("/api/audit").json()["rows"].clone();
+    let alice_row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["client_certificate"] == "alice")
+        .unwrap();
+    assert_eq!(
+        alice_row["client_certificate_serial"].as_str().unwrap(),
+        alice_serial
+    );
 
     // Revoked and re-read: Alice's certificate no longer completes a handshake.
     let revoked = run_cli(&dir, &env, &["user", "cert", "--revoke", "alice"]);
@@ -266,4 +284,33 @@ async fn a_certificate_reaches_its_own_users_devices_and_an_admins_reaches_all()
     assert!(shut_out, "a revoked certificate still works");
     let line = gw.wait_log("refused 127.0.0.1 (certificate)");
     assert!(line.contains("revoked"), "{line}");
+    // The refused handshake is in the audit trail, and so is Alice's refused request
+    // for Bob's device, with her certificate.
+    let refusals = common::eventually(
+        || gw.get("/api/audit?kind=refusals").json()["rows"].clone(),
+        |rows| {
+            rows.as_array()
+                .is_some_and(|r| r.iter().any(|r| r["request"] == "handshake"))
+        },
+    );
+    let handshake = refusals
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["request"] == "handshake")
+        .unwrap();
+    assert_eq!(handshake["reason"], "certificate");
+    assert!(handshake["detail"].as_str().unwrap().contains("revoked"));
+    let binding = refusals
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["reason"] == "user_binding" && r["request"] == "connme")
+        .unwrap();
+    assert_eq!(binding["device"], BOB_PLC);
+    assert_eq!(binding["certificate"], "alice");
+    assert_eq!(
+        binding["certificate_serial"].as_str().unwrap(),
+        alice_serial
+    );
 }

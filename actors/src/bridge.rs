@@ -46,6 +46,9 @@ struct Audited {
     record: TunnelRecord,
     to_device: Meter,
     from_device: Meter,
+    /// Tunnels of its user or source left out of the trail before it (their budget
+    /// was spent), said in its cause.
+    left_out_before: u32,
 }
 
 impl BridgeManager {
@@ -207,6 +210,12 @@ impl BridgeManager {
         let Some(requester) = &link.requester else {
             return;
         };
+        let Some(left_out_before) = self
+            .trail
+            .admit_tunnel(&requester.uuid, requester.link.remote.ip())
+        else {
+            return;
+        };
         // The device is the `connme` target, or the first of a `connthem` pair.
         let (device, peer, to_device, from_device) = if link.a.role == Role::Device {
             (&link.a, Some(&link.b), &opened.b_sent, &opened.a_sent)
@@ -221,7 +230,16 @@ impl BridgeManager {
             device_addr: device.link.remote.to_string(),
             peer_device: peer.and_then(|p| p.mac()).map(ToString::to_string),
             client_addr: requester.link.remote.to_string(),
-            client_cert: requester.link.certificate.as_deref().map(str::to_owned),
+            client_cert: requester
+                .link
+                .certificate
+                .as_ref()
+                .map(|c| c.user.to_string()),
+            client_cert_serial: requester
+                .link
+                .certificate
+                .as_ref()
+                .map(|c| c.serial.to_string()),
             opened: chrono::Utc::now(),
             closed: None,
             cause: None,
@@ -235,6 +253,7 @@ impl BridgeManager {
                 record,
                 to_device: to_device.clone(),
                 from_device: from_device.clone(),
+                left_out_before,
             },
         );
     }
@@ -245,6 +264,7 @@ impl BridgeManager {
             mut record,
             to_device,
             from_device,
+            left_out_before,
         }) = self.audited.remove(&tunnel)
         else {
             return;
@@ -261,6 +281,13 @@ impl BridgeManager {
             ),
             Cause::Shutdown => "gateway shut down".to_owned(),
         });
+        if left_out_before > 0 {
+            if let Some(cause) = &mut record.cause {
+                cause.push_str(&format!(
+                    " ({left_out_before} earlier tunnels of this user or address not recorded)"
+                ));
+            }
+        }
         record.to_device = to_device.get();
         record.from_device = from_device.get();
         self.trail.tunnel(record);

@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use bytestring::ByteString;
 
+use crate::audit::{Attempt, Refused};
 use crate::bridge::{Link, Requester};
 use crate::clock::Stamp;
 use crate::cluster::wire::WireRole;
@@ -138,27 +139,49 @@ impl Command {
     }
 
     fn name(&self) -> &'static str {
+        self.request().label()
+    }
+
+    /// The command as the audit trail names what a refused peer asked for.
+    fn request(&self) -> Attempt {
         match self {
-            Command::Connme { .. } => "connme",
-            Command::Connthem { .. } => "connthem",
-            Command::Query { .. } => "query",
+            Command::Connme { .. } => Attempt::Connme,
+            Command::Connthem { .. } => Attempt::Connthem,
+            Command::Query { .. } => Attempt::Query,
+        }
+    }
+
+    /// The device the command names first, if any.
+    fn device(&self) -> Option<&str> {
+        match self {
+            Command::Connme { mac, .. } | Command::Connthem { mac1: mac, .. } => Some(mac),
+            Command::Query { .. } => None,
         }
     }
 
     /// Carries the command out for the connection `me` and queues its reply there.
     pub async fn apply(self, hub: &Hub, me: &PeerLink) -> Result<Applied, Unread> {
         if let Err(required) = hub.config.auth.check_client(me.transport, me.remote.ip()) {
-            hub.refusals.report(me.remote.ip(), Reason::Transport, || {
-                format!(
-                    "{} over {}: {required}",
-                    self.name(),
-                    match me.transport {
-                        Transport::Plain => "plain TCP",
-                        Transport::Tls { client_cert: false } => "TLS without a client certificate",
-                        Transport::Tls { client_cert: true } => "TLS",
-                    }
-                )
-            });
+            let detail = format!(
+                "{} over {}: {required}",
+                self.name(),
+                match me.transport {
+                    Transport::Plain => "plain TCP",
+                    Transport::Tls { client_cert: false } => "TLS without a client certificate",
+                    Transport::Tls { client_cert: true } => "TLS",
+                }
+            );
+            hub.refusals
+                .report(me.remote.ip(), Reason::Transport, || detail.clone());
+            record_refusal(
+                hub,
+                me,
+                self.request(),
+                Reason::Transport,
+                Some(self.uuid()),
+                self.device(),
+                detail,
+            );
             refuse(hub, me, Refusal::Requires(required)).await?;
             return Ok(Applied {
                 close: true,
@@ -167,15 +190,24 @@ impl Command {
         }
         let ip = me.remote.ip();
         if hub.config.auth.clients == Clients::UserCert && !hub.config.auth.trusts(ip) {
-            let certificate = me.certificate.as_deref().unwrap_or_default();
+            let certificate = me.certificate.as_ref().map_or("", |c| &*c.user);
             if let Err(unbound) = hub.users.may_reach(certificate, self.uuid()).await {
-                hub.refusals.report(ip, Reason::UserBinding, || {
-                    format!(
-                        "{} for user {} with a client certificate: {unbound}",
-                        self.name(),
-                        masked(self.uuid())
-                    )
-                });
+                let detail = format!(
+                    "{} for user {} with a client certificate: {unbound}",
+                    self.name(),
+                    masked(self.uuid())
+                );
+                hub.refusals
+                    .report(ip, Reason::UserBinding, || detail.clone());
+                record_refusal(
+                    hub,
+                    me,
+                    self.request(),
+                    Reason::UserBinding,
+                    Some(self.uuid()),
+                    self.device(),
+                    detail,
+                );
                 // Answered as for a user that does not exist: the certificate learns
                 // nothing of other users.
                 self.answer_unknown_user(hub, me).await?;
@@ -250,7 +282,7 @@ async fn connme(
     mac: ByteString,
     me: &PeerLink,
 ) -> Result<Tunnel, Refusal> {
-    let found = locate(hub, uuid, &mac, me).await?;
+    let found = locate(hub, Attempt::Connme, uuid, &mac, me).await?;
     let device = reach(hub, found, uuid, &mac, me, WireRole::Client).await?;
     if device.id == me.id {
         return Err(Refusal::ToItself);
@@ -295,8 +327,8 @@ async fn connthem(
         return Err(Refusal::DeviceToItself);
     }
     // Both must be live before either is touched.
-    let a = locate(hub, uuid, &mac1, me).await?;
-    let b = locate(hub, uuid, &mac2, me).await?;
+    let a = locate(hub, Attempt::Connthem, uuid, &mac1, me).await?;
+    let b = locate(hub, Attempt::Connthem, uuid, &mac2, me).await?;
     confirm(hub, &a, uuid, &mac1).await?;
     confirm(hub, &b, uuid, &mac2).await?;
     // Each device's node learns which device the other end is.
@@ -324,7 +356,7 @@ async fn connthem(
 /// The encoded `query` reply.
 async fn query(hub: &Hub, uuid: &ByteString, me: &PeerLink) -> Bytes {
     if hub.users.access(uuid).await.refused() {
-        unknown_user(hub, me, uuid).await;
+        unknown_user(hub, me, Attempt::Query, uuid, None).await;
         return Reply::Devices(Vec::new()).encode();
     }
     let stored = async {
@@ -388,12 +420,13 @@ enum Found {
 /// its source address down once it has failed too often.
 async fn locate(
     hub: &Hub,
+    request: Attempt,
     uuid: &ByteString,
     mac: &ByteString,
     me: &PeerLink,
 ) -> Result<Found, Refusal> {
     if hub.users.access(uuid).await == Access::Refused {
-        unknown_user(hub, me, uuid).await;
+        unknown_user(hub, me, request, uuid, Some(mac)).await;
         return Err(if hub.config.auth.verbose_reasons {
             Refusal::UnknownUser
         } else {
@@ -461,23 +494,57 @@ async fn reach(
         .ok_or_else(|| Refusal::Offline(mac.clone()))
 }
 
-/// Counts a failed uuid look-up from `me`'s address and waits if it has failed too
-/// often this minute.
-/// A request named `uuid`, which is no user's: reported, and paced per address.
-async fn unknown_user(hub: &Hub, me: &PeerLink, uuid: &str) {
+/// A request named `uuid`, which is no user's: reported, recorded, and paced per
+/// address (a source that has failed too often this minute waits).
+async fn unknown_user(
+    hub: &Hub,
+    me: &PeerLink,
+    request: Attempt,
+    uuid: &str,
+    device: Option<&str>,
+) {
+    let detail = format!(
+        "a request named user {}, which does not exist",
+        masked(uuid)
+    );
     hub.refusals
-        .report(me.remote.ip(), Reason::UnknownUser, || {
-            format!(
-                "a request named user {}, which does not exist",
-                masked(uuid)
-            )
-        });
+        .report(me.remote.ip(), Reason::UnknownUser, || detail.clone());
+    record_refusal(
+        hub,
+        me,
+        request,
+        Reason::UnknownUser,
+        Some(uuid),
+        device,
+        detail,
+    );
     metrics::counter!(metric::FAILED_LOOKUPS_TOTAL).increment(1);
     let delay = hub.lookups.failed(me.remote.ip());
     if delay > Duration::ZERO {
         metrics::counter!(metric::FAILED_LOOKUPS_DELAYED_TOTAL).increment(1);
         tokio::time::sleep(delay).await;
     }
+}
+
+/// Records a refused request in the audit trail (within its budgets).
+fn record_refusal(
+    hub: &Hub,
+    me: &PeerLink,
+    request: Attempt,
+    reason: Reason,
+    uuid: Option<&str>,
+    device: Option<&str>,
+    detail: String,
+) {
+    hub.trail.refusal(Refused {
+        request,
+        reason,
+        source: me.remote,
+        uuid,
+        device,
+        certificate: me.certificate.as_deref(),
+        detail,
+    });
 }
 
 /// A field kept beyond this request, copied so it does not pin the read buffer it

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::limits::Ticket;
 use crate::outbox::Writer;
-use crate::tls::Transport;
+use crate::tls::{ClientCert, Transport};
 
 type Reader = Box<dyn AsyncRead + Send + Unpin>;
 
@@ -32,8 +32,8 @@ pub struct Io {
     pub read: Reader,
     pub write: Writer,
     pub transport: Transport,
-    /// The user its client certificate names, if it presented one.
-    pub certificate: Option<Arc<str>>,
+    /// Its client certificate (the user it names, its serial), if it presented one.
+    pub certificate: Option<Arc<ClientCert>>,
     /// The TCP socket under both halves (for [`SocketProbe`]).
     pub fd: RawFd,
 }
@@ -58,7 +58,7 @@ impl Io {
             .peer_certificates()
             .and_then(<[_]>::first);
         let client_cert = leaf.is_some();
-        let certificate = leaf.and_then(|der| crate::tls::certificate_user(der));
+        let certificate = leaf.and_then(|der| crate::tls::client_cert(der));
         let fd = stream.get_ref().0.as_raw_fd();
         let (read, write) = tokio::io::split(stream);
         Io {

@@ -35,6 +35,8 @@ pub struct Hub {
     pub tenants: Arc<Tenants>,
     /// Every refusal, counted and logged.
     pub refusals: Arc<Refusals>,
+    /// The audit trail, where refusals are recorded too.
+    pub trail: Trail,
     /// Open connections, in all and per source address.
     pub admission: Arc<Admission>,
     /// Whether the server accepts connections (from start until shutdown begins).
@@ -69,7 +71,12 @@ impl Hub {
             .node
             .clone()
             .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned());
-        let trail = Trail::new(persistence.clone().recipient(), &node);
+        let trail = Trail::new(
+            persistence.clone().recipient(),
+            &node,
+            &config.audit,
+            config.limits.ipv6_prefix,
+        );
         let debouncer =
             HeartbeatDebouncer::new(config.heartbeat.debounce, persistence.clone().recipient())
                 .start();
@@ -80,7 +87,8 @@ impl Hub {
                 trail.clone(),
             )
             .start(),
-            bridge: BridgeManager::new(trail).start(),
+            bridge: BridgeManager::new(trail.clone()).start(),
+            trail,
             debouncer,
             persistence,
             users: Arc::new(UserDirectory::new(

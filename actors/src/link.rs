@@ -37,8 +37,8 @@ pub struct PeerLink {
     pub id: SessionId,
     pub remote: SocketAddr,
     pub transport: Transport,
-    /// The user its client certificate names (the subject's common name), if any.
-    pub certificate: Option<Arc<str>>,
+    /// Its client certificate (the user it names, its serial), if any.
+    pub certificate: Option<Arc<crate::tls::ClientCert>>,
     pub events: Recipient<PeerEvent>,
     pub out: Outbox,
     /// The thread its actor runs on (a cross-node end of a tunnel to it runs there

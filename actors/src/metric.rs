@@ -64,6 +64,8 @@ pub const REQUESTS_DROPPED_TOTAL: &str = "elfin_requests_dropped_total";
 pub const HELD_TAILS_TOTAL: &str = "elfin_held_tails_total";
 /// Keys filed under a full table's shared entry, by table.
 pub const BOUNDED_TABLE_OVERFLOWS_TOTAL: &str = "elfin_bounded_table_overflows_total";
+/// Records the audit trail holds, by kind (read hourly).
+pub const AUDIT_RECORDS: &str = "elfin_audit_records";
 /// Open connections, by transport and role.
 pub const CONNECTIONS_OPEN: &str = "elfin_connections_open";
 /// Devices with a live connection.
@@ -93,6 +95,12 @@ pub enum Kind {
 
 /// Every metric: its name, kind, unit and help text.
 pub const CATALOGUE: &[(&str, Kind, Option<metrics::Unit>, &str)] = &[
+    (
+        AUDIT_RECORDS,
+        Kind::Gauge,
+        None,
+        "Records the audit trail holds, by kind (tunnels, device_events, refusals), read a minute after start and hourly.",
+    ),
     (
         BOUNDED_TABLE_OVERFLOWS_TOTAL,
         Kind::Counter,

@@ -21,7 +21,7 @@
 //!
 //! (About 600 lines, half of them the tests: outage, refusal, coalescing, batching.)
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use tokio::time::Instant;
 
-use crate::audit::{Audit, DeviceEvent, TunnelRecord};
+use crate::audit::{Audit, AuditBatch, DeviceEvent, RefusalRecord, TunnelRecord};
 use crate::device::Identity;
 use crate::metric;
 use crate::store::{Recorded, Sighting, Store, StoreError};
@@ -57,10 +57,11 @@ pub struct Persistence {
     max_batch: usize,
     /// mac -> newest sighting not written yet.
     pending: HashMap<ByteString, Pending>,
-    /// Audit records not written yet: tunnels by id (the newest record of each), and
-    /// device events in order.
+    /// Audit records not written yet: tunnels by id (the newest record of each),
+    /// device events and refusals in order.
     tunnels: HashMap<String, TunnelRecord>,
-    events: std::collections::VecDeque<DeviceEvent>,
+    events: VecDeque<DeviceEvent>,
+    refusals: VecDeque<RefusalRecord>,
     /// Sightings and audit records of the write in flight.
     in_flight: usize,
     /// How long audit records are kept.
@@ -82,7 +83,8 @@ impl Persistence {
             max_batch: max_batch.max(1),
             pending: HashMap::new(),
             tunnels: HashMap::new(),
-            events: std::collections::VecDeque::new(),
+            events: VecDeque::new(),
+            refusals: VecDeque::new(),
             in_flight: 0,
             retention: Duration::from_secs(90 * 86_400),
             audit_bound: MAX_AUDIT_PENDING,
@@ -98,7 +100,11 @@ impl Persistence {
     }
 
     fn waiting(&self) -> usize {
-        self.pending.len() + self.tunnels.len() + self.events.len()
+        self.pending.len() + self.audit_waiting()
+    }
+
+    fn audit_waiting(&self) -> usize {
+        self.tunnels.len() + self.events.len() + self.refusals.len()
     }
 
     fn keep_audit(&mut self, record: Audit) {
@@ -107,13 +113,14 @@ impl Persistence {
                 self.tunnels.insert(t.id.clone(), t);
             }
             Audit::Device(e) => self.events.push_back(e),
+            Audit::Refusal(r) => self.refusals.push_back(r),
         }
-        if self.tunnels.len() + self.events.len() <= self.audit_bound {
+        if self.audit_waiting() <= self.audit_bound {
             return;
         }
-        // Past the bound (a long outage): the oldest device event goes, or else some
-        // tunnel's record.
-        if self.events.pop_front().is_none() {
+        // Past the bound (a long outage): the oldest refusal goes, or else the oldest
+        // device event, or else some tunnel's record.
+        if self.refusals.pop_front().is_none() && self.events.pop_front().is_none() {
             if let Some(id) = self.tunnels.keys().next().cloned() {
                 self.tunnels.remove(&id);
             }
@@ -123,23 +130,28 @@ impl Persistence {
             self.overflowing = true;
             log::warn!(
                 "more than {MAX_AUDIT_PENDING} audit records wait for the database: dropping \
-                 the oldest device events (then tunnel records) until it takes them again"
+                 the oldest refusals, then device events, then tunnel records until it takes \
+                 them again"
             );
         }
     }
 
     /// Puts back audit records whose write failed, unless a newer record of the same
     /// tunnel arrived meanwhile.
-    fn restore_audit(&mut self, tunnels: Vec<TunnelRecord>, events: Vec<DeviceEvent>) {
-        for t in tunnels {
+    fn restore_audit(&mut self, batch: AuditBatch) {
+        for t in batch.tunnels {
             self.tunnels.entry(t.id.clone()).or_insert(t);
         }
-        for e in events.into_iter().rev() {
+        for e in batch.events.into_iter().rev() {
             self.events.push_front(e);
+        }
+        for r in batch.refusals.into_iter().rev() {
+            self.refusals.push_front(r);
         }
     }
 
-    /// Deletes audit records past the retention, in the background.
+    /// Deletes audit records past the retention, in the background, then reads how
+    /// many the trail holds (`elfin_audit_records{kind}`).
     fn prune(&self, ctx: &mut Context<Self>) {
         let store = self.store.clone();
         let Ok(retention) = chrono::Duration::from_std(self.retention) else {
@@ -152,6 +164,18 @@ impl Persistence {
                     Ok(0) => {}
                     Ok(n) => log::info!("pruned {n} audit records from before {before}"),
                     Err(e) => log::debug!("cannot prune audit records now: {e}"),
+                }
+                match store.audit_size().await {
+                    Ok(size) => {
+                        for (kind, n) in [
+                            ("tunnels", size.tunnels),
+                            ("device_events", size.device_events),
+                            ("refusals", size.refusals),
+                        ] {
+                            metrics::gauge!(metric::AUDIT_RECORDS, "kind" => kind).set(n as f64);
+                        }
+                    }
+                    Err(e) => log::debug!("cannot count audit records now: {e}"),
                 }
             }
             .into_actor(self),
@@ -204,7 +228,7 @@ impl Persistence {
             act.in_flight = 0;
             // Both parts are accounted for; the first failure sets the backoff.
             let sightings = act.sightings_written(batch.sightings, recorded);
-            let audit = act.audit_written(batch.tunnels, batch.events, audited);
+            let audit = act.audit_written(batch.audit, audited);
             match sightings.or(audit) {
                 None => {
                     act.overflowing = false;
@@ -240,11 +264,19 @@ impl Persistence {
             .filter_map(|id| self.tunnels.remove(id))
             .collect();
         let room = self.max_batch.saturating_sub(tunnels.len()).max(1);
-        let events = self.events.drain(..self.events.len().min(room)).collect();
+        let events: Vec<DeviceEvent> = self.events.drain(..self.events.len().min(room)).collect();
+        let room = room.saturating_sub(events.len()).max(1);
+        let refusals = self
+            .refusals
+            .drain(..self.refusals.len().min(room))
+            .collect();
         Batch {
             sightings,
-            tunnels,
-            events,
+            audit: AuditBatch {
+                tunnels,
+                events,
+                refusals,
+            },
         }
     }
 
@@ -295,11 +327,10 @@ impl Persistence {
     /// As [`Persistence::sightings_written`], for audit records.
     fn audit_written(
         &mut self,
-        tunnels: Vec<TunnelRecord>,
-        events: Vec<DeviceEvent>,
+        batch: AuditBatch,
         result: Result<(), StoreError>,
     ) -> Option<StoreError> {
-        let records = tunnels.len() + events.len();
+        let records = batch.len();
         match result {
             Ok(()) => {
                 metrics::counter!(metric::AUDIT_WRITTEN_TOTAL).increment(records as u64);
@@ -312,7 +343,7 @@ impl Persistence {
                 None
             }
             Err(e) => {
-                self.restore_audit(tunnels, events);
+                self.restore_audit(batch);
                 Some(e)
             }
         }
@@ -327,7 +358,7 @@ impl Persistence {
                     "database write failed, keeping {} sightings and {} audit records and \
                      retrying: {e}",
                     self.pending.len(),
-                    self.tunnels.len() + self.events.len()
+                    self.audit_waiting()
                 );
                 self.flush_interval.min(Duration::from_millis(500))
             }
@@ -367,13 +398,12 @@ pub enum Record {
 /// What one write takes to the store.
 struct Batch {
     sightings: Vec<Sighting>,
-    tunnels: Vec<TunnelRecord>,
-    events: Vec<DeviceEvent>,
+    audit: AuditBatch,
 }
 
 impl Batch {
     fn len(&self) -> usize {
-        self.sightings.len() + self.tunnels.len() + self.events.len()
+        self.sightings.len() + self.audit.len()
     }
 
     /// Writes the sightings, then the audit records (each part only if there is one),
@@ -391,11 +421,11 @@ impl Batch {
                 .record(started.elapsed());
             recorded
         };
-        let audited = if self.tunnels.is_empty() && self.events.is_empty() {
+        let audited = if self.audit.is_empty() {
             Ok(())
         } else {
             let started = std::time::Instant::now();
-            let audited = store.write_audit(&self.tunnels, &self.events).await;
+            let audited = store.write_audit(&self.audit).await;
             metrics::histogram!(metric::STORE_ROUND_TRIP_SECONDS, "op" => "audit")
                 .record(started.elapsed());
             audited
@@ -558,16 +588,21 @@ mod tests {
         async fn ping(&self) -> Result<(), StoreError> {
             self.inner.ping().await
         }
-        async fn write_audit(
-            &self,
-            tunnels: &[TunnelRecord],
-            events: &[DeviceEvent],
-        ) -> Result<(), StoreError> {
+        async fn write_audit(&self, batch: &AuditBatch) -> Result<(), StoreError> {
             self.attempts.fetch_add(1, Ordering::SeqCst);
             if self.failing.load(Ordering::SeqCst) {
                 return Err(StoreError::Transient("outage".into()));
             }
-            self.inner.write_audit(tunnels, events).await
+            self.inner.write_audit(batch).await
+        }
+        async fn audit_refusals(
+            &self,
+            filter: &crate::audit::Filter,
+        ) -> Result<Vec<RefusalRecord>, StoreError> {
+            self.inner.audit_refusals(filter).await
+        }
+        async fn audit_size(&self) -> Result<crate::audit::AuditSize, StoreError> {
+            self.inner.audit_size().await
         }
         async fn audit_tunnels(
             &self,
@@ -723,6 +758,7 @@ mod tests {
             peer_device: None,
             client_addr: "192.0.2.2:2".into(),
             client_cert: None,
+            client_cert_serial: None,
             opened: DateTime::<Utc>::from_timestamp_millis(1_000).unwrap(),
             closed: None,
             cause: None,
@@ -773,7 +809,11 @@ mod tests {
         old.at = Utc::now() - chrono::Duration::days(2);
         let mut new = old.clone();
         new.at = Utc::now();
-        store.write_audit(&[], &[old, new]).await.unwrap();
+        let batch = AuditBatch {
+            events: vec![old, new],
+            ..AuditBatch::default()
+        };
+        store.write_audit(&batch).await.unwrap();
         let _persistence = Persistence::new(store.clone(), Duration::from_secs(1), 100)
             .with_retention(Duration::from_secs(86_400))
             .start();

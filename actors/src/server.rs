@@ -21,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::{Attempt, Refused};
 use crate::config::Workers;
 use crate::connection::{Io, Lease};
 use crate::hub::{Hub, ShutdownError};
@@ -295,9 +296,20 @@ async fn handshake(
         Ok(Err(e)) => {
             metrics::counter!(metric::TLS_HANDSHAKES_TOTAL, "result" => "failed").increment(1);
             match crate::tls::certificate_refusal(&e) {
-                Some(why) => hub.refusals.report(peer.ip(), Reason::Certificate, || {
-                    format!("a TLS handshake from {peer}: {why}")
-                }),
+                Some(why) => {
+                    let detail = format!("a TLS handshake from {peer}: {why}");
+                    hub.refusals
+                        .report(peer.ip(), Reason::Certificate, || detail.clone());
+                    hub.trail.refusal(Refused {
+                        request: Attempt::Handshake,
+                        reason: Reason::Certificate,
+                        source: peer,
+                        uuid: None,
+                        device: None,
+                        certificate: None,
+                        detail,
+                    });
+                }
                 None => log::debug!("{peer}: TLS handshake failed: {e}"),
             }
             None

@@ -40,6 +40,7 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::audit::{Attempt, Refused};
 use crate::bridge::{Cause, Unlink};
 use crate::cluster::BeatsElsewhere;
 use crate::command::{answer, refuse, Applied, Command};
@@ -97,7 +98,7 @@ pub struct Session {
     read_limit: Arc<AtomicUsize>,
     transport: Transport,
     /// The user its client certificate names, if any.
-    certificate: Option<Arc<str>>,
+    certificate: Option<Arc<crate::tls::ClientCert>>,
     /// What this connection has shown itself to be; none until it has spoken (the
     /// `role` label of `elfin_connections_open`).
     role: Option<Role>,
@@ -630,6 +631,17 @@ impl Session {
     fn refused_device(&mut self, device: Identity, reason: Reason, detail: String) {
         self.discard = true;
         let (peer, refusals) = (self.remote.ip(), &self.hub.refusals);
+        if reason == Reason::Takeover {
+            self.hub.trail.refusal(Refused {
+                request: Attempt::Takeover,
+                reason,
+                source: self.remote,
+                uuid: Some(&device.key.uuid),
+                device: Some(&device.key.mac),
+                certificate: None,
+                detail: detail.clone(),
+            });
+        }
         match reason {
             Reason::DeviceQuota | Reason::NewDeviceRate => {
                 refusals.report_for_user(peer, &device.key.uuid, reason, || detail)

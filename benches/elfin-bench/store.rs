@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
-use elfin_actors::audit::{DeviceEvent, Filter, TunnelRecord};
+use elfin_actors::audit::{
+    AuditBatch, AuditSize, DeviceEvent, Filter, RefusalRecord, TunnelRecord,
+};
 use elfin_actors::persistence::{Flush, Persistence, Record};
 use elfin_actors::store::embedded::EmbeddedStore;
 use elfin_actors::store::mongo::{MongoStore, HOUSEKEEPING_COMMANDS};
@@ -147,13 +149,18 @@ impl Store for Counted {
     async fn ping(&self) -> Result<(), elfin_actors::store::StoreError> {
         self.inner.ping().await
     }
-    async fn write_audit(
-        &self,
-        tunnels: &[TunnelRecord],
-        events: &[DeviceEvent],
-    ) -> Result<(), elfin_actors::store::StoreError> {
+    async fn write_audit(&self, batch: &AuditBatch) -> Result<(), elfin_actors::store::StoreError> {
         self.writes.fetch_add(1, Ordering::Relaxed);
-        self.inner.write_audit(tunnels, events).await
+        self.inner.write_audit(batch).await
+    }
+    async fn audit_refusals(
+        &self,
+        filter: &Filter,
+    ) -> Result<Vec<RefusalRecord>, elfin_actors::store::StoreError> {
+        self.inner.audit_refusals(filter).await
+    }
+    async fn audit_size(&self) -> Result<AuditSize, elfin_actors::store::StoreError> {
+        self.inner.audit_size().await
     }
     async fn audit_tunnels(
         &self,

@@ -230,7 +230,7 @@ async fn device(admin: web::Data<Admin>, mac: web::Path<String>) -> HttpResponse
 
 #[derive(Deserialize)]
 struct AuditQuery {
-    /// "tunnels" (the default) or "devices".
+    /// "tunnels" (the default), "devices" or "refusals".
     kind: Option<String>,
     user: Option<String>,
     device: Option<String>,
@@ -245,10 +245,27 @@ const MAX_AUDIT_OFFSET: usize = 1_000_000_000;
 /// What an `/api/audit` request asks for, checked.
 struct AuditRequest {
     wanted: audit::Wanted,
-    /// Device events rather than tunnels.
-    devices: bool,
+    kind: AuditKind,
     page: usize,
     per_page: usize,
+}
+
+/// Which records of the trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AuditKind {
+    Tunnels,
+    Devices,
+    Refusals,
+}
+
+impl AuditKind {
+    fn label(self) -> &'static str {
+        match self {
+            AuditKind::Tunnels => "tunnels",
+            AuditKind::Devices => "devices",
+            AuditKind::Refusals => "refusals",
+        }
+    }
 }
 
 impl AuditQuery {
@@ -260,10 +277,15 @@ impl AuditQuery {
             .checked_mul(per_page)
             .filter(|offset| *offset <= MAX_AUDIT_OFFSET)
             .ok_or_else(|| format!("page {page}: past the last page there can be"))?;
-        let devices = match self.kind.as_deref() {
-            None | Some("tunnels") => false,
-            Some("devices") => true,
-            Some(other) => return Err(format!("kind {other:?}: expected tunnels or devices")),
+        let kind = match self.kind.as_deref() {
+            None | Some("tunnels") => AuditKind::Tunnels,
+            Some("devices") => AuditKind::Devices,
+            Some("refusals") => AuditKind::Refusals,
+            Some(other) => {
+                return Err(format!(
+                    "kind {other:?}: expected tunnels, devices or refusals"
+                ))
+            }
         };
         if let Some(since) = &self.since {
             audit::parse_since(since, chrono::Utc::now())?;
@@ -278,19 +300,19 @@ impl AuditQuery {
         };
         Ok(AuditRequest {
             wanted,
-            devices,
+            kind,
             page,
             per_page,
         })
     }
 }
 
-/// `GET /api/audit?kind=tunnels|devices&user=&device=&since=&page=&per_page=`: one page
-/// of the audit trail, newest first.
+/// `GET /api/audit?kind=tunnels|devices|refusals&user=&device=&since=&page=&per_page=`:
+/// one page of the audit trail, newest first.
 async fn audit_trail(admin: web::Data<Admin>, query: web::Query<AuditQuery>) -> HttpResponse {
     let AuditRequest {
         wanted,
-        devices,
+        kind,
         page,
         per_page,
     } = match query.request() {
@@ -307,18 +329,25 @@ async fn audit_trail(admin: web::Data<Admin>, query: web::Query<AuditQuery>) -> 
             names: &names,
             format: &admin.hub.config.query,
         };
-        let rows: Vec<serde_json::Value> = if devices {
-            let events = store.audit_devices(&filter).await?;
-            events
+        let rows: Vec<serde_json::Value> = match kind {
+            AuditKind::Devices => store
+                .audit_devices(&filter)
+                .await?
                 .into_iter()
                 .map(|e| serde_json::json!(shown.event(e)))
-                .collect()
-        } else {
-            let tunnels = store.audit_tunnels(&filter).await?;
-            tunnels
+                .collect(),
+            AuditKind::Tunnels => store
+                .audit_tunnels(&filter)
+                .await?
                 .into_iter()
                 .map(|t| serde_json::json!(shown.tunnel(t)))
-                .collect()
+                .collect(),
+            AuditKind::Refusals => store
+                .audit_refusals(&filter)
+                .await?
+                .into_iter()
+                .map(|r| serde_json::json!(shown.refusal(r)))
+                .collect(),
         };
         Ok::<_, audit::AuditError>(rows)
     };
@@ -329,7 +358,7 @@ async fn audit_trail(admin: web::Data<Admin>, query: web::Query<AuditQuery>) -> 
             HttpResponse::Ok()
                 .insert_header((header::CACHE_CONTROL, "no-store"))
                 .json(serde_json::json!({
-                    "kind": if devices { "devices" } else { "tunnels" },
+                    "kind": kind.label(),
                     "page": page,
                     "per_page": per_page,
                     "more": more,
@@ -473,7 +502,7 @@ mod tests {
     #[test]
     fn audit_queries_are_checked_into_requests_or_reasons() {
         let r = request("kind=devices&page=3&per_page=10&since=24h").unwrap();
-        assert!(r.devices);
+        assert_eq!(r.kind, AuditKind::Devices);
         assert_eq!(
             (r.page, r.per_page, r.wanted.offset, r.wanted.limit),
             (3, 10, 20, 11)

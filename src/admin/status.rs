@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use elfin_actors::audit::TunnelRecord;
 use elfin_actors::bridge::{TunnelInfo, Tunnels};
 use elfin_actors::cluster::{Members, Membership};
 use elfin_actors::device::masked;
@@ -177,6 +178,8 @@ pub struct DeviceDetail {
     pub tunnels: Vec<audit::TunnelRow>,
     /// It coming and going, newest first.
     pub events: Vec<audit::EventRow>,
+    /// Requests, handshakes and takeovers naming it that were refused, newest first.
+    pub refusals: Vec<audit::RefusalRow>,
     pub audit_error: Option<String>,
     pub clock: Clock,
 }
@@ -472,17 +475,17 @@ impl StatusBoard {
             (device, names)
         };
         let now = SystemTime::now();
-        let tunnels_now = tunnels
+        let open: Vec<TunnelInfo> = tunnels
             .map(|r| r.open)
             .unwrap_or_default()
-            .iter()
+            .into_iter()
             .filter(|t| {
                 [&t.a, &t.b]
                     .iter()
                     .any(|e| e.mac().is_some_and(|m| m == mac))
             })
-            .map(|t| tunnel_row(t, now))
             .collect();
+        let tunnels_now = open.iter().map(|t| tunnel_row(t, now)).collect();
         let filter = elfin_actors::audit::Filter {
             mac: Some(mac.to_owned()),
             limit: DEVICE_HISTORY,
@@ -490,21 +493,30 @@ impl StatusBoard {
         };
         let store = &self.hub.store;
         let read = tokio::time::timeout(STORE_TIMEOUT, async {
-            futures::try_join!(store.audit_tunnels(&filter), store.audit_devices(&filter))
+            futures::try_join!(
+                store.audit_tunnels(&filter),
+                store.audit_devices(&filter),
+                store.audit_refusals(&filter)
+            )
         })
         .await;
         let shown = audit::Shown {
             names: &names,
             format: &self.hub.config.query,
         };
-        let (tunnels, events, audit_error) = match read {
-            Ok(Ok((tunnels, events))) => (
-                tunnels.into_iter().map(|t| shown.tunnel(t)).collect(),
+        let (tunnels, events, refusals, audit_error) = match read {
+            Ok(Ok((tunnels, events, refusals))) => (
+                tunnels
+                    .into_iter()
+                    .map(|t| shown.tunnel(self.with_live_bytes(t, &open)))
+                    .collect(),
                 events.into_iter().map(|e| shown.event(e)).collect(),
+                refusals.into_iter().map(|r| shown.refusal(r)).collect(),
                 None,
             ),
-            Ok(Err(e)) => (Vec::new(), Vec::new(), Some(e.to_string())),
+            Ok(Err(e)) => (Vec::new(), Vec::new(), Vec::new(), Some(e.to_string())),
             Err(_) => (
+                Vec::new(),
                 Vec::new(),
                 Vec::new(),
                 Some(format!("the store did not answer within {STORE_TIMEOUT:?}")),
@@ -515,9 +527,29 @@ impl StatusBoard {
             tunnels_now,
             tunnels,
             events,
+            refusals,
             audit_error,
             clock: self.clock(),
         })
+    }
+
+    /// A tunnel record still open on this node, with the bytes it has carried so far
+    /// (the record itself holds them only once it closes).
+    fn with_live_bytes(&self, mut record: TunnelRecord, open: &[TunnelInfo]) -> TunnelRecord {
+        if record.closed.is_some() {
+            return record;
+        }
+        let live = open
+            .iter()
+            .find(|t| self.hub.trail.tunnel_id(t.id) == record.id);
+        if let Some(t) = live {
+            let device_is_a = t.a.mac().is_some_and(|m| **m == record.device);
+            (record.to_device, record.from_device) = match device_is_a {
+                true => (t.b_sent, t.a_sent),
+                false => (t.a_sent, t.b_sent),
+            };
+        }
+        record
     }
 
     fn clock(&self) -> Clock {

@@ -123,6 +123,7 @@ const EVERY_KEY: &[(&str, &str, Option<&str>)] = &[
     ("ELFIN__ADMIN__TRUSTED_PROXIES", r#"["10.0.0.9"]"#, None),
     ("ELFIN__ADMIN__SESSION_SECS", "600", None),
     ("ELFIN__AUDIT__RETENTION_DAYS", "30", None),
+    ("ELFIN__AUDIT__BUDGET_PER_10MIN", "50", None),
     (
         "ELFIN__CLUSTER__NATS_URL",
         r#"["nats://n1:4222", "nats://n2:4222"]"#,

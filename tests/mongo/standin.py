@@ -105,6 +105,8 @@ class StandIn:
             if doc.get("limit"):
                 cursor = cursor.limit(abs(int(doc["limit"])))
             return cursor_reply(db_name, doc[name], list(cursor))
+        if lname == "count":
+            return {"n": coll.count_documents(doc.get("query") or {}), "ok": 1}
         if lname == "listindexes":
             indexes = [
                 {"v": 2, "key": dict(info["key"]), "name": n,

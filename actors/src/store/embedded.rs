@@ -16,7 +16,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::{
     Account, AccountKey, Device, OwnedDevice, Recorded, Sighting, Store, StoreError, User,
 };
-use crate::audit::{DeviceChange, DeviceEvent, Filter, TunnelRecord};
+use crate::audit::{
+    Attempt, AuditBatch, AuditSize, DeviceChange, DeviceEvent, Filter, RefusalRecord, TunnelRecord,
+};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS users (
@@ -42,6 +44,7 @@ CREATE TABLE IF NOT EXISTS audit_tunnels (
     peer_device TEXT,
     client_addr TEXT NOT NULL,
     client_cert TEXT,
+    client_cert_serial TEXT,
     opened_ms INTEGER NOT NULL,
     closed_ms INTEGER,
     cause TEXT,
@@ -66,7 +69,41 @@ CREATE TABLE IF NOT EXISTS audit_devices (
 CREATE INDEX IF NOT EXISTS audit_devices_at ON audit_devices(at_ms);
 CREATE INDEX IF NOT EXISTS audit_devices_uuid ON audit_devices(uuid, at_ms);
 CREATE INDEX IF NOT EXISTS audit_devices_mac ON audit_devices(mac, at_ms);
+CREATE TABLE IF NOT EXISTS audit_refusals (
+    id INTEGER PRIMARY KEY,
+    at_ms INTEGER NOT NULL,
+    node TEXT NOT NULL,
+    request TEXT NOT NULL,
+    uuid TEXT,
+    device TEXT,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    source TEXT NOT NULL,
+    certificate TEXT,
+    certificate_serial TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_refusals_at ON audit_refusals(at_ms);
+CREATE INDEX IF NOT EXISTS audit_refusals_uuid ON audit_refusals(uuid, at_ms);
+CREATE INDEX IF NOT EXISTS audit_refusals_device ON audit_refusals(device, at_ms);
 ";
+
+/// Columns added since a table was first made: (table, column, type).
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("audit_tunnels", "client_cert_serial", "TEXT")];
+
+/// Adds the columns an older database file lacks.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    for (table, column, kind) in ADDED_COLUMNS {
+        let has: bool = conn.query_row(
+            &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
+            [column],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !has {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
+        }
+    }
+    Ok(())
+}
 
 pub struct EmbeddedStore {
     conn: Arc<Mutex<Connection>>,
@@ -90,7 +127,8 @@ impl EmbeddedStore {
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn.pragma_update(None, "synchronous", "NORMAL")?;
             conn.pragma_update(None, "foreign_keys", "ON")?;
-            conn.execute_batch(SCHEMA)
+            conn.execute_batch(SCHEMA)?;
+            migrate(&conn)
         };
         setup().map_err(|e| cannot(&e))?;
         Ok(Self {
@@ -314,28 +352,24 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn write_audit(
-        &self,
-        tunnels: &[TunnelRecord],
-        events: &[DeviceEvent],
-    ) -> Result<(), StoreError> {
-        let (tunnels, events) = (tunnels.to_vec(), events.to_vec());
+    async fn write_audit(&self, batch: &AuditBatch) -> Result<(), StoreError> {
+        let batch = batch.clone();
         self.with(move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
             {
                 let mut tunnel = tx
                     .prepare_cached(
                         "INSERT INTO audit_tunnels (id, node, uuid, device, device_addr,
-                             peer_device, client_addr, client_cert, opened_ms, closed_ms,
-                             cause, to_device, from_device)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                             peer_device, client_addr, client_cert, client_cert_serial,
+                             opened_ms, closed_ms, cause, to_device, from_device)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
                          ON CONFLICT (id) DO UPDATE SET
                              closed_ms = excluded.closed_ms, cause = excluded.cause,
                              to_device = excluded.to_device,
                              from_device = excluded.from_device",
                     )
                     .map_err(unavailable)?;
-                for t in &tunnels {
+                for t in &batch.tunnels {
                     tunnel
                         .execute(params![
                             t.id,
@@ -346,6 +380,7 @@ impl Store for EmbeddedStore {
                             t.peer_device,
                             t.client_addr,
                             t.client_cert,
+                            t.client_cert_serial,
                             t.opened.timestamp_millis(),
                             t.closed.map(|c| c.timestamp_millis()),
                             t.cause,
@@ -361,7 +396,7 @@ impl Store for EmbeddedStore {
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                     )
                     .map_err(unavailable)?;
-                for e in &events {
+                for e in &batch.events {
                     event
                         .execute(params![
                             e.at.timestamp_millis(),
@@ -372,6 +407,29 @@ impl Store for EmbeddedStore {
                             e.change.label(),
                             e.address,
                             e.cause,
+                        ])
+                        .map_err(unavailable)?;
+                }
+                let mut refusal = tx
+                    .prepare_cached(
+                        "INSERT INTO audit_refusals (at_ms, node, request, uuid, device,
+                             reason, detail, source, certificate, certificate_serial)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    )
+                    .map_err(unavailable)?;
+                for r in &batch.refusals {
+                    refusal
+                        .execute(params![
+                            r.at.timestamp_millis(),
+                            r.node,
+                            r.request.label(),
+                            r.uuid,
+                            r.device,
+                            r.reason,
+                            r.detail,
+                            r.source,
+                            r.certificate,
+                            r.certificate_serial,
                         ])
                         .map_err(unavailable)?;
                 }
@@ -387,7 +445,8 @@ impl Store for EmbeddedStore {
             let mut q = conn
                 .prepare_cached(
                     "SELECT id, node, uuid, device, device_addr, peer_device, client_addr,
-                         client_cert, opened_ms, closed_ms, cause, to_device, from_device
+                         client_cert, opened_ms, closed_ms, cause, to_device, from_device,
+                         client_cert_serial
                      FROM audit_tunnels
                      WHERE (?1 IS NULL OR uuid = ?1)
                        AND (?2 IS NULL OR device = ?2 OR peer_device = ?2)
@@ -406,6 +465,7 @@ impl Store for EmbeddedStore {
                         peer_device: r.get(5)?,
                         client_addr: r.get(6)?,
                         client_cert: r.get(7)?,
+                        client_cert_serial: r.get(13)?,
                         opened: time(r.get(8)?),
                         closed: r.get::<_, Option<i64>>(9)?.map(time),
                         cause: r.get(10)?,
@@ -453,6 +513,59 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn audit_refusals(&self, filter: &Filter) -> Result<Vec<RefusalRecord>, StoreError> {
+        let (uuid, mac, since, limit, offset) = filter_params(filter);
+        self.with(move |conn| {
+            let mut q = conn
+                .prepare_cached(
+                    "SELECT at_ms, node, request, uuid, device, reason, detail, source,
+                         certificate, certificate_serial
+                     FROM audit_refusals
+                     WHERE (?1 IS NULL OR uuid = ?1) AND (?2 IS NULL OR device = ?2)
+                       AND (?3 IS NULL OR at_ms >= ?3)
+                     ORDER BY at_ms DESC, id DESC LIMIT ?4 OFFSET ?5",
+                )
+                .map_err(unavailable)?;
+            let rows = q
+                .query_map(params![uuid, mac, since, limit, offset], |r| {
+                    Ok(RefusalRecord {
+                        at: time(r.get(0)?),
+                        node: r.get(1)?,
+                        request: Attempt::parse(&r.get::<_, String>(2)?).unwrap_or(Attempt::Query),
+                        uuid: r.get(3)?,
+                        device: r.get(4)?,
+                        reason: r.get(5)?,
+                        detail: r.get(6)?,
+                        source: r.get(7)?,
+                        certificate: r.get(8)?,
+                        certificate_serial: r.get(9)?,
+                    })
+                })
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(unavailable)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn audit_size(&self) -> Result<AuditSize, StoreError> {
+        self.with(|conn| {
+            let count = |table: &str| -> Result<u64, StoreError> {
+                conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .map(|n| n.max(0) as u64)
+                .map_err(unavailable)
+            };
+            Ok(AuditSize {
+                tunnels: count("audit_tunnels")?,
+                device_events: count("audit_devices")?,
+                refusals: count("audit_refusals")?,
+            })
+        })
+        .await
+    }
+
     async fn prune_audit(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
         let before = before.timestamp_millis();
         self.with(move |conn| {
@@ -465,7 +578,10 @@ impl Store for EmbeddedStore {
             let events = conn
                 .execute("DELETE FROM audit_devices WHERE at_ms < ?1", [before])
                 .map_err(unavailable)?;
-            Ok((tunnels + events) as u64)
+            let refusals = conn
+                .execute("DELETE FROM audit_refusals WHERE at_ms < ?1", [before])
+                .map_err(unavailable)?;
+            Ok((tunnels + events + refusals) as u64)
         })
         .await
     }

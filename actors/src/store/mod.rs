@@ -18,7 +18,7 @@ use bytestring::ByteString;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::audit::{DeviceEvent, Filter, TunnelRecord};
+use crate::audit::{AuditBatch, AuditSize, DeviceEvent, Filter, RefusalRecord, TunnelRecord};
 use crate::config::de;
 
 /// A device was seen: what the persistence actor batches and the store records.
@@ -250,12 +250,8 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
 
     /// Writes audit records in one batch: tunnels by id (a later record of a tunnel
-    /// replaces its earlier one), device events appended.
-    async fn write_audit(
-        &self,
-        tunnels: &[TunnelRecord],
-        events: &[DeviceEvent],
-    ) -> Result<(), StoreError>;
+    /// replaces its earlier one), device events and refusals appended.
+    async fn write_audit(&self, batch: &AuditBatch) -> Result<(), StoreError>;
 
     /// Tunnels of the filter's user and device (as either end of a `connthem`), open
     /// at or after `since`, newest first.
@@ -265,6 +261,13 @@ pub trait Store: Send + Sync + 'static {
     /// first.
     async fn audit_devices(&self, filter: &Filter) -> Result<Vec<DeviceEvent>, StoreError>;
 
+    /// Refusals naming the filter's user and device, at or after `since`, newest
+    /// first.
+    async fn audit_refusals(&self, filter: &Filter) -> Result<Vec<RefusalRecord>, StoreError>;
+
     /// Deletes audit records that ended before `before`; answers how many.
     async fn prune_audit(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
+
+    /// How many records the audit trail holds, by kind.
+    async fn audit_size(&self) -> Result<AuditSize, StoreError>;
 }

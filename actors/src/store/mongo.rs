@@ -39,7 +39,9 @@ use tokio::time::Instant;
 use super::{
     Account, AccountKey, Device, OwnedDevice, Recorded, Sighting, Store, StoreError, User,
 };
-use crate::audit::{DeviceChange, DeviceEvent, Filter, TunnelRecord};
+use crate::audit::{
+    Attempt, AuditBatch, AuditSize, DeviceChange, DeviceEvent, Filter, RefusalRecord, TunnelRecord,
+};
 
 /// How long a cached user (and its `allDevices`) is trusted before it is read again.
 pub const USER_TTL: Duration = Duration::from_secs(60);
@@ -62,6 +64,7 @@ pub const HOUSEKEEPING_COMMANDS: &[&str] = &[
 /// The audit trail's collections: the gateway's own, which the Web UI ignores.
 pub const AUDIT_TUNNELS: &str = "gatewayAuditTunnels";
 pub const AUDIT_DEVICES: &str = "gatewayAuditDevices";
+pub const AUDIT_REFUSALS: &str = "gatewayAuditRefusals";
 
 pub struct MongoStore {
     db: Database,
@@ -69,6 +72,7 @@ pub struct MongoStore {
     devices: Collection<Document>,
     audit_tunnels: Collection<Document>,
     audit_devices: Collection<Document>,
+    audit_refusals: Collection<Document>,
     cache: Mutex<Cache>,
     health: Health,
 }
@@ -116,6 +120,7 @@ impl MongoStore {
             devices: db.collection("devices"),
             audit_tunnels: db.collection(AUDIT_TUNNELS),
             audit_devices: db.collection(AUDIT_DEVICES),
+            audit_refusals: db.collection(AUDIT_REFUSALS),
             db,
             cache: Mutex::default(),
             health: Health::default(),
@@ -135,6 +140,9 @@ impl MongoStore {
             (&self.audit_devices, doc! { "at": -1 }),
             (&self.audit_devices, doc! { "uuid": 1, "at": -1 }),
             (&self.audit_devices, doc! { "mac": 1, "at": -1 }),
+            (&self.audit_refusals, doc! { "at": -1 }),
+            (&self.audit_refusals, doc! { "uuid": 1, "at": -1 }),
+            (&self.audit_refusals, doc! { "device": 1, "at": -1 }),
         ];
         for (coll, keys) in indexes {
             let index = IndexModel::builder().keys(keys).build();
@@ -627,13 +635,10 @@ impl Store for MongoStore {
             .collect())
     }
 
-    async fn write_audit(
-        &self,
-        tunnels: &[TunnelRecord],
-        events: &[DeviceEvent],
-    ) -> Result<(), StoreError> {
-        if !tunnels.is_empty() {
-            let updates: Vec<Document> = tunnels
+    async fn write_audit(&self, batch: &AuditBatch) -> Result<(), StoreError> {
+        if !batch.tunnels.is_empty() {
+            let updates: Vec<Document> = batch
+                .tunnels
                 .iter()
                 .map(|t| {
                     let mut fields = tunnel_doc(t);
@@ -644,10 +649,20 @@ impl Store for MongoStore {
             self.write(doc! { "update": AUDIT_TUNNELS, "updates": updates, "ordered": false })
                 .await?;
         }
-        if !events.is_empty() {
-            let documents: Vec<Document> = events.iter().map(event_doc).collect();
-            self.write(doc! { "insert": AUDIT_DEVICES, "documents": documents, "ordered": false })
-                .await?;
+        for (collection, documents) in [
+            (
+                AUDIT_DEVICES,
+                batch.events.iter().map(event_doc).collect::<Vec<_>>(),
+            ),
+            (
+                AUDIT_REFUSALS,
+                batch.refusals.iter().map(refusal_doc).collect(),
+            ),
+        ] {
+            if !documents.is_empty() {
+                self.write(doc! { "insert": collection, "documents": documents, "ordered": false })
+                    .await?;
+            }
         }
         Ok(())
     }
@@ -687,6 +702,40 @@ impl Store for MongoStore {
         Ok(docs.iter().filter_map(event_from_doc).collect())
     }
 
+    async fn audit_refusals(&self, filter: &Filter) -> Result<Vec<RefusalRecord>, StoreError> {
+        let mut clauses = Vec::new();
+        if let Some(uuid) = &filter.uuid {
+            clauses.push(doc! { "uuid": uuid });
+        }
+        if let Some(mac) = &filter.mac {
+            clauses.push(doc! { "device": mac });
+        }
+        if let Some(since) = filter.since {
+            clauses.push(doc! { "at": { "$gte": bson::DateTime::from_chrono(since) } });
+        }
+        let docs = self
+            .newest_first(&self.audit_refusals, clauses, "at", filter)
+            .await?;
+        Ok(docs.iter().filter_map(refusal_from_doc).collect())
+    }
+
+    async fn audit_size(&self) -> Result<AuditSize, StoreError> {
+        self.check_reachable()?;
+        let count = |coll: &Collection<Document>| {
+            let coll = coll.clone();
+            async move {
+                self.health
+                    .watch(coll.estimated_document_count().await)
+                    .map_err(unavailable)
+            }
+        };
+        Ok(AuditSize {
+            tunnels: count(&self.audit_tunnels).await?,
+            device_events: count(&self.audit_devices).await?,
+            refusals: count(&self.audit_refusals).await?,
+        })
+    }
+
     async fn prune_audit(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
         let before = bson::DateTime::from_chrono(before);
         let tunnels = self
@@ -700,15 +749,15 @@ impl Store for MongoStore {
                     .await,
             )
             .map_err(unavailable)?;
-        let events = self
-            .health
-            .watch(
-                self.audit_devices
-                    .delete_many(doc! { "at": { "$lt": before } })
-                    .await,
-            )
-            .map_err(unavailable)?;
-        Ok(tunnels.deleted_count + events.deleted_count)
+        let mut deleted = tunnels.deleted_count;
+        for coll in [&self.audit_devices, &self.audit_refusals] {
+            let gone = self
+                .health
+                .watch(coll.delete_many(doc! { "at": { "$lt": before } }).await)
+                .map_err(unavailable)?;
+            deleted += gone.deleted_count;
+        }
+        Ok(deleted)
     }
 }
 
@@ -831,6 +880,7 @@ fn tunnel_doc(t: &TunnelRecord) -> Document {
         "peerDevice": t.peer_device.as_deref(),
         "clientAddress": &t.client_addr,
         "clientCertificate": t.client_cert.as_deref(),
+        "clientCertificateSerial": t.client_cert_serial.as_deref(),
         "opened": bson::DateTime::from_chrono(t.opened),
         "closed": t.closed.map(bson::DateTime::from_chrono),
         "cause": t.cause.as_deref(),
@@ -851,6 +901,7 @@ fn tunnel_from_doc(d: &Document) -> Option<TunnelRecord> {
         peer_device: text("peerDevice"),
         client_addr: text("clientAddress").unwrap_or_default(),
         client_cert: text("clientCertificate"),
+        client_cert_serial: text("clientCertificateSerial"),
         opened: d.get_datetime("opened").ok()?.to_chrono(),
         closed: d.get_datetime("closed").ok().map(|c| c.to_chrono()),
         cause: text("cause"),
@@ -883,5 +934,36 @@ fn event_from_doc(d: &Document) -> Option<DeviceEvent> {
         change: DeviceChange::parse(d.get_str("change").ok()?)?,
         address: text("address").unwrap_or_default(),
         cause: text("cause"),
+    })
+}
+
+fn refusal_doc(r: &RefusalRecord) -> Document {
+    doc! {
+        "at": bson::DateTime::from_chrono(r.at),
+        "node": &r.node,
+        "request": r.request.label(),
+        "uuid": r.uuid.as_deref(),
+        "device": r.device.as_deref(),
+        "reason": &r.reason,
+        "detail": &r.detail,
+        "source": &r.source,
+        "certificate": r.certificate.as_deref(),
+        "certificateSerial": r.certificate_serial.as_deref(),
+    }
+}
+
+fn refusal_from_doc(d: &Document) -> Option<RefusalRecord> {
+    let text = |key: &str| d.get_str(key).ok().map(str::to_owned);
+    Some(RefusalRecord {
+        at: d.get_datetime("at").ok()?.to_chrono(),
+        node: text("node").unwrap_or_default(),
+        request: Attempt::parse(d.get_str("request").ok()?)?,
+        uuid: text("uuid"),
+        device: text("device"),
+        reason: text("reason").unwrap_or_default(),
+        detail: text("detail").unwrap_or_default(),
+        source: text("source").unwrap_or_default(),
+        certificate: text("certificate"),
+        certificate_serial: text("certificateSerial"),
     })
 }

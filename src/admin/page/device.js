@@ -10,6 +10,12 @@ function end(e) {
   return who + " (" + e.address + (e.transport === "tls" ? ", TLS" : "") + ")";
 }
 
+// A certificate's subject and serial, as the audit command shows it.
+function certificate(name, serial) {
+  if (!name) return "";
+  return serial ? name + " #" + serial : name;
+}
+
 function rows(table, items, fill) {
   const body = $(table).tBodies[0];
   body.replaceChildren();
@@ -50,7 +56,7 @@ function render(d) {
     cell(row, t.seconds === null ? "open" : age(t.seconds), "num");
     cell(row, t.user);
     cell(row, t.peer_device ? "device " + (t.device === MAC ? t.peer_device : t.device) + " (" + t.client_address + ")" : t.client_address);
-    cell(row, t.client_certificate || "");
+    cell(row, certificate(t.client_certificate, t.client_certificate_serial));
     cell(row, t.node);
     cell(row, bytes(t.bytes_to_device), "num");
     cell(row, bytes(t.bytes_from_device), "num");
@@ -62,6 +68,16 @@ function render(d) {
     cell(row, e.address);
     cell(row, e.cause || "");
     cell(row, e.node);
+  });
+  rows("device-refusals", d.refusals, (row, r) => {
+    cell(row, r.at);
+    cell(row, r.request);
+    cell(row, r.user || "");
+    cell(row, r.reason);
+    cell(row, r.source);
+    cell(row, certificate(r.certificate, r.certificate_serial));
+    cell(row, r.detail);
+    cell(row, r.node);
   });
   $("updated").textContent = "updated " + d.clock.now + " · times in " + d.clock.zone;
 }
