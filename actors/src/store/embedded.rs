@@ -136,6 +136,26 @@ impl EmbeddedStore {
         })
     }
 
+    /// The audit rows `select` reads for `filter` (its parameters: uuid, MAC, since,
+    /// limit and offset, as `?1`..`?5`), each made by `row`.
+    async fn newest_first<T: Send + 'static>(
+        &self,
+        select: &'static str,
+        filter: &Filter,
+        row: fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, StoreError> {
+        let (uuid, mac, since, limit, offset) = filter_params(filter);
+        self.with(move |conn| {
+            let mut q = conn.prepare_cached(select).map_err(unavailable)?;
+            let rows = q
+                .query_map(params![uuid, mac, since, limit, offset], row)
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(unavailable)?;
+            Ok(rows)
+        })
+        .await
+    }
+
     /// Runs `f` on the connection on tokio's blocking pool.
     async fn with<R: Send + 'static>(
         &self,
@@ -440,111 +460,87 @@ impl Store for EmbeddedStore {
     }
 
     async fn audit_tunnels(&self, filter: &Filter) -> Result<Vec<TunnelRecord>, StoreError> {
-        let (uuid, mac, since, limit, offset) = filter_params(filter);
-        self.with(move |conn| {
-            let mut q = conn
-                .prepare_cached(
-                    "SELECT id, node, uuid, device, device_addr, peer_device, client_addr,
-                         client_cert, opened_ms, closed_ms, cause, to_device, from_device,
-                         client_cert_serial
-                     FROM audit_tunnels
-                     WHERE (?1 IS NULL OR uuid = ?1)
-                       AND (?2 IS NULL OR device = ?2 OR peer_device = ?2)
-                       AND (?3 IS NULL OR closed_ms IS NULL OR closed_ms >= ?3)
-                     ORDER BY opened_ms DESC, id DESC LIMIT ?4 OFFSET ?5",
-                )
-                .map_err(unavailable)?;
-            let rows = q
-                .query_map(params![uuid, mac, since, limit, offset], |r| {
-                    Ok(TunnelRecord {
-                        id: r.get(0)?,
-                        node: r.get(1)?,
-                        uuid: r.get(2)?,
-                        device: r.get(3)?,
-                        device_addr: r.get(4)?,
-                        peer_device: r.get(5)?,
-                        client_addr: r.get(6)?,
-                        client_cert: r.get(7)?,
-                        client_cert_serial: r.get(13)?,
-                        opened: time(r.get(8)?),
-                        closed: r.get::<_, Option<i64>>(9)?.map(time),
-                        cause: r.get(10)?,
-                        to_device: r.get::<_, i64>(11)?.max(0) as u64,
-                        from_device: r.get::<_, i64>(12)?.max(0) as u64,
-                    })
+        self.newest_first(
+            "SELECT id, node, uuid, device, device_addr, peer_device, client_addr,
+                 client_cert, opened_ms, closed_ms, cause, to_device, from_device,
+                 client_cert_serial
+             FROM audit_tunnels
+             WHERE (?1 IS NULL OR uuid = ?1)
+               AND (?2 IS NULL OR device = ?2 OR peer_device = ?2)
+               AND (?3 IS NULL OR closed_ms IS NULL OR closed_ms >= ?3)
+             ORDER BY opened_ms DESC, id DESC LIMIT ?4 OFFSET ?5",
+            filter,
+            |r| {
+                Ok(TunnelRecord {
+                    id: r.get(0)?,
+                    node: r.get(1)?,
+                    uuid: r.get(2)?,
+                    device: r.get(3)?,
+                    device_addr: r.get(4)?,
+                    peer_device: r.get(5)?,
+                    client_addr: r.get(6)?,
+                    client_cert: r.get(7)?,
+                    client_cert_serial: r.get(13)?,
+                    opened: time(r.get(8)?),
+                    closed: r.get::<_, Option<i64>>(9)?.map(time),
+                    cause: r.get(10)?,
+                    to_device: r.get::<_, i64>(11)?.max(0) as u64,
+                    from_device: r.get::<_, i64>(12)?.max(0) as u64,
                 })
-                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-                .map_err(unavailable)?;
-            Ok(rows)
-        })
+            },
+        )
         .await
     }
 
     async fn audit_devices(&self, filter: &Filter) -> Result<Vec<DeviceEvent>, StoreError> {
-        let (uuid, mac, since, limit, offset) = filter_params(filter);
-        self.with(move |conn| {
-            let mut q = conn
-                .prepare_cached(
-                    "SELECT at_ms, node, uuid, mac, host, change, address, cause
-                     FROM audit_devices
-                     WHERE (?1 IS NULL OR uuid = ?1) AND (?2 IS NULL OR mac = ?2)
-                       AND (?3 IS NULL OR at_ms >= ?3)
-                     ORDER BY at_ms DESC, id DESC LIMIT ?4 OFFSET ?5",
-                )
-                .map_err(unavailable)?;
-            let rows = q
-                .query_map(params![uuid, mac, since, limit, offset], |r| {
-                    Ok(DeviceEvent {
-                        at: time(r.get(0)?),
-                        node: r.get(1)?,
-                        uuid: r.get(2)?,
-                        mac: r.get(3)?,
-                        host: r.get(4)?,
-                        change: DeviceChange::parse(&r.get::<_, String>(5)?)
-                            .unwrap_or(DeviceChange::Offline),
-                        address: r.get(6)?,
-                        cause: r.get(7)?,
-                    })
+        self.newest_first(
+            "SELECT at_ms, node, uuid, mac, host, change, address, cause
+             FROM audit_devices
+             WHERE (?1 IS NULL OR uuid = ?1) AND (?2 IS NULL OR mac = ?2)
+               AND (?3 IS NULL OR at_ms >= ?3)
+             ORDER BY at_ms DESC, id DESC LIMIT ?4 OFFSET ?5",
+            filter,
+            |r| {
+                Ok(DeviceEvent {
+                    at: time(r.get(0)?),
+                    node: r.get(1)?,
+                    uuid: r.get(2)?,
+                    mac: r.get(3)?,
+                    host: r.get(4)?,
+                    change: DeviceChange::parse(&r.get::<_, String>(5)?)
+                        .unwrap_or(DeviceChange::Offline),
+                    address: r.get(6)?,
+                    cause: r.get(7)?,
                 })
-                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-                .map_err(unavailable)?;
-            Ok(rows)
-        })
+            },
+        )
         .await
     }
 
     async fn audit_refusals(&self, filter: &Filter) -> Result<Vec<RefusalRecord>, StoreError> {
-        let (uuid, mac, since, limit, offset) = filter_params(filter);
-        self.with(move |conn| {
-            let mut q = conn
-                .prepare_cached(
-                    "SELECT at_ms, node, request, uuid, device, reason, detail, source,
-                         certificate, certificate_serial
-                     FROM audit_refusals
-                     WHERE (?1 IS NULL OR uuid = ?1) AND (?2 IS NULL OR device = ?2)
-                       AND (?3 IS NULL OR at_ms >= ?3)
-                     ORDER BY at_ms DESC, id DESC LIMIT ?4 OFFSET ?5",
-                )
-                .map_err(unavailable)?;
-            let rows = q
-                .query_map(params![uuid, mac, since, limit, offset], |r| {
-                    Ok(RefusalRecord {
-                        at: time(r.get(0)?),
-                        node: r.get(1)?,
-                        request: Attempt::parse(&r.get::<_, String>(2)?).unwrap_or(Attempt::Query),
-                        uuid: r.get(3)?,
-                        device: r.get(4)?,
-                        reason: r.get(5)?,
-                        detail: r.get(6)?,
-                        source: r.get(7)?,
-                        certificate: r.get(8)?,
-                        certificate_serial: r.get(9)?,
-                    })
+        self.newest_first(
+            "SELECT at_ms, node, request, uuid, device, reason, detail, source,
+                 certificate, certificate_serial
+             FROM audit_refusals
+             WHERE (?1 IS NULL OR uuid = ?1) AND (?2 IS NULL OR device = ?2)
+               AND (?3 IS NULL OR at_ms >= ?3)
+             ORDER BY at_ms DESC, id DESC LIMIT ?4 OFFSET ?5",
+            filter,
+            |r| {
+                Ok(RefusalRecord {
+                    at: time(r.get(0)?),
+                    node: r.get(1)?,
+                    request: Attempt::parse(&r.get::<_, String>(2)?).unwrap_or(Attempt::Query),
+                    uuid: r.get(3)?,
+                    device: r.get(4)?,
+                    reason: r.get(5)?,
+                    detail: r.get(6)?,
+                    source: r.get(7)?,
+                    certificate: r.get(8)?,
+                    certificate_serial: r.get(9)?,
                 })
-                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-                .map_err(unavailable)?;
-            Ok(rows)
-        })
+            },
+        )
         .await
     }
 
