@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use elfin_actors::audit::{DeviceEvent, Filter, RefusalRecord, TunnelRecord};
-use elfin_actors::device::masked;
+use elfin_actors::masked::masked;
 use elfin_actors::query::QueryFormat;
 use elfin_actors::store::{AccountKey, Store, StoreError};
 

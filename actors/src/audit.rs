@@ -32,10 +32,10 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::bounded::BoundedMap;
+use crate::certificate::ClientCert;
 use crate::metric;
 use crate::refusal::Reason;
 use crate::source::{Ipv6Prefix, Source};
-use crate::tls::ClientCert;
 
 /// Device events recorded per device in a [`WINDOW`]; past it (a device flapping, or
 /// someone replaying its heartbeat to take it over and over) they are counted, not
@@ -459,7 +459,7 @@ fn warn_full(budget: &Budget, limit: u32) {
         Budget::User(kind, uuid) => log::warn!(
             "user {}: more than {limit} {} in {minutes} min (audit.budget_per_10min); the \
              audit trail counts the rest until the window ends",
-            crate::device::masked(uuid),
+            crate::masked::masked(uuid),
             kind.plural()
         ),
         Budget::Source(kind, source) => log::warn!(

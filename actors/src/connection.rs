@@ -21,9 +21,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::certificate::ClientCert;
 use crate::limits::Ticket;
 use crate::outbox::Writer;
-use crate::tls::{ClientCert, Transport};
+use crate::tls::Transport;
 
 type Reader = Box<dyn AsyncRead + Send + Unpin>;
 
@@ -58,7 +59,7 @@ impl Io {
             .peer_certificates()
             .and_then(<[_]>::first);
         let client_cert = leaf.is_some();
-        let certificate = leaf.and_then(|der| crate::tls::client_cert(der));
+        let certificate = leaf.and_then(|der| crate::certificate::client_cert(der));
         let fd = stream.get_ref().0.as_raw_fd();
         let (read, write) = tokio::io::split(stream);
         Io {

@@ -112,10 +112,3 @@ impl Identity {
         }
     }
 }
-
-/// The first characters of a uuid, enough to tell users apart in logs and on the
-/// status page without showing their secret.
-pub fn masked(uuid: &str) -> String {
-    let end = uuid.char_indices().nth(8).map_or(uuid.len(), |(i, _)| i);
-    format!("{}…", &uuid[..end])
-}

@@ -3,8 +3,11 @@
 //! Read it bottom-up; each module uses only those above it in this list:
 //!
 //! 1. [`clock`] (gateway time), [`frame`] (the codec: messages in, replies out),
-//!    [`config`] (the settings' sections and the rules their keys follow) and
-//!    [`metric`] (every metric's name and help text).
+//!    [`config`] (the settings' sections and the rules their keys follow),
+//!    [`metric`] (every metric's name and help text), [`source`] (who a peer is for
+//!    per-address limits: an IPv4 address or an IPv6 prefix), [`bounded`] (per-source
+//!    tables that fail closed when full), [`masked`] (how a uuid is shown) and
+//!    [`certificate`] (the user and serial a client certificate names).
 //! 2. [`audit`] (the audit trail's records), [`store`] (the database: embedded SQLite
 //!    or MongoDB), [`device`] (a connected
 //!    device's identity and last-seen), [`outbox`] (a connection's output: the bounded
@@ -26,6 +29,7 @@
 pub mod audit;
 pub mod bounded;
 pub mod bridge;
+pub mod certificate;
 pub mod clock;
 pub mod cluster;
 pub mod command;
@@ -37,6 +41,7 @@ pub mod frame;
 pub mod hub;
 pub mod limits;
 pub mod link;
+pub mod masked;
 pub mod metric;
 pub mod outbox;
 pub mod persistence;

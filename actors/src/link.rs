@@ -38,7 +38,7 @@ pub struct PeerLink {
     pub remote: SocketAddr,
     pub transport: Transport,
     /// Its client certificate (the user it names, its serial), if any.
-    pub certificate: Option<Arc<crate::tls::ClientCert>>,
+    pub certificate: Option<Arc<crate::certificate::ClientCert>>,
     pub events: Recipient<PeerEvent>,
     pub out: Outbox,
     /// The thread its actor runs on (a cross-node end of a tunnel to it runs there

@@ -49,11 +49,12 @@ use crate::connection::{
     header_hold, precise_sleep, Io, Lease, ReadChunks, SocketProbe, UNTUNNELLED_READ,
 };
 use crate::debouncer;
-use crate::device::{masked, DeviceKey, Identity};
+use crate::device::{DeviceKey, Identity};
 use crate::frame::{Decoder, Frame, Header, Reply, Request, Role};
 use crate::hub::Hub;
 use crate::limits::TokenBucket;
 use crate::link::{next_session_id, PeerEvent, PeerLink, SessionId, Tunnel, TunnelId};
+use crate::masked::masked;
 use crate::metric;
 use crate::outbox::{Bounds, Outbox, Unsent};
 use crate::persistence;
@@ -98,7 +99,7 @@ pub struct Session {
     read_limit: Arc<AtomicUsize>,
     transport: Transport,
     /// The user its client certificate names, if any.
-    certificate: Option<Arc<crate::tls::ClientCert>>,
+    certificate: Option<Arc<crate::certificate::ClientCert>>,
     /// What this connection has shown itself to be; none until it has spoken (the
     /// `role` label of `elfin_connections_open`).
     role: Option<Role>,
