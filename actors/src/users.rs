@@ -4,19 +4,24 @@
 //! Every new device identity, `connme`, `connthem` and `query` asks; the answers are
 //! cached (known users for a minute, unknown ones for a second, so a user added while
 //! the gateway runs is accepted almost at once and a peer repeating an unknown uuid
-//! costs at most one database read a second).
+//! costs at most one database read a second). Both caches hold at most
+//! [`MAX_ENTRIES`] answers, misses included, the least recently used going first: a
+//! peer sending random uuids costs reads (paced by the failed look-up guard), never
+//! memory.
 
-use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use lru::LruCache;
 use tokio::time::Instant;
 
 use crate::store::{Account, AccountKey, Store, StoreError};
 
 const KNOWN_TTL: Duration = Duration::from_secs(60);
 const UNKNOWN_TTL: Duration = Duration::from_secs(1);
-const MAX_ENTRIES: usize = 100_000;
+/// Answers each cache keeps at most.
+pub const MAX_ENTRIES: usize = 100_000;
 
 /// What a peer presenting a uuid may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,14 +52,15 @@ enum UserStatus {
 pub struct UserDirectory {
     store: Arc<dyn Store>,
     require_known_user: bool,
-    cache: Mutex<HashMap<String, (bool, Instant)>>,
+    /// uuid -> (known?, when read).
+    cache: Mutex<LruCache<String, (bool, Instant)>>,
     /// Accounts by uuid and by name, for client certificates (`auth.clients =
     /// "user-cert"`), kept as long as known users.
     accounts: Mutex<Accounts>,
 }
 
 /// Accounts read, by (looked up by uuid?, uuid or name), with when they were read.
-type Accounts = HashMap<(bool, String), (Option<Account>, Instant)>;
+type Accounts = LruCache<(bool, String), (Option<Account>, Instant)>;
 
 /// Why a client certificate may not reach a user.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -69,11 +75,16 @@ pub enum Unbound {
 
 impl UserDirectory {
     pub fn new(store: Arc<dyn Store>, require_known_user: bool) -> Self {
+        Self::with_capacity(store, require_known_user, MAX_ENTRIES)
+    }
+
+    fn with_capacity(store: Arc<dyn Store>, require_known_user: bool, entries: usize) -> Self {
+        let entries = NonZeroUsize::new(entries).unwrap_or(NonZeroUsize::MIN);
         Self {
             store,
             require_known_user,
-            cache: Mutex::new(HashMap::new()),
-            accounts: Mutex::default(),
+            cache: Mutex::new(LruCache::new(entries)),
+            accounts: Mutex::new(LruCache::new(entries)),
         }
     }
 
@@ -112,11 +123,8 @@ impl UserDirectory {
             }
         }
         let account = self.store.account(key).await?;
-        let mut accounts = self.lock_accounts();
-        if accounts.len() >= MAX_ENTRIES {
-            accounts.retain(|_, (_, at)| at.elapsed() < KNOWN_TTL);
-        }
-        accounts.insert(cache_key, (account.clone(), Instant::now()));
+        self.lock_accounts()
+            .put(cache_key, (account.clone(), Instant::now()));
         Ok(account)
     }
 
@@ -134,7 +142,11 @@ impl UserDirectory {
     }
 
     async fn check(&self, uuid: &str) -> UserStatus {
-        let cached = self.cache.lock().ok().and_then(|c| c.get(uuid).copied());
+        let cached = self
+            .cache
+            .lock()
+            .ok()
+            .and_then(|mut c| c.get(uuid).copied());
         if let Some((known, at)) = cached {
             let ttl = if known { KNOWN_TTL } else { UNKNOWN_TTL };
             if at.elapsed() < ttl {
@@ -144,10 +156,7 @@ impl UserDirectory {
         match self.store.user_exists(uuid).await {
             Ok(known) => {
                 if let Ok(mut cache) = self.cache.lock() {
-                    if cache.len() >= MAX_ENTRIES {
-                        cache.retain(|_, (known, at)| *known && at.elapsed() < KNOWN_TTL);
-                    }
-                    cache.insert(uuid.to_owned(), (known, Instant::now()));
+                    cache.put(uuid.to_owned(), (known, Instant::now()));
                 }
                 status(known)
             }
@@ -167,5 +176,29 @@ fn status(known: bool) -> UserStatus {
         UserStatus::Known
     } else {
         UserStatus::Unknown
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+
+    #[tokio::test]
+    async fn the_caches_stay_within_their_bound_whatever_uuids_arrive() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("db")).unwrap());
+        store.add_user("alice", "ua").await.unwrap();
+        let users = UserDirectory::with_capacity(store, true, 50);
+        assert_eq!(users.access("ua").await, Access::Member);
+        for i in 0..500 {
+            let uuid = format!("random-{i}");
+            assert_eq!(users.access(&uuid).await, Access::Refused);
+            let _ = users.may_reach("alice", &uuid).await;
+        }
+        assert_eq!(users.cache.lock().unwrap().len(), 50, "misses included");
+        assert_eq!(users.lock_accounts().len(), 50);
+        // The known user is read again once pushed out: still a member.
+        assert_eq!(users.access("ua").await, Access::Member);
     }
 }
