@@ -5,7 +5,9 @@
 //! client loads; and revocation: the list the gateway checks at every handshake
 //! (`tls.client_crl`), with beside it the ledger of what was issued
 //! (`<client_crl>.issued`, one certificate a line: serial, user, expiry, revocation),
-//! so a user's certificates can be revoked by name.
+//! and the users revoked as a whole (`<client_crl>.users`, read by the gateway too,
+//! see [`elfin_actors::revocation`]): revoking a user revokes every certificate of
+//! theirs issued until then, also ones made elsewhere (openssl) with the same CA.
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +20,7 @@ use rcgen::{
 };
 use time::{Duration, OffsetDateTime};
 
+use elfin_actors::revocation;
 use elfin_actors::tls::TlsSettings;
 
 /// How long a revocation list is valid before the next `user cert` signs a new one.
@@ -90,8 +93,22 @@ impl Authority {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.serial_number = Some(SerialNumber::from_slice(&serial));
-        // A little slack for clocks that are behind.
-        params.not_before = now - Duration::hours(1);
+        // A little slack for clocks that are behind, but never back to or before the
+        // user's revocation: that would revoke the new certificate too.
+        let slack = now - Duration::hours(1);
+        params.not_before = match self.user_revoked_at(user)? {
+            Some(at) => {
+                let after = at + Duration::seconds(1);
+                // Revoked this very second: wait for the next, so the certificate is
+                // valid when it is handed out.
+                let early = after - OffsetDateTime::now_utc();
+                if early.is_positive() {
+                    std::thread::sleep(early.unsigned_abs());
+                }
+                slack.max(after)
+            }
+            None => slack,
+        };
         params.not_after = not_after;
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer, &self.key)?;
@@ -122,27 +139,91 @@ impl Authority {
         })
     }
 
-    /// Revokes the certificate with serial `which`, or every certificate of user
-    /// `which`; rewrites the revocation list. Returns the serials revoked now.
-    pub fn revoke(&self, which: &str) -> anyhow::Result<Vec<String>> {
+    /// Revokes every certificate of `user` that exists now: those in the ledger by
+    /// serial, and any other the CA signed for them (openssl-made ones too) by the
+    /// user's revocation time, which the gateway applies to every certificate of
+    /// theirs issued until then. Returns the ledger's serials revoked now.
+    pub fn revoke_user(&self, user: &str) -> anyhow::Result<Vec<String>> {
+        let now = OffsetDateTime::now_utc();
         let mut ledger = self.ledger()?;
-        let serial = which.trim_start_matches("0x").to_ascii_uppercase();
-        let now = OffsetDateTime::now_utc().unix_timestamp();
         let mut revoked = Vec::new();
         for entry in &mut ledger {
-            if entry.revoked_at.is_none() && (entry.serial == serial || entry.user == which) {
-                entry.revoked_at = Some(now);
+            if entry.revoked_at.is_none() && entry.user == user {
+                entry.revoked_at = Some(now.unix_timestamp());
                 revoked.push(entry.serial.clone());
             }
         }
-        if revoked.is_empty() {
-            bail!(
-                "no certificate with serial or user {which:?} that is not revoked yet in {}",
-                self.ledger_path().display()
-            );
-        }
+        let path = revocation::users_path(&self.crl);
+        let mut users = read_optional(&path)?;
+        let at = chrono::DateTime::from_timestamp(now.unix_timestamp(), 0).unwrap_or_default();
+        users.push_str(&revocation::user_line(user, at));
+        replace(&path, users.as_bytes())?;
         self.save(&ledger)?;
         Ok(revoked)
+    }
+
+    /// Revokes the certificate with serial `serial` (hex), issued by this tool or not;
+    /// `user` names it in the ledger when it is new there.
+    pub fn revoke_serial(&self, serial: &str, user: Option<&str>) -> anyhow::Result<()> {
+        let serial = serial
+            .trim_start_matches("0x")
+            .replace(':', "")
+            .to_ascii_uppercase();
+        if serial.is_empty() || unhex(&serial).is_none() {
+            bail!("{serial:?} is not a serial number (hexadecimal, as openssl x509 -serial prints it)");
+        }
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let mut ledger = self.ledger()?;
+        match ledger.iter_mut().find(|e| e.serial == serial) {
+            Some(entry) if entry.revoked_at.is_some() => bail!("{serial} is revoked already"),
+            Some(entry) => entry.revoked_at = Some(now),
+            None => ledger.push(Entry {
+                serial,
+                user: user.unwrap_or("-").to_owned(),
+                not_after: 0,
+                revoked_at: Some(now),
+            }),
+        }
+        self.save(&ledger)
+    }
+
+    /// Revokes the certificate in the PEM file `path`, which this CA must have signed.
+    /// Returns its serial.
+    pub fn revoke_file(&self, path: &Path) -> anyhow::Result<String> {
+        let der = pem_der(&read(path)?).with_context(|| format!("{}", path.display()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| anyhow::anyhow!("{}: not an X.509 certificate: {e}", path.display()))?;
+        let (_, ca) = x509_parser::parse_x509_certificate(&self.ca_der)
+            .map_err(|e| anyhow::anyhow!("tls.client_ca: {e}"))?;
+        if cert.issuer().as_raw() != ca.subject().as_raw()
+            || cert.verify_signature(Some(ca.public_key())).is_err()
+        {
+            bail!(
+                "{}: not signed by tls.client_ca ({}); the gateway does not accept it anyway",
+                path.display(),
+                ca.subject()
+            );
+        }
+        let serial = elfin_actors::certificate::serial_hex(cert.raw_serial());
+        let user = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned);
+        self.revoke_serial(&serial, user.as_deref())?;
+        Ok(serial)
+    }
+
+    /// When `user` was last revoked as a whole, if ever.
+    fn user_revoked_at(&self, user: &str) -> anyhow::Result<Option<OffsetDateTime>> {
+        let text = read_optional(&revocation::users_path(&self.crl))?;
+        Ok(text
+            .lines()
+            .filter_map(|line| line.split_once('\t'))
+            .filter(|(_, name)| *name == user)
+            .filter_map(|(at, _)| OffsetDateTime::from_unix_timestamp(at.parse().ok()?).ok())
+            .max())
     }
 
     fn ledger_path(&self) -> PathBuf {
@@ -153,11 +234,7 @@ impl Authority {
 
     fn ledger(&self) -> anyhow::Result<Vec<Entry>> {
         let path = self.ledger_path();
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => bail!("{}: {e}", path.display()),
-        };
+        let text = read_optional(&path)?;
         text.lines()
             .filter(|line| !line.is_empty() && !line.starts_with('#'))
             .map(|line| parse_entry(line).with_context(|| format!("{}: {line:?}", path.display())))
@@ -223,6 +300,15 @@ fn parse_entry(line: &str) -> Option<Entry> {
         not_after,
         revoked_at,
     })
+}
+
+/// A file's text, empty if it does not exist yet.
+fn read_optional(path: &Path) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => bail!("{}: {e}", path.display()),
+    }
 }
 
 fn read(path: &Path) -> anyhow::Result<String> {

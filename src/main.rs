@@ -84,7 +84,7 @@ enum UserCommand {
     /// PKCS#12 key store, or revoke one.
     Cert {
         /// The user's name, as `user add` took it.
-        #[arg(required_unless_present = "revoke")]
+        #[arg(required_unless_present_any = ["revoke", "revoke_file"])]
         name: Option<String>,
         /// Days the certificate is valid (at most 100 years).
         #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=36_500))]
@@ -95,10 +95,14 @@ enum UserCommand {
         /// The key store's password (default: a new one, printed).
         #[arg(long)]
         password: Option<String>,
-        /// Revoke the certificate with this serial, or every one of this user; the
-        /// gateway reads the list again on SIGHUP.
-        #[arg(long, value_name = "SERIAL|NAME", conflicts_with_all = ["name", "out", "password"])]
+        /// Revoke every certificate of this user issued until now (also ones made
+        /// with openssl), or the certificate with this serial; the gateway applies it
+        /// on SIGHUP, to open connections too.
+        #[arg(long, value_name = "NAME|SERIAL", conflicts_with_all = ["name", "out", "password", "revoke_file"])]
         revoke: Option<String>,
+        /// Revoke the certificate in this PEM file (signed by tls.client_ca).
+        #[arg(long, value_name = "CERT.pem", conflicts_with_all = ["name", "out", "password"])]
+        revoke_file: Option<PathBuf>,
     },
 }
 
@@ -371,13 +375,32 @@ async fn user_command(settings: &Settings, cmd: UserCommand) -> anyhow::Result<(
             out,
             password,
             revoke,
+            revoke_file,
         } => {
             let authority = certs::Authority::open(&settings.tls)?;
+            let revoking = revoke.is_some() || revoke_file.is_some();
             if let Some(which) = revoke {
-                for serial in authority.revoke(&which)? {
-                    println!("revoked {serial}");
+                let user = store.account(store::AccountKey::Username(&which)).await?;
+                if user.is_some() {
+                    for serial in authority.revoke_user(&which)? {
+                        println!("revoked {serial}");
+                    }
+                    println!("revoked every certificate of user {which} issued until now");
+                } else {
+                    authority.revoke_serial(&which, None).with_context(|| {
+                        format!("{which:?} is no user's name, nor a serial number")
+                    })?;
+                    println!("revoked {which}");
                 }
-                println!("send the gateway SIGHUP to apply the revocation list");
+            }
+            if let Some(file) = revoke_file {
+                println!("revoked {}", authority.revoke_file(&file)?);
+            }
+            if revoking {
+                println!(
+                    "send the gateway SIGHUP to apply it (it closes the connections of \
+                     revoked certificates)"
+                );
                 return Ok(());
             }
             let name = name.expect("clap requires a name without --revoke");

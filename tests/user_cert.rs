@@ -314,3 +314,190 @@ async fn a_certificate_reaches_its_own_users_devices_and_an_admins_reaches_all()
         alice_serial
     );
 }
+
+/// Whether the gateway ends `stream` within a few seconds (reads it to its end).
+async fn ended(stream: &mut TlsStream<TcpStream>) -> bool {
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// With rcgen: a certificate for `name` signed by the openssl-made CA, expiring
+/// `valid_secs` from now, in `<file>.pem` and `<file>.key`.
+fn short_lived_leaf(dir: &Path, file: &str, name: &str, valid_secs: i64) {
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca.key")).unwrap()).unwrap();
+    let ca = rcgen::CertificateParams::from_ca_cert_pem(
+        &std::fs::read_to_string(dir.join("ca.pem")).unwrap(),
+    )
+    .unwrap()
+    .self_signed(&ca_key)
+    .unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::seconds(valid_secs);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    std::fs::write(dir.join(format!("{file}.pem")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_and_expiry_reach_open_connections_and_certificates_made_elsewhere() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let d = dir.path();
+    openssl_pki(d);
+    let env = [
+        ("ELFIN__TLS__CERT", "server.pem"),
+        ("ELFIN__TLS__KEY", "server.key"),
+        ("ELFIN__TLS__CLIENT_CA", "ca.pem"),
+        ("ELFIN__TLS__CLIENT_CA_KEY", "ca.key"),
+        ("ELFIN__TLS__CLIENT_CRL", "clients.crl"),
+        ("ELFIN__AUTH__CLIENTS", "user-cert"),
+    ];
+    let uuid = |name: &str| {
+        run_cli(&dir, &env, &["user", "add", name])
+            .lines()
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let (alice, bob) = (uuid("alice"), uuid("bob"));
+    let cli = |args: &[&str]| run_cli(&dir, &env, args);
+    cli(&[
+        "user",
+        "cert",
+        "alice",
+        "--out",
+        "alice.p12",
+        "--password",
+        "pw",
+    ]);
+    // Alice's second certificate, made with openssl: the tool never saw it.
+    openssl_leaf(d, "alice-openssl", "alice", "client.ext");
+    openssl_leaf(d, "bob-openssl", "bob", "client.ext");
+    openssl_leaf(d, "bob-other", "bob", "client.ext");
+    short_lived_leaf(d, "bob-brief", "bob", 4);
+
+    let gw = Binary::start_in(dir.clone(), &env);
+    let mut plc = gw.connect();
+    plc.send(format!("beat;{alice};{ALICE_PLC};plc;0").as_bytes());
+    gw.wait_log(&format!("device {ALICE_PLC} (plc)"));
+    let mut bob_plc = gw.connect();
+    bob_plc.send(format!("beat;{bob};{BOB_PLC};plc;0").as_bytes());
+    gw.wait_log(&format!("device {BOB_PLC} (plc)"));
+
+    // Open before the revocation: a tunnel with the tool's certificate, a querying
+    // connection with openssl's; and a connection whose certificate expires soon.
+    let mut tunnel = connect(&gw, from_p12(d, "alice.p12", "pw")).await.unwrap();
+    let ok = ask(&mut tunnel, &format!("connme;{alice};{ALICE_PLC}\n")).await;
+    assert_eq!(ok.as_deref(), Some(r#"{"status":"success"}"#));
+    tunnel
+        .write_all(format!("data;{alice};T;T;1;before").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(plc.bytes(6), b"before");
+    let mut querying = connect(&gw, from_pem(d, "alice-openssl")).await.unwrap();
+    assert!(ask(&mut querying, &format!("query;{alice}\n"))
+        .await
+        .is_some());
+    let mut brief = connect(&gw, from_pem(d, "bob-brief")).await.unwrap();
+    assert!(ask(&mut brief, &format!("query;{bob}\n")).await.is_some());
+
+    // The expiring certificate's connection is closed at its expiry.
+    assert!(
+        ended(&mut brief).await,
+        "closed when its certificate expired"
+    );
+    gw.wait_log("is closed: the certificate is expired");
+
+    // Alice is revoked as a whole, and one of Bob's certificates by its file.
+    cli(&["user", "cert", "--revoke", "alice"]);
+    let revoked = cli(&["user", "cert", "--revoke-file", "bob-openssl.pem"]);
+    assert!(revoked.starts_with("revoked "), "{revoked}");
+    let mut bob_other = connect(&gw, from_pem(d, "bob-other")).await.unwrap();
+    assert!(ask(&mut bob_other, &format!("query;{bob}\n"))
+        .await
+        .is_some());
+    gw.signal("HUP");
+    let reloaded = gw.wait_log("TLS certificate reloaded");
+    assert!(reloaded.contains("1 revoked user(s)"), "{reloaded}");
+
+    assert!(ended(&mut tunnel).await, "the tunnel's client is closed");
+    assert!(
+        ended(&mut querying).await,
+        "the openssl-made certificate's too"
+    );
+    let line = gw.wait_log("certificate of \"alice\"");
+    assert!(
+        line.contains("serial") && line.contains("revoked"),
+        "{line}"
+    );
+    // Bob's other certificate is untouched.
+    assert!(ask(&mut bob_other, &format!("query;{bob}\n"))
+        .await
+        .is_some());
+
+    // New handshakes: none of the revoked certificates gets a request through.
+    for config in [
+        from_p12(d, "alice.p12", "pw"),
+        from_pem(d, "alice-openssl"),
+        from_pem(d, "bob-openssl"),
+    ] {
+        let refused = match connect(&gw, config).await {
+            Err(_) => true,
+            Ok(mut tls) => ask(&mut tls, &format!("query;{bob}\n")).await.is_none(),
+        };
+        assert!(refused, "a revoked certificate still works");
+    }
+    // A certificate issued to Alice after her revocation works.
+    cli(&[
+        "user",
+        "cert",
+        "alice",
+        "--out",
+        "alice-new.p12",
+        "--password",
+        "pw",
+    ]);
+    gw.signal("HUP");
+    gw.wait_log("2 revoked certificate(s)");
+    let mut fresh = connect(&gw, from_p12(d, "alice-new.p12", "pw"))
+        .await
+        .unwrap();
+    assert!(ask(&mut fresh, &format!("query;{alice}\n")).await.is_some());
+
+    // The audit trail: the tunnel ended for the certificate, and each closing and
+    // refused handshake is recorded with the certificate.
+    let tunnels = gw.get("/api/audit").json()["rows"].clone();
+    let cause = tunnels[0]["cause"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(cause, "the client's certificate was revoked", "{tunnels}");
+    let refusals = common::eventually(
+        || gw.get("/api/audit?kind=refusals&per_page=200").json()["rows"].clone(),
+        |rows| {
+            rows.as_array()
+                .is_some_and(|r| r.iter().filter(|r| r["request"] == "connection").count() >= 3)
+        },
+    );
+    let closed: Vec<&serde_json::Value> = refusals
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["request"] == "connection")
+        .collect();
+    assert!(closed.iter().all(|r| r["certificate_serial"].is_string()));
+    assert!(closed
+        .iter()
+        .any(|r| r["detail"].as_str().unwrap().contains("expired")));
+}

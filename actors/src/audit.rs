@@ -148,6 +148,8 @@ pub enum Attempt {
     Handshake,
     /// A device connection that would take over a device beating elsewhere.
     Takeover,
+    /// An open connection, closed when its client certificate was revoked or expired.
+    Connection,
 }
 
 impl Attempt {
@@ -158,6 +160,7 @@ impl Attempt {
             Attempt::Query => "query",
             Attempt::Handshake => "handshake",
             Attempt::Takeover => "takeover",
+            Attempt::Connection => "connection",
         }
     }
 
@@ -168,6 +171,7 @@ impl Attempt {
             Self::Query,
             Self::Handshake,
             Self::Takeover,
+            Self::Connection,
         ]
         .into_iter()
         .find(|r| r.label() == label)
@@ -549,6 +553,8 @@ mod tests {
         let certificate = ClientCert {
             user: "bob".into(),
             serial: "0C0FFEE0".into(),
+            not_before: DateTime::<Utc>::MIN_UTC,
+            not_after: DateTime::<Utc>::MAX_UTC,
         };
         let refuse = |uuid: Option<&str>| {
             trail.refusal(Refused {

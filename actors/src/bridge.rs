@@ -140,6 +140,8 @@ pub enum Cause {
     Stalled(Duration),
     /// The gateway is shutting down.
     Shutdown,
+    /// The client's certificate was revoked, or expired.
+    Certificate(&'static str),
 }
 
 /// Remove the tunnel of this session, if any.
@@ -179,6 +181,10 @@ impl BridgeManager {
                 log::info!("tunnel {tunnel} closed by {}", me.name())
             }
             Cause::Relinked => log::info!("tunnel {tunnel} replaced: {} has a new one", me.name()),
+            Cause::Certificate(what) => log::info!(
+                "tunnel {tunnel} closed: the certificate of {} was {what}",
+                me.name()
+            ),
             Cause::Stalled(after) => {
                 log::warn!(
                     "tunnel {tunnel} between {} and {} stalled: the {} read nothing for \
@@ -280,6 +286,7 @@ impl BridgeManager {
                 after.as_secs()
             ),
             Cause::Shutdown => "gateway shut down".to_owned(),
+            Cause::Certificate(what) => format!("the client's certificate was {what}"),
         });
         if left_out_before > 0 {
             if let Some(cause) = &mut record.cause {

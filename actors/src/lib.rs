@@ -48,6 +48,7 @@ pub mod persistence;
 pub mod query;
 pub mod refusal;
 pub mod registry;
+pub mod revocation;
 pub mod server;
 pub mod session;
 pub mod source;

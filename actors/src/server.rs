@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{Attempt, Refused};
+use crate::certificate::ClientCert;
 use crate::config::Workers;
 use crate::connection::{Io, Lease};
 use crate::hub::{Hub, ShutdownError};
@@ -271,6 +272,29 @@ async fn transport(
     handshake(stream, peer, hub, warnings).await
 }
 
+/// A handshake refused for its client certificate: counted, logged and recorded.
+fn refuse_certificate(hub: &Hub, peer: SocketAddr, certificate: Option<&ClientCert>, why: String) {
+    let detail = match certificate {
+        Some(c) => format!(
+            "a TLS handshake from {peer} with the certificate of {:?} (serial {}): its \
+             certificate is {why}",
+            c.user, c.serial
+        ),
+        None => format!("a TLS handshake from {peer}: {why}"),
+    };
+    hub.refusals
+        .report(peer.ip(), Reason::Certificate, || detail.clone());
+    hub.trail.refusal(Refused {
+        request: Attempt::Handshake,
+        reason: Reason::Certificate,
+        source: peer,
+        uuid: None,
+        device: None,
+        certificate,
+        detail,
+    });
+}
+
 /// The server side of a TLS handshake, bounded by its timeout.
 async fn handshake(
     stream: TcpStream,
@@ -290,26 +314,24 @@ async fn handshake(
     };
     match tokio::time::timeout(tls.handshake_timeout(), tls.acceptor().accept(stream)).await {
         Ok(Ok(stream)) => {
+            let io = Io::tls(stream);
+            let revoked = io
+                .certificate
+                .as_deref()
+                .and_then(|c| Some((c, tls.revocations().check(c, chrono::Utc::now())?)));
+            if let Some((certificate, why)) = revoked {
+                // Revoked by its user's revocation time, which rustls does not know.
+                metrics::counter!(metric::TLS_HANDSHAKES_TOTAL, "result" => "failed").increment(1);
+                refuse_certificate(hub, peer, Some(certificate), why.to_string());
+                return None;
+            }
             metrics::counter!(metric::TLS_HANDSHAKES_TOTAL, "result" => "ok").increment(1);
-            Some(Io::tls(stream))
+            Some(io)
         }
         Ok(Err(e)) => {
             metrics::counter!(metric::TLS_HANDSHAKES_TOTAL, "result" => "failed").increment(1);
             match crate::tls::certificate_refusal(&e) {
-                Some(why) => {
-                    let detail = format!("a TLS handshake from {peer}: {why}");
-                    hub.refusals
-                        .report(peer.ip(), Reason::Certificate, || detail.clone());
-                    hub.trail.refusal(Refused {
-                        request: Attempt::Handshake,
-                        reason: Reason::Certificate,
-                        source: peer,
-                        uuid: None,
-                        device: None,
-                        certificate: None,
-                        detail,
-                    });
-                }
+                Some(why) => refuse_certificate(hub, peer, None, why),
                 None => log::debug!("{peer}: TLS handshake failed: {e}"),
             }
             None

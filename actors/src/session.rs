@@ -26,6 +26,8 @@
 //! in one place; its socket halves are in `connection.rs`, its commands in
 //! `command.rs`.)
 
+mod certified;
+
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -821,6 +823,7 @@ impl Actor for Session {
                 act.limit_reached("idle", ctx);
             }
         });
+        self.hold_certificate(ctx);
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
@@ -842,10 +845,11 @@ impl Actor for Session {
             self.unregister(d, self.end_cause());
         }
         if self.tunnel.take().is_some() {
-            let cause = if self.lease.stop.is_cancelled() {
-                Cause::Shutdown
-            } else {
-                Cause::Closed
+            let cause = match self.closed_by {
+                _ if self.lease.stop.is_cancelled() => Cause::Shutdown,
+                Some("certificate_revoked") => Cause::Certificate("revoked"),
+                Some("certificate_expired") => Cause::Certificate("expired"),
+                _ => Cause::Closed,
             };
             self.hub.bridge.do_send(Unlink {
                 session: self.id,

@@ -22,7 +22,10 @@ use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKey
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+
+use crate::revocation::{users_path, Revocations};
 
 use crate::config::de;
 
@@ -131,17 +134,19 @@ impl TlsError {
 pub struct Loaded {
     /// The server certificate's subject and expiry, in words.
     pub certificate: String,
-    /// Certificates on the revocation list, if there is one.
-    pub revoked: Option<usize>,
+    /// Certificates on the revocation list and users revoked as a whole, if there is
+    /// a revocation list.
+    pub revoked: Option<(usize, usize)>,
 }
 
 impl fmt::Display for Loaded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "server certificate {}", self.certificate)?;
         match self.revoked {
-            Some(n) => write!(
+            Some((certificates, users)) => write!(
                 f,
-                "; client revocation list with {n} revoked certificate(s)"
+                "; client revocation list with {certificates} revoked certificate(s) and \
+                 {users} revoked user(s)"
             ),
             None => Ok(()),
         }
@@ -153,6 +158,8 @@ pub struct Tls {
     files: TlsFiles,
     config: RwLock<Arc<ServerConfig>>,
     loaded: RwLock<Loaded>,
+    /// The revocations in force; sessions holding a certificate watch it.
+    revocations: watch::Sender<Arc<Revocations>>,
 }
 
 impl fmt::Debug for Tls {
@@ -164,21 +171,34 @@ impl fmt::Debug for Tls {
 impl Tls {
     /// Reads the files; an error names the setting and the file at fault.
     pub fn load(files: TlsFiles) -> Result<Arc<Tls>, TlsError> {
-        let (config, loaded) = server_config(&files)?;
+        let (config, loaded, revocations) = server_config(&files)?;
         Ok(Arc::new(Tls {
             files,
             config: RwLock::new(Arc::new(config)),
             loaded: RwLock::new(loaded),
+            revocations: watch::Sender::new(Arc::new(revocations)),
         }))
     }
 
     /// Reads the files again: new handshakes use them, open connections keep going.
     /// On error everything in use stays. Says what is now in force.
+    /// Open connections whose certificate is now revoked are told, and close.
     pub fn reload(&self) -> Result<Loaded, TlsError> {
-        let (config, loaded) = server_config(&self.files)?;
+        let (config, loaded, revocations) = server_config(&self.files)?;
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
         *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = loaded.clone();
+        self.revocations.send_replace(Arc::new(revocations));
         Ok(loaded)
+    }
+
+    /// The revocations in force now.
+    pub fn revocations(&self) -> Arc<Revocations> {
+        self.revocations.borrow().clone()
+    }
+
+    /// The revocations, and every reload's from now on.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Revocations>> {
+        self.revocations.subscribe()
     }
 
     /// What is in force now.
@@ -207,7 +227,7 @@ impl Tls {
     }
 }
 
-fn server_config(files: &TlsFiles) -> Result<(ServerConfig, Loaded), TlsError> {
+fn server_config(files: &TlsFiles) -> Result<(ServerConfig, Loaded, Revocations), TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .and_then(|certs| certs.collect())
         .map_err(|e| TlsError::new("tls.cert", &files.cert, e))?;
@@ -231,6 +251,7 @@ fn server_config(files: &TlsFiles) -> Result<(ServerConfig, Loaded), TlsError> {
         .with_protocol_versions(versions)
         .map_err(|e| TlsError::new("tls.cert", &files.cert, e))?;
     let mut revoked = None;
+    let mut revocations = Revocations::default();
     let builder = match &files.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
@@ -243,7 +264,15 @@ fn server_config(files: &TlsFiles) -> Result<(ServerConfig, Loaded), TlsError> {
             let crls = match &files.client_crl {
                 Some(crl) => {
                     let crls = read_crls(crl)?;
-                    revoked = Some(crls.iter().map(|c| revoked_in(c)).sum());
+                    let users_file = users_path(crl);
+                    let users = match std::fs::read_to_string(&users_file) {
+                        Ok(text) => text,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                        Err(e) => return Err(TlsError::new("tls.client_crl", &users_file, e)),
+                    };
+                    revocations = Revocations::new(&crls, &users)
+                        .map_err(|e| TlsError::new("tls.client_crl", &users_file, e))?;
+                    revoked = Some((revocations.serials(), revocations.users()));
                     crls
                 }
                 None => Vec::new(),
@@ -275,6 +304,7 @@ fn server_config(files: &TlsFiles) -> Result<(ServerConfig, Loaded), TlsError> {
             certificate,
             revoked,
         },
+        revocations,
     ))
 }
 
@@ -294,12 +324,6 @@ fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, 
     CertificateRevocationListDer::pem_file_iter(path)
         .and_then(|crls| crls.collect::<Result<Vec<_>, _>>())
         .map_err(|e| TlsError::new("tls.client_crl", path, e))
-}
-
-/// How many certificates a revocation list names (0 if it does not parse here;
-/// rustls then refuses it with its own reason).
-fn revoked_in(crl: &CertificateRevocationListDer<'_>) -> usize {
-    x509_parser::parse_x509_crl(crl).map_or(0, |(_, crl)| crl.iter_revoked_certificates().count())
 }
 
 /// A certificate's subject and expiry, for the log.
