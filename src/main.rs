@@ -223,7 +223,12 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         actix_rt::spawn(reload_on_sighup(hangups, tls.clone()));
     }
     let mut hub = Hub::start(store, config);
-    let cluster = settings.cluster_config()?;
+    let mut cluster = settings.cluster_config()?;
+    if let Some(cluster) = &mut cluster {
+        if settings.auth.device_takeover == elfin_actors::config::Takeover::WhenSilent {
+            cluster.linger = Some(settings.heartbeat.online_window);
+        }
+    }
     let node = cluster.as_ref().map(|c| c.node.clone());
     if let Some(cluster) = cluster {
         let joined = elfin_actors::cluster::join(cluster, hub.registry.clone(), hub.bridge.clone());

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::mongo::Mongo;
 use common::nats::{self, Nats};
-use common::{failed_reason, lists_online, Binary, BlockingPeer as Peer, TIMEOUT};
+use common::{eventually, failed_reason, lists_online, Binary, BlockingPeer as Peer, TIMEOUT};
 
 const DEVICE_A: &str = "AABBCCDD000A";
 const DEVICE_C: &str = "AABBCCDD000C";
@@ -593,16 +593,64 @@ fn with_when_silent_a_heartbeat_replayed_to_another_node_takes_nothing_over() {
     let uuid = fleet.uuid.clone();
     let mac = "F0FE6B2A1C3D";
     let mut device = fleet.device(fleet.a(), mac);
-    // Whoever sniffed the heartbeat replays it to another node.
-    let mut attacker = fleet.b().connect();
+    // Whoever sniffed the heartbeat replays it to another node, from another host.
+    let mut attacker = fleet.b().connect_from(2);
     attacker.send(format!("beat;{uuid};{mac};plc-{mac};0").as_bytes());
-    let line = fleet.b().wait_log("refused 127.0.0.1 (takeover)");
+    let line = fleet.b().wait_log("refused 127.0.0.2 (takeover)");
     assert!(line.contains("another node"), "{line}");
+    attacker.expect_closed();
     // The device keeps its connection on a, and an engineer on c reaches it.
     device.send(format!("beat;{uuid};{mac};plc-{mac};0").as_bytes());
     let mut engineer = tunnel_eventually(fleet.c(), &uuid, mac);
     carry(&mut engineer, &mut device, &uuid, "T", 1, b"WRITE-COIL-42");
     assert!(!fleet.a().log_contains("closing its connection here"));
+}
+
+#[test]
+fn with_when_silent_a_holder_that_does_not_answer_keeps_its_device_and_a_left_device_is_remembered()
+{
+    let Some(fleet) = Fleet::start_with(&[("ELFIN__AUTH__DEVICE_TAKEOVER", "when-silent")]) else {
+        return;
+    };
+    let uuid = fleet.uuid.clone();
+    let beat = |mac: &str| format!("beat;{uuid};{mac};plc-{mac};0");
+
+    // The holder node is paused: the node the impostor reaches cannot learn where the
+    // device was seen, so it refuses (fail closed) instead of handing it over.
+    let paused = "F0FE6B2A1C01";
+    let _device = fleet.device(fleet.a(), paused);
+    fleet.a().signal("STOP");
+    let mut impostor = fleet.b().connect_from(2);
+    impostor.send(beat(paused).as_bytes());
+    let line = fleet.b().wait_log("did not answer in time");
+    fleet.a().signal("CONT");
+    assert!(line.contains("fail closed"), "{line}");
+    impostor.expect_closed();
+    assert!(!fleet.a().log_contains("closing its connection here"));
+
+    // The device's connection to a closes; within the online window an impostor on
+    // another node is refused (a remembers where it was seen), and the real device,
+    // back from its own address on yet another node, takes its place at once.
+    let left = "F0FE6B2A1C02";
+    let device = fleet.device(fleet.a(), left);
+    drop(device);
+    fleet
+        .a()
+        .wait_log(&format!("device {left} (plc-{left}) of user"));
+    eventually(
+        || fleet.a().log_count(&format!("device {left} (plc-{left})")),
+        |n| *n >= 2,
+    );
+    let mut impostor = fleet.b().connect_from(3);
+    impostor.send(beat(left).as_bytes());
+    impostor.expect_closed();
+    let line = fleet
+        .b()
+        .wait_log("another node saw it lately from another address");
+    assert!(line.contains(left), "{line}");
+    let mut real = fleet.c().connect();
+    real.send(beat(left).as_bytes());
+    fleet.c().wait_online(&uuid, left);
 }
 
 /// A copy of `message` with one byte of its payload flipped, or, for an empty

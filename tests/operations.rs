@@ -348,3 +348,29 @@ fn refusals_are_in_the_audit_trail_and_tunnel_records_stay_within_their_budget()
         .unwrap();
     assert_eq!(refusal["request"], "connme");
 }
+
+#[test]
+fn a_contested_device_shows_on_its_page_and_in_the_metrics() {
+    let gw = Binary::start(&[("ELFIN__AUTH__DEVICE_TAKEOVER", "when-silent")]);
+    let alice = gw.add_user("alice");
+    let _device = gw.device(&alice, MAC, "plc-1");
+    let mut impostor = gw.connect_from(2);
+    impostor.send(format!("beat;{alice};{MAC};plc-1;0").as_bytes());
+    impostor.expect_closed();
+    let page = eventually(
+        || gw.get(&format!("/api/devices/{MAC}")).json(),
+        |p| p["contested"].is_object(),
+    );
+    assert_eq!(page["contested"]["seen_from"], "127.0.0.1");
+    let claimant = page["contested"]["claimants"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(claimant.starts_with("127.0.0.2:"), "{claimant}");
+    assert_eq!(gw.metric("elfin_devices_contested"), 1);
+    assert!(gw.log_contains("contested: 127.0.0.2:"));
+    assert_eq!(
+        gw.metric(r#"elfin_connections_closed_total{limit="takeover_refused"}"#),
+        1
+    );
+}

@@ -180,10 +180,11 @@ async fn a_sniffed_heartbeat_takes_over_nothing_while_the_device_beats() {
     let mut device = gw.device(&uuid, MAC, "plc-1").await;
     let mut tunnel = gw.tunnel(&uuid, MAC).await;
 
-    // The attacker replays the device's heartbeat from another connection.
-    let mut attacker = gw.connect().await;
+    // The attacker replays the device's heartbeat from another host: refused and
+    // closed, not kept to ask again.
+    let mut attacker = gw.connect_from(2).await;
     attacker.send(format!("beat;{uuid};{MAC};plc-1;0")).await;
-    settle(&mut attacker, &uuid).await;
+    attacker.expect_closed().await;
 
     // The refusal is in the audit trail, with the attacker's address.
     let device_addr = device.stream.local_addr().unwrap().to_string();
@@ -209,14 +210,14 @@ async fn a_sniffed_heartbeat_takes_over_nothing_while_the_device_beats() {
         .send(format!("data;{uuid};T;T;1;WRITE-COIL-42"))
         .await;
     assert_eq!(device.bytes(13).await, b"WRITE-COIL-42");
-    attacker.expect_silence(Duration::from_millis(50)).await;
 
     // While it keeps beating, it keeps the device.
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_secs(30)).await;
         device.send(format!("beat;{uuid};{MAC};plc-1;0")).await;
+        let mut attacker = gw.connect_from(2).await;
         attacker.send(format!("beat;{uuid};{MAC};plc-1;0")).await;
-        settle(&mut attacker, &uuid).await;
+        attacker.expect_closed().await;
     }
     engineer.send(format!("data;{uuid};T;T;1;STILL-MINE")).await;
     assert_eq!(device.bytes(10).await, b"STILL-MINE");
@@ -337,4 +338,97 @@ async fn a_flapping_device_costs_the_audit_trail_a_bounded_number_of_rows() {
         (story[30].0, story[30].2.as_str()),
         (DeviceChange::Online, "10 earlier events not recorded")
     );
+}
+
+/// The registry's open contest for the device, if any.
+async fn contest(gw: &TestGateway, uuid: &str) -> Option<elfin_actors::registry::Contest> {
+    let key = DeviceKey::new(uuid, MAC);
+    gw.hub
+        .registry
+        .send(elfin_actors::registry::ContestOf(key))
+        .await
+        .unwrap()
+}
+
+#[actix_rt::test]
+async fn the_real_device_reconnecting_from_where_it_was_seen_wins_the_race_against_an_impostor() {
+    tokio::time::pause();
+    let gw = TestGateway::start_with(|c| c.auth.device_takeover = Takeover::WhenSilent).await;
+    let uuid = gw.add_user("alice").await;
+    let device = gw.device(&uuid, MAC, "plc-1").await;
+    let beat = format!("beat;{uuid};{MAC};plc-1;0");
+
+    // An impostor from another host is refused and closed while the device beats.
+    let mut impostor = gw.connect_from(2).await;
+    impostor.send(&beat).await;
+    impostor.expect_closed().await;
+
+    // The device's connection drops (a NAT rebinding); before it is back, the
+    // impostor tries again: the device was seen half a second ago, from elsewhere.
+    drop(device);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!registered(&gw, &uuid, MAC).await, "its connection is gone");
+    let mut impostor = gw.connect_from(2).await;
+    impostor.send(&beat).await;
+    impostor.expect_closed().await;
+    assert!(
+        !registered(&gw, &uuid, MAC).await,
+        "the impostor did not take it"
+    );
+
+    // The real device, back from the address it was seen from, has its place at once.
+    let mut device = gw.connect().await;
+    device.send(&beat).await;
+    assert_eq!(
+        settle(&mut device, &uuid).await,
+        "device NOSUCHDEVICE is offline"
+    );
+    assert!(registered(&gw, &uuid, MAC).await);
+    let mut engineer = gw.tunnel(&uuid, MAC).await;
+    engineer.send(format!("data;{uuid};T;T;1;MINE")).await;
+    assert_eq!(device.bytes(4).await, b"MINE");
+
+    // The impostor is seen: a contest with its address, and refusal records.
+    let open = contest(&gw, &uuid).await.expect("contested");
+    assert_eq!(open.claimants.len(), 1);
+    assert_eq!(open.claimants[0].ip().to_string(), "127.0.0.2");
+    let story = device_story(&gw, MAC).await;
+    let refused = story
+        .iter()
+        .filter(|(change, ..)| *change == DeviceChange::Refused)
+        .count();
+    assert_eq!(refused, 2, "{story:?}");
+}
+
+#[actix_rt::test]
+async fn a_device_whose_address_changes_while_an_impostor_beats_is_contested_not_handed_over() {
+    tokio::time::pause();
+    let gw = TestGateway::start_with(|c| c.auth.device_takeover = Takeover::WhenSilent).await;
+    let uuid = gw.add_user("alice").await;
+    let device = gw.device(&uuid, MAC, "plc-1").await;
+    let beat = format!("beat;{uuid};{MAC};plc-1;0");
+    drop(device);
+    // Within the window both the impostor (127.0.0.2) and the device from its new
+    // address (127.0.0.3) are refused: neither is where it was seen.
+    for from in [2, 3, 2, 3] {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let mut claimant = gw.connect_from(from).await;
+        claimant.send(&beat).await;
+        claimant.expect_closed().await;
+    }
+    assert!(!registered(&gw, &uuid, MAC).await);
+    let open = contest(&gw, &uuid).await.expect("contested");
+    let mut claimants: Vec<String> = open.claimants.iter().map(|c| c.ip().to_string()).collect();
+    claimants.sort();
+    assert_eq!(claimants, ["127.0.0.2", "127.0.0.3"]);
+    // Once the device has been silent for the online window, a new address takes it.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    let mut device = gw.connect_from(3).await;
+    device.send(&beat).await;
+    assert_eq!(
+        settle(&mut device, &uuid).await,
+        "device NOSUCHDEVICE is offline"
+    );
+    assert!(registered(&gw, &uuid, MAC).await);
+    assert!(contest(&gw, &uuid).await.is_none(), "settled");
 }

@@ -66,6 +66,8 @@ pub const HELD_TAILS_TOTAL: &str = "elfin_held_tails_total";
 pub const BOUNDED_TABLE_OVERFLOWS_TOTAL: &str = "elfin_bounded_table_overflows_total";
 /// Records the audit trail holds, by kind (read hourly).
 pub const AUDIT_RECORDS: &str = "elfin_audit_records";
+/// Devices claimed from another address within the online window ("when-silent").
+pub const DEVICES_CONTESTED: &str = "elfin_devices_contested";
 /// Open connections, by transport and role.
 pub const CONNECTIONS_OPEN: &str = "elfin_connections_open";
 /// Devices with a live connection.
@@ -95,6 +97,12 @@ pub enum Kind {
 
 /// Every metric: its name, kind, unit and help text.
 pub const CATALOGUE: &[(&str, Kind, Option<metrics::Unit>, &str)] = &[
+    (
+        DEVICES_CONTESTED,
+        Kind::Gauge,
+        None,
+        "Devices a connection from another address claimed within the online window while auth.device_takeover = \"when-silent\" (refused, and shown on the device's page).",
+    ),
     (
         AUDIT_RECORDS,
         Kind::Gauge,

@@ -12,9 +12,22 @@
 //! In cluster mode the registry tells the cluster ([`Watch`]) when a device becomes
 //! live here or stops being, and the cluster evicts a device that connected to another
 //! node since ([`Evict`]).
+//!
+//! **Takeover under `auth.device_takeover = "when-silent"`** is judged on the device's
+//! history, not only on the connection open at that moment: where and when it was
+//! last seen through an accepted connection, kept for `heartbeat.online_window_secs`
+//! after that connection closes ([`History`]). A connection from the address the
+//! device was last seen from takes its place at once (the real device reconnecting
+//! after a NAT rebinding); one from another address only once the device has been
+//! silent for the online window. Refused claims make the device *contested*
+//! ([`Contest`]): logged, counted in `elfin_devices_contested`, shown on its page, and
+//! said again when the device later moves to a new address.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use actix::prelude::*;
 use bytestring::ByteString;
@@ -34,6 +47,10 @@ struct Entry {
 pub struct DeviceRegistry {
     /// uuid -> mac -> live connection.
     users: HashMap<ByteString, HashMap<ByteString, Entry>>,
+    /// Where and when devices whose connection closed were last seen ("when-silent").
+    departed: HashMap<DeviceKey, History>,
+    /// Devices a connection from elsewhere claimed within the online window.
+    contests: HashMap<DeviceKey, Contest>,
     online: usize,
     watcher: Option<Recipient<Presence>>,
     /// What a second connection of a live device does, and how long a device that
@@ -47,6 +64,8 @@ impl DeviceRegistry {
     pub fn new(takeover: Takeover, online_window: Duration, trail: Trail) -> Self {
         Self {
             users: HashMap::new(),
+            departed: HashMap::new(),
+            contests: HashMap::new(),
             online: 0,
             watcher: None,
             takeover,
@@ -71,11 +90,47 @@ impl DeviceRegistry {
 
 impl Actor for DeviceRegistry {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        if self.takeover == Takeover::WhenSilent {
+            ctx.run_interval(self.online_window, |act, _| act.forget_old());
+        }
+    }
+}
+
+/// Where and when a device was last seen through a connection the registry accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct History {
+    pub ip: IpAddr,
+    pub seen: Instant,
+    /// The connection it was seen on, while that connection is still open.
+    pub live: Option<SocketAddr>,
+}
+
+/// Connections from elsewhere that claimed a device while it was not silent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Contest {
+    /// Their addresses, the first [`MAX_CLAIMANTS`] distinct ones.
+    pub claimants: Vec<SocketAddr>,
+    pub since: Instant,
+    pub last: Instant,
+    /// Where the device was last seen from when it was first claimed.
+    pub holder: IpAddr,
+}
+
+/// Claimant addresses a contest keeps.
+pub const MAX_CLAIMANTS: usize = 8;
+
+/// A takeover refused: the device was last seen from `holder`, `ago`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StillLive {
+    pub holder: IpAddr,
+    pub ago: Duration,
 }
 
 /// `link` is now the live connection of `device`, unless `auth.device_takeover =
-/// "when-silent"` keeps another connection that still beats: then
-/// `Err(StillLive)` with that connection's address, and nothing changes.
+/// "when-silent"` refuses it (the device was seen from another address within the
+/// online window): then `Err(StillLive)`, and nothing changes.
 #[derive(Message)]
 #[rtype(result = "Result<(), StillLive>")]
 pub struct Register {
@@ -119,20 +174,33 @@ pub struct Evict(pub DeviceKey);
 #[rtype(result = "Option<PeerLink>")]
 pub struct Lookup(pub DeviceKey);
 
-/// Whether the device's live connection here beat within the online window.
+/// Where and when the device was last seen here, within the online window: from its
+/// live connection, or from one that closed since.
 #[derive(Message)]
-#[rtype(result = "bool")]
-pub struct StillBeats(pub DeviceKey);
+#[rtype(result = "Option<History>")]
+pub struct LastSeen(pub DeviceKey);
 
-impl Handler<StillBeats> for DeviceRegistry {
-    type Result = bool;
+impl Handler<LastSeen> for DeviceRegistry {
+    type Result = Option<History>;
 
-    fn handle(&mut self, StillBeats(device): StillBeats, _: &mut Context<Self>) -> bool {
-        let live = self
-            .users
-            .get(&device.uuid)
-            .and_then(|d| d.get(&device.mac));
-        live.is_some_and(|e| e.device.activity.last_seen().instant().elapsed() < self.online_window)
+    fn handle(&mut self, LastSeen(device): LastSeen, _: &mut Context<Self>) -> Option<History> {
+        self.history(&device, None)
+    }
+}
+
+/// The device's contest, if one is open (for its page).
+#[derive(Message)]
+#[rtype(result = "Option<Contest>")]
+pub struct ContestOf(pub DeviceKey);
+
+impl Handler<ContestOf> for DeviceRegistry {
+    type Result = Option<Contest>;
+
+    fn handle(&mut self, ContestOf(device): ContestOf, _: &mut Context<Self>) -> Option<Contest> {
+        self.contests
+            .get(&device)
+            .filter(|c| c.last.elapsed() < self.online_window)
+            .cloned()
     }
 }
 
@@ -174,6 +242,76 @@ impl DeviceRegistry {
         }
     }
 
+    /// Where and when `device` was last seen within the online window, leaving out the
+    /// connection `except` (the one asking).
+    fn history(&self, device: &DeviceKey, except: Option<SessionId>) -> Option<History> {
+        let live = self
+            .users
+            .get(&device.uuid)
+            .and_then(|d| d.get(&device.mac))
+            .filter(|e| Some(e.link.id) != except)
+            .map(|e| History {
+                ip: e.link.remote.ip(),
+                seen: e.device.activity.last_seen().instant(),
+                live: Some(e.link.remote),
+            });
+        live.or_else(|| self.departed.get(device).copied())
+            .filter(|h| h.seen.elapsed() < self.online_window)
+    }
+
+    /// Remembers where a device whose connection closed was last seen.
+    fn depart(&mut self, entry: &Entry) {
+        if self.takeover == Takeover::WhenSilent {
+            let history = History {
+                ip: entry.link.remote.ip(),
+                seen: entry.device.activity.last_seen().instant(),
+                live: None,
+            };
+            self.departed.insert(entry.device.key.clone(), history);
+        }
+    }
+
+    /// Forgets histories and contests older than the online window.
+    fn forget_old(&mut self) {
+        let window = self.online_window;
+        self.departed.retain(|_, h| h.seen.elapsed() < window);
+        self.contests.retain(|_, c| c.last.elapsed() < window);
+        metrics::gauge!(metric::DEVICES_CONTESTED).set(self.contests.len() as f64);
+    }
+
+    /// A connection from `claimant` claimed `device`, seen from `holder` `ago`.
+    fn contested(&mut self, device: &DeviceKey, claimant: SocketAddr, still: StillLive) {
+        let now = Instant::now();
+        let window = self.online_window;
+        let contest = self.contests.entry(device.clone()).or_insert(Contest {
+            claimants: Vec::new(),
+            since: now,
+            last: now,
+            holder: still.holder,
+        });
+        if contest.last.elapsed() >= window {
+            *contest = Contest {
+                claimants: Vec::new(),
+                since: now,
+                last: now,
+                holder: still.holder,
+            };
+        }
+        contest.last = now;
+        let known = contest.claimants.iter().any(|c| c.ip() == claimant.ip());
+        if !known && contest.claimants.len() < MAX_CLAIMANTS {
+            contest.claimants.push(claimant);
+            log::warn!(
+                "device {} contested: {claimant} claims it, but it was seen from {} {:?} ago \
+                 (auth.device_takeover = \"when-silent\"); refused",
+                device.mac,
+                still.holder,
+                still.ago
+            );
+        }
+        metrics::gauge!(metric::DEVICES_CONTESTED).set(self.contests.len() as f64);
+    }
+
     /// Removes the entry of `device` if it is `which`.
     fn remove(&mut self, device: &DeviceKey, which: impl FnOnce(&Entry) -> bool) -> Option<Entry> {
         let devices = self.users.get_mut(&device.uuid)?;
@@ -191,30 +329,54 @@ impl DeviceRegistry {
     }
 }
 
-/// The device's live connection, from this address, still beats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StillLive(pub std::net::SocketAddr);
-
 impl Handler<Register> for DeviceRegistry {
     type Result = Result<(), StillLive>;
 
     fn handle(&mut self, msg: Register, _: &mut Context<Self>) -> Self::Result {
         let key = msg.device.key.clone();
         if self.takeover == Takeover::WhenSilent {
-            let live = self.users.get(&key.uuid).and_then(|d| d.get(&key.mac));
-            if let Some(live) = live.filter(|e| e.link.id != msg.link.id) {
-                let silent = live.device.activity.last_seen().instant().elapsed();
-                if silent < self.online_window {
+            let from = msg.link.remote;
+            if let Some(seen) = self.history(&key, Some(msg.link.id)) {
+                if seen.ip != from.ip() {
+                    let still = StillLive {
+                        holder: seen.ip,
+                        ago: seen.seen.elapsed(),
+                    };
                     let refused = Entry {
                         device: msg.device,
                         link: msg.link,
                     };
-                    let cause =
-                        format!("takeover refused: still beating from {}", live.link.remote);
-                    let still = live.link.remote;
+                    let cause = match seen.live {
+                        Some(live) => format!("takeover refused: still beating from {live}"),
+                        None => format!(
+                            "takeover refused: seen from {} {:?} ago",
+                            still.holder, still.ago
+                        ),
+                    };
                     self.audit(&refused, DeviceChange::Refused, Some(cause));
-                    return Err(StillLive(still));
+                    self.contested(&key, from, still);
+                    return Err(still);
                 }
+            }
+            self.departed.remove(&key);
+            // Back where it was seen: a contest stays visible for its window. From a
+            // new address (after the window of silence): said, and settled.
+            let moved = self
+                .contests
+                .get(&key)
+                .is_some_and(|c| c.holder != from.ip());
+            if moved {
+                if let Some(contest) = self.contests.remove(&key) {
+                    log::warn!(
+                        "device {} now connects from {from}, a new address, after {:?} of \
+                         silence; it was contested by {:?} (it was seen from {})",
+                        key.mac,
+                        self.online_window,
+                        contest.claimants,
+                        contest.holder
+                    );
+                }
+                metrics::gauge!(metric::DEVICES_CONTESTED).set(self.contests.len() as f64);
             }
         }
         let mac = key.mac.clone();
@@ -259,6 +421,7 @@ impl Handler<Unregister> for DeviceRegistry {
 
     fn handle(&mut self, msg: Unregister, _: &mut Context<Self>) {
         if let Some(gone) = self.remove(&msg.device, |e| e.link.id == msg.session) {
+            self.depart(&gone);
             self.audit(&gone, DeviceChange::Offline, Some(msg.cause.to_owned()));
         }
     }
@@ -269,6 +432,7 @@ impl Handler<Evict> for DeviceRegistry {
 
     fn handle(&mut self, Evict(device): Evict, _: &mut Context<Self>) {
         if let Some(old) = self.remove(&device, |_| true) {
+            self.depart(&old);
             let cause = "connected to another node".to_owned();
             self.audit(&old, DeviceChange::Offline, Some(cause));
             metrics::counter!(metric::DEVICE_TAKEOVERS_TOTAL).increment(1);

@@ -44,7 +44,7 @@ use tokio::time::Instant;
 
 use crate::audit::{Attempt, Refused};
 use crate::bridge::{Cause, Unlink};
-use crate::cluster::BeatsElsewhere;
+use crate::cluster::{Elsewhere, SeenElsewhere};
 use crate::command::{answer, refuse, Applied, Command};
 use crate::config::Takeover;
 use crate::connection::{
@@ -61,7 +61,7 @@ use crate::metric;
 use crate::outbox::{Bounds, Outbox, Unsent};
 use crate::persistence;
 use crate::refusal::Reason;
-use crate::registry::{Lookup, Register, StillLive, Unregister};
+use crate::registry::{LastSeen, Register, StillLive, Unregister};
 use crate::tls::Transport;
 use crate::users::Access;
 
@@ -149,6 +149,7 @@ async fn admit(
     link: PeerLink,
 ) -> Result<bool, (Reason, String)> {
     let key = device.key.clone();
+    let link_remote = link.remote;
     let name = || format!("device {} of user {}", key.mac, masked(&key.uuid));
     let access = hub.users.access(&key.uuid).await;
     if access.refused() {
@@ -168,28 +169,38 @@ async fn admit(
         return Err((reason, format!("{}: {why}", name())));
     }
     if hub.config.auth.device_takeover == Takeover::WhenSilent {
-        // Live on another node, and still beating there: not taken over from here.
-        let here = hub.registry.send(Lookup(key.clone())).await;
+        // Not seen here lately: ask the nodes that hold it or held it lately. One that
+        // does not answer in time keeps it (fail closed).
+        let here = hub.registry.send(LastSeen(key.clone())).await;
         if let (Ok(None), Some(cluster)) = (here, &hub.cluster) {
-            if cluster.send(BeatsElsewhere(key.clone())).await == Ok(true) {
+            let asked = SeenElsewhere {
+                device: key.clone(),
+                from: ip,
+            };
+            let why = match cluster.send(asked).await {
+                Ok(Elsewhere::Free) => None,
+                Ok(Elsewhere::Seen) => Some("another node saw it lately from another address"),
+                _ => Some(
+                    "the node that holds it did not answer in time, so it keeps it (fail \
+                     closed)",
+                ),
+            };
+            if let Some(why) = why {
                 return Err((
                     Reason::Takeover,
-                    format!(
-                        "{}: its live connection on another node still beats \
-                         (auth.device_takeover = \"when-silent\")",
-                        name()
-                    ),
+                    format!("{}: {why} (auth.device_takeover = \"when-silent\")", name()),
                 ));
             }
         }
     }
     match hub.registry.send(Register { device, link }).await {
-        Ok(Err(StillLive(live))) => Err((
+        Ok(Err(StillLive { holder, ago })) => Err((
             Reason::Takeover,
             format!(
-                "{}: its live connection from {live} still beats \
-                 (auth.device_takeover = \"when-silent\")",
-                name()
+                "{}: a connection from {} claims it, but it was seen from {holder} {ago:?} \
+                 ago (auth.device_takeover = \"when-silent\")",
+                name(),
+                link_remote
             ),
         )),
         // Registered (or the gateway is stopping).
@@ -595,12 +606,12 @@ impl Session {
         let (hub, ip, link) = (self.hub.clone(), self.remote.ip(), self.link(ctx));
         let candidate = device.clone();
         let step = async move { admit(&hub, ip, candidate, link).await };
-        self.pause(ctx, step, move |act, admitted, _| match admitted {
+        self.pause(ctx, step, move |act, admitted, ctx| match admitted {
             Ok(stored) => {
                 act.registered(device, stored);
                 act.refresh(beat);
             }
-            Err((reason, detail)) => act.refused_device(device, reason, detail),
+            Err((reason, detail)) => act.refused_device(device, reason, detail, ctx),
         })
     }
 
@@ -629,9 +640,16 @@ impl Session {
 
     /// `device` was refused. A device of an unknown user identifies nothing; any
     /// other refused device is still the one this connection speaks for (it may not
-    /// name another), asked again at most once a second. One waiting to take over a
-    /// device that still beats stays connected for its turn.
-    fn refused_device(&mut self, device: Identity, reason: Reason, detail: String) {
+    /// name another), asked again at most once a second. A refused takeover closes
+    /// the connection: it is not kept to ask again until the real device's
+    /// connection drops.
+    fn refused_device(
+        &mut self,
+        device: Identity,
+        reason: Reason,
+        detail: String,
+        ctx: &mut Context<Self>,
+    ) {
         self.discard = true;
         let (peer, refusals) = (self.remote.ip(), &self.hub.refusals);
         if reason == Reason::Takeover {
@@ -656,8 +674,8 @@ impl Session {
             return;
         }
         if reason == Reason::Takeover {
-            self.identified = true;
-            self.last_message = Instant::now();
+            self.limit_reached("takeover_refused", ctx);
+            return;
         }
         if self.device.is_none() {
             self.device = Some(Speaking {

@@ -22,7 +22,7 @@ use elfin_actors::cluster::{Members, Membership};
 use elfin_actors::frame::Role;
 use elfin_actors::link::End;
 use elfin_actors::masked::masked;
-use elfin_actors::registry::{AllLive, Connected};
+use elfin_actors::registry::{AllLive, Connected, ContestOf};
 use elfin_actors::store::{OwnedDevice, User};
 use elfin_actors::Hub;
 
@@ -55,6 +55,15 @@ pub struct Status {
     /// In cluster mode: this node, its NATS connection and the nodes it hears.
     pub cluster: Option<Members>,
     pub clock: Clock,
+}
+
+/// A device claimed from other addresses within the online window.
+#[derive(Serialize)]
+pub struct Contested {
+    /// Where the device was seen from, and the addresses that claimed it.
+    pub seen_from: String,
+    pub claimants: Vec<String>,
+    pub since_secs: u64,
 }
 
 /// The gateway's time as the page shows every time: in `query.time_zone` and
@@ -180,6 +189,9 @@ pub struct DeviceDetail {
     pub events: Vec<audit::EventRow>,
     /// Requests, handshakes and takeovers naming it that were refused, newest first.
     pub refusals: Vec<audit::RefusalRow>,
+    /// Connections from other addresses that claimed it lately, while
+    /// `auth.device_takeover = "when-silent"` kept it (refused).
+    pub contested: Option<Contested>,
     pub audit_error: Option<String>,
     pub clock: Clock,
 }
@@ -461,19 +473,31 @@ impl StatusBoard {
             self.hub.bridge.send(Tunnels)
         );
         let live = live.unwrap_or_default();
-        let (device, names) = {
+        let (device, uuid, names) = {
             let directory = self.directory().await;
-            let device = Self::entries(&directory, &live)
+            let (device, uuid) = Self::entries(&directory, &live)
                 .iter()
                 .find(|d| d.mac == mac)
-                .map(|d| self.row(d))?;
+                .map(|d| (self.row(d), d.uuid.map(str::to_owned)))?;
             let names: HashMap<String, String> = directory
                 .users
                 .iter()
                 .map(|u| (u.uuid.clone(), u.username.clone()))
                 .collect();
-            (device, names)
+            (device, uuid, names)
         };
+        let contest = match uuid {
+            Some(uuid) => {
+                let key = elfin_actors::device::DeviceKey::new(&uuid, mac);
+                self.hub.registry.send(ContestOf(key)).await.ok().flatten()
+            }
+            None => None,
+        };
+        let contested = contest.map(|c| Contested {
+            seen_from: c.holder.to_string(),
+            claimants: c.claimants.iter().map(ToString::to_string).collect(),
+            since_secs: c.since.elapsed().as_secs(),
+        });
         let now = SystemTime::now();
         let open: Vec<TunnelInfo> = tunnels
             .map(|r| r.open)
@@ -528,6 +552,7 @@ impl StatusBoard {
             tunnels,
             events,
             refusals,
+            contested,
             audit_error,
             clock: self.clock(),
         })

@@ -179,6 +179,25 @@ impl Binary {
         Peer::connect(self.addr)
     }
 
+    /// A connection from another loopback address (`127.0.0.<last>`): another host,
+    /// as far as per-address rules can tell.
+    pub fn connect_from(&self, last: u8) -> Peer {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let stream = runtime.block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket
+                .bind(SocketAddr::from(([127, 0, 0, last], 0)))
+                .unwrap();
+            socket.connect(self.addr).await.unwrap()
+        });
+        let stream = stream.into_std().unwrap();
+        stream.set_nonblocking(false).unwrap();
+        Peer::from_std(stream)
+    }
+
     /// A device connection that has sent its first heartbeat and is registered.
     pub fn device(&self, uuid: &str, mac: &str, host: &str) -> Peer {
         let mut device = self.connect();
@@ -388,7 +407,10 @@ pub struct Peer {
 
 impl Peer {
     pub fn connect(addr: SocketAddr) -> Peer {
-        let stream = TcpStream::connect(addr).unwrap();
+        Peer::from_std(TcpStream::connect(addr).unwrap())
+    }
+
+    pub fn from_std(stream: TcpStream) -> Peer {
         stream.set_nodelay(true).unwrap();
         stream.set_read_timeout(Some(TIMEOUT)).unwrap();
         Peer {

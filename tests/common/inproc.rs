@@ -126,6 +126,16 @@ impl TestGateway {
         Peer::connect(self.addr).await
     }
 
+    /// A connection from another loopback address (`127.0.0.<last>`): another host,
+    /// as far as per-address rules can tell.
+    pub async fn connect_from(&self, last: u8) -> Peer {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(std::net::SocketAddr::from(([127, 0, 0, last], 0)))
+            .unwrap();
+        Peer::from_stream(socket.connect(self.addr).await.unwrap())
+    }
+
     /// A device connection that has sent its first heartbeat and is registered.
     pub async fn device(&self, uuid: &str, mac: &str, host: &str) -> Peer {
         let mut device = self.connect().await;

@@ -355,9 +355,29 @@ impl Bus {
         message: &T,
         timeout: Duration,
     ) -> Option<R> {
-        let mut answers = self.ask::<T, R>(subject, message).await?;
-        let (_, answer) = tokio::time::timeout(timeout, answers.next()).await.ok()??;
-        Some(answer)
+        match self.request_reply(subject, message, timeout).await {
+            Reply::Answer(answer) => Some(answer),
+            Reply::Nobody | Reply::Unanswered => None,
+        }
+    }
+
+    /// As [`Bus::request`], telling "nobody listens on the subject" apart from "no
+    /// answer in time" (a slow node, or NATS unreachable).
+    pub async fn request_reply<T: Serialize, R: DeserializeOwned + Send + 'static>(
+        &self,
+        subject: String,
+        message: &T,
+        timeout: Duration,
+    ) -> Reply<R> {
+        let Some(mut answers) = self.ask::<T, R>(subject, message).await else {
+            return Reply::Unanswered;
+        };
+        match tokio::time::timeout(timeout, answers.next()).await {
+            Ok(Some((_, answer))) => Reply::Answer(answer),
+            // NATS said no responders: no node listens on the subject.
+            Ok(None) => Reply::Nobody,
+            Err(_) => Reply::Unanswered,
+        }
     }
 
     /// The sender and content of `message` if it is authentic and readable; counted
@@ -531,4 +551,14 @@ mod tests {
         assert_eq!(unhex(&hex(&[0, 1, 254, 255])), Some(vec![0, 1, 254, 255]));
         assert_eq!(unhex("zz"), None);
     }
+}
+
+/// What a request came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply<R> {
+    Answer(R),
+    /// No node listens on the subject.
+    Nobody,
+    /// Someone may listen, but no authentic answer came in time (or NATS is away).
+    Unanswered,
 }

@@ -31,7 +31,7 @@ pub mod remote;
 mod requests;
 pub mod wire;
 
-pub use requests::{BeatsElsewhere, Gather, Open, Probe};
+pub use requests::{Elsewhere, Gather, Open, Probe, SeenElsewhere};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -225,6 +225,7 @@ impl ClusterSettings {
             peer_advertise: self.peer_advertise.clone(),
             identity,
             request_timeout: self.request_timeout,
+            linger: None,
             // A silent node's tunnels end within the stall time, as a stalled one's.
             node_timeout: self.node_timeout.min(server.tunnel_stall),
             stall: server.tunnel_stall,
@@ -295,6 +296,10 @@ pub struct ClusterConfig {
     pub identity: Option<(PathBuf, PathBuf)>,
     /// How long a request to another node waits for its answer.
     pub request_timeout: Duration,
+    /// Under `auth.device_takeover = "when-silent"`: how long this node keeps answering
+    /// for a device whose connection left it (the online window), so a node the
+    /// device's impostor reaches learns where it was last seen.
+    pub linger: Option<Duration>,
     /// A node not heard from for this long is gone.
     pub node_timeout: Duration,
     /// The gateway's stall time, and a cross-node end's output queue.
@@ -377,6 +382,9 @@ pub struct Cluster {
     bridge: Addr<BridgeManager>,
     /// Devices live here.
     held: HashMap<DeviceKey, Held>,
+    /// Devices whose connection left within [`ClusterConfig::linger`]: their subjects
+    /// are still answered, until this handle ends them.
+    lingering: HashMap<DeviceKey, Lingering>,
     /// Hands each device's stream to the one stream that merges them all: actix polls
     /// every stream of an actor's context on each wake, which for thousands of devices
     /// would cost more than the messages, while a merged stream polls only those that
@@ -408,6 +416,13 @@ struct Held {
     /// Ends its subject's stream (and so the subscription).
     stream: AbortHandle,
     /// When it went live here: milliseconds since the Unix epoch.
+    since_ms: i64,
+}
+
+/// A device's subject still answered after its connection left.
+struct Lingering {
+    stream: AbortHandle,
+    /// Tells this lingering apart from a later one of the same device.
     since_ms: i64,
 }
 
@@ -510,6 +525,7 @@ pub async fn join(
             registry,
             bridge,
             held: HashMap::new(),
+            lingering: HashMap::new(),
             devices,
             users: HashMap::new(),
             nodes: HashMap::new(),
@@ -747,6 +763,9 @@ impl Cluster {
         if self.held.contains_key(&key) {
             return;
         }
+        if let Some(lingering) = self.lingering.remove(&key) {
+            lingering.stream.abort();
+        }
         let user = self.config.subjects.user(&key.uuid);
         self.users
             .entry(user)
@@ -773,11 +792,34 @@ impl Cluster {
         self.held.insert(key, held);
     }
 
-    fn offline(&mut self, key: DeviceKey) {
+    fn offline(&mut self, key: DeviceKey, ctx: &mut Context<Self>) {
         let Some(held) = self.held.remove(&key) else {
             return;
         };
-        held.stream.abort();
+        match self.config.linger {
+            // Still answered for the online window: where it was last seen.
+            Some(linger) => {
+                let since_ms = held.since_ms;
+                let lingering = Lingering {
+                    stream: held.stream,
+                    since_ms,
+                };
+                self.lingering.insert(key.clone(), lingering);
+                let key = key.clone();
+                ctx.run_later(linger, move |act, _| {
+                    if act
+                        .lingering
+                        .get(&key)
+                        .is_some_and(|l| l.since_ms == since_ms)
+                    {
+                        if let Some(lingering) = act.lingering.remove(&key) {
+                            lingering.stream.abort();
+                        }
+                    }
+                });
+            }
+            None => held.stream.abort(),
+        }
         let user = self.config.subjects.user(&key.uuid);
         if let Some((_, devices)) = self.users.get_mut(&user) {
             *devices -= 1;
@@ -806,10 +848,10 @@ impl StreamHandler<Incoming> for Cluster {
 impl Handler<Presence> for Cluster {
     type Result = ();
 
-    fn handle(&mut self, change: Presence, _: &mut Context<Self>) {
+    fn handle(&mut self, change: Presence, ctx: &mut Context<Self>) {
         match change {
             Presence::Online(device) => self.online(device),
-            Presence::Offline(device) => self.offline(device),
+            Presence::Offline(device) => self.offline(device, ctx),
         }
     }
 }

@@ -22,7 +22,7 @@ use bytestring::ByteString;
 use futures::StreamExt;
 use tokio::time::Instant;
 
-use super::bus::{hex, unhex, Rejected};
+use super::bus::{hex, unhex, Rejected, Reply};
 use super::peer::{self, Token};
 use super::remote::{self, Tracked};
 use super::wire::{Answer, Ask, LiveElsewhere, QueryAnswer, QueryAsk, WireRole};
@@ -30,7 +30,7 @@ use super::{Cluster, ClusterConfig, Node};
 use crate::bridge::{BridgeManager, Link};
 use crate::device::DeviceKey;
 use crate::link::{End, PeerLink};
-use crate::registry::{Evict, LiveDevices, Lookup, StillBeats};
+use crate::registry::{Evict, LastSeen, LiveDevices, Lookup};
 use crate::store::Sighting;
 
 /// Answering other nodes.
@@ -44,6 +44,10 @@ impl Cluster {
         let Some((node, ask)) = self.bus.open::<Ask>(&message) else {
             return;
         };
+        if !self.held.contains_key(&key) && !matches!(ask, Ask::Beating { .. }) {
+            // A device that left lately: only asked where it was last seen.
+            return;
+        }
         match ask {
             Ask::Claim { since_ms } => {
                 let Some(ours) = self.held.get(&key).map(|h| h.since_ms) else {
@@ -67,10 +71,14 @@ impl Cluster {
                     act.reply(&message, &present(found.ok().flatten().is_some()));
                 }));
             }
-            Ask::Beating => {
-                let beats = self.registry.send(StillBeats(key));
-                ctx.spawn(beats.into_actor(self).map(move |beats, act, _| {
-                    act.reply(&message, &present(beats.unwrap_or(false)));
+            Ask::Beating { from } => {
+                let seen = self.registry.send(LastSeen(key));
+                ctx.spawn(seen.into_actor(self).map(move |seen, act, _| {
+                    let seen = seen.ok().flatten();
+                    // Refused when seen lately from elsewhere (an old node that does
+                    // not say from where: seen lately at all).
+                    let refuse = seen.is_some_and(|h| from.is_none_or(|ip| ip != h.ip));
+                    act.reply(&message, &present(refuse));
                 }));
             }
             Ask::Open {
@@ -270,22 +278,51 @@ impl Handler<Probe> for Cluster {
     }
 }
 
-/// Does another node hold this device with a connection that still beats? Asked
+/// May a connection from `from` take `device`, as far as other nodes know? Asked
 /// before a new connection registers a device under `auth.device_takeover =
-/// "when-silent"`; a node that does not answer in time counts as no.
+/// "when-silent"`. A node that holds the device, or that its connection left within
+/// the online window, answers; one that does not answer in time keeps the device
+/// (fail closed).
 #[derive(Message)]
-#[rtype(result = "bool")]
-pub struct BeatsElsewhere(pub DeviceKey);
+#[rtype(result = "Elsewhere")]
+pub struct SeenElsewhere {
+    pub device: DeviceKey,
+    pub from: std::net::IpAddr,
+}
 
-impl Handler<BeatsElsewhere> for Cluster {
-    type Result = ResponseFuture<bool>;
+/// What other nodes say about a takeover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Elsewhere {
+    /// No node saw the device lately from another address.
+    Free,
+    /// A node saw it lately from another address.
+    Seen,
+    /// A node listens for it but did not answer in time, or NATS is away.
+    Unanswered,
+}
 
-    fn handle(
-        &mut self,
-        BeatsElsewhere(device): BeatsElsewhere,
-        _: &mut Context<Self>,
-    ) -> Self::Result {
-        self.ask_yes_no(&device, Ask::Beating)
+impl Handler<SeenElsewhere> for Cluster {
+    type Result = ResponseFuture<Elsewhere>;
+
+    fn handle(&mut self, ask: SeenElsewhere, _: &mut Context<Self>) -> Self::Result {
+        let (bus, timeout) = (self.bus.clone(), self.config.request_timeout);
+        let subject = self
+            .config
+            .subjects
+            .device(&ask.device.uuid, &ask.device.mac);
+        let question = Ask::Beating {
+            from: Some(ask.from),
+        };
+        Box::pin(async move {
+            match bus
+                .request_reply::<_, Answer>(subject, &question, timeout)
+                .await
+            {
+                Reply::Answer(Answer::Present) => Elsewhere::Seen,
+                Reply::Answer(_) | Reply::Nobody => Elsewhere::Free,
+                Reply::Unanswered => Elsewhere::Unanswered,
+            }
+        })
     }
 }
 

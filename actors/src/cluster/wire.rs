@@ -69,9 +69,15 @@ impl Subjects {
 pub enum Ask {
     /// Is the device live there?
     Probe,
-    /// Is the device's connection there still beating, within the online window
-    /// (`auth.device_takeover = "when-silent"`: then no other node takes it over)?
-    Beating,
+    /// May a connection from `from` take the device (`auth.device_takeover =
+    /// "when-silent"`)? A node that saw the device within the online window answers
+    /// [`Answer::Present`] when it was seen from another address (refuse), a failure
+    /// otherwise. Asked of the node holding it, and of a node its connection left
+    /// within the window.
+    Beating {
+        #[serde(default)]
+        from: Option<std::net::IpAddr>,
+    },
     /// Tunnel the device to an end on the asking node: dial its peer port and
     /// attach with `token` (hex); the end there is a connection from `remote` in
     /// role `role`.

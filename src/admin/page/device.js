@@ -38,6 +38,14 @@ function render(d) {
   $("last-seen").textContent = device.last_seen;
   $("connected-from").textContent = device.connected_from || "–";
 
+  const contested = $("contested");
+  contested.hidden = !d.contested;
+  contested.textContent = d.contested
+    ? "Contested: seen from " + d.contested.seen_from + ", claimed from " +
+      d.contested.claimants.join(", ") + " in the last " + age(d.contested.since_secs) +
+      " (refused: auth.device_takeover = \"when-silent\")"
+    : "";
+
   const problem = $("problem");
   problem.hidden = !d.audit_error;
   problem.textContent = d.audit_error ? "Audit trail: " + d.audit_error : "";
