@@ -80,6 +80,16 @@ enum UserCommand {
     },
     /// List users.
     List,
+    /// Remove a user (its devices stay, owned by nobody); a running gateway closes
+    /// its devices' connections within seconds and refuses it from then on.
+    Remove { name: String },
+    /// Make a user an admin (its client certificate reaches every user's devices), or
+    /// not; a running gateway applies it within seconds.
+    Admin {
+        name: String,
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
     /// Issue a client certificate for a user (auth.clients = "user-cert") as a
     /// PKCS#12 key store, or revoke one.
     Cert {
@@ -118,6 +128,9 @@ enum DeviceCommand {
         /// Its host name until it sends its own.
         host: Option<String>,
     },
+    /// Remove a device; a running gateway closes its connection within seconds and,
+    /// with auth.devices = "registered", refuses it from then on.
+    Remove { mac: String },
 }
 
 fn main() -> ExitCode {
@@ -141,6 +154,14 @@ fn main() -> ExitCode {
             Command::Device(DeviceCommand::List { uuid }) => list_devices(&settings, uuid).await,
             Command::Device(DeviceCommand::Add { uuid, mac, host }) => {
                 add_device(&settings, uuid, mac, host).await
+            }
+            Command::Device(DeviceCommand::Remove { mac }) => {
+                let store = open_store(&settings).await?;
+                if !store.remove_device(&mac).await? {
+                    anyhow::bail!("no device {mac:?}");
+                }
+                println!("device {mac} removed");
+                Ok(())
             }
             Command::Audit {
                 user,
@@ -430,6 +451,22 @@ async fn user_command(settings: &Settings, cmd: UserCommand) -> anyhow::Result<(
             if generated {
                 println!("password {password}");
             }
+        }
+        UserCommand::Remove { name } => {
+            if !store.remove_user(&name).await? {
+                anyhow::bail!("no user named {name:?}");
+            }
+            println!("user {name} removed");
+        }
+        UserCommand::Admin { name, state } => {
+            let admin = state == "on";
+            if !store.set_admin(&name, admin).await? {
+                anyhow::bail!("no user named {name:?}");
+            }
+            println!(
+                "user {name} is {}",
+                if admin { "an admin" } else { "no admin" }
+            );
         }
         UserCommand::List => {
             println!("{:<36}  {:<20}  {:>7}", "UUID", "NAME", "DEVICES");

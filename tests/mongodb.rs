@@ -425,3 +425,65 @@ fn readiness_follows_the_database() {
     mongo.restart();
     wait_for(200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removals_by_the_web_ui_and_the_cli_reach_open_connections_on_mongodb() {
+    let mongo = Mongo::start();
+    let db = mongo.db().await;
+    let gw = mongo.gateway_with(&[("ELFIN__AUTH__DEVICES", "registered")]);
+    let (alice, bob) = (gw.add_user("alice"), gw.add_user("bob"));
+    for (uuid, mac) in [(&alice, MAC), (&bob, "B0B000000001")] {
+        gw.cli(&["device", "add", uuid, mac, "plc"]);
+    }
+    let (a, b) = (alice.clone(), bob.clone());
+    let gw = Arc::new(gw);
+    let g = gw.clone();
+    let (mut alices, mut bobs) = tokio::task::spawn_blocking(move || {
+        (
+            g.device(&a, MAC, "plc"),
+            g.device(&b, "B0B000000001", "plc"),
+        )
+    })
+    .await
+    .unwrap();
+
+    // The Web UI deletes Alice's device (findAndModify) and takes it off her list.
+    let gone = db
+        .collection::<Document>("devices")
+        .find_one_and_delete(doc! { "macAddress": MAC })
+        .await
+        .unwrap()
+        .unwrap();
+    let id = gone.get_object_id("_id").unwrap();
+    db.collection::<Document>("users")
+        .update_one(
+            doc! { "uuid": &alice },
+            doc! { "$pull": { "allDevices": id } },
+        )
+        .await
+        .unwrap();
+    // Bob is removed with the command.
+    let g = gw.clone();
+    tokio::task::spawn_blocking(move || {
+        assert!(g.cli(&["user", "remove", "bob"]).contains("removed"));
+        alices.send(format!("beat;{alice};{MAC};plc;0").as_bytes());
+        // Both connections are closed within 10 s, each with its reason.
+        alices.expect_closed();
+        bobs.expect_closed();
+        g.wait_log("it was removed from the database");
+        g.wait_log("its user was removed from the database");
+    })
+    .await
+    .unwrap();
+    // Alice's device is not written back by the beat it sent meanwhile.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(device_doc(&db, MAC).await.is_none());
+    assert_eq!(
+        db.collection::<Document>("devices")
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        1,
+        "count_documents (aggregate) through the stand-in: only Bob's device row is left"
+    );
+}

@@ -369,6 +369,53 @@ async fn refusals_are_recorded_filtered_counted_and_pruned(store: &dyn Store) {
     assert_eq!(store.audit_refusals(&all()).await.unwrap().len(), 1);
 }
 
+async fn the_directory_follows_removals_and_admin_changes(store: &dyn Store) {
+    store.add_user("alice", "ua").await.unwrap();
+    store.add_user("bob", "ub").await.unwrap();
+    store
+        .record(&[
+            sighting("ua", "M1", "plc", 1),
+            sighting("ua", "M2", "pump", 1),
+        ])
+        .await
+        .unwrap();
+    let members = store.members(true).await.unwrap();
+    assert_eq!(members.len(), 2);
+    let mut macs: Vec<&String> = members["ua"].devices.iter().collect();
+    macs.sort();
+    assert_eq!(macs, ["M1", "M2"]);
+    assert!(!members["ub"].admin);
+    assert!(store.members(false).await.unwrap()["ua"].devices.is_empty());
+
+    assert!(store.remove_device("M1").await.unwrap());
+    assert!(!store.remove_device("M1").await.unwrap(), "gone already");
+    assert!(store.set_admin("bob", true).await.unwrap());
+    assert!(!store.set_admin("nobody", true).await.unwrap());
+    let members = store.members(true).await.unwrap();
+    assert_eq!(members["ua"].devices.len(), 1);
+    assert!(members["ub"].admin);
+
+    // Recording existing devices only: a removed one is not written back.
+    store.forget_users(&["ua".to_owned()]);
+    let recorded = store
+        .record_existing(&[
+            sighting("ua", "M1", "plc", 5),
+            sighting("ua", "M2", "pump", 5),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((recorded.written, recorded.refused), (1, 1));
+    let devices = store.user_devices("ua").await.unwrap().unwrap();
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0].mac, "M2");
+    assert_eq!(devices[0].last_seen, at(5));
+
+    assert!(store.remove_user("alice").await.unwrap());
+    store.forget_users(&["ua".to_owned()]);
+    assert!(!store.user_exists("ua").await.unwrap());
+    assert!(!store.members(false).await.unwrap().contains_key("ua"));
+}
+
 /// One test per contract case and backend.
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
@@ -409,4 +456,5 @@ contract!(
     audit_records_are_filtered_and_paged_newest_first,
     records_past_the_retention_are_pruned,
     refusals_are_recorded_filtered_counted_and_pruned,
+    the_directory_follows_removals_and_admin_changes,
 );

@@ -432,3 +432,83 @@ async fn a_device_whose_address_changes_while_an_impostor_beats_is_contested_not
     assert!(registered(&gw, &uuid, MAC).await);
     assert!(contest(&gw, &uuid).await.is_none(), "settled");
 }
+
+#[actix_rt::test]
+async fn registered_devices_follow_the_database_added_and_removed() {
+    tokio::time::pause();
+    let gw = TestGateway::start_with(|c| c.auth.devices = Devices::Registered).await;
+    let uuid = gw.add_user("alice").await;
+    gw.store_fleet(&uuid, 1).await;
+    let stored = "000000000000";
+    let mut device = gw.connect().await;
+    device.send(format!("beat;{uuid};{stored};plc;0")).await;
+    settle(&mut device, &uuid).await;
+    assert!(registered(&gw, &uuid, stored).await);
+
+    // A device not stored yet is refused; added by any writer, it is admitted within
+    // 10 s without a restart (its connection asks again once a second).
+    let mut newcomer = gw.connect().await;
+    newcomer.send(format!("beat;{uuid};{MAC};plc;0")).await;
+    settle(&mut newcomer, &uuid).await;
+    assert!(!registered(&gw, &uuid, MAC).await);
+    gw.store
+        .record(&[common::sighting(&uuid, MAC, "plc", 0)])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    newcomer.send(format!("beat;{uuid};{MAC};plc;0")).await;
+    settle(&mut newcomer, &uuid).await;
+    assert!(
+        registered(&gw, &uuid, MAC).await,
+        "admitted without a restart"
+    );
+
+    // Removed from the database: closed within 10 s with a reason, refused after,
+    // and its row is never written back by a sighting.
+    let mut tunnel = gw.tunnel(&uuid, stored).await;
+    assert!(gw.store.remove_device(stored).await.unwrap());
+    device.send(format!("beat;{uuid};{stored};plc;0")).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    device.expect_closed().await;
+    tunnel.expect_closed().await;
+    assert!(!registered(&gw, &uuid, stored).await);
+    let story = device_story(&gw, stored).await;
+    let (_, _, why) = story.last().unwrap();
+    assert!(why.contains("removed from the database"), "{story:?}");
+    let again = beat(&gw, &uuid, stored).await;
+    drop(again);
+    assert!(
+        !registered(&gw, &uuid, stored).await,
+        "refused from then on"
+    );
+    while gw.hub.persistence.send(Flush).await.unwrap() > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let rows = gw.store.user_devices(&uuid).await.unwrap().unwrap();
+    assert!(
+        rows.iter().all(|d| d.mac != stored),
+        "never written back: {rows:?}"
+    );
+}
+
+#[actix_rt::test]
+async fn a_user_removed_from_the_database_loses_its_devices_connections_within_seconds() {
+    tokio::time::pause();
+    let gw = TestGateway::start().await;
+    let uuid = gw.add_user("alice").await;
+    let mut device = gw.device(&uuid, MAC, "plc-1").await;
+    let mut tunnel = gw.tunnel(&uuid, MAC).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(gw.store.remove_user("alice").await.unwrap());
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    device.expect_closed().await;
+    tunnel.expect_closed().await;
+    assert!(!registered(&gw, &uuid, MAC).await);
+    let story = device_story(&gw, MAC).await;
+    let (_, _, why) = story.last().unwrap();
+    assert_eq!(why, "its user was removed from the database");
+    // Refused from then on, as a user that does not exist.
+    let again = beat(&gw, &uuid, MAC).await;
+    drop(again);
+    assert!(!registered(&gw, &uuid, MAC).await);
+}

@@ -478,6 +478,29 @@ async fn revocation_and_expiry_reach_open_connections_and_certificates_made_else
         .unwrap();
     assert!(ask(&mut fresh, &format!("query;{alice}\n")).await.is_some());
 
+    // Bob is made an admin while the gateway runs: within 10 s his certificate
+    // reaches Alice's devices, and when it is taken back, no longer.
+    let mut bob_tls = connect(&gw, from_pem(d, "bob-other")).await.unwrap();
+    let lists_alices = |reply: Option<String>| reply.is_some_and(|r| r.contains(ALICE_PLC));
+    assert!(!lists_alices(
+        ask(&mut bob_tls, &format!("query;{alice}\n")).await
+    ));
+    for (state, reaches) in [("on", true), ("off", false)] {
+        cli(&["user", "admin", "bob", state]);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let reply = ask(&mut bob_tls, &format!("query;{alice}\n")).await;
+            if lists_alices(reply) == reaches {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "admin {state} not applied"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
     // The audit trail: the tunnel ended for the certificate, and each closing and
     // refused handshake is recorded with the certificate.
     let tunnels = gw.get("/api/audit").json()["rows"].clone();

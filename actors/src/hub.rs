@@ -10,8 +10,9 @@ use actix::prelude::*;
 use crate::audit::Trail;
 use crate::bridge::{BridgeManager, Tunnels};
 use crate::cluster::Cluster;
-use crate::config::Config;
+use crate::config::{Config, Devices};
 use crate::debouncer::{FlushAll, HeartbeatDebouncer};
+use crate::follow::Follower;
 use crate::limits::{Admission, LookupGuard};
 use crate::persistence::{Flush, Persistence};
 use crate::refusal::Refusals;
@@ -24,6 +25,8 @@ use crate::users::UserDirectory;
 #[derive(Clone)]
 pub struct Hub {
     pub registry: Addr<DeviceRegistry>,
+    /// Re-reads users and registered devices so removals apply to open connections.
+    pub follower: Addr<Follower>,
     pub bridge: Addr<BridgeManager>,
     pub debouncer: Addr<HeartbeatDebouncer>,
     pub persistence: Addr<Persistence>,
@@ -66,6 +69,7 @@ impl Hub {
             batches.max_batch.get(),
         )
         .with_retention(retention)
+        .existing_only(config.auth.devices == Devices::Registered)
         .start();
         let node = config
             .node
@@ -80,26 +84,39 @@ impl Hub {
         let debouncer =
             HeartbeatDebouncer::new(config.heartbeat.debounce, persistence.clone().recipient())
                 .start();
+        let registry = DeviceRegistry::new(
+            config.auth.device_takeover,
+            config.heartbeat.online_window,
+            trail.clone(),
+        )
+        .start();
+        let users = Arc::new(UserDirectory::new(
+            store.clone(),
+            config.auth.require_known_user,
+        ));
+        let tenants = Arc::new(Tenants::new(
+            store.clone(),
+            config.auth.devices,
+            &config.limits,
+        ));
+        let follower = Follower::new(
+            store.clone(),
+            registry.clone(),
+            tenants.clone(),
+            users.clone(),
+            config.auth.devices == Devices::Registered,
+            config.auth.require_known_user,
+        )
+        .start();
         Hub {
-            registry: DeviceRegistry::new(
-                config.auth.device_takeover,
-                config.heartbeat.online_window,
-                trail.clone(),
-            )
-            .start(),
+            registry,
+            follower,
             bridge: BridgeManager::new(trail.clone()).start(),
             trail,
             debouncer,
             persistence,
-            users: Arc::new(UserDirectory::new(
-                store.clone(),
-                config.auth.require_known_user,
-            )),
-            tenants: Arc::new(Tenants::new(
-                store.clone(),
-                config.auth.devices,
-                &config.limits,
-            )),
+            users,
+            tenants,
             refusals: Arc::new(Refusals::new(config.limits.ipv6_prefix)),
             lookups: Arc::new(LookupGuard::new(
                 config.limits.failed_lookups_per_min,

@@ -37,6 +37,7 @@ pub mod config;
 pub mod connection;
 pub mod debouncer;
 pub mod device;
+pub mod follow;
 pub mod frame;
 pub mod hub;
 pub mod limits;

@@ -148,4 +148,7 @@ pub enum PeerEvent {
     /// A newer connection took over this device, which this session spoke for: it
     /// ends its tunnel, writes what is queued and closes.
     Replaced(DeviceKey),
+    /// The device, or its user, was removed from the database: the session closes
+    /// as for [`PeerEvent::Replaced`] and says why.
+    Withdrawn(DeviceKey, &'static str),
 }

@@ -73,6 +73,9 @@ pub struct Persistence {
     overflowing: bool,
     /// Set while the store is failing: the current backoff and when to try again.
     outage: Option<(Duration, Instant)>,
+    /// Only devices already stored are written (`auth.devices = "registered"`): a
+    /// device removed from the database never comes back through a sighting.
+    existing_only: bool,
 }
 
 impl Persistence {
@@ -90,7 +93,14 @@ impl Persistence {
             audit_bound: MAX_AUDIT_PENDING,
             overflowing: false,
             outage: None,
+            existing_only: false,
         }
+    }
+
+    /// Writes sightings only of devices already stored (`auth.devices = "registered"`).
+    pub fn existing_only(mut self, existing_only: bool) -> Self {
+        self.existing_only = existing_only;
+        self
     }
 
     /// Keeps audit records for `retention` (default 90 days).
@@ -218,9 +228,9 @@ impl Persistence {
         }
         let batch = self.take_batch();
         self.in_flight = batch.len();
-        let store = self.store.clone();
+        let (store, existing_only) = (self.store.clone(), self.existing_only);
         async move {
-            let written = batch.write(&*store).await;
+            let written = batch.write(&*store, existing_only).await;
             (batch, written)
         }
         .into_actor(self)
@@ -411,12 +421,16 @@ impl Batch {
     async fn write(
         &self,
         store: &dyn Store,
+        existing_only: bool,
     ) -> (Result<Recorded, StoreError>, Result<(), StoreError>) {
         let recorded = if self.sightings.is_empty() {
             Ok(Recorded::default())
         } else {
             let started = std::time::Instant::now();
-            let recorded = store.record(&self.sightings).await;
+            let recorded = match existing_only {
+                true => store.record_existing(&self.sightings).await,
+                false => store.record(&self.sightings).await,
+            };
             metrics::histogram!(metric::STORE_ROUND_TRIP_SECONDS, "op" => "record")
                 .record(started.elapsed());
             recorded
@@ -594,6 +608,21 @@ mod tests {
                 return Err(StoreError::Transient("outage".into()));
             }
             self.inner.write_audit(batch).await
+        }
+        async fn members(&self, with_devices: bool) -> Result<crate::store::Members, StoreError> {
+            self.inner.members(with_devices).await
+        }
+        async fn record_existing(&self, batch: &[Sighting]) -> Result<Recorded, StoreError> {
+            self.inner.record_existing(batch).await
+        }
+        async fn remove_device(&self, mac: &str) -> Result<bool, StoreError> {
+            self.inner.remove_device(mac).await
+        }
+        async fn remove_user(&self, username: &str) -> Result<bool, StoreError> {
+            self.inner.remove_user(username).await
+        }
+        async fn set_admin(&self, username: &str, admin: bool) -> Result<bool, StoreError> {
+            self.inner.set_admin(username, admin).await
         }
         async fn audit_refusals(
             &self,

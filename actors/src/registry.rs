@@ -169,6 +169,28 @@ pub struct Watch(pub Recipient<Presence>);
 #[rtype(result = "()")]
 pub struct Evict(pub DeviceKey);
 
+/// The device, or its user, is no longer in the database: its connection is closed
+/// with `why`, and it goes offline.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Withdraw {
+    pub device: DeviceKey,
+    pub why: &'static str,
+}
+
+impl Handler<Withdraw> for DeviceRegistry {
+    type Result = ();
+
+    fn handle(&mut self, Withdraw { device, why }: Withdraw, _: &mut Context<Self>) {
+        if let Some(old) = self.remove(&device, |_| true) {
+            self.audit(&old, DeviceChange::Offline, Some(why.to_owned()));
+            old.link
+                .events
+                .do_send(PeerEvent::Withdrawn(old.device.key, why));
+        }
+    }
+}
+
 /// The live connection of device (uuid, mac).
 #[derive(Message)]
 #[rtype(result = "Option<PeerLink>")]

@@ -920,6 +920,23 @@ impl Handler<PeerEvent> for Session {
                     self.close(ctx);
                 }
             }
+            PeerEvent::Withdrawn(device, why) => {
+                if self
+                    .device
+                    .as_ref()
+                    .is_some_and(|d| d.identity.key == device)
+                {
+                    log::info!(
+                        "device {} of user {} from {}: closed, {why}",
+                        device.mac,
+                        masked(&device.uuid),
+                        self.remote
+                    );
+                    // The registry has already removed it.
+                    self.device = None;
+                    self.limit_reached("removed", ctx);
+                }
+            }
         }
     }
 }

@@ -100,6 +100,24 @@ impl Tenants {
         Ok(())
     }
 
+    /// The stored devices as the database says now (`auth.devices = "registered"`):
+    /// each user read so far gets exactly its stored list; a user no longer stored
+    /// has none.
+    pub fn follow(&self, members: &crate::store::Members) {
+        let mut users = self.lock();
+        for (uuid, tenant) in users.iter_mut().filter(|(_, t)| t.read) {
+            tenant.devices = members
+                .get(&**uuid)
+                .map(|m| {
+                    m.devices
+                        .iter()
+                        .map(|mac| ByteString::from(mac.as_str()))
+                        .collect()
+                })
+                .unwrap_or_default();
+        }
+    }
+
     async fn stored(&self, uuid: &str) -> Option<Vec<ByteString>> {
         match self.store.user_devices(uuid).await {
             Ok(devices) => Some(

@@ -132,6 +132,14 @@ impl UserDirectory {
         self.accounts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Forgets every cached answer: a user was removed or changed in the database.
+    pub fn forget_all(&self) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.clear();
+        }
+        self.lock_accounts().clear();
+    }
+
     /// What a peer presenting `uuid` may do.
     pub async fn access(&self, uuid: &str) -> Access {
         match self.check(uuid).await {

@@ -153,6 +153,32 @@ impl Store for Counted {
         self.writes.fetch_add(1, Ordering::Relaxed);
         self.inner.write_audit(batch).await
     }
+    async fn members(
+        &self,
+        with_devices: bool,
+    ) -> Result<elfin_actors::store::Members, elfin_actors::store::StoreError> {
+        self.inner.members(with_devices).await
+    }
+    async fn record_existing(
+        &self,
+        batch: &[Sighting],
+    ) -> Result<elfin_actors::store::Recorded, elfin_actors::store::StoreError> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.inner.record_existing(batch).await
+    }
+    async fn remove_device(&self, mac: &str) -> Result<bool, elfin_actors::store::StoreError> {
+        self.inner.remove_device(mac).await
+    }
+    async fn remove_user(&self, username: &str) -> Result<bool, elfin_actors::store::StoreError> {
+        self.inner.remove_user(username).await
+    }
+    async fn set_admin(
+        &self,
+        username: &str,
+        admin: bool,
+    ) -> Result<bool, elfin_actors::store::StoreError> {
+        self.inner.set_admin(username, admin).await
+    }
     async fn audit_refusals(
         &self,
         filter: &Filter,

@@ -151,13 +151,20 @@ impl Mongo {
     /// A gateway storing in this database (short driver timeouts, so that outage
     /// tests run fast).
     pub fn gateway(&self) -> super::Binary {
-        super::Binary::start(&[
+        self.gateway_with(&[])
+    }
+
+    /// [`Mongo::gateway`] with these settings too.
+    pub fn gateway_with(&self, settings: &[(&str, &str)]) -> super::Binary {
+        let mut env = vec![
             ("ELFIN__STORAGE__BACKEND", "mongodb"),
-            ("ELFIN__MONGODB__URI", &self.uri),
-            ("ELFIN__MONGODB__DATABASE", &self.database),
+            ("ELFIN__MONGODB__URI", self.uri.as_str()),
+            ("ELFIN__MONGODB__DATABASE", self.database.as_str()),
             ("ELFIN__MONGODB__SERVER_SELECTION_TIMEOUT_MS", "1000"),
             ("ELFIN__MONGODB__CONNECT_TIMEOUT_MS", "1000"),
-        ])
+        ];
+        env.extend_from_slice(settings);
+        super::Binary::start(&env)
     }
 }
 

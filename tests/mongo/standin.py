@@ -105,6 +105,22 @@ class StandIn:
             if doc.get("limit"):
                 cursor = cursor.limit(abs(int(doc["limit"])))
             return cursor_reply(db_name, doc[name], list(cursor))
+        if lname == "findandmodify":
+            query = doc.get("query") or {}
+            sort = list(doc["sort"].items()) if doc.get("sort") else None
+            if doc.get("remove"):
+                value = coll.find_one_and_delete(query, sort=sort)
+            else:
+                update = doc.get("update") or {}
+                after = mongomock.ReturnDocument.AFTER if doc.get("new") else mongomock.ReturnDocument.BEFORE
+                if any(key.startswith("$") for key in update):
+                    value = coll.find_one_and_update(query, update, sort=sort, upsert=bool(doc.get("upsert")), return_document=after)
+                else:
+                    value = coll.find_one_and_replace(query, update, sort=sort, upsert=bool(doc.get("upsert")), return_document=after)
+            self.save()
+            return {"value": value, "lastErrorObject": {"n": int(value is not None)}, "ok": 1}
+        if lname == "aggregate":
+            return cursor_reply(db_name, doc[name], list(coll.aggregate(doc.get("pipeline") or [])))
         if lname == "count":
             return {"n": coll.count_documents(doc.get("query") or {}), "ok": 1}
         if lname == "listindexes":

@@ -337,7 +337,7 @@ impl Handler<PeerEvent> for Remote {
             }
             // The local end left: what it sent goes out, then the connection closes.
             PeerEvent::Unlinked { tunnel, .. } if tunnel >= self.tunnel => ctx.stop(),
-            PeerEvent::Unlinked { .. } | PeerEvent::Replaced { .. } => {}
+            PeerEvent::Unlinked { .. } | PeerEvent::Replaced(_) | PeerEvent::Withdrawn(..) => {}
         }
     }
 }

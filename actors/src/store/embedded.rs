@@ -14,7 +14,8 @@ use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    Account, AccountKey, Device, OwnedDevice, Recorded, Sighting, Store, StoreError, User,
+    Account, AccountKey, Device, Member, Members, OwnedDevice, Recorded, Sighting, Store,
+    StoreError, User,
 };
 use crate::audit::{
     Attempt, AuditBatch, AuditSize, DeviceChange, DeviceEvent, Filter, RefusalRecord, TunnelRecord,
@@ -230,6 +231,120 @@ impl Store for EmbeddedStore {
             }
             tx.commit().map_err(unavailable)?;
             Ok(recorded)
+        })
+        .await
+    }
+
+    async fn record_existing(&self, batch: &[Sighting]) -> Result<Recorded, StoreError> {
+        let batch = batch.to_vec();
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            let mut recorded = Recorded::default();
+            {
+                let mut user = tx
+                    .prepare_cached("SELECT id FROM users WHERE uuid = ?1")
+                    .map_err(unavailable)?;
+                let mut update = tx
+                    .prepare_cached(
+                        "UPDATE devices SET host = ?2,
+                             last_seen_ms = max(last_seen_ms, ?3)
+                         WHERE mac = ?1 AND owner = ?4",
+                    )
+                    .map_err(unavailable)?;
+                for s in &batch {
+                    let owner: Option<i64> = user
+                        .query_row([&*s.uuid], |r| r.get(0))
+                        .optional()
+                        .map_err(unavailable)?;
+                    let Some(owner) = owner else {
+                        recorded.unknown_user += 1;
+                        continue;
+                    };
+                    let changed = update
+                        .execute(params![&*s.mac, &*s.host, s.at.timestamp_millis(), owner])
+                        .map_err(unavailable)?;
+                    match changed {
+                        0 => recorded.refused += 1,
+                        _ => recorded.written += 1,
+                    }
+                }
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(recorded)
+        })
+        .await
+    }
+
+    async fn members(&self, with_devices: bool) -> Result<Members, StoreError> {
+        self.with(move |conn| {
+            let mut members = Members::new();
+            let mut users = conn
+                .prepare_cached("SELECT uuid, username, admin FROM users")
+                .map_err(unavailable)?;
+            let rows = users
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        Member {
+                            username: r.get(1)?,
+                            admin: r.get(2)?,
+                            devices: Default::default(),
+                        },
+                    ))
+                })
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(unavailable)?;
+            members.extend(rows);
+            if with_devices {
+                let mut devices = conn
+                    .prepare_cached(
+                        "SELECT u.uuid, d.mac FROM devices d JOIN users u ON u.id = d.owner",
+                    )
+                    .map_err(unavailable)?;
+                let rows = devices
+                    .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                    .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                    .map_err(unavailable)?;
+                for (uuid, mac) in rows {
+                    if let Some(member) = members.get_mut(&uuid) {
+                        member.devices.insert(mac);
+                    }
+                }
+            }
+            Ok(members)
+        })
+        .await
+    }
+
+    async fn remove_device(&self, mac: &str) -> Result<bool, StoreError> {
+        let mac = mac.to_owned();
+        self.with(move |conn| {
+            conn.execute("DELETE FROM devices WHERE mac = ?1", [mac])
+                .map(|n| n > 0)
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn remove_user(&self, username: &str) -> Result<bool, StoreError> {
+        let username = username.to_owned();
+        self.with(move |conn| {
+            conn.execute("DELETE FROM users WHERE username = ?1", [username])
+                .map(|n| n > 0)
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn set_admin(&self, username: &str, admin: bool) -> Result<bool, StoreError> {
+        let username = username.to_owned();
+        self.with(move |conn| {
+            conn.execute(
+                "UPDATE users SET admin = ?2 WHERE username = ?1",
+                params![username, admin],
+            )
+            .map(|n| n > 0)
+            .map_err(unavailable)
         })
         .await
     }

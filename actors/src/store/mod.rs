@@ -63,6 +63,18 @@ pub struct Account {
     pub admin: bool,
 }
 
+/// A stored user as the gateway follows the database: name, admin flag and, when
+/// asked for, the MACs of its devices.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Member {
+    pub username: String,
+    pub admin: bool,
+    pub devices: std::collections::HashSet<String>,
+}
+
+/// Every stored user, by uuid.
+pub type Members = std::collections::HashMap<String, Member>;
+
 /// Which user to find.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccountKey<'a> {
@@ -248,6 +260,29 @@ pub trait Store: Send + Sync + 'static {
 
     /// One round trip that touches the database, for the readiness check.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Every stored user, with its devices' MACs if `with_devices` (what the gateway
+    /// re-reads to follow removals and changes made by any writer).
+    async fn members(&self, with_devices: bool) -> Result<Members, StoreError>;
+
+    /// As [`Store::record`], but only for devices stored as their user's already:
+    /// nothing is inserted or moved (`auth.devices = "registered"`, where a removed
+    /// device's row must never come back).
+    async fn record_existing(&self, batch: &[Sighting]) -> Result<Recorded, StoreError>;
+
+    /// Deletes the device with this MAC (and its place in its user's list); false if
+    /// there is none.
+    async fn remove_device(&self, mac: &str) -> Result<bool, StoreError>;
+
+    /// Deletes the user with this name (its devices stay, owned by nobody); false if
+    /// there is none.
+    async fn remove_user(&self, username: &str) -> Result<bool, StoreError>;
+
+    /// Sets the user's admin flag; false if there is no such user.
+    async fn set_admin(&self, username: &str, admin: bool) -> Result<bool, StoreError>;
+
+    /// Drops what the store caches about these users (they changed or are gone).
+    fn forget_users(&self, _uuids: &[String]) {}
 
     /// Writes audit records in one batch: tunnels by id (a later record of a tunnel
     /// replaces its earlier one), device events and refusals appended.

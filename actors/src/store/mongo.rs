@@ -37,7 +37,8 @@ use mongodb::{Client, Collection, Cursor, Database, IndexModel};
 use tokio::time::Instant;
 
 use super::{
-    Account, AccountKey, Device, OwnedDevice, Recorded, Sighting, Store, StoreError, User,
+    Account, AccountKey, Device, Member, Members, OwnedDevice, Recorded, Sighting, Store,
+    StoreError, User,
 };
 use crate::audit::{
     Attempt, AuditBatch, AuditSize, DeviceChange, DeviceEvent, Filter, RefusalRecord, TunnelRecord,
@@ -494,6 +495,140 @@ impl Store for MongoStore {
         }
         self.give_devices(moves).await?;
         Ok(recorded)
+    }
+
+    async fn record_existing(&self, batch: &[Sighting]) -> Result<Recorded, StoreError> {
+        let users = self.batch_users(batch).await?;
+        let known: Vec<(&Sighting, &CachedUser)> = batch
+            .iter()
+            .filter_map(|s| users.get(&*s.uuid).map(|u| (s, u)))
+            .collect();
+        let mut recorded = Recorded {
+            written: 0,
+            unknown_user: batch.len() - known.len(),
+            refused: 0,
+        };
+        if known.is_empty() {
+            return Ok(recorded);
+        }
+        // Only a device its user lists: never inserted, never moved.
+        let updates: Vec<Document> = known
+            .iter()
+            .map(|(s, user)| {
+                let listed: Vec<ObjectId> = user.devices.iter().copied().collect();
+                doc! {
+                    "q": { "macAddress": &*s.mac, "_id": { "$in": listed } },
+                    "u": {
+                        "$set": { "hostName": &*s.host },
+                        "$max": { "lastSeenDate": bson::DateTime::from_chrono(s.at) },
+                    },
+                    "upsert": false,
+                }
+            })
+            .collect();
+        let (reply, refused) = self
+            .write(doc! { "update": "devices", "updates": updates, "ordered": false })
+            .await?;
+        let matched = reply.get("n").and_then(bson_usize).unwrap_or(0);
+        recorded.written = matched;
+        recorded.refused = known.len().saturating_sub(matched).max(refused.len());
+        Ok(recorded)
+    }
+
+    async fn members(&self, with_devices: bool) -> Result<Members, StoreError> {
+        self.check_reachable()?;
+        let users = self
+            .collect(
+                self.users
+                    .find(doc! {})
+                    .projection(doc! { "uuid": 1, "username": 1, "admin": 1, "allDevices": 1 }),
+            )
+            .await?;
+        let macs: HashMap<ObjectId, String> = if with_devices {
+            let devices = self
+                .collect(
+                    self.devices
+                        .find(doc! {})
+                        .projection(doc! { "macAddress": 1 }),
+                )
+                .await?;
+            devices
+                .iter()
+                .filter_map(|d| {
+                    Some((
+                        d.get_object_id("_id").ok()?,
+                        d.get_str("macAddress").ok()?.to_owned(),
+                    ))
+                })
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        Ok(users
+            .iter()
+            .filter_map(|u| {
+                let member = Member {
+                    username: u.get_str("username").unwrap_or_default().to_owned(),
+                    admin: u.get_bool("admin").unwrap_or(false),
+                    devices: object_ids(u.get("allDevices"))
+                        .iter()
+                        .filter_map(|id| macs.get(id).cloned())
+                        .collect(),
+                };
+                Some((u.get_str("uuid").ok()?.to_owned(), member))
+            })
+            .collect())
+    }
+
+    async fn remove_device(&self, mac: &str) -> Result<bool, StoreError> {
+        let Some(device) = self
+            .devices
+            .find_one_and_delete(doc! { "macAddress": mac })
+            .await
+            .map_err(unavailable)?
+        else {
+            return Ok(false);
+        };
+        if let Ok(id) = device.get_object_id("_id") {
+            self.users
+                .update_many(
+                    doc! { "allDevices": id },
+                    doc! { "$pull": { "allDevices": id } },
+                )
+                .await
+                .map_err(unavailable)?;
+        }
+        self.cache().devices.remove(mac);
+        Ok(true)
+    }
+
+    async fn remove_user(&self, username: &str) -> Result<bool, StoreError> {
+        let gone = self
+            .users
+            .delete_one(doc! { "username": username })
+            .await
+            .map_err(unavailable)?;
+        Ok(gone.deleted_count > 0)
+    }
+
+    async fn set_admin(&self, username: &str, admin: bool) -> Result<bool, StoreError> {
+        let set = self
+            .users
+            .update_one(
+                doc! { "username": username },
+                doc! { "$set": { "admin": admin } },
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(set.matched_count > 0)
+    }
+
+    fn forget_users(&self, uuids: &[String]) {
+        let mut cache = self.cache();
+        for uuid in uuids {
+            cache.users.remove(uuid);
+            cache.answers.remove(uuid);
+        }
     }
 
     async fn user_exists(&self, uuid: &str) -> Result<bool, StoreError> {
