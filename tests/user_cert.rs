@@ -39,6 +39,26 @@ fn openssl(dir: &Path, args: &str, subject: Option<&str>) {
     );
 }
 
+/// A gateway whose clients need a certificate bound to their user, with the CA,
+/// server certificate and revocation list files `openssl_pki` makes.
+const USER_CERT: [(&str, &str); 6] = [
+    ("ELFIN__TLS__CERT", "server.pem"),
+    ("ELFIN__TLS__KEY", "server.key"),
+    ("ELFIN__TLS__CLIENT_CA", "ca.pem"),
+    ("ELFIN__TLS__CLIENT_CA_KEY", "ca.key"),
+    ("ELFIN__TLS__CLIENT_CRL", "clients.crl"),
+    ("ELFIN__AUTH__CLIENTS", "user-cert"),
+];
+
+/// Adds user `name` with the command; its uuid.
+fn add_user(dir: &tempfile::TempDir, name: &str) -> String {
+    run_cli(dir, &USER_CERT, &["user", "add", name])
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
 const NEW_KEY: &str = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
 
 /// With openssl: a CA, the gateway's certificate for localhost, and the extensions
@@ -130,21 +150,8 @@ async fn a_certificate_reaches_its_own_users_devices_and_an_admins_reaches_all()
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let d = dir.path();
     openssl_pki(d);
-    let env = [
-        ("ELFIN__TLS__CERT", "server.pem"),
-        ("ELFIN__TLS__KEY", "server.key"),
-        ("ELFIN__TLS__CLIENT_CA", "ca.pem"),
-        ("ELFIN__TLS__CLIENT_CA_KEY", "ca.key"),
-        ("ELFIN__TLS__CLIENT_CRL", "clients.crl"),
-        ("ELFIN__AUTH__CLIENTS", "user-cert"),
-    ];
-    let uuid = |name: &str| {
-        run_cli(&dir, &env, &["user", "add", name])
-            .lines()
-            .next()
-            .unwrap()
-            .to_owned()
-    };
+    let env = USER_CERT;
+    let uuid = |name: &str| add_user(&dir, name);
     let (alice, bob) = (uuid("alice"), uuid("bob"));
     uuid("root");
     // The Web UI's admin flag.
@@ -358,21 +365,8 @@ async fn revocation_and_expiry_reach_open_connections_and_certificates_made_else
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let d = dir.path();
     openssl_pki(d);
-    let env = [
-        ("ELFIN__TLS__CERT", "server.pem"),
-        ("ELFIN__TLS__KEY", "server.key"),
-        ("ELFIN__TLS__CLIENT_CA", "ca.pem"),
-        ("ELFIN__TLS__CLIENT_CA_KEY", "ca.key"),
-        ("ELFIN__TLS__CLIENT_CRL", "clients.crl"),
-        ("ELFIN__AUTH__CLIENTS", "user-cert"),
-    ];
-    let uuid = |name: &str| {
-        run_cli(&dir, &env, &["user", "add", name])
-            .lines()
-            .next()
-            .unwrap()
-            .to_owned()
-    };
+    let env = USER_CERT;
+    let uuid = |name: &str| add_user(&dir, name);
     let (alice, bob) = (uuid("alice"), uuid("bob"));
     let cli = |args: &[&str]| run_cli(&dir, &env, args);
     cli(&[

@@ -17,8 +17,10 @@
 //! 3. The shared actors: [`registry`] (live devices), [`bridge`] (tunnels),
 //!    [`persistence`] (batched writes) and [`debouncer`] (data-heartbeat timers); with
 //!    [`users`] (known uuids, accounts), [`tenants`] (what each user may have),
-//!    [`refusal`] (every refusal counted and logged) and [`query`] (the `query`
-//!    reply's rows).
+//!    [`refusal`] (every refusal counted and logged), [`query`] (the `query`
+//!    reply's rows), [`revocation`] (which client certificates are revoked, by
+//!    serial and by user) and [`follow`] (re-reading users and registered devices so
+//!    removals reach open connections).
 //! 4. [`cluster`]: in cluster mode, this node's member of the cluster (presence,
 //!    requests to other nodes) and tunnel ends that stand for connections elsewhere.
 //! 5. [`hub`]: handles to the shared actors and the settings, and the final flush.

@@ -157,6 +157,47 @@ impl EmbeddedStore {
         .await
     }
 
+    /// Writes each sighting of a stored user with `write` (its parameters: MAC, host,
+    /// last-seen in ms, the owner's row id) in one transaction; one that changes no
+    /// row counts as refused.
+    async fn write_sightings(
+        &self,
+        batch: &[Sighting],
+        write: &'static str,
+    ) -> Result<Recorded, StoreError> {
+        let batch = batch.to_vec();
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            let mut recorded = Recorded::default();
+            {
+                let mut user = tx
+                    .prepare_cached("SELECT id FROM users WHERE uuid = ?1")
+                    .map_err(unavailable)?;
+                let mut write = tx.prepare_cached(write).map_err(unavailable)?;
+                for s in &batch {
+                    let owner: Option<i64> = user
+                        .query_row([&*s.uuid], |r| r.get(0))
+                        .optional()
+                        .map_err(unavailable)?;
+                    let Some(owner) = owner else {
+                        recorded.unknown_user += 1;
+                        continue;
+                    };
+                    let changed = write
+                        .execute(params![&*s.mac, &*s.host, s.at.timestamp_millis(), owner])
+                        .map_err(unavailable)?;
+                    match changed {
+                        0 => recorded.refused += 1,
+                        _ => recorded.written += 1,
+                    }
+                }
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(recorded)
+        })
+        .await
+    }
+
     /// Runs `f` on the connection on tokio's blocking pool.
     async fn with<R: Send + 'static>(
         &self,
@@ -197,81 +238,23 @@ fn device_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Device> {
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn record(&self, batch: &[Sighting]) -> Result<Recorded, StoreError> {
-        let batch = batch.to_vec();
-        self.with(move |conn| {
-            let tx = conn.transaction().map_err(unavailable)?;
-            let mut recorded = Recorded::default();
-            {
-                let mut user = tx
-                    .prepare_cached("SELECT id FROM users WHERE uuid = ?1")
-                    .map_err(unavailable)?;
-                let mut upsert = tx
-                    .prepare_cached(
-                        "INSERT INTO devices (mac, host, last_seen_ms, owner) VALUES (?1, ?2, ?3, ?4)
-                         ON CONFLICT (mac) DO UPDATE SET
-                             host = excluded.host,
-                             last_seen_ms = max(last_seen_ms, excluded.last_seen_ms),
-                             owner = excluded.owner",
-                    )
-                    .map_err(unavailable)?;
-                for s in &batch {
-                    let owner: Option<i64> = user
-                        .query_row([&*s.uuid], |r| r.get(0))
-                        .optional()
-                        .map_err(unavailable)?;
-                    let Some(owner) = owner else {
-                        recorded.unknown_user += 1;
-                        continue;
-                    };
-                    upsert
-                        .execute(params![&*s.mac, &*s.host, s.at.timestamp_millis(), owner])
-                        .map_err(unavailable)?;
-                    recorded.written += 1;
-                }
-            }
-            tx.commit().map_err(unavailable)?;
-            Ok(recorded)
-        })
+        self.write_sightings(
+            batch,
+            "INSERT INTO devices (mac, host, last_seen_ms, owner) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (mac) DO UPDATE SET
+                 host = excluded.host,
+                 last_seen_ms = max(last_seen_ms, excluded.last_seen_ms),
+                 owner = excluded.owner",
+        )
         .await
     }
 
     async fn record_existing(&self, batch: &[Sighting]) -> Result<Recorded, StoreError> {
-        let batch = batch.to_vec();
-        self.with(move |conn| {
-            let tx = conn.transaction().map_err(unavailable)?;
-            let mut recorded = Recorded::default();
-            {
-                let mut user = tx
-                    .prepare_cached("SELECT id FROM users WHERE uuid = ?1")
-                    .map_err(unavailable)?;
-                let mut update = tx
-                    .prepare_cached(
-                        "UPDATE devices SET host = ?2,
-                             last_seen_ms = max(last_seen_ms, ?3)
-                         WHERE mac = ?1 AND owner = ?4",
-                    )
-                    .map_err(unavailable)?;
-                for s in &batch {
-                    let owner: Option<i64> = user
-                        .query_row([&*s.uuid], |r| r.get(0))
-                        .optional()
-                        .map_err(unavailable)?;
-                    let Some(owner) = owner else {
-                        recorded.unknown_user += 1;
-                        continue;
-                    };
-                    let changed = update
-                        .execute(params![&*s.mac, &*s.host, s.at.timestamp_millis(), owner])
-                        .map_err(unavailable)?;
-                    match changed {
-                        0 => recorded.refused += 1,
-                        _ => recorded.written += 1,
-                    }
-                }
-            }
-            tx.commit().map_err(unavailable)?;
-            Ok(recorded)
-        })
+        self.write_sightings(
+            batch,
+            "UPDATE devices SET host = ?2, last_seen_ms = max(last_seen_ms, ?3)
+             WHERE mac = ?1 AND owner = ?4",
+        )
         .await
     }
 
