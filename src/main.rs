@@ -246,7 +246,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let mut hub = Hub::start(store, config);
     let mut cluster = settings.cluster_config()?;
     if let Some(cluster) = &mut cluster {
-        if settings.auth.device_takeover == elfin_actors::config::Takeover::WhenSilent {
+        if settings.auth.device_takeover == elfin_actors::registry::Takeover::WhenSilent {
             cluster.linger = Some(settings.heartbeat.online_window);
         }
     }

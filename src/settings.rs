@@ -21,7 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use elfin_actors::audit::AuditSettings;
 use elfin_actors::cluster::ClusterSettings;
-use elfin_actors::config::{de, Auth, Heartbeat, Persistence, Secret, Server};
+use elfin_actors::config::{Auth, Heartbeat, Persistence, Secret, Server};
+use elfin_actors::de;
 use elfin_actors::query::QueryFormat;
 use elfin_actors::store::{Backend, Mongodb, Storage};
 use elfin_actors::tls::{Clients, TlsSettings};

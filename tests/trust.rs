@@ -9,11 +9,12 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
 use elfin_actors::audit::{DeviceChange, Filter};
-use elfin_actors::config::{Devices, Takeover};
 use elfin_actors::device::DeviceKey;
 use elfin_actors::persistence::Flush;
+use elfin_actors::registry::Takeover;
 use elfin_actors::registry::{AllLive, Lookup};
 use elfin_actors::store::Store;
+use elfin_actors::tenants::Devices;
 use tokio::time::Instant;
 
 use common::{failed_reason, Peer, TestGateway};

@@ -10,7 +10,7 @@ use actix::prelude::*;
 use crate::audit::Trail;
 use crate::bridge::{BridgeManager, Tunnels};
 use crate::cluster::Cluster;
-use crate::config::{Config, Devices};
+use crate::config::Config;
 use crate::debouncer::{FlushAll, HeartbeatDebouncer};
 use crate::follow::Follower;
 use crate::limits::{Admission, LookupGuard};
@@ -18,6 +18,7 @@ use crate::persistence::{Flush, Persistence};
 use crate::refusal::Refusals;
 use crate::registry::{AllLive, DeviceRegistry};
 use crate::store::Store;
+use crate::tenants::Devices;
 use crate::tenants::Tenants;
 use crate::users::UserDirectory;
 

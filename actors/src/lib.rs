@@ -1,32 +1,36 @@
 //! The Elfin Connect gateway's protocol codec, actors, storage and server.
 //!
-//! Read it bottom-up; each module uses only those above it in this list:
+//! Read it bottom-up; each module uses only those above it in this list, and
+//! `tests/modules.rs` fails on any circle between modules:
 //!
-//! 1. [`clock`] (gateway time), [`frame`] (the codec: messages in, replies out),
-//!    [`config`] (the settings' sections and the rules their keys follow),
-//!    [`metric`] (every metric's name and help text), [`source`] (who a peer is for
-//!    per-address limits: an IPv4 address or an IPv6 prefix), [`bounded`] (per-source
-//!    tables that fail closed when full), [`masked`] (how a uuid is shown) and
-//!    [`certificate`] (the user and serial a client certificate names).
-//! 2. [`audit`] (the audit trail's records), [`store`] (the database: embedded SQLite
-//!    or MongoDB), [`device`] (a connected
-//!    device's identity and last-seen), [`outbox`] (a connection's output: the bounded
-//!    queue, direct writes and the writer task), [`link`] (the tunnel vocabulary: how
-//!    actors reach a session and what they tell it), [`limits`] (what one peer may
-//!    cost) and [`connection`] (a socket's two halves and its read stream).
-//! 3. The shared actors: [`registry`] (live devices), [`bridge`] (tunnels),
-//!    [`persistence`] (batched writes) and [`debouncer`] (data-heartbeat timers); with
-//!    [`users`] (known uuids, accounts), [`tenants`] (what each user may have),
-//!    [`refusal`] (every refusal counted and logged), [`query`] (the `query`
-//!    reply's rows), [`revocation`] (which client certificates are revoked, by
-//!    serial and by user) and [`follow`] (re-reading users and registered devices so
-//!    removals reach open connections).
-//! 4. [`cluster`]: in cluster mode, this node's member of the cluster (presence,
-//!    requests to other nodes) and tunnel ends that stand for connections elsewhere.
-//! 5. [`hub`]: handles to the shared actors and the settings, and the final flush.
-//! 6. [`command`]: `connme`, `connthem` and `query`, each answered with a typed reply.
-//! 7. [`session`]: one actor per connection; input, device identity and tunnel data.
-//! 8. [`server`]: the accept loop and the gateway's lifetime ([`serve`]).
+//! 1. Leaves: [`clock`] (gateway time), [`frame`] (the codec: messages in, replies
+//!    out), [`de`] (the rules every settings key follows), [`metric`] (every metric's
+//!    name and help text), [`source`] (who a peer is for per-address limits: an IPv4
+//!    address or an IPv6 prefix), [`bounded`] (per-source tables that fail closed when
+//!    full), [`masked`] (how a uuid is shown), [`certificate`] (the user, serial and
+//!    validity a client certificate names) and [`outbox`] (a connection's output: the
+//!    bounded queue, direct writes and the writer task).
+//! 2. [`revocation`] (which client certificates are revoked), [`tls`] (the `[tls]`
+//!    section and the server side), [`limits`] (what one peer may cost), [`refusal`]
+//!    (every refusal counted and logged), [`audit`] (the audit trail's records and
+//!    budgets) and [`connection`] (a socket's two halves and its read stream).
+//! 3. [`store`] (the database: embedded SQLite or MongoDB), [`device`] (a connected
+//!    device's identity and last-seen), [`users`] (known uuids, accounts), [`link`]
+//!    (the tunnel vocabulary: how actors reach a session and what they tell it) and
+//!    [`tenants`] (what each user may have; `auth.devices`).
+//! 4. The shared actors: [`persistence`] (batched writes), [`registry`] (live devices;
+//!    `auth.device_takeover`), [`bridge`] (tunnels) and [`debouncer`]
+//!    (data-heartbeat timers); then [`query`] (the `query` reply's rows) and
+//!    [`follow`] (re-reading users and registered devices so removals reach open
+//!    connections).
+//! 5. [`config`] (the gateway's settings, section by section, with the rules between
+//!    them), then [`cluster`]: in cluster mode, this node's member of the cluster
+//!    (presence, requests to other nodes) and tunnel ends that stand for connections
+//!    elsewhere.
+//! 6. [`hub`]: handles to the shared actors and the settings, and the final flush.
+//! 7. [`command`]: `connme`, `connthem` and `query`, each answered with a typed reply.
+//! 8. [`session`]: one actor per connection; input, device identity and tunnel data.
+//! 9. [`server`]: the accept loop and the gateway's lifetime ([`serve`]).
 
 pub mod audit;
 pub mod bounded;
@@ -37,6 +41,7 @@ pub mod cluster;
 pub mod command;
 pub mod config;
 pub mod connection;
+pub mod de;
 pub mod debouncer;
 pub mod device;
 pub mod follow;

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::bounded::BoundedMap;
-use crate::config::de;
+use crate::de;
 use crate::source::{Ipv6Prefix, Source};
 
 /// Sources whose refusals were logged lately, at most.

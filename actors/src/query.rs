@@ -21,7 +21,7 @@ use crate::store::{Device, Sighting};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QueryFormat {
-    #[serde(with = "crate::config::de::parsed")]
+    #[serde(with = "crate::de::parsed")]
     pub time_zone: Tz,
     pub time_format: TimeFormat,
 }

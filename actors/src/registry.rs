@@ -31,13 +31,25 @@ use tokio::time::Instant;
 
 use actix::prelude::*;
 use bytestring::ByteString;
+use serde::{Deserialize, Serialize};
 
 use crate::audit::{DeviceChange, Trail};
 use crate::clock::Stamp;
-use crate::config::Takeover;
 use crate::device::{DeviceKey, Identity};
 use crate::link::{PeerEvent, PeerLink, SessionId};
 use crate::metric;
+
+/// `auth.device_takeover`: what a second connection of a live device does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Takeover {
+    /// The newer connection replaces the live one (deployed devices' behaviour).
+    #[default]
+    Newest,
+    /// Judged on the device's history: from the address it was last seen from at
+    /// once, from elsewhere only once it has been silent for the online window.
+    WhenSilent,
+}
 
 struct Entry {
     device: Identity,

@@ -46,7 +46,6 @@ use crate::audit::{Attempt, Refused};
 use crate::bridge::{Cause, Unlink};
 use crate::cluster::{Elsewhere, SeenElsewhere};
 use crate::command::{answer, refuse, Applied, Command};
-use crate::config::Takeover;
 use crate::connection::{
     header_hold, precise_sleep, Io, Lease, ReadChunks, SocketProbe, UNTUNNELLED_READ,
 };
@@ -61,6 +60,7 @@ use crate::metric;
 use crate::outbox::{Bounds, Outbox, Unsent};
 use crate::persistence;
 use crate::refusal::Reason;
+use crate::registry::Takeover;
 use crate::registry::{LastSeen, Register, StillLive, Unregister};
 use crate::tls::Transport;
 use crate::users::Access;

@@ -13,8 +13,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use bytestring::ByteString;
+use serde::{Deserialize, Serialize};
 
-use crate::config::Devices;
 use crate::device::DeviceKey;
 use crate::limits::{Limits, TokenBucket};
 use crate::refusal::Reason;
@@ -23,6 +23,17 @@ use crate::store::Store;
 /// Users tracked before guests (unknown users allowed by `auth.require_known_user =
 /// false`, whose devices are never stored) are forgotten.
 const MAX_USERS: usize = 100_000;
+
+/// `auth.devices`: which devices may register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Devices {
+    /// Any MAC of a known user (deployed devices' behaviour).
+    #[default]
+    Open,
+    /// Only devices already in the store (`device add`).
+    Registered,
+}
 
 pub struct Tenants {
     store: Arc<dyn Store>,

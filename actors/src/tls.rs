@@ -27,7 +27,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::revocation::{users_path, Revocations};
 
-use crate::config::de;
+use crate::de;
 
 /// The `[tls]` section.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -217,11 +217,11 @@ fn every_key_can_be_set_through_the_environment_and_keeps_its_value() {
     );
     assert_eq!(
         config.auth.device_takeover,
-        elfin_actors::config::Takeover::WhenSilent
+        elfin_actors::registry::Takeover::WhenSilent
     );
     assert_eq!(
         config.auth.devices,
-        elfin_actors::config::Devices::Registered
+        elfin_actors::tenants::Devices::Registered
     );
     assert_eq!(config.limits.max_devices_per_user.get(), 50);
     assert_eq!(config.limits.new_devices_burst.get(), 9);

@@ -49,7 +49,8 @@ use tokio::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::bridge::BridgeManager;
-use crate::config::{de, Secret};
+use crate::config::Secret;
+use crate::de;
 use crate::device::DeviceKey;
 use crate::link::SessionId;
 use crate::metric;

@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{AuditBatch, AuditSize, DeviceEvent, Filter, RefusalRecord, TunnelRecord};
-use crate::config::de;
+use crate::de;
 
 /// A device was seen: what the persistence actor batches and the store records.
 #[derive(Debug, Clone, PartialEq, Eq)]
