@@ -27,6 +27,9 @@
 //! `command.rs`.)
 
 mod certified;
+mod closing;
+
+pub use closing::Closing;
 
 use std::future::Future;
 use std::io;
@@ -106,7 +109,7 @@ pub struct Session {
     /// `role` label of `elfin_connections_open`).
     role: Option<Role>,
     /// The limit that closed the connection, if one did.
-    closed_by: Option<&'static str>,
+    closed_by: Option<Closing>,
     /// Dropped with the session: tells the writer task to finish.
     _closing: oneshot::Sender<()>,
     /// Its place in the limits and shutdown's wait (released when the session is
@@ -399,16 +402,17 @@ impl Session {
             let limit = self.hub.config.limits.identify;
             self.unfinished = Some(ctx.run_later(limit, move |act, ctx| {
                 act.unfinished = None;
-                act.limit_reached("unfinished_message", ctx);
+                act.limit_reached(Closing::UnfinishedMessage, ctx);
             }));
         }
     }
 
-    /// Closes the connection for a time limit, counting which.
-    fn limit_reached(&mut self, limit: &'static str, ctx: &mut Context<Self>) {
+    /// Closes the connection for a limit or a rule, counting which.
+    fn limit_reached(&mut self, limit: Closing, ctx: &mut Context<Self>) {
         self.closed_by = Some(limit);
-        metrics::counter!(metric::CONNECTIONS_CLOSED_TOTAL, "limit" => limit).increment(1);
-        log::debug!("{}: closed by limit {limit}", self.remote);
+        let label = limit.label();
+        metrics::counter!(metric::CONNECTIONS_CLOSED_TOTAL, "limit" => label).increment(1);
+        log::debug!("{}: closed by limit {label}", self.remote);
         self.inbox.clear();
         self.close(ctx);
     }
@@ -483,7 +487,7 @@ impl Session {
                             act.close(ctx);
                         }
                     }
-                    Err(_unread) => act.limit_reached("unread_replies", ctx),
+                    Err(_unread) => act.limit_reached(Closing::UnreadReplies, ctx),
                 })
             }
             Frame::Rejected { reply, reason } => {
@@ -498,7 +502,7 @@ impl Session {
                 let step = async move { answer(&hub, &out, line).await };
                 self.pause(ctx, step, |act, answered, ctx| {
                     if answered.is_err() {
-                        act.limit_reached("unread_replies", ctx);
+                        act.limit_reached(Closing::UnreadReplies, ctx);
                     }
                 })
             }
@@ -674,7 +678,7 @@ impl Session {
             return;
         }
         if reason == Reason::Takeover {
-            self.limit_reached("takeover_refused", ctx);
+            self.limit_reached(Closing::TakeoverRefused, ctx);
             return;
         }
         if self.device.is_none() {
@@ -716,9 +720,7 @@ impl Session {
     /// Why this session ends, in the audit trail's words.
     fn end_cause(&self) -> &'static str {
         match self.closed_by {
-            Some("idle") => "silent",
-            Some("identify") => "did not identify in time",
-            Some(_) => "closed by a limit",
+            Some(closing) => closing.device_cause(),
             None if self.lease.stop.is_cancelled() => "gateway shut down",
             None => "closed",
         }
@@ -832,13 +834,13 @@ impl Actor for Session {
             (self.lease.accepted + limits.identify).saturating_duration_since(Instant::now());
         ctx.run_later(identify, |act, ctx| {
             if !act.identified {
-                act.limit_reached("identify", ctx);
+                act.limit_reached(Closing::Identify, ctx);
             }
         });
         let idle = limits.idle;
         ctx.run_interval(idle / 4, move |act, ctx| {
             if act.tunnel.is_none() && act.last_message.elapsed() >= idle {
-                act.limit_reached("idle", ctx);
+                act.limit_reached(Closing::Idle, ctx);
             }
         });
         self.hold_certificate(ctx);
@@ -865,8 +867,8 @@ impl Actor for Session {
         if self.tunnel.take().is_some() {
             let cause = match self.closed_by {
                 _ if self.lease.stop.is_cancelled() => Cause::Shutdown,
-                Some("certificate_revoked") => Cause::Certificate("revoked"),
-                Some("certificate_expired") => Cause::Certificate("expired"),
+                Some(Closing::CertificateRevoked) => Cause::Certificate("revoked"),
+                Some(Closing::CertificateExpired) => Cause::Certificate("expired"),
                 _ => Cause::Closed,
             };
             self.hub.bridge.do_send(Unlink {
@@ -934,7 +936,7 @@ impl Handler<PeerEvent> for Session {
                     );
                     // The registry has already removed it.
                     self.device = None;
-                    self.limit_reached("removed", ctx);
+                    self.limit_reached(Closing::Removed, ctx);
                 }
             }
         }

@@ -11,7 +11,7 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
-use super::Session;
+use super::{Closing, Session};
 use crate::audit::{Attempt, Refused};
 use crate::refusal::Reason;
 use crate::revocation::{Revocations, Revoked};
@@ -98,8 +98,8 @@ impl Session {
             detail,
         });
         let limit = match why {
-            Revoked::Expired(_) => "certificate_expired",
-            Revoked::Serial | Revoked::User(_) => "certificate_revoked",
+            Revoked::Expired(_) => Closing::CertificateExpired,
+            Revoked::Serial | Revoked::User(_) => Closing::CertificateRevoked,
         };
         self.limit_reached(limit, ctx);
     }
