@@ -18,6 +18,9 @@ use tokio::time::Instant;
 
 use crate::metric;
 
+/// Forgotten entries evicted on each new key beyond what makes room.
+const SWEEP_PER_INSERT: usize = 2;
+
 /// When an entry was last touched; the sequence number orders equal instants.
 type Touched = (Instant, u64);
 
@@ -123,21 +126,27 @@ impl<K: Clone + Eq + Hash, V> BoundedMap<K, V> {
             .is_some_and(|slot| self.live(slot, now))
     }
 
-    /// Evicts forgotten entries, oldest first, until one more fits; false if the
-    /// table is full of live entries.
+    /// Evicts forgotten entries, oldest first: a few on every new key (so the table
+    /// holds about what is live, not what ever came), and as many as it takes for one
+    /// more to fit. False if the table is full of live entries.
     fn make_room(&mut self, now: Instant) -> bool {
-        while self.entries.len() >= self.capacity {
+        let mut swept = 0;
+        loop {
+            let full = self.entries.len() >= self.capacity;
+            if !full && swept >= SWEEP_PER_INSERT {
+                return true;
+            }
             let Some((&touched, _)) = self.by_touch.first_key_value() else {
-                break;
+                return true;
             };
             if now.duration_since(touched.0) < self.forget_after {
-                return false;
+                return !full;
             }
             if let Some((_, key)) = self.by_touch.pop_first() {
                 self.entries.remove(&key);
             }
+            swept += 1;
         }
-        true
     }
 
     fn overflow_entry(&mut self, stamp: Touched, make: impl FnOnce() -> V) -> &mut V {
@@ -244,6 +253,19 @@ mod tests {
         tokio::time::advance(FORGET).await;
         assert_eq!(t.get(&1, Instant::now()), None);
         assert_eq!(bump(&mut t, 1), (1, Place::Own));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forgotten_entries_go_as_new_keys_come_well_before_it_is_full() {
+        let mut t = table(1_000);
+        for key in 0..100 {
+            bump(&mut t, key);
+        }
+        tokio::time::advance(FORGET).await;
+        for key in 100..150 {
+            bump(&mut t, key);
+        }
+        assert_eq!(t.len(), 50, "the 100 forgotten ones went, two per new key");
     }
 
     #[tokio::test(start_paused = true)]
