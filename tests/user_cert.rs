@@ -325,7 +325,7 @@ async fn a_certificate_reaches_its_own_users_devices_and_an_admins_reaches_all()
 /// Whether the gateway ends `stream` within a few seconds (reads it to its end).
 async fn ended(stream: &mut TlsStream<TcpStream>) -> bool {
     let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
             Err(_) => return false,
@@ -382,7 +382,7 @@ async fn revocation_and_expiry_reach_open_connections_and_certificates_made_else
     openssl_leaf(d, "alice-openssl", "alice", "client.ext");
     openssl_leaf(d, "bob-openssl", "bob", "client.ext");
     openssl_leaf(d, "bob-other", "bob", "client.ext");
-    short_lived_leaf(d, "bob-brief", "bob", 4);
+    short_lived_leaf(d, "bob-brief", "bob", 8);
 
     let gw = Binary::start_in(dir.clone(), &env);
     let mut plc = gw.connect();
