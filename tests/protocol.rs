@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{failed_reason, TestGateway};
+use elfin_actors::store::Store;
 
 const MAC: &str = "F0FE6B2A1C3D";
 
@@ -360,4 +361,33 @@ async fn a_user_added_while_running_is_accepted_within_a_second() {
     early.send(format!("beat;late-user;{MAC};plc;0")).await;
     gw.wait_online("late-user", MAC).await;
     let _client = gw.tunnel("late-user", MAC).await;
+}
+
+#[actix_rt::test]
+async fn a_device_that_only_streams_data_is_stored_at_its_first_frame() {
+    tokio::time::pause();
+    let gw = TestGateway::start().await;
+    let uuid = gw.add_user("alice").await;
+    let mut meter = gw.connect().await;
+    meter
+        .send(format!("data;{uuid};{MAC};meter;0;\x01\x02"))
+        .await;
+    gw.wait_online(&uuid, MAC).await;
+    // Within a batch, not after the debouncer's first timer (30 s).
+    let mut stored = Vec::new();
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stored = gw
+            .store
+            .user_devices(&uuid)
+            .await
+            .unwrap()
+            .unwrap_or_default();
+        if !stored.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(stored.len(), 1, "written at its first frame");
+    assert_eq!(stored[0].mac, MAC);
+    assert_eq!(stored[0].host, "meter");
 }

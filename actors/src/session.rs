@@ -619,7 +619,10 @@ impl Session {
         })
     }
 
-    /// `device` is now registered with this connection as its live one.
+    /// `device` is now registered with this connection as its live one. Its first
+    /// sign of life on a new connection is written with the next batch, beat or data
+    /// alike (a device that only streams data would otherwise show in the store, and
+    /// in the Web UI, only when the debouncer's first timer fires).
     fn registered(&mut self, device: Identity, stored: bool) {
         let was_live = self.device.as_ref().is_some_and(|d| d.live);
         if !was_live {
@@ -630,6 +633,9 @@ impl Session {
                 masked(&device.key.uuid),
                 self.remote
             );
+            if stored {
+                persistence::beat(&self.hub.persistence, &device);
+            }
         }
         self.identified = true;
         self.last_message = Instant::now();
