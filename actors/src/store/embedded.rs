@@ -198,6 +198,20 @@ impl EmbeddedStore {
         .await
     }
 
+    /// Runs one statement with `values`; whether it changed a row.
+    async fn changes(
+        &self,
+        statement: &'static str,
+        values: Vec<rusqlite::types::Value>,
+    ) -> Result<bool, StoreError> {
+        self.with(move |conn| {
+            conn.execute(statement, rusqlite::params_from_iter(values))
+                .map(|n| n > 0)
+                .map_err(unavailable)
+        })
+        .await
+    }
+
     /// Runs `f` on the connection on tokio's blocking pool.
     async fn with<R: Send + 'static>(
         &self,
@@ -300,36 +314,23 @@ impl Store for EmbeddedStore {
     }
 
     async fn remove_device(&self, mac: &str) -> Result<bool, StoreError> {
-        let mac = mac.to_owned();
-        self.with(move |conn| {
-            conn.execute("DELETE FROM devices WHERE mac = ?1", [mac])
-                .map(|n| n > 0)
-                .map_err(unavailable)
-        })
+        self.changes(
+            "DELETE FROM devices WHERE mac = ?1",
+            vec![mac.to_owned().into()],
+        )
         .await
     }
 
     async fn remove_user(&self, username: &str) -> Result<bool, StoreError> {
-        let username = username.to_owned();
-        self.with(move |conn| {
-            conn.execute("DELETE FROM users WHERE username = ?1", [username])
-                .map(|n| n > 0)
-                .map_err(unavailable)
-        })
-        .await
+        let name = username.to_owned().into();
+        self.changes("DELETE FROM users WHERE username = ?1", vec![name])
+            .await
     }
 
     async fn set_admin(&self, username: &str, admin: bool) -> Result<bool, StoreError> {
-        let username = username.to_owned();
-        self.with(move |conn| {
-            conn.execute(
-                "UPDATE users SET admin = ?2 WHERE username = ?1",
-                params![username, admin],
-            )
-            .map(|n| n > 0)
-            .map_err(unavailable)
-        })
-        .await
+        let values = vec![username.to_owned().into(), i64::from(admin).into()];
+        self.changes("UPDATE users SET admin = ?2 WHERE username = ?1", values)
+            .await
     }
 
     async fn user_exists(&self, uuid: &str) -> Result<bool, StoreError> {

@@ -821,16 +821,7 @@ impl Store for MongoStore {
     }
 
     async fn audit_devices(&self, filter: &Filter) -> Result<Vec<DeviceEvent>, StoreError> {
-        let mut clauses = Vec::new();
-        if let Some(uuid) = &filter.uuid {
-            clauses.push(doc! { "uuid": uuid });
-        }
-        if let Some(mac) = &filter.mac {
-            clauses.push(doc! { "mac": mac });
-        }
-        if let Some(since) = filter.since {
-            clauses.push(doc! { "at": { "$gte": bson::DateTime::from_chrono(since) } });
-        }
+        let clauses = at_clauses(filter, "mac");
         let docs = self
             .newest_first(&self.audit_devices, clauses, "at", filter)
             .await?;
@@ -838,16 +829,7 @@ impl Store for MongoStore {
     }
 
     async fn audit_refusals(&self, filter: &Filter) -> Result<Vec<RefusalRecord>, StoreError> {
-        let mut clauses = Vec::new();
-        if let Some(uuid) = &filter.uuid {
-            clauses.push(doc! { "uuid": uuid });
-        }
-        if let Some(mac) = &filter.mac {
-            clauses.push(doc! { "device": mac });
-        }
-        if let Some(since) = filter.since {
-            clauses.push(doc! { "at": { "$gte": bson::DateTime::from_chrono(since) } });
-        }
+        let clauses = at_clauses(filter, "device");
         let docs = self
             .newest_first(&self.audit_refusals, clauses, "at", filter)
             .await?;
@@ -1070,6 +1052,22 @@ fn event_from_doc(d: &Document) -> Option<DeviceEvent> {
         address: text("address").unwrap_or_default(),
         cause: text("cause"),
     })
+}
+
+/// The filter's clauses for an audit collection of records at one time (`at`),
+/// the device named in `device_field`.
+fn at_clauses(filter: &Filter, device_field: &str) -> Vec<Document> {
+    let mut clauses = Vec::new();
+    if let Some(uuid) = &filter.uuid {
+        clauses.push(doc! { "uuid": uuid });
+    }
+    if let Some(mac) = &filter.mac {
+        clauses.push(doc! { device_field: mac });
+    }
+    if let Some(since) = filter.since {
+        clauses.push(doc! { "at": { "$gte": bson::DateTime::from_chrono(since) } });
+    }
+    clauses
 }
 
 fn refusal_doc(r: &RefusalRecord) -> Document {
