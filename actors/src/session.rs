@@ -3,7 +3,7 @@
 //! It reads the socket as a stream of chunks into its input buffer, decodes them with
 //! [`Decoder`] and acts on each frame: a `beat` or device `data` header registers the
 //! device this connection speaks for, a payload goes to the tunnel peer, a request
-//! goes to [`Command`]. Nothing else lives here.
+//! goes to [`Command`].
 //!
 //! Output goes through a bounded queue (the [`Outbox`]) drained by a writer task that
 //! owns the socket's write half, so replies keep their order and a tunnel peer writes
@@ -22,14 +22,17 @@
 //! connections run; the output queue is bounded in bytes, and an idle connection keeps
 //! no read buffer.
 //!
-//! (About 600 lines: one actor's state — input, identity, tunnel, timers — reads best
-//! in one place; its socket halves are in `connection.rs`, its commands in
-//! `command.rs`.)
+//! The device this connection speaks for — its admission, the trust decision — is
+//! in `session/speaking.rs`; its client certificate's hold in `session/certified.rs`;
+//! what closed it in `session/closing.rs`; its socket halves in `connection.rs`, its
+//! commands in `command.rs`.
 
 mod certified;
 mod closing;
+mod speaking;
 
 pub use closing::Closing;
+use speaking::Speaking;
 
 use std::future::Future;
 use std::io;
@@ -45,28 +48,19 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::audit::{Attempt, Refused};
 use crate::bridge::{Cause, Unlink};
-use crate::cluster::{Elsewhere, SeenElsewhere};
 use crate::command::{answer, refuse, Applied, Command};
 use crate::connection::{
     header_hold, precise_sleep, Io, Lease, ReadChunks, SocketProbe, UNTUNNELLED_READ,
 };
-use crate::debouncer;
-use crate::device::{DeviceKey, Identity};
-use crate::frame::{Decoder, Frame, Header, Reply, Request, Role};
+use crate::frame::{Decoder, Frame, Reply, Request, Role};
 use crate::hub::Hub;
 use crate::limits::TokenBucket;
 use crate::link::{next_session_id, PeerEvent, PeerLink, SessionId, Tunnel, TunnelId};
 use crate::masked::masked;
 use crate::metric;
 use crate::outbox::{Bounds, Outbox, Unsent};
-use crate::persistence;
-use crate::refusal::Reason;
-use crate::registry::Takeover;
-use crate::registry::{LastSeen, Register, StillLive, Unregister};
 use crate::tls::Transport;
-use crate::users::Access;
 
 pub struct Session {
     id: SessionId,
@@ -117,18 +111,6 @@ pub struct Session {
     lease: Lease,
 }
 
-/// The device a connection speaks for.
-struct Speaking {
-    identity: Identity,
-    /// Whether its sightings are stored (not for guests, see [`Access`]).
-    stored: bool,
-    /// Whether this connection is its registered, live connection (not while it is
-    /// refused, e.g. waiting to take over from a connection that still beats).
-    live: bool,
-    /// When a refused device may be asked about again.
-    retry: Instant,
-}
-
 /// A held-back payload tail: the timer that forwards it as payload, and since when.
 struct Held {
     timer: SpawnHandle,
@@ -137,79 +119,6 @@ struct Held {
 
 /// How long a connection's round trip is used before it is read again.
 const RTT_REFRESH: Duration = Duration::from_secs(1);
-
-/// How long a refused device's messages are dropped before it is asked about again.
-const RETRY_REFUSED: Duration = Duration::from_secs(1);
-
-/// Admits `device` for the connection `link` from `ip`: its user must be known (an
-/// unknown uuid costs the address a paced look-up), within its limits and enrolled
-/// ([`crate::tenants`]), and the registry must take it (`auth.device_takeover`).
-/// Returns whether its sightings are stored, or why it is refused, in words.
-async fn admit(
-    hub: &Hub,
-    ip: std::net::IpAddr,
-    device: Identity,
-    link: PeerLink,
-) -> Result<bool, (Reason, String)> {
-    let key = device.key.clone();
-    let link_remote = link.remote;
-    let name = || format!("device {} of user {}", key.mac, masked(&key.uuid));
-    let access = hub.users.access(&key.uuid).await;
-    if access.refused() {
-        let delay = hub.lookups.failed(ip);
-        tokio::time::sleep(delay).await;
-        return Err((Reason::UnknownUser, format!("{}: no such user", name())));
-    }
-    if let Err(reason) = hub.tenants.admit(&key, access == Access::Member).await {
-        let why = match reason {
-            Reason::Enrollment => "not registered (auth.devices = \"registered\")".to_owned(),
-            Reason::DeviceQuota => format!(
-                "its user has limits.max_devices_per_user = {} devices",
-                hub.config.limits.max_devices_per_user
-            ),
-            _ => "its user added new devices faster than limits.new_devices_per_minute".to_owned(),
-        };
-        return Err((reason, format!("{}: {why}", name())));
-    }
-    if hub.config.auth.device_takeover == Takeover::WhenSilent {
-        // Not seen here lately: ask the nodes that hold it or held it lately. One that
-        // does not answer in time keeps it (fail closed).
-        let here = hub.registry.send(LastSeen(key.clone())).await;
-        if let (Ok(None), Some(cluster)) = (here, &hub.cluster) {
-            let asked = SeenElsewhere {
-                device: key.clone(),
-                from: ip,
-            };
-            let why = match cluster.send(asked).await {
-                Ok(Elsewhere::Free) => None,
-                Ok(Elsewhere::Seen) => Some("another node saw it lately from another address"),
-                _ => Some(
-                    "the node that holds it did not answer in time, so it keeps it (fail \
-                     closed)",
-                ),
-            };
-            if let Some(why) = why {
-                return Err((
-                    Reason::Takeover,
-                    format!("{}: {why} (auth.device_takeover = \"when-silent\")", name()),
-                ));
-            }
-        }
-    }
-    match hub.registry.send(Register { device, link }).await {
-        Ok(Err(StillLive { holder, ago })) => Err((
-            Reason::Takeover,
-            format!(
-                "{}: a connection from {} claims it, but it was seen from {holder} {ago:?} \
-                 ago (auth.device_takeover = \"when-silent\")",
-                name(),
-                link_remote
-            ),
-        )),
-        // Registered (or the gateway is stopping).
-        _ => Ok(access == Access::Member),
-    }
-}
 
 impl Session {
     /// Starts a session for an accepted connection on the current arbiter.
@@ -570,135 +479,6 @@ impl Session {
         })
     }
 
-    /// A `beat` or device `data` header. The first one of a known user fixes the
-    /// device this connection speaks for (`docs/PROTOCOL.md` §7): it is admitted
-    /// (within its user's limits, enrolled, not taking over a device that still beats
-    /// elsewhere) and registered; later ones refresh it. One naming another device is
-    /// refused, and so is its payload.
-    fn sighted(&mut self, h: Header, beat: bool, ctx: &mut Context<Self>) -> ControlFlow<()> {
-        let retry = match &self.device {
-            Some(d) if !d.identity.key.is(&h.uuid, &h.mac) => {
-                self.discard = true;
-                let (spoken, named) = (&d.identity.key, DeviceKey::new(&h.uuid, &h.mac));
-                self.hub
-                    .refusals
-                    .report(self.remote.ip(), Reason::Identity, || {
-                        format!(
-                            "a connection of device {} (user {}) named device {} (user {})",
-                            spoken.mac,
-                            masked(&spoken.uuid),
-                            named.mac,
-                            masked(&named.uuid)
-                        )
-                    });
-                return ControlFlow::Continue(());
-            }
-            Some(d) if d.live && d.identity.host == h.host => {
-                self.last_message = Instant::now();
-                self.refresh(beat);
-                return ControlFlow::Continue(());
-            }
-            Some(d) if !d.live => d.retry,
-            _ => Instant::now(),
-        };
-        if Instant::now() < retry {
-            // Refused a moment ago: not asked again before then.
-            self.discard = true;
-            return ControlFlow::Continue(());
-        }
-        let device = Identity::new(&h.uuid, &h.mac, &h.host);
-        let (hub, ip, link) = (self.hub.clone(), self.remote.ip(), self.link(ctx));
-        let candidate = device.clone();
-        let step = async move { admit(&hub, ip, candidate, link).await };
-        self.pause(ctx, step, move |act, admitted, ctx| match admitted {
-            Ok(stored) => {
-                act.registered(device, stored);
-                act.refresh(beat);
-            }
-            Err((reason, detail)) => act.refused_device(device, reason, detail, ctx),
-        })
-    }
-
-    /// `device` is now registered with this connection as its live one. Its first
-    /// sign of life on a new connection is written with the next batch, beat or data
-    /// alike (a device that only streams data would otherwise show in the store, and
-    /// in the Web UI, only when the debouncer's first timer fires).
-    fn registered(&mut self, device: Identity, stored: bool) {
-        let was_live = self.device.as_ref().is_some_and(|d| d.live);
-        if !was_live {
-            log::info!(
-                "device {} ({}) of user {} online from {}",
-                device.key.mac,
-                device.host,
-                masked(&device.key.uuid),
-                self.remote
-            );
-            if stored {
-                persistence::beat(&self.hub.persistence, &device);
-            }
-        }
-        self.identified = true;
-        self.last_message = Instant::now();
-        self.set_role(Role::Device);
-        self.device = Some(Speaking {
-            identity: device,
-            stored,
-            live: true,
-            retry: Instant::now(),
-        });
-    }
-
-    /// `device` was refused. A device of an unknown user identifies nothing; any
-    /// other refused device is still the one this connection speaks for (it may not
-    /// name another), asked again at most once a second. A refused takeover closes
-    /// the connection: it is not kept to ask again until the real device's
-    /// connection drops.
-    fn refused_device(
-        &mut self,
-        device: Identity,
-        reason: Reason,
-        detail: String,
-        ctx: &mut Context<Self>,
-    ) {
-        self.discard = true;
-        let (peer, refusals) = (self.remote.ip(), &self.hub.refusals);
-        if reason == Reason::Takeover {
-            self.hub.trail.refusal(Refused {
-                request: Attempt::Takeover,
-                reason,
-                source: self.remote,
-                uuid: Some(&device.key.uuid),
-                device: Some(&device.key.mac),
-                certificate: None,
-                detail: detail.clone(),
-            });
-        }
-        match reason {
-            Reason::DeviceQuota | Reason::NewDeviceRate => {
-                refusals.report_for_user(peer, &device.key.uuid, reason, || detail)
-            }
-            _ => refusals.report(peer, reason, || detail),
-        }
-        if reason == Reason::UnknownUser {
-            metrics::counter!(metric::UNKNOWN_USER_MESSAGES_TOTAL).increment(1);
-            return;
-        }
-        if reason == Reason::Takeover {
-            self.limit_reached(Closing::TakeoverRefused, ctx);
-            return;
-        }
-        if self.device.is_none() {
-            self.device = Some(Speaking {
-                identity: device,
-                stored: false,
-                live: false,
-                retry: Instant::now() + RETRY_REFUSED,
-            });
-        } else if let Some(d) = &mut self.device {
-            d.retry = Instant::now() + RETRY_REFUSED;
-        }
-    }
-
     /// Moves this connection to another `role` in `elfin_connections_open`.
     fn set_role(&mut self, role: Role) {
         if self.role != Some(role) {
@@ -713,42 +493,6 @@ impl Session {
     fn open_gauge(&self) -> metrics::Gauge {
         let (transport, role) = (self.transport.label(), Role::label(self.role));
         metrics::gauge!(metric::CONNECTIONS_OPEN, "transport" => transport, "role" => role)
-    }
-
-    fn unregister(&self, device: Identity, cause: &'static str) {
-        self.hub.registry.do_send(Unregister {
-            device: device.key,
-            session: self.id,
-            cause,
-        });
-    }
-
-    /// Why this session ends, in the audit trail's words.
-    fn end_cause(&self) -> &'static str {
-        match self.closed_by {
-            Some(closing) => closing.device_cause(),
-            None if self.lease.stop.is_cancelled() => "gateway shut down",
-            None => "closed",
-        }
-    }
-
-    /// Refreshes last-seen: a `beat` is persisted at once (batched), device data goes
-    /// through the heartbeat debouncer.
-    fn refresh(&self, beat: bool) {
-        let Some(Speaking {
-            identity,
-            stored,
-            live: true,
-            ..
-        }) = &self.device
-        else {
-            return;
-        };
-        match (stored, beat) {
-            (true, true) => persistence::beat(&self.hub.persistence, identity),
-            (true, false) => debouncer::data_frame(&self.hub.debouncer, identity),
-            (false, _) => identity.activity.touch(),
-        }
     }
 
     /// This session is now one end of `tunnel`, unless that tunnel is already gone or
