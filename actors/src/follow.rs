@@ -76,9 +76,11 @@ impl Follower {
         self.reading = true;
         let (store, registered) = (self.store.clone(), self.registered);
         let registry = self.registry.clone();
+        // The live devices first: each was admitted before the users are read, so a
+        // user missing from that read was removed, not added since.
         let read = async move {
-            let members = store.members(registered).await;
             let live = registry.send(AllLive).await.unwrap_or_default();
+            let members = store.members(registered).await;
             (members, live)
         };
         ctx.spawn(read.into_actor(self).map(|(members, live), act, _| {
