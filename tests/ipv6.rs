@@ -10,8 +10,6 @@
 
 mod common;
 
-use std::io::Read;
-use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 use std::time::Duration;
 
@@ -48,17 +46,14 @@ fn addresses_of_one_ipv6_network_share_one_sources_connection_limit() {
         ("ELFIN__LIMITS__MAX_CONNECTIONS_PER_IP", "2"),
     ]);
 
-    // Two addresses of one /64 take its two places; a third address of it is refused.
-    let first = connect_from(SAME_NETWORK[0], gw.addr);
-    let second = connect_from(SAME_NETWORK[1], gw.addr);
-    let mut third = connect_from(SAME_NETWORK[2], gw.addr);
-    assert!(
-        closed_at_once(&mut third),
-        "a third address of the /64 is refused"
-    );
-    // Another /64 is another source.
-    let mut other = connect_from(OTHER_NETWORK, gw.addr);
-    assert!(!closed_at_once(&mut other), "another network is admitted");
+    let from = |address: &str| gw.connect_from_ip(address.parse().unwrap());
+    // Two addresses of one /64 take its two places; a third address of it is refused
+    // (closed at accept, without a word).
+    let first = from(SAME_NETWORK[0]);
+    let second = from(SAME_NETWORK[1]);
+    from(SAME_NETWORK[2]).expect_closed();
+    // Another /64 is another source: admitted, and open while it says nothing.
+    from(OTHER_NETWORK).expect_silence(Duration::from_millis(500));
     let line = gw.wait_log("refused connections from");
     assert!(line.contains("2001:db8:7:0:ffff::3"), "{line}");
     assert_eq!(
@@ -69,8 +64,7 @@ fn addresses_of_one_ipv6_network_share_one_sources_connection_limit() {
     // A place given back is the network's again, whichever address takes it.
     drop(first);
     std::thread::sleep(Duration::from_millis(200));
-    let mut again = connect_from(SAME_NETWORK[2], gw.addr);
-    assert!(!closed_at_once(&mut again), "the freed place is taken");
+    from(SAME_NETWORK[2]).expect_silence(Duration::from_millis(500));
     drop(second);
 }
 
@@ -106,35 +100,4 @@ fn cannot(why: &str) {
 fn ip(args: &[&str]) {
     let status = Command::new("ip").args(args).status().expect("run ip");
     assert!(status.success(), "ip {args:?}");
-}
-
-/// A TCP connection from `local` (an address of this namespace) to `to`.
-fn connect_from(local: &str, to: SocketAddr) -> std::net::TcpStream {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let stream = runtime.block_on(async {
-        let socket = tokio::net::TcpSocket::new_v6().unwrap();
-        let local: IpAddr = local.parse().unwrap();
-        socket.bind(SocketAddr::new(local, 0)).unwrap();
-        socket.connect(to).await.unwrap()
-    });
-    let stream = stream.into_std().unwrap();
-    stream.set_nonblocking(false).unwrap();
-    stream
-}
-
-/// Whether the gateway closed the connection without a word (refused at accept); an
-/// admitted one stays open and silent while it has sent nothing.
-fn closed_at_once(stream: &mut std::net::TcpStream) -> bool {
-    stream
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    let mut byte = [0u8; 1];
-    match stream.read(&mut byte) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
-    }
 }

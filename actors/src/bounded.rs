@@ -177,6 +177,35 @@ impl<K: Clone + Eq + Hash, V> BoundedMap<K, V> {
     }
 }
 
+/// At most once per `every` per key, for log lines: a [`BoundedMap`] of when each key
+/// was last let through (so, full, the newcomers share one turn).
+pub struct OncePer<K> {
+    every: Duration,
+    last: BoundedMap<K, Option<Instant>>,
+}
+
+impl<K: Clone + Eq + Hash> OncePer<K> {
+    pub fn new(name: &'static str, capacity: usize, every: Duration) -> Self {
+        Self {
+            every,
+            last: BoundedMap::new(name, capacity, every),
+        }
+    }
+
+    /// Whether `key` may go now (and then not again for `every`).
+    pub fn first(&mut self, key: &K) -> bool {
+        let now = Instant::now();
+        let (last, _) = self.last.touch(key, now, || None);
+        match last {
+            Some(at) if now.duration_since(*at) < self.every => false,
+            _ => {
+                *last = Some(now);
+                true
+            }
+        }
+    }
+}
+
 /// Where [`BoundedMap::touch`] filed a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Place {

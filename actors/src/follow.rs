@@ -41,7 +41,6 @@ pub struct Follower {
     /// `auth.require_known_user`: a live device of a user that is not stored cannot
     /// be a guest's, so it is closed even if no read saw the user before.
     known_users_only: bool,
-    every: Duration,
     last: Option<Members>,
     reading: bool,
 }
@@ -62,7 +61,6 @@ impl Follower {
             users,
             registered,
             known_users_only,
-            every: FOLLOW_EVERY,
             last: None,
             reading: false,
         }
@@ -153,6 +151,6 @@ impl Actor for Follower {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.read(ctx);
-        ctx.run_interval(self.every, |act, ctx| act.read(ctx));
+        ctx.run_interval(FOLLOW_EVERY, |act, ctx| act.read(ctx));
     }
 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::bounded::BoundedMap;
+use crate::bounded::{BoundedMap, OncePer};
 use crate::de;
 use crate::source::{Ipv6Prefix, Source};
 
@@ -121,35 +121,22 @@ pub struct Admission {
 /// When each source was last warned about, so a flood logs once a minute.
 pub struct Warnings {
     prefix: Ipv6Prefix,
-    last: Mutex<BoundedMap<Source, Option<Instant>>>,
+    last: Mutex<OncePer<Source>>,
 }
 
 impl Warnings {
-    const EVERY: Duration = Duration::from_secs(60);
-
     pub fn new(prefix: Ipv6Prefix) -> Self {
+        let every = Duration::from_secs(60);
         Self {
             prefix,
-            last: Mutex::new(BoundedMap::new(
-                "refusal warnings",
-                MAX_WARNED_SOURCES,
-                Self::EVERY,
-            )),
+            last: Mutex::new(OncePer::new("refusal warnings", MAX_WARNED_SOURCES, every)),
         }
     }
 
     /// True at most once a minute per source: whether to log.
     pub fn should_warn(&self, ip: IpAddr) -> bool {
-        let mut table = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        let (last, _) = table.touch(&self.prefix.source_of(ip), now, || None);
-        match last {
-            Some(at) if now.duration_since(*at) < Self::EVERY => false,
-            _ => {
-                *last = Some(now);
-                true
-            }
-        }
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        last.first(&self.prefix.source_of(ip))
     }
 }
 

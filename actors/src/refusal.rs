@@ -11,9 +11,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytestring::ByteString;
-use tokio::time::Instant;
 
-use crate::bounded::BoundedMap;
+use crate::bounded::OncePer;
 use crate::metric;
 use crate::source::{Ipv6Prefix, Source};
 
@@ -70,7 +69,7 @@ impl Reason {
 /// When each (source or user, reason) was last logged.
 pub struct Refusals {
     prefix: Ipv6Prefix,
-    logged: Mutex<BoundedMap<(Per, Reason), Option<Instant>>>,
+    logged: Mutex<OncePer<(Per, Reason)>>,
 }
 
 impl Default for Refusals {
@@ -97,7 +96,7 @@ impl Refusals {
     pub fn new(prefix: Ipv6Prefix) -> Self {
         Self {
             prefix,
-            logged: Mutex::new(BoundedMap::new("refusal log", MAX_ENTRIES, LOG_EVERY)),
+            logged: Mutex::new(OncePer::new("refusal log", MAX_ENTRIES, LOG_EVERY)),
         }
     }
 
@@ -135,15 +134,7 @@ impl Refusals {
 
     fn should_log(&self, per: Per, reason: Reason) -> bool {
         let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        let (last, _) = logged.touch(&(per, reason), now, || None);
-        match last {
-            Some(at) if now.duration_since(*at) < LOG_EVERY => false,
-            _ => {
-                *last = Some(now);
-                true
-            }
-        }
+        logged.first(&(per, reason))
     }
 }
 

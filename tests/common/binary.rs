@@ -182,15 +182,23 @@ impl Binary {
     /// A connection from another loopback address (`127.0.0.<last>`): another host,
     /// as far as per-address rules can tell.
     pub fn connect_from(&self, last: u8) -> Peer {
+        self.connect_from_ip(std::net::IpAddr::from([127, 0, 0, last]))
+    }
+
+    /// A connection from `local`, an address of this host (or of the test's own
+    /// network namespace).
+    pub fn connect_from_ip(&self, local: std::net::IpAddr) -> Peer {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         let stream = runtime.block_on(async {
-            let socket = tokio::net::TcpSocket::new_v4().unwrap();
-            socket
-                .bind(SocketAddr::from(([127, 0, 0, last], 0)))
-                .unwrap();
+            let socket = match local {
+                std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+                std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+            }
+            .unwrap();
+            socket.bind(SocketAddr::new(local, 0)).unwrap();
             socket.connect(self.addr).await.unwrap()
         });
         let stream = stream.into_std().unwrap();
