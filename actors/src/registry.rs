@@ -316,20 +316,17 @@ impl DeviceRegistry {
     /// A connection from `claimant` claimed `device`, seen from `holder` `ago`.
     fn contested(&mut self, device: &DeviceKey, claimant: SocketAddr, still: StillLive) {
         let now = Instant::now();
-        let window = self.online_window;
-        let contest = self.contests.entry(device.clone()).or_insert(Contest {
+        let fresh = Contest {
             claimants: Vec::new(),
             since: now,
             last: now,
             holder: still.holder,
-        });
+        };
+        let window = self.online_window;
+        let contest = self.contests.entry(device.clone()).or_insert(fresh.clone());
         if contest.last.elapsed() >= window {
-            *contest = Contest {
-                claimants: Vec::new(),
-                since: now,
-                last: now,
-                holder: still.holder,
-            };
+            // The last contest ended a window ago: this is a new one.
+            *contest = fresh;
         }
         contest.last = now;
         let known = contest.claimants.iter().any(|c| c.ip() == claimant.ip());
