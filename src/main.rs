@@ -6,6 +6,7 @@
 mod admin;
 mod audit;
 mod certs;
+mod events;
 mod logging;
 mod printable;
 mod settings;
@@ -66,6 +67,22 @@ enum Command {
         /// One JSON object per line instead of tables.
         #[arg(long)]
         json: bool,
+    },
+    /// Fleet events: webhook secrets, and a signed sample event.
+    #[command(subcommand)]
+    Events(EventsCommand),
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// Print a new webhook secret (whsec_…).
+    Secret,
+    /// Send a signed sample event to URL now (a [[webhooks]] entry's, or with
+    /// --secret).
+    Test {
+        url: String,
+        #[arg(long, value_name = "whsec_…")]
+        secret: Option<String>,
     },
 }
 
@@ -179,6 +196,13 @@ fn main() -> ExitCode {
                 };
                 print_audit(&settings, wanted, json).await
             }
+            Command::Events(EventsCommand::Secret) => {
+                events::secret();
+                Ok(())
+            }
+            Command::Events(EventsCommand::Test { url, secret }) => {
+                events::test(&settings, &url, secret).await
+            }
         }
     });
     match result {
@@ -253,7 +277,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let node = cluster.as_ref().map(|c| c.node.clone());
     if let Some(cluster) = cluster {
         let joined = elfin_actors::cluster::join(cluster, hub.registry.clone(), hub.bridge.clone());
-        hub.cluster = Some(joined.await.context("cannot join the cluster")?);
+        hub.join(joined.await.context("cannot join the cluster")?);
     }
     let admin = match admin_listener.zip(prometheus) {
         Some((listener, prometheus)) => {

@@ -23,6 +23,8 @@ use elfin_actors::audit::AuditSettings;
 use elfin_actors::cluster::ClusterSettings;
 use elfin_actors::config::{Auth, Heartbeat, Persistence, Secret, Server};
 use elfin_actors::de;
+use elfin_actors::events::webhook::{Endpoint, WebhookSettings};
+use elfin_actors::events::EventsSettings;
 use elfin_actors::query::QueryFormat;
 use elfin_actors::store::{Backend, Mongodb, Storage};
 use elfin_actors::tls::{Clients, TlsSettings};
@@ -60,6 +62,10 @@ pub struct Settings {
     pub admin: Admin,
     pub audit: AuditSettings,
     pub cluster: ClusterSettings,
+    pub events: EventsSettings,
+    /// `[[webhooks]]`: where fleet events are sent.
+    #[serde(with = "de::tables")]
+    pub webhooks: Vec<WebhookSettings>,
 }
 
 /// The `[admin]` section.
@@ -231,6 +237,9 @@ impl Settings {
     /// The rules between keys; an error names the first key it is about.
     fn check(&self) -> Result<(), (&'static str, String)> {
         let server = &self.server;
+        if let Err(e) = self.endpoints() {
+            return Err(("webhooks", e.to_string()));
+        }
         if server.header_hold_min > server.header_hold {
             return Err((
                 "server.header_hold_min_ms",
@@ -347,7 +356,22 @@ impl Settings {
             audit: self.audit.clone(),
             node: self.cluster.node_id.clone(),
             tls: None,
+            events: self.events.clone(),
+            webhooks: self.endpoints().unwrap_or_else(|e| {
+                log::error!("settings: {e}; no webhooks are sent");
+                Vec::new()
+            }),
         }
+    }
+
+    /// The `[[webhooks]]` endpoints, each checked: its URL, its secret (read from
+    /// `secret_file`), its filters, and its CA.
+    pub fn endpoints(&self) -> Result<Vec<Endpoint>, elfin_actors::events::webhook::EndpointError> {
+        self.webhooks
+            .iter()
+            .enumerate()
+            .map(|(i, w)| Endpoint::new(w, i, &self.events.allow_http_hosts))
+            .collect()
     }
 
     /// How this node joins its cluster; `None` when it runs alone. (The settings
@@ -363,9 +387,10 @@ impl Settings {
         let defaults = toml::Table::try_from(Settings::default()).expect("defaults serialize");
         defaults
             .iter()
-            .flat_map(|(section, keys)| {
-                let keys = keys.as_table().expect("every section is a table");
-                keys.keys().map(move |key| format!("{section}.{key}"))
+            .flat_map(|(section, keys)| match keys.as_table() {
+                Some(keys) => keys.keys().map(|key| format!("{section}.{key}")).collect(),
+                // A list of tables (`[[webhooks]]`): set whole.
+                None => vec![section.clone()],
             })
             .collect()
     }

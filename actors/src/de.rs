@@ -174,3 +174,54 @@ pub mod positive_millis {
 
     pub use super::millis::serialize;
 }
+
+/// A list of tables (`[[webhooks]]`): an array of tables, or one string holding a
+/// TOML array of inline tables (`[{url = "…", secret = "…"}]`), as an environment
+/// variable writes it. An error names the entry (`[1]: …`).
+pub mod tables {
+    use super::*;
+    use serde::de::DeserializeOwned;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Text(String),
+        Tables(Vec<toml::Table>),
+    }
+
+    #[derive(Deserialize)]
+    struct Array {
+        v: Vec<toml::Table>,
+    }
+
+    pub fn deserialize<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: DeserializeOwned,
+    {
+        let tables = match Written::deserialize(d).map_err(|_| {
+            D::Error::custom("expected a list of tables, or a string holding a TOML array of them")
+        })? {
+            Written::Tables(tables) => tables,
+            Written::Text(text) => {
+                toml::from_str::<Array>(&format!("v = {text}"))
+                    .map_err(|e| {
+                        D::Error::custom(format!("not a TOML array of tables: {}", e.message()))
+                    })?
+                    .v
+            }
+        };
+        tables
+            .into_iter()
+            .enumerate()
+            .map(|(i, table)| {
+                T::deserialize(toml::Value::Table(table))
+                    .map_err(|e| D::Error::custom(format!("[{i}]: {}", e.message())))
+            })
+            .collect()
+    }
+
+    pub fn serialize<S: Serializer, T: Serialize>(items: &[T], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(items)
+    }
+}

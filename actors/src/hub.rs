@@ -12,6 +12,8 @@ use crate::bridge::{BridgeManager, Tunnels};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::debouncer::{FlushAll, HeartbeatDebouncer};
+use crate::events::herald::{Herald, Joined};
+use crate::events::webhook::Queue;
 use crate::follow::Follower;
 use crate::limits::{Admission, LookupGuard};
 use crate::persistence::{Flush, Persistence};
@@ -49,6 +51,8 @@ pub struct Hub {
     pub config: Arc<Config>,
     /// This node's member of a cluster, in cluster mode ([`crate::cluster`]).
     pub cluster: Option<Addr<Cluster>>,
+    /// Fleet events: devices offline and back, refusals, sent to webhooks.
+    pub herald: Addr<Herald>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +113,18 @@ impl Hub {
             config.auth.require_known_user,
         )
         .start();
+        let queues = config.webhooks.iter().cloned().map(Queue::start).collect();
+        let herald = Herald::new(
+            &node,
+            config.events.offline_after,
+            users.clone(),
+            store.clone(),
+            registry.clone(),
+            queues,
+        )
+        .start();
         Hub {
+            herald,
             registry,
             follower,
             bridge: BridgeManager::new(trail.clone()).start(),
@@ -135,6 +150,13 @@ impl Hub {
             config: Arc::new(config),
             cluster: None,
         }
+    }
+
+    /// Joins this node's member of the cluster: requests reach other nodes through
+    /// it, and the fleet events keeper asks them before it speaks.
+    pub fn join(&mut self, cluster: Addr<Cluster>) {
+        self.herald.do_send(Joined(cluster.clone()));
+        self.cluster = Some(cluster);
     }
 
     /// Whether the server accepts connections now.

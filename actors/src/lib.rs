@@ -44,6 +44,7 @@ pub mod connection;
 pub mod de;
 pub mod debouncer;
 pub mod device;
+pub mod events;
 pub mod follow;
 pub mod frame;
 pub mod hub;

@@ -87,6 +87,25 @@ pub const HEADER_HOLD_SECONDS: &str = "elfin_header_hold_seconds";
 /// Store round trips, by operation.
 pub const STORE_ROUND_TRIP_SECONDS: &str = "elfin_store_round_trip_seconds";
 
+/// Fleet events emitted, by type.
+pub const EVENTS_TOTAL: &str = "elfin_events_total";
+/// Fleet events not emitted: past a device's budget, or said within the minute.
+pub const EVENTS_SUPPRESSED_TOTAL: &str = "elfin_events_suppressed_total";
+/// Devices away (grace period running) or announced offline, this node's record.
+pub const DEVICES_AWAY: &str = "elfin_devices_away";
+/// Webhook deliveries that succeeded, by endpoint.
+pub const WEBHOOK_DELIVERED_TOTAL: &str = "elfin_webhook_delivered_total";
+/// Webhook attempts that failed and are retried, by endpoint.
+pub const WEBHOOK_RETRIES_TOTAL: &str = "elfin_webhook_retries_total";
+/// Webhook events given up, by endpoint and reason (queue_full, expired).
+pub const WEBHOOK_DROPPED_TOTAL: &str = "elfin_webhook_dropped_total";
+/// Webhook events waiting, by endpoint.
+pub const WEBHOOK_QUEUE_DEPTH: &str = "elfin_webhook_queue_depth";
+/// From an event to its successful delivery, by endpoint.
+pub const WEBHOOK_DELIVERY_SECONDS: &str = "elfin_webhook_delivery_seconds";
+/// When a certificate the gateway presents stops being valid, by which.
+pub const CERTIFICATE_EXPIRY: &str = "elfin_certificate_expiry_timestamp_seconds";
+
 /// What kind of series a metric is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -97,6 +116,60 @@ pub enum Kind {
 
 /// Every metric: its name, kind, unit and help text.
 pub const CATALOGUE: &[(&str, Kind, Option<metrics::Unit>, &str)] = &[
+    (
+        EVENTS_TOTAL,
+        Kind::Counter,
+        None,
+        "Fleet events emitted by this node, by type (device.offline, ...).",
+    ),
+    (
+        EVENTS_SUPPRESSED_TOTAL,
+        Kind::Counter,
+        None,
+        "Fleet events not emitted, by type: past the device's audit budget, or a refusal said within the minute.",
+    ),
+    (
+        DEVICES_AWAY,
+        Kind::Gauge,
+        None,
+        "Devices this node keeps a fleet-event record of: away (grace period running) or announced offline.",
+    ),
+    (
+        WEBHOOK_DELIVERED_TOTAL,
+        Kind::Counter,
+        None,
+        "Webhook deliveries a receiver took (2xx), by endpoint.",
+    ),
+    (
+        WEBHOOK_RETRIES_TOTAL,
+        Kind::Counter,
+        None,
+        "Webhook attempts that failed and are retried with backoff, by endpoint.",
+    ),
+    (
+        WEBHOOK_DROPPED_TOTAL,
+        Kind::Counter,
+        None,
+        "Webhook events given up, by endpoint and reason (queue_full, expired).",
+    ),
+    (
+        WEBHOOK_QUEUE_DEPTH,
+        Kind::Gauge,
+        None,
+        "Webhook events waiting for delivery, by endpoint.",
+    ),
+    (
+        WEBHOOK_DELIVERY_SECONDS,
+        Kind::Histogram,
+        Some(metrics::Unit::Seconds),
+        "From an event to its successful delivery (retries included), by endpoint.",
+    ),
+    (
+        CERTIFICATE_EXPIRY,
+        Kind::Gauge,
+        Some(metrics::Unit::Seconds),
+        "When a certificate the gateway presents stops being valid (Unix time), by which: server (tls.cert), peer (cluster.peer_cert).",
+    ),
     (
         DEVICES_CONTESTED,
         Kind::Gauge,

@@ -64,7 +64,8 @@ pub struct DeviceRegistry {
     /// Devices a connection from elsewhere claimed within the online window.
     contests: HashMap<DeviceKey, Contest>,
     online: usize,
-    watcher: Option<Recipient<Presence>>,
+    /// Told of every [`Presence`] change: the cluster, the fleet events keeper.
+    watchers: Vec<Recipient<Presence>>,
     /// What a second connection of a live device does, and how long a device that
     /// beat counts as live for it.
     takeover: Takeover,
@@ -79,7 +80,7 @@ impl DeviceRegistry {
             departed: HashMap::new(),
             contests: HashMap::new(),
             online: 0,
-            watcher: None,
+            watchers: Vec::new(),
             takeover,
             online_window,
             trail,
@@ -162,12 +163,28 @@ pub struct Unregister {
 }
 
 /// A device became live here, or stopped being (not told when a newer connection of
-/// a live device replaces its older one).
+/// a live device replaces its older one), or a connection from elsewhere claimed it.
 #[derive(Message, Debug, Clone, PartialEq, Eq)]
 #[rtype(result = "()")]
 pub enum Presence {
-    Online(DeviceKey),
-    Offline(DeviceKey),
+    Online(Seen),
+    Offline(Seen),
+    /// A new claimant of a device seen from `holder` within the online window
+    /// ("when-silent"); refused.
+    Contested {
+        device: DeviceKey,
+        host: Option<ByteString>,
+        claimant: SocketAddr,
+        holder: IpAddr,
+    },
+}
+
+/// A device and the connection it was seen through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub device: DeviceKey,
+    pub host: ByteString,
+    pub remote: SocketAddr,
 }
 
 /// Tell this recipient of every [`Presence`] change, starting with every live device.
@@ -271,8 +288,8 @@ impl DeviceRegistry {
     }
 
     fn tell(&self, change: Presence) {
-        if let Some(watcher) = &self.watcher {
-            watcher.do_send(change);
+        for watcher in &self.watchers {
+            watcher.do_send(change.clone());
         }
     }
 
@@ -332,6 +349,17 @@ impl DeviceRegistry {
         let known = contest.claimants.iter().any(|c| c.ip() == claimant.ip());
         if !known && contest.claimants.len() < MAX_CLAIMANTS {
             contest.claimants.push(claimant);
+            let host = self
+                .users
+                .get(&device.uuid)
+                .and_then(|d| d.get(&device.mac))
+                .map(|e| e.device.host.clone());
+            self.tell(Presence::Contested {
+                device: device.clone(),
+                host,
+                claimant,
+                holder: still.holder,
+            });
             log::warn!(
                 "device {} contested: {claimant} claims it, but it was seen from {} {:?} ago \
                  (auth.device_takeover = \"when-silent\"); refused",
@@ -355,7 +383,7 @@ impl DeviceRegistry {
             self.users.remove(&device.uuid);
         }
         self.report();
-        self.tell(Presence::Offline(device.clone()));
+        self.tell(Presence::Offline(entry.seen()));
         Some(entry)
     }
 }
@@ -439,7 +467,7 @@ impl Handler<Register> for DeviceRegistry {
             None => {
                 self.audit(now, DeviceChange::Online, None);
                 self.online += 1;
-                self.tell(Presence::Online(key));
+                self.tell(Presence::Online(now.seen()));
             }
         }
         self.report();
@@ -478,10 +506,10 @@ impl Handler<Watch> for DeviceRegistry {
     fn handle(&mut self, Watch(watcher): Watch, _: &mut Context<Self>) {
         for devices in self.users.values() {
             for entry in devices.values() {
-                watcher.do_send(Presence::Online(entry.device.key.clone()));
+                watcher.do_send(Presence::Online(entry.seen()));
             }
         }
-        self.watcher = Some(watcher);
+        self.watchers.push(watcher);
     }
 }
 
@@ -512,6 +540,14 @@ impl Handler<AllLive> for DeviceRegistry {
 }
 
 impl Entry {
+    fn seen(&self) -> Seen {
+        Seen {
+            device: self.device.key.clone(),
+            host: self.device.host.clone(),
+            remote: self.link.remote,
+        }
+    }
+
     fn live(&self) -> LiveDevice {
         LiveDevice {
             mac: self.device.key.mac.clone(),

@@ -291,7 +291,16 @@ fn refuse_certificate(hub: &Hub, peer: SocketAddr, certificate: Option<&ClientCe
         uuid: None,
         device: None,
         certificate,
-        detail,
+        detail: detail.clone(),
+    });
+    hub.herald.do_send(crate::events::herald::Refused {
+        kind: crate::events::EventKind::CertificateRefused,
+        uuid: None,
+        mac: None,
+        host: None,
+        source: peer,
+        certificate: certificate.cloned(),
+        reason: detail,
     });
 }
 

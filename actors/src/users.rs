@@ -132,6 +132,17 @@ impl UserDirectory {
         self.accounts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The name of the user `uuid`, if the store knows it (cached as accounts are).
+    pub async fn name_of(&self, uuid: &str) -> Option<String> {
+        match self.account(AccountKey::Uuid(uuid)).await {
+            Ok(account) => account.map(|a| a.username),
+            Err(e) => {
+                log::debug!("cannot read the name of a user: {e}");
+                None
+            }
+        }
+    }
+
     /// Forgets every cached answer: a user was removed or changed in the database.
     pub fn forget_all(&self) {
         if let Ok(mut cache) = self.cache.lock() {

@@ -26,6 +26,7 @@
 //! on every node.
 
 pub mod bus;
+pub mod fleet;
 pub mod peer;
 pub mod remote;
 mod requests;
@@ -399,6 +400,8 @@ pub struct Cluster {
     /// Cross-node tunnel ends here, with the node of their other end.
     remotes: HashMap<SessionId, (String, Addr<Remote>)>,
     connected: bool,
+    /// The fleet events keeper of this node, once it watches ([`fleet`]).
+    fleet: Option<fleet::WatchFleet>,
 }
 
 /// Another node, as its hellos tell.
@@ -436,6 +439,7 @@ enum Incoming {
     Device(DeviceKey, Message),
     Query(Message),
     Hello(Message),
+    Fleet(Message),
 }
 
 /// Opens the peer port, connects to NATS (in the background: a node whose NATS is
@@ -502,6 +506,9 @@ pub async fn join(
     let hellos = Subscription::new(&nats, config.subjects.hello())
         .await
         .map_err(|e| JoinError::Nats(e.to_string()))?;
+    let fleet_asks = Subscription::new(&nats, config.subjects.fleet())
+        .await
+        .map_err(|e| JoinError::Nats(e.to_string()))?;
     log::info!(
         "cluster node {}: tunnels from other nodes on {bound}, advertised as {}, \
          certificate sha256 {}",
@@ -515,6 +522,7 @@ pub async fn join(
         ctx.add_stream(tokio_stream_of(incoming).map(Incoming::Event));
         ctx.add_stream(query.map(Incoming::Query));
         ctx.add_stream(hellos.map(Incoming::Hello));
+        ctx.add_stream(fleet_asks.map(Incoming::Fleet));
         ctx.add_stream(tokio_stream_of(device_streams).flatten_unordered(None));
         Cluster {
             bus: Bus { nats, seal },
@@ -532,6 +540,7 @@ pub async fn join(
             nodes: HashMap::new(),
             remotes: HashMap::new(),
             connected: false,
+            fleet: None,
         }
     });
     watched.do_send(Watch(cluster.clone().recipient()));
@@ -629,6 +638,7 @@ impl Cluster {
             let why = format!("node {name} stopped answering for {timeout:?}");
             let ends = self.end_tunnels(|n| *n == name, &why);
             log::warn!("{why}; ended its {ends} cross-node tunnel ends");
+            self.fleet_node_lost(&name);
         }
         self.report();
     }
@@ -838,6 +848,7 @@ impl StreamHandler<Incoming> for Cluster {
             Incoming::Device(key, message) => self.device_message(key, message, ctx),
             Incoming::Query(message) => self.query_message(message, ctx),
             Incoming::Hello(message) => self.hello_message(message),
+            Incoming::Fleet(message) => self.fleet_message(message, ctx),
         }
     }
 
@@ -851,8 +862,9 @@ impl Handler<Presence> for Cluster {
 
     fn handle(&mut self, change: Presence, ctx: &mut Context<Self>) {
         match change {
-            Presence::Online(device) => self.online(device),
-            Presence::Offline(device) => self.offline(device, ctx),
+            Presence::Online(seen) => self.online(seen.device),
+            Presence::Offline(seen) => self.offline(seen.device, ctx),
+            Presence::Contested { .. } => {}
         }
     }
 }

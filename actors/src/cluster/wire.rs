@@ -46,6 +46,11 @@ impl Subjects {
         format!("{}.query", self.prefix)
     }
 
+    /// Every node answers [`FleetAsk`]s here.
+    pub fn fleet(&self) -> String {
+        format!("{}.fleet", self.prefix)
+    }
+
     /// Every node says it is alive here.
     pub fn hello(&self) -> String {
         format!("{}.hello", self.prefix)
@@ -200,4 +205,35 @@ mod tests {
             Ask::Probe
         );
     }
+}
+
+/// What a node knows of devices, asked of every node on [`Subjects::fleet`] by the
+/// node where they arrived or whose grace period for them ended (fleet events).
+/// Devices are named by their [`Subjects::device`] subject, never by uuid.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FleetAsk {
+    pub devices: Vec<String>,
+    /// The devices connected to the asking node: whoever kept a record of them
+    /// hands it over (answers it, and forgets it).
+    pub arrived: bool,
+}
+
+/// The answer to a [`FleetAsk`]: what this node knows of each device it knows.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FleetAnswer {
+    pub devices: Vec<(String, Whereabouts)>,
+}
+
+/// What one node knows of a device.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Whereabouts {
+    /// Live there.
+    Held,
+    /// Left that node at `left_ms` (ms since the Unix epoch); its grace period runs
+    /// there. `adopted`: the node took it over from the store (after a start, or
+    /// when the node holding it was lost), not from a connection of its own.
+    Away { left_ms: i64, adopted: bool },
+    /// Announced offline there; last held at `left_ms`.
+    Offline { left_ms: i64 },
 }

@@ -95,7 +95,16 @@ impl Session {
             uuid: None,
             device: None,
             certificate: Some(&cert),
-            detail,
+            detail: detail.clone(),
+        });
+        self.hub.herald.do_send(crate::events::herald::Refused {
+            kind: crate::events::EventKind::CertificateRefused,
+            uuid: None,
+            mac: None,
+            host: None,
+            source: self.remote,
+            certificate: Some(crate::certificate::ClientCert::clone(&cert)),
+            reason: detail,
         });
         let limit = match why {
             Revoked::Expired(_) => Closing::CertificateExpired,

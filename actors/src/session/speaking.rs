@@ -18,6 +18,7 @@ use crate::audit::{Attempt, Refused};
 use crate::cluster::{Elsewhere, SeenElsewhere};
 use crate::debouncer;
 use crate::device::{DeviceKey, Identity};
+use crate::events::{herald, EventKind};
 use crate::frame::{Header, Role};
 use crate::hub::Hub;
 use crate::link::PeerLink;
@@ -243,6 +244,22 @@ impl Session {
                 device: Some(&device.key.mac),
                 certificate: None,
                 detail: detail.clone(),
+            });
+        }
+        let event = match reason {
+            Reason::Takeover => Some(EventKind::TakeoverRefused),
+            Reason::Enrollment => Some(EventKind::EnrollmentRefused),
+            _ => None,
+        };
+        if let Some(kind) = event {
+            self.hub.herald.do_send(herald::Refused {
+                kind,
+                uuid: Some(device.key.uuid.clone()),
+                mac: Some(device.key.mac.clone()),
+                host: Some(device.host.clone()),
+                source: self.remote,
+                certificate: None,
+                reason: detail.clone(),
             });
         }
         match reason {
