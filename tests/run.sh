@@ -12,7 +12,9 @@
 # installed if missing, and those tests fail rather than skip without
 # them (ELFIN_REQUIRE_BROWSER, ELFIN_REQUIRE_NATS). The IPv6 test makes a network
 # namespace of its own (unshare from util-linux, ip from iproute2; it needs root) and
-# fails rather than skips without one (ELFIN_REQUIRE_NETNS).
+# fails rather than skips without one (ELFIN_REQUIRE_NETNS). Webhook deliveries are
+# verified by PyPI's standardwebhooks in a virtualenv under target/
+# (ELFIN_REQUIRE_WEBHOOK_VERIFIER).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,5 +41,14 @@ if [ -z "${MONGODB_URI:-}" ] && ! "$venv/bin/python" -c "import mockupdb, mongom
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/mongo/requirements.txt
 fi
+
+# Webhook deliveries are verified by the reference Standard Webhooks library.
+hooks=target/webhooks-venv
+if ! "$hooks/bin/python" -c "import standardwebhooks" 2>/dev/null; then
+  echo "preparing the webhook receiver's virtualenv in $hooks" >&2
+  python3 -m venv "$hooks"
+  "$hooks/bin/pip" install --quiet --disable-pip-version-check -r tests/webhooks/requirements.txt
+fi
+export ELFIN_REQUIRE_WEBHOOK_VERIFIER=1
 
 cargo test --workspace --locked "$@"

@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use common::webhooks::{Receiver, SECRET};
 use common::{failed_reason, run_cli, Binary};
 
 const ALICE_PLC: &str = "A11CE0000001";
@@ -384,6 +385,13 @@ async fn revocation_and_expiry_reach_open_connections_and_certificates_made_else
     openssl_leaf(d, "bob-other", "bob", "client.ext");
     short_lived_leaf(d, "bob-brief", "bob", 8);
 
+    // Certificate refusals go to a webhook, verified by the reference library.
+    let receiver = Receiver::start(SECRET, &[]);
+    let hooks = receiver
+        .as_ref()
+        .map(|r| r.setting(SECRET, r#"events = ["client.*"]"#));
+    let mut env = env.to_vec();
+    env.extend(hooks.as_deref().map(|h| ("ELFIN__WEBHOOKS", h)));
     let gw = Binary::start_in(dir.clone(), &env);
     let mut plc = gw.connect();
     plc.send(format!("beat;{alice};{ALICE_PLC};plc;0").as_bytes());
@@ -471,6 +479,35 @@ async fn revocation_and_expiry_reach_open_connections_and_certificates_made_else
         .await
         .unwrap();
     assert!(ask(&mut fresh, &format!("query;{alice}\n")).await.is_some());
+
+    // Each certificate shut out was told once: expired, revoked while connected,
+    // refused at its handshake; named by user and serial, never by uuid.
+    if let Some(receiver) = &receiver {
+        let events = receiver.wait(std::time::Duration::from_secs(10), |e| e.len() >= 3);
+        for event in &events {
+            assert_eq!(event["type"], "client.certificate_refused");
+            // A handshake rustls refused names no certificate (its error does not
+            // carry it); the others name their user.
+            if let Some(user) = event["data"]["user"]["name"].as_str() {
+                assert!(user == "alice" || user == "bob", "{event}");
+            }
+            assert!(event["data"]["source"]
+                .as_str()
+                .unwrap()
+                .starts_with("127.0.0.1:"));
+        }
+        let reasons: Vec<&str> = events
+            .iter()
+            .filter_map(|e| e["data"]["reason"].as_str())
+            .collect();
+        assert!(reasons.iter().any(|r| r.contains("expired")), "{reasons:?}");
+        assert!(reasons.iter().any(|r| r.contains("revoked")), "{reasons:?}");
+        assert!(events
+            .iter()
+            .any(|e| e["data"]["certificate_serial"].is_string()));
+        assert!(events.iter().any(|e| e["data"]["user"]["name"] == "alice"));
+        assert!(events.iter().any(|e| e["data"]["user"]["name"] == "bob"));
+    }
 
     // Bob is made an admin while the gateway runs: within 10 s his certificate
     // reaches Alice's devices, and when it is taken back, no longer.

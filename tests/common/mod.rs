@@ -7,6 +7,7 @@ pub mod inproc;
 pub mod mongo;
 pub mod nats;
 pub mod pki;
+pub mod webhooks;
 
 #[allow(unused_imports)]
 pub use binary::{
