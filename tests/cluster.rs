@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::mongo::Mongo;
 use common::nats::{self, Nats};
+use common::webhooks::{Receiver, SECRET as HOOK_SECRET};
 use common::{eventually, failed_reason, lists_online, Binary, BlockingPeer as Peer, TIMEOUT};
 
 const DEVICE_A: &str = "AABBCCDD000A";
@@ -942,4 +943,76 @@ fn a_cross_node_tunnel_that_carried_nothing_ends_on_both_nodes_when_a_side_leave
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn one_node_tells_of_a_device_that_moves_and_of_one_whose_node_is_killed() {
+    let Some(receiver) = Receiver::start(HOOK_SECRET, &[]) else {
+        return;
+    };
+    let hooks = receiver.setting(HOOK_SECRET, "");
+    let Some(mut fleet) = Fleet::start_with(&[
+        ("ELFIN__EVENTS__OFFLINE_AFTER_SECS", "3"),
+        ("ELFIN__WEBHOOKS", hooks.as_str()),
+    ]) else {
+        return;
+    };
+    let told = |mac: &str| receiver.types_of(mac);
+
+    // Online on a, then it moves to b and back to a, and on to c: a move, no outage.
+    let on_a = fleet.device(fleet.a(), DEVICE_A);
+    receiver.wait(TIMEOUT, |e| !e.is_empty());
+    let on_b = fleet.device(fleet.b(), DEVICE_A);
+    drop(on_a);
+    std::thread::sleep(Duration::from_secs(1));
+    let on_a = fleet.device(fleet.a(), DEVICE_A);
+    drop(on_b);
+    std::thread::sleep(Duration::from_millis(500));
+    let on_c = fleet.device(fleet.c(), DEVICE_A);
+    drop(on_a);
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(told(DEVICE_A), ["device.online"], "one node, once");
+
+    // It leaves c for good: c tells, once.
+    drop(on_c);
+    receiver.wait(TIMEOUT, |_| told(DEVICE_A).len() == 2);
+    // Back on b: b tells.
+    let _back = fleet.device(fleet.b(), DEVICE_A);
+    receiver.wait(TIMEOUT, |_| told(DEVICE_A).len() == 3);
+    assert_eq!(
+        told(DEVICE_A),
+        ["device.online", "device.offline", "device.back_online"]
+    );
+    let nodes: Vec<String> = receiver
+        .events()
+        .iter()
+        .map(|e| e["data"]["node"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(nodes, ["a", "c", "b"]);
+
+    // A device on b; b is killed and the device never comes back: a (the smallest
+    // name left) takes over b's devices and tells, once.
+    let _lost = fleet.device(fleet.b(), DEVICE_C);
+    receiver.wait(TIMEOUT, |_| told(DEVICE_C) == ["device.online"]);
+    fleet.b().signal("KILL");
+    let events = receiver.wait(Duration::from_secs(20), |_| told(DEVICE_C).len() == 2);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(told(DEVICE_C), ["device.online", "device.offline"]);
+    let offline = events
+        .iter()
+        .find(|e| e["type"] == "device.offline" && e["data"]["mac"] == DEVICE_C)
+        .unwrap();
+    assert_eq!(offline["data"]["node"], "a");
+    // DEVICE_A, live on b when it died, is told too: once.
+    assert_eq!(
+        told(DEVICE_A),
+        [
+            "device.online",
+            "device.offline",
+            "device.back_online",
+            "device.offline"
+        ]
+    );
+    assert_eq!(receiver.refused(), 0);
+    fleet.nodes.remove(1);
 }

@@ -117,6 +117,7 @@ impl Hub {
         let herald = Herald::new(
             &node,
             config.events.offline_after,
+            config.heartbeat.debounce + config.heartbeat.online_window,
             users.clone(),
             store.clone(),
             registry.clone(),

@@ -9,8 +9,9 @@
 //! holds devices that left, never those live; each endpoint's queue is bounded.
 //!
 //! After it starts, and when it succeeds a cluster node that was lost, the herald
-//! takes over from the store the devices seen within the grace period that no
-//! connection holds here ("adopted"): those that do not come back are announced
+//! takes over from the store the devices seen lately (within the grace period plus
+//! how stale a live device's last-seen can be) that no connection holds here
+//! ("adopted"): those no node holds when the grace period ends are announced
 //! offline, so a restart or a lost node leaves no device untold.
 
 use std::collections::{HashMap, HashSet};
@@ -51,6 +52,8 @@ const MAX_BUDGETS: usize = 200_000;
 pub struct Herald {
     node: String,
     grace: Duration,
+    /// How recent a sighting in the store must be for its device to be adopted.
+    adopt_within: Duration,
     ledger: Ledger,
     users: Arc<UserDirectory>,
     store: Arc<dyn Store>,
@@ -71,9 +74,13 @@ struct Budget {
 }
 
 impl Herald {
+    /// `grace`: `events.offline_after_secs`; `written_within`: how stale a live
+    /// device's last-seen in the store can be (the debouncer's period and the online
+    /// window), so that a device live until a restart or a lost node is adopted.
     pub fn new(
         node: &str,
         grace: Duration,
+        written_within: Duration,
         users: Arc<UserDirectory>,
         store: Arc<dyn Store>,
         registry: Addr<DeviceRegistry>,
@@ -82,6 +89,7 @@ impl Herald {
         Herald {
             node: node.to_owned(),
             grace,
+            adopt_within: grace + written_within,
             ledger: Ledger::default(),
             users,
             store,
@@ -440,7 +448,8 @@ impl Herald {
     /// live here and of which there is no record: announced offline if they do not
     /// come back within the grace period.
     fn adopt_from_store(&mut self, why: &'static str, ctx: &mut Context<Self>) {
-        let (store, registry, grace) = (self.store.clone(), self.registry.clone(), self.grace);
+        let (store, registry) = (self.store.clone(), self.registry.clone());
+        let (grace, within) = (self.grace, self.adopt_within);
         let read = async move {
             let devices = store.devices(None).await;
             let live = registry.send(AllLive).await.unwrap_or_default();
@@ -465,7 +474,7 @@ impl Herald {
             for owned in devices {
                 let Some(uuid) = owned.owner else { continue };
                 let seen_ago = (now - owned.device.last_seen).to_std().unwrap_or_default();
-                if seen_ago >= grace {
+                if seen_ago >= within {
                     continue;
                 }
                 let key = DeviceKey::new(&uuid, &owned.device.mac);
@@ -482,8 +491,8 @@ impl Herald {
             }
             if adopted > 0 {
                 log::info!(
-                    "fleet events: {why}; {adopted} devices seen within {grace:?} are not \
-                     connected here: announced offline unless they come back in time"
+                    "fleet events: {why}; {adopted} devices seen within {within:?} are not \
+                     connected here: announced offline unless they come back within {grace:?}"
                 );
             }
             act.report();
