@@ -264,6 +264,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         .transpose()?;
     let term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     if let Some(tls) = &tls {
+        tls.loaded().export_expiry();
         let hangups = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
         actix_rt::spawn(reload_on_sighup(hangups, tls.clone()));
     }
@@ -381,10 +382,13 @@ fn keep_freed_memory() {}
 async fn reload_on_sighup(mut hangups: Signal, tls: Arc<Tls>) {
     while hangups.recv().await.is_some() {
         match tls.reload() {
-            Ok(loaded) => log::info!(
-                "SIGHUP: TLS certificate reloaded from {}: {loaded}",
-                tls.files().cert.display()
-            ),
+            Ok(loaded) => {
+                loaded.export_expiry();
+                log::info!(
+                    "SIGHUP: TLS certificate reloaded from {}: {loaded}",
+                    tls.files().cert.display()
+                )
+            }
             Err(e) => log::error!(
                 "SIGHUP: TLS not reloaded, keeping the certificate and revocation list in \
                  use: {e}"

@@ -44,6 +44,8 @@ const SECRET_KEYS: &[&str] = &[
     "cluster.subject_key",
     "cluster.token",
     "mongodb.uri",
+    // A list of webhooks, written whole in one variable, holds their secrets.
+    "webhooks",
 ];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -7,10 +7,11 @@
 # under target/. With MONGODB_URI set, those tests use that server instead.
 #
 # The status page is tested in headless Chromium driven by chromedriver, cluster
-# mode against a real NATS server, and client certificates against ones openssl
-# makes: Debian's chromium, chromium-driver, nats-server and openssl packages are
-# installed if missing, and those tests fail rather than skip without
-# them (ELFIN_REQUIRE_BROWSER, ELFIN_REQUIRE_NATS). The IPv6 test makes a network
+# mode against a real NATS server, client certificates against ones openssl makes,
+# and the alert rules with promtool and a real Prometheus scraping the gateway:
+# Debian's chromium, chromium-driver, nats-server, openssl and prometheus packages
+# are installed if missing, and those tests fail rather than skip without them
+# (ELFIN_REQUIRE_BROWSER, ELFIN_REQUIRE_NATS, ELFIN_REQUIRE_PROMETHEUS). The IPv6 test makes a network
 # namespace of its own (unshare from util-linux, ip from iproute2; it needs root) and
 # fails rather than skips without one (ELFIN_REQUIRE_NETNS). Webhook deliveries are
 # verified by PyPI's standardwebhooks in a virtualenv under target/
@@ -23,6 +24,7 @@ missing=()
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 [ -x /usr/sbin/nats-server ] || [ -x /usr/bin/nats-server ] || missing+=(nats-server)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v promtool >/dev/null || missing+=(prometheus)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v unshare >/dev/null || missing+=(util-linux)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -33,7 +35,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get install -y -q "${missing[@]}" >/dev/null ||
     { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q "${missing[@]}" >/dev/null; }
 fi
-export ELFIN_REQUIRE_BROWSER=1 ELFIN_REQUIRE_NATS=1 ELFIN_REQUIRE_NETNS=1
+export ELFIN_REQUIRE_BROWSER=1 ELFIN_REQUIRE_NATS=1 ELFIN_REQUIRE_NETNS=1 ELFIN_REQUIRE_PROMETHEUS=1
 
 venv=target/standin-venv
 if [ -z "${MONGODB_URI:-}" ] && ! "$venv/bin/python" -c "import mockupdb, mongomock" 2>/dev/null; then

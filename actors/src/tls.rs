@@ -134,6 +134,8 @@ impl TlsError {
 pub struct Loaded {
     /// The server certificate's subject and expiry, in words.
     pub certificate: String,
+    /// Its expiry, in seconds since the Unix epoch (`elfin_certificate_expiry_timestamp_seconds`).
+    pub not_after: Option<i64>,
     /// Certificates on the revocation list and users revoked as a whole, if there is
     /// a revocation list.
     pub revoked: Option<(usize, usize)>,
@@ -239,6 +241,7 @@ fn server_config(files: &TlsFiles) -> Result<(ServerConfig, Loaded, Revocations)
         ));
     };
     let certificate = describe(leaf);
+    let not_after = not_after(leaf);
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .map_err(|e| TlsError::new("tls.key", &files.key, e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -302,6 +305,7 @@ fn server_config(files: &TlsFiles) -> Result<(ServerConfig, Loaded, Revocations)
         config,
         Loaded {
             certificate,
+            not_after,
             revoked,
         },
         revocations,
@@ -327,6 +331,22 @@ fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, 
 }
 
 /// A certificate's subject and expiry, for the log.
+/// When `cert` stops being valid: seconds since the Unix epoch.
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, c) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(c.validity().not_after.timestamp())
+}
+
+impl Loaded {
+    /// Exports the server certificate's expiry (`which = "server"`: the certificate of
+    /// `server.listen` and `tls.listen` both).
+    pub fn export_expiry(&self) {
+        if let Some(at) = self.not_after {
+            metrics::gauge!(crate::metric::CERTIFICATE_EXPIRY, "which" => "server").set(at as f64);
+        }
+    }
+}
+
 fn describe(cert: &CertificateDer<'_>) -> String {
     match x509_parser::parse_x509_certificate(cert) {
         Ok((_, c)) => format!(

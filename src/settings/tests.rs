@@ -45,8 +45,22 @@ fn the_shipped_settings_file_lists_every_key_with_its_default() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("settings.toml");
     let text = std::fs::read_to_string(&path).unwrap();
     let shipped: toml::Table = text.parse().unwrap();
-    let defaults = toml::Table::try_from(Settings::default()).unwrap();
+    let mut defaults = toml::Table::try_from(Settings::default()).unwrap();
+    // No webhooks by default: TOML writes an empty list of tables as nothing; the
+    // file shows a commented-out entry instead.
+    assert_eq!(
+        defaults.remove("webhooks"),
+        Some(toml::Value::Array(Vec::new()))
+    );
     assert_eq!(shipped, defaults);
+    let example: String = text
+        .lines()
+        .skip_while(|l| *l != "# [[webhooks]]")
+        .take_while(|l| l.starts_with('#'))
+        .map(|l| format!("{}\n", l.trim_start_matches("# ")))
+        .collect();
+    let example: Settings = toml::from_str(&example).expect("the example entry is valid");
+    assert_eq!(example.webhooks.len(), 1);
     Settings::load_from(&path, true, []).unwrap();
 }
 
@@ -154,6 +168,12 @@ const EVERY_KEY: &[(&str, &str, Option<&str>)] = &[
     ("ELFIN__CLUSTER__PEER_KEY", "peer-key.pem", None),
     ("ELFIN__CLUSTER__REQUEST_TIMEOUT_MS", "1500", None),
     ("ELFIN__CLUSTER__NODE_TIMEOUT_SECS", "5", None),
+    ("ELFIN__EVENTS__OFFLINE_AFTER_SECS", "600", None),
+    (
+        "ELFIN__EVENTS__ALLOW_HTTP_HOSTS",
+        "hooks.lan,10.0.0.7",
+        Some(r#"["hooks.lan", "10.0.0.7"]"#),
+    ),
 ];
 
 /// A loaded value as an operator would write it back.
@@ -174,6 +194,7 @@ fn every_key_can_be_set_through_the_environment_and_keeps_its_value() {
                 .to_ascii_lowercase()
                 .replacen("__", ".", 1)
         })
+        .chain(["webhooks".to_owned()])
         .collect();
     assert_eq!(named, Settings::keys(), "every key is in this test, once");
 
@@ -538,4 +559,50 @@ fn set_up_errors_name_the_setting_as_the_operator_writes_it() {
         err.contains(r#"auth.clients = "client-cert" needs tls.client_ca"#),
         "{err}"
     );
+}
+
+#[test]
+fn webhooks_are_read_from_the_file_and_from_one_environment_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("settings.toml");
+    std::fs::write(
+        &path,
+        r#"
+[[webhooks]]
+url = "https://hooks.example.com/elfin"
+secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+events = ["device.offline", "device.back_online"]
+
+[[webhooks]]
+url = "http://127.0.0.1:8080/relay"
+secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+users = ["alice"]
+"#,
+    )
+    .unwrap();
+    let s = Settings::load_from(&path, true, []).unwrap();
+    assert_eq!(s.webhooks.len(), 2);
+    assert_eq!(s.webhooks[1].users, ["alice"]);
+    let endpoints = s.endpoints().unwrap();
+    assert_eq!(endpoints[0].name, "hooks.example.com");
+
+    let env = [(
+        "ELFIN__WEBHOOKS".to_owned(),
+        r#"[{url = "http://localhost:9000/x", secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", timeout_secs = 3}]"#
+            .to_owned(),
+    )];
+    let s = Settings::load_from(&path, true, env).unwrap();
+    assert_eq!(s.webhooks.len(), 1, "the environment replaces the list");
+    assert_eq!(s.webhooks[0].timeout, Duration::from_secs(3));
+
+    let bad = [(
+        "ELFIN__WEBHOOKS".to_owned(),
+        r#"[{url = "http://localhost:9000/x", secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", timeout_secs = 0}]"#
+            .to_owned(),
+    )];
+    let err = Settings::load_from(&path, true, bad)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("webhooks") && err.contains("[0]"), "{err}");
+    assert!(!err.contains("whsec_"), "the secret is not shown: {err}");
 }

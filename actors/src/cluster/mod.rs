@@ -453,6 +453,7 @@ pub async fn join(
         Some((cert, key)) => Identity::load(cert, key)?,
         None => Identity::generate(&config.node),
     };
+    identity.export_expiry();
     let known = Known::default();
     let fingerprint = identity.fingerprint.clone();
     let peer_tls = Arc::new(PeerTls::new(Arc::new(identity), known.clone())?);

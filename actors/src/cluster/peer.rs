@@ -239,6 +239,13 @@ pub struct IdentityError {
 }
 
 impl Identity {
+    /// Exports the peer certificate's expiry (`which = "peer"`).
+    pub fn export_expiry(&self) {
+        if let Some(at) = self.certs.first().and_then(crate::tls::not_after) {
+            metrics::gauge!(crate::metric::CERTIFICATE_EXPIRY, "which" => "peer").set(at as f64);
+        }
+    }
+
     /// A fresh key pair and self-signed certificate for node `node`.
     pub fn generate(node: &str) -> Identity {
         let names = vec![format!("{}.elfin-node", sanitize(node))];
