@@ -11,9 +11,10 @@
 # and the alert rules with promtool and a real Prometheus scraping the gateway:
 # Debian's chromium, chromium-driver, nats-server, openssl and prometheus packages
 # are installed if missing, and those tests fail rather than skip without them
-# (ELFIN_REQUIRE_BROWSER, ELFIN_REQUIRE_NATS, ELFIN_REQUIRE_PROMETHEUS). The IPv6 test makes a network
-# namespace of its own (unshare from util-linux, ip from iproute2; it needs root) and
-# fails rather than skips without one (ELFIN_REQUIRE_NETNS). Webhook deliveries are
+# (ELFIN_REQUIRE_BROWSER, ELFIN_REQUIRE_NATS, ELFIN_REQUIRE_PROMETHEUS). The IPv6
+# test makes a network namespace of its own (unshare from util-linux, ip from
+# iproute2; it needs root) and fails rather than skips without one
+# (ELFIN_REQUIRE_NETNS). Webhook deliveries are
 # verified by PyPI's standardwebhooks in a virtualenv under target/
 # (ELFIN_REQUIRE_WEBHOOK_VERIFIER).
 set -euo pipefail
