@@ -57,7 +57,7 @@ fn sample() -> Event {
         EventData {
             user: Some(EventUser {
                 name: Some("example".into()),
-                uuid_prefix: "00000000…".into(),
+                uuid_prefix: Some("00000000…".into()),
             }),
             mac: Some("000000000000".into()),
             host: Some("sample-device".into()),

@@ -268,7 +268,8 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         let hangups = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
         actix_rt::spawn(reload_on_sighup(hangups, tls.clone()));
     }
-    let mut hub = Hub::start(store, config);
+    let events = settings.fleet_events()?;
+    let mut hub = Hub::start_with_events(store, config, events);
     let mut cluster = settings.cluster_config()?;
     if let Some(cluster) = &mut cluster {
         if settings.auth.device_takeover == elfin_actors::registry::Takeover::WhenSilent {

@@ -358,12 +358,16 @@ impl Settings {
             audit: self.audit.clone(),
             node: self.cluster.node_id.clone(),
             tls: None,
-            events: self.events.clone(),
-            webhooks: self.endpoints().unwrap_or_else(|e| {
-                log::error!("settings: {e}; no webhooks are sent");
-                Vec::new()
-            }),
         }
+    }
+
+    /// What fleet events run on: `[events]` and the `[[webhooks]]` endpoints (checked
+    /// when the settings were loaded; an error here is a secret file gone since).
+    pub fn fleet_events(&self) -> anyhow::Result<elfin_actors::events::FleetEvents> {
+        Ok(elfin_actors::events::FleetEvents {
+            settings: self.events.clone(),
+            endpoints: self.endpoints()?,
+        })
     }
 
     /// The `[[webhooks]]` endpoints, each checked: its URL, its secret (read from

@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use common::webhooks::{Receiver, SECRET};
 use common::{Binary, TIMEOUT};
 use serde_json::{json, Value};
 
@@ -169,7 +170,16 @@ fn the_status_page_shows_a_device_online_and_its_tunnel_counting_live() {
         }
         Err(why) => panic!("ELFIN_REQUIRE_BROWSER is set but {why}"),
     };
-    let gw = Binary::start(&[]);
+    // Fleet events go to a webhook receiver, whose state the page shows.
+    let receiver = Receiver::start(SECRET, &[]);
+    let hooks = receiver
+        .as_ref()
+        .map(|r| r.setting(SECRET, r#"name = "ops""#));
+    let env: Vec<(&str, &str)> = hooks
+        .iter()
+        .map(|h| ("ELFIN__WEBHOOKS", h.as_str()))
+        .collect();
+    let gw = Binary::start(&env);
     let uuid = gw.add_user("alice");
     // Another user's fleet (a user may have at most 10 000 devices by default).
     let fleet = gw.add_user("fleet");
@@ -202,6 +212,18 @@ fn the_status_page_shows_a_device_online_and_its_tunnel_counting_live() {
         browser.wait(TUNNEL_BYTES, |v| v.as_u64() == Some(1000)),
         1000
     );
+
+    if receiver.is_some() {
+        let webhook = browser.wait(
+            "const r = document.querySelector('#webhook-table tr[data-endpoint=\"ops\"]'); \
+             return r && !document.getElementById('webhooks').hidden ? \
+             [...r.cells].map(c => c.textContent) : null;",
+            |v| v[3] == "1",
+        );
+        assert!(webhook[1].as_str().unwrap().ends_with("/hook"), "{webhook}");
+        assert_eq!(webhook[5], "0", "nothing dropped: {webhook}");
+        assert_ne!(webhook[6], "never", "{webhook}");
+    }
 
     // More data flows: the counter grows on the page as it is, without a reload.
     browser.eval("window.notReloaded = true; return null;");

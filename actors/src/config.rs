@@ -41,9 +41,6 @@ pub struct Config {
     pub node: Option<String>,
     /// TLS on the listener, if configured.
     pub tls: Option<Arc<Tls>>,
-    /// Fleet events (`[events]`), and the endpoints they are sent to (`[[webhooks]]`).
-    pub events: crate::events::EventsSettings,
-    pub webhooks: Vec<crate::events::webhook::Endpoint>,
 }
 
 /// `[server]`.

@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::debouncer::{FlushAll, HeartbeatDebouncer};
 use crate::events::herald::{Herald, Joined};
 use crate::events::webhook::Queue;
+use crate::events::FleetEvents;
 use crate::follow::Follower;
 use crate::limits::{Admission, LookupGuard};
 use crate::persistence::{Flush, Persistence};
@@ -64,8 +65,14 @@ pub enum ShutdownError {
 }
 
 impl Hub {
-    /// Starts the shared actors on the current arbiter.
+    /// Starts the shared actors on the current arbiter, with fleet events sent
+    /// nowhere (they are still counted and logged).
     pub fn start(store: Arc<dyn Store>, config: Config) -> Hub {
+        Self::start_with_events(store, config, FleetEvents::default())
+    }
+
+    /// [`Hub::start`], fleet events sent to `events.endpoints`.
+    pub fn start_with_events(store: Arc<dyn Store>, config: Config, events: FleetEvents) -> Hub {
         let batches = &config.persistence;
         let retention = Duration::from_secs(86_400 * u64::from(config.audit.retention_days.get()));
         let persistence = Persistence::new(
@@ -113,10 +120,10 @@ impl Hub {
             config.auth.require_known_user,
         )
         .start();
-        let queues = config.webhooks.iter().cloned().map(Queue::start).collect();
+        let queues = events.endpoints.into_iter().map(Queue::start).collect();
         let herald = Herald::new(
             &node,
-            config.events.offline_after,
+            events.settings.offline_after,
             config.heartbeat.debounce + config.heartbeat.online_window,
             users.clone(),
             store.clone(),

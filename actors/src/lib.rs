@@ -26,7 +26,8 @@
 //! 5. [`config`] (the gateway's settings, section by section, with the rules between
 //!    them), then [`cluster`]: in cluster mode, this node's member of the cluster
 //!    (presence, requests to other nodes) and tunnel ends that stand for connections
-//!    elsewhere.
+//!    elsewhere; then [`events`]: fleet events (a device offline, back online,
+//!    contested, a peer refused) and the webhooks they are sent to.
 //! 6. [`hub`]: handles to the shared actors and the settings, and the final flush.
 //! 7. [`command`]: `connme`, `connthem` and `query`, each answered with a typed reply.
 //! 8. [`session`]: one actor per connection; input, device identity and tunnel data.

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use elfin_actors::audit::TunnelRecord;
 use elfin_actors::bridge::{TunnelInfo, Tunnels};
 use elfin_actors::cluster::{Members, Membership};
+use elfin_actors::events::herald::Endpoints;
 use elfin_actors::frame::Role;
 use elfin_actors::link::End;
 use elfin_actors::masked::masked;
@@ -54,7 +55,24 @@ pub struct Status {
     pub store_error: Option<String>,
     /// In cluster mode: this node, its NATS connection and the nodes it hears.
     pub cluster: Option<Members>,
+    /// Each `[[webhooks]]` endpoint's deliveries.
+    pub webhooks: Vec<WebhookRow>,
     pub clock: Clock,
+}
+
+/// A webhook endpoint as the status page shows it.
+#[derive(Serialize)]
+pub struct WebhookRow {
+    pub name: String,
+    /// Without its query (which may hold a token).
+    pub url: String,
+    pub queued: usize,
+    pub delivered: u64,
+    pub failures: u64,
+    pub dropped: u64,
+    pub last_delivery: Option<String>,
+    pub last_failure: Option<String>,
+    pub last_error: Option<String>,
 }
 
 /// A device claimed from other addresses within the online window.
@@ -289,10 +307,11 @@ impl StatusBoard {
                 None => None,
             }
         };
-        let (live, tunnels, cluster) = futures::join!(
+        let (live, tunnels, cluster, webhooks) = futures::join!(
             self.hub.registry.send(AllLive),
             self.hub.bridge.send(Tunnels),
-            cluster
+            cluster,
+            self.hub.herald.send(Endpoints)
         );
         let live = live.unwrap_or_default();
         let (tunnel_bytes, open) = match tunnels {
@@ -328,6 +347,21 @@ impl StatusBoard {
             sample_secs: SAMPLE_EVERY.as_secs(),
             store_error,
             cluster,
+            webhooks: webhooks
+                .unwrap_or_default()
+                .into_iter()
+                .map(|w| WebhookRow {
+                    name: w.name,
+                    url: w.url,
+                    queued: w.queued,
+                    delivered: w.delivered,
+                    failures: w.failures,
+                    dropped: w.dropped,
+                    last_delivery: w.last_delivery.map(|t| self.shown(t)),
+                    last_failure: w.last_failure.map(|t| self.shown(t)),
+                    last_error: w.last_error,
+                })
+                .collect(),
             clock: self.clock(),
         }
     }

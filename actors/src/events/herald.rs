@@ -240,11 +240,11 @@ impl Herald {
                 draft.data.user = match (&draft.uuid, draft.user) {
                     (Some(uuid), name) => Some(EventUser {
                         name,
-                        uuid_prefix: masked(uuid),
+                        uuid_prefix: Some(masked(uuid)),
                     }),
                     (None, Some(name)) => Some(EventUser {
                         name: Some(name),
-                        uuid_prefix: String::new(),
+                        uuid_prefix: None,
                     }),
                     (None, None) => None,
                 };

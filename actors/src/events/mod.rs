@@ -91,8 +91,11 @@ impl EventKind {
 /// uuid's first characters, never the whole uuid (it is the user's secret).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct EventUser {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    pub uuid_prefix: String,
+    /// None for a certificate's user (the certificate names the user, not a uuid).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid_prefix: Option<String>,
 }
 
 /// What an event says, beyond its type and timestamp. Keys without a value are
@@ -171,6 +174,14 @@ impl Default for EventsSettings {
             allow_http_hosts: Vec::new(),
         }
     }
+}
+
+/// What the gateway's fleet events run on: `[events]`, and the `[[webhooks]]`
+/// endpoints, each checked.
+#[derive(Debug, Clone, Default)]
+pub struct FleetEvents {
+    pub settings: EventsSettings,
+    pub endpoints: Vec<webhook::Endpoint>,
 }
 
 #[cfg(test)]

@@ -574,7 +574,7 @@ mod tests {
                 super::super::EventData {
                     user: Some(super::super::EventUser {
                         name: name.map(str::to_owned),
-                        uuid_prefix: "u-alice…".into(),
+                        uuid_prefix: Some("u-alice…".into()),
                     }),
                     ..Default::default()
                 },

@@ -61,6 +61,22 @@ function render(s) {
     cell(row, bytes(t.bytes_b_to_a), "num bytes-b-a").dataset.bytes = t.bytes_b_to_a;
   }
 
+  $("webhooks").hidden = !s.webhooks.length;
+  const hooks = $("webhook-table").tBodies[0];
+  hooks.replaceChildren();
+  for (const w of s.webhooks) {
+    const row = hooks.insertRow();
+    row.dataset.endpoint = w.name;
+    cell(row, w.name);
+    cell(row, w.url);
+    cell(row, w.queued, "num");
+    cell(row, w.delivered, "num");
+    cell(row, w.failures, "num");
+    cell(row, w.dropped, "num");
+    cell(row, w.last_delivery || "never");
+    cell(row, w.last_failure ? w.last_failure + ": " + w.last_error : "");
+  }
+
   chart($("chart-connections"), s.history, "connections", v => v.toFixed(0));
   chart($("chart-throughput"), s.history, "bytes_per_sec", v => bytes(v) + "/s");
   $("updated").textContent = "updated " + s.clock.now + " · times in " + s.clock.zone;
