@@ -57,7 +57,12 @@ fn fit(points: &[(f64, f64)]) -> (f64, f64) {
 }
 
 /// Connects devices `from..to` (a beat each), concurrently.
-async fn connect_devices(from: usize, to: usize, addr: SocketAddr, uuid: &str) -> Vec<TcpStream> {
+pub async fn connect_devices(
+    from: usize,
+    to: usize,
+    addr: SocketAddr,
+    uuid: &str,
+) -> Vec<TcpStream> {
     let tasks: Vec<_> = (from..to)
         .map(|i| {
             let uuid = uuid.to_owned();

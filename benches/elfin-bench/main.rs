@@ -15,6 +15,7 @@
 //! (its RSS is its own), or a running one with `--target`.
 
 mod cluster;
+mod events;
 mod fleet;
 mod gateway;
 mod modbus;
@@ -77,6 +78,7 @@ enum Scenario {
     CrossNode,
     ModbusPoll,
     OperatorView,
+    Events,
 }
 
 fn main() {
@@ -128,6 +130,7 @@ fn main() {
             }
             Scenario::CrossNode => runtime.block_on(cluster::cross_node(cli.full)),
             Scenario::OperatorView => runtime.block_on(operator::operator_view(cli.full)),
+            Scenario::Events => runtime.block_on(events::events(cli.full)),
             _ => runtime.block_on(async {
                 let gw = &*gateway::target_or_start(target.as_ref(), &[], true);
                 match scenario {
@@ -143,9 +146,10 @@ fn main() {
                         fleet::reconnect_storm(target.as_ref(), cli.full).await
                     }
                     Scenario::ModbusPoll => modbus::modbus_poll(gw, cli.full).await,
-                    Scenario::StoreWrites | Scenario::CrossNode | Scenario::OperatorView => {
-                        unreachable!()
-                    }
+                    Scenario::StoreWrites
+                    | Scenario::CrossNode
+                    | Scenario::OperatorView
+                    | Scenario::Events => unreachable!(),
                 }
             }),
         };

@@ -1,7 +1,8 @@
 //! The `Herald` actor: this node's fleet events. It watches the registry (devices
 //! coming and going, contests), hears refusals from sessions, keeps the
-//! [`Ledger`] of devices that left, asks the other nodes in cluster mode, and hands
-//! each event to every webhook endpoint whose filters take it.
+//! [`Ledger`] of devices that left, asks the other nodes in cluster mode without
+//! waiting for them (it keeps answering theirs meanwhile), and hands each event it
+//! decides to the [`Announcer`].
 //!
 //! Bounds: a device's events count against the audit trail's per-device budget
 //! ([`DEVICE_EVENTS_PER_WINDOW`] in ten minutes); a refusal is said at most once a
@@ -24,9 +25,10 @@ use bytestring::ByteString;
 use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
+use super::announcer::{Announcer, Draft};
 use super::ledger::{announces, arrival_elsewhere, Arrival, Due, Last, Ledger};
-use super::webhook::{EndpointState, Prepared, Queue};
-use super::{Event, EventData, EventKind, EventUser};
+use super::webhook::{EndpointState, Queue};
+use super::{EventData, EventKind};
 use crate::audit::{DEVICE_EVENTS_PER_WINDOW, WINDOW};
 use crate::bounded::{BoundedMap, OncePer};
 use crate::certificate::ClientCert;
@@ -34,7 +36,6 @@ use crate::cluster::fleet::{AskFleet, NodeLost, Recorded, Told, WatchFleet};
 use crate::cluster::wire::Whereabouts;
 use crate::cluster::Cluster;
 use crate::device::DeviceKey;
-use crate::masked::masked;
 use crate::metric;
 use crate::registry::{AllLive, DeviceRegistry, Presence, Seen};
 use crate::store::Store;
@@ -55,10 +56,11 @@ pub struct Herald {
     /// How recent a sighting in the store must be for its device to be adopted.
     adopt_within: Duration,
     ledger: Ledger,
-    users: Arc<UserDirectory>,
     store: Arc<dyn Store>,
     registry: Addr<DeviceRegistry>,
+    /// Each endpoint, for the status page.
     queues: Vec<Queue>,
+    announcer: Announcer,
     cluster: Option<Addr<Cluster>>,
     /// Arrivals with no record here, to ask the other nodes about.
     arriving: Vec<(Seen, DateTime<Utc>)>,
@@ -91,9 +93,9 @@ impl Herald {
             grace,
             adopt_within: grace + written_within,
             ledger: Ledger::default(),
-            users,
             store,
             registry,
+            announcer: Announcer::start(users, queues.clone()),
             queues,
             cluster: None,
             arriving: Vec::new(),
@@ -140,15 +142,6 @@ pub struct Joined(pub Addr<Cluster>);
 #[derive(Message)]
 #[rtype(result = "Vec<EndpointState>")]
 pub struct Endpoints;
-
-/// An event before its user's name is read.
-struct Draft {
-    kind: EventKind,
-    uuid: Option<ByteString>,
-    /// The user's name when known (a certificate's user); else read by uuid.
-    user: Option<String>,
-    data: EventData,
-}
 
 impl Herald {
     fn data(&self, time: DateTime<Utc>, reason: String) -> EventData {
@@ -204,9 +197,8 @@ impl Herald {
         budget.emitted <= DEVICE_EVENTS_PER_WINDOW
     }
 
-    /// Names the drafts' users (from the store, cached) and sends the events, in
-    /// order; waits, so later events of a device never overtake earlier ones.
-    fn emit(&mut self, drafts: Vec<Draft>, ctx: &mut Context<Self>) {
+    /// Hands the drafts within their devices' budgets to the announcer.
+    fn emit(&mut self, drafts: Vec<Draft>) {
         let mut kept = Vec::with_capacity(drafts.len());
         for draft in drafts {
             let device = draft
@@ -221,83 +213,25 @@ impl Herald {
             }
             kept.push(draft);
         }
-        if kept.is_empty() {
-            return;
-        }
-        let users = self.users.clone();
-        let named = async move {
-            let mut names: HashMap<ByteString, Option<String>> = HashMap::new();
-            let mut events = Vec::with_capacity(kept.len());
-            for mut draft in kept {
-                if let Some(uuid) = &draft.uuid {
-                    if draft.user.is_none() {
-                        if !names.contains_key(uuid) {
-                            names.insert(uuid.clone(), users.name_of(uuid).await);
-                        }
-                        draft.user = names[uuid].clone();
-                    }
-                }
-                draft.data.user = match (&draft.uuid, draft.user) {
-                    (Some(uuid), name) => Some(EventUser {
-                        name,
-                        uuid_prefix: Some(masked(uuid)),
-                    }),
-                    (None, Some(name)) => Some(EventUser {
-                        name: Some(name),
-                        uuid_prefix: None,
-                    }),
-                    (None, None) => None,
-                };
-                events.push((Event::new(draft.kind, draft.data), draft.uuid));
-            }
-            events
-        };
-        ctx.wait(named.into_actor(self).map(|events, act, _| {
-            for (event, uuid) in events {
-                act.send(&event, uuid.as_deref());
-            }
-        }));
-    }
-
-    fn send(&self, event: &Event, uuid: Option<&str>) {
-        metrics::counter!(metric::EVENTS_TOTAL, "type" => event.kind.name()).increment(1);
-        log::info!(
-            "event {}: {} {}{}",
-            event.kind.name(),
-            event.data.mac.as_deref().unwrap_or(""),
-            event.data.reason,
-            event
-                .data
-                .source
-                .as_ref()
-                .map(|s| format!(" (from {s})"))
-                .unwrap_or_default()
-        );
-        let mut prepared = None;
-        for queue in &self.queues {
-            if queue.endpoint().takes(event, uuid) {
-                let body = prepared.get_or_insert_with(|| Prepared::of(event));
-                queue.push(body.clone());
-            }
-        }
+        self.announcer.announce(kept);
     }
 
     fn report(&self) {
         metrics::gauge!(metric::DEVICES_AWAY).set(self.ledger.len() as f64);
     }
 
-    fn arrived(&mut self, seen: Seen, ctx: &mut Context<Self>) {
+    fn arrived(&mut self, seen: Seen) {
         let now = Utc::now();
         match self.ledger.arrived(&seen.device, now) {
             Arrival::Quiet => {}
-            Arrival::BackOnline { left, away } => self.back_online(&seen, left, away, ctx),
+            Arrival::BackOnline { left, away } => self.back_online(&seen, left, away),
             Arrival::Unknown if self.cluster.is_some() => self.arriving.push((seen, now)),
-            Arrival::Unknown => self.online(&seen, now, "connected", ctx),
+            Arrival::Unknown => self.online(&seen, now, "connected"),
         }
         self.report();
     }
 
-    fn online(&mut self, seen: &Seen, at: DateTime<Utc>, reason: &str, ctx: &mut Context<Self>) {
+    fn online(&mut self, seen: &Seen, at: DateTime<Utc>, reason: &str) {
         let draft = self.device_draft(
             EventKind::Online,
             &seen.device,
@@ -306,16 +240,10 @@ impl Herald {
             at,
             reason.to_owned(),
         );
-        self.emit(vec![draft], ctx);
+        self.emit(vec![draft]);
     }
 
-    fn back_online(
-        &mut self,
-        seen: &Seen,
-        left: DateTime<Utc>,
-        away: Duration,
-        ctx: &mut Context<Self>,
-    ) {
+    fn back_online(&mut self, seen: &Seen, left: DateTime<Utc>, away: Duration) {
         let mut draft = self.device_draft(
             EventKind::BackOnline,
             &seen.device,
@@ -325,7 +253,7 @@ impl Herald {
             format!("back after {} s away (last held {left})", away.as_secs()),
         );
         draft.data.away_secs = Some(away.as_secs());
-        self.emit(vec![draft], ctx);
+        self.emit(vec![draft]);
     }
 
     /// Asks the other nodes about the devices that arrived with no record here.
@@ -343,7 +271,7 @@ impl Herald {
                 arrived: true,
             };
             let asked = cluster.send(ask);
-            ctx.wait(asked.into_actor(self).map(move |told, act, ctx| {
+            ctx.spawn(asked.into_actor(self).map(move |told, act, _| {
                 let told = match told {
                     Ok(Ok(told)) => Some(told),
                     _ => None,
@@ -359,15 +287,14 @@ impl Herald {
                     match (arrival_elsewhere(&said, at), told.is_some()) {
                         (Arrival::Quiet, _) => {}
                         (Arrival::BackOnline { left, away }, _) => {
-                            act.back_online(&seen, left, away, ctx)
+                            act.back_online(&seen, left, away)
                         }
-                        (Arrival::Unknown, true) => act.online(&seen, at, "connected", ctx),
+                        (Arrival::Unknown, true) => act.online(&seen, at, "connected"),
                         (Arrival::Unknown, false) => act.online(
                             &seen,
                             at,
                             "connected (the other nodes could not be asked whether they \
                              waited for it)",
-                            ctx,
                         ),
                     }
                 }
@@ -383,7 +310,7 @@ impl Herald {
             return;
         }
         let Some(cluster) = self.cluster.clone() else {
-            self.announce(due, ctx);
+            self.announce(due);
             return;
         };
         for batch in due.chunks(ASK_AT_MOST) {
@@ -393,7 +320,7 @@ impl Herald {
                 arrived: false,
             };
             let asked = cluster.send(ask);
-            ctx.wait(asked.into_actor(self).map(move |told, act, ctx| {
+            ctx.spawn(asked.into_actor(self).map(move |told, act, _| {
                 let Ok(Ok(told)) = told else {
                     log::warn!(
                         "fleet events: the other nodes cannot be asked whether they hold \
@@ -413,13 +340,13 @@ impl Herald {
                         act.ledger.forget(&due.device);
                     }
                 }
-                act.announce(announce, ctx);
+                act.announce(announce);
                 act.report();
             }));
         }
     }
 
-    fn announce(&mut self, due: Vec<Due>, ctx: &mut Context<Self>) {
+    fn announce(&mut self, due: Vec<Due>) {
         let now = Instant::now();
         let mut drafts = Vec::with_capacity(due.len());
         for Due { device, last, .. } in due {
@@ -440,7 +367,7 @@ impl Herald {
                 reason,
             ));
         }
-        self.emit(drafts, ctx);
+        self.emit(drafts);
         self.report();
     }
 
@@ -515,9 +442,9 @@ fn group(told: &[Told]) -> HashMap<DeviceKey, Vec<(String, Whereabouts)>> {
 impl Handler<Presence> for Herald {
     type Result = ();
 
-    fn handle(&mut self, change: Presence, ctx: &mut Context<Self>) {
+    fn handle(&mut self, change: Presence, _: &mut Context<Self>) {
         match change {
-            Presence::Online(seen) => self.arrived(seen, ctx),
+            Presence::Online(seen) => self.arrived(seen),
             Presence::Offline(seen) => {
                 let last = Last {
                     host: seen.host,
@@ -545,7 +472,7 @@ impl Handler<Presence> for Herald {
                          (auth.device_takeover = \"when-silent\")"
                     ),
                 );
-                self.emit(vec![draft], ctx);
+                self.emit(vec![draft]);
             }
         }
     }
@@ -554,7 +481,7 @@ impl Handler<Presence> for Herald {
 impl Handler<Refused> for Herald {
     type Result = ();
 
-    fn handle(&mut self, refused: Refused, ctx: &mut Context<Self>) {
+    fn handle(&mut self, refused: Refused, _: &mut Context<Self>) {
         let subject = match (&refused.uuid, &refused.mac, &refused.certificate) {
             (Some(uuid), Some(mac), _) => format!("{uuid}/{mac}"),
             (_, _, Some(cert)) => format!("{}/{}", cert.serial, refused.source.ip()),
@@ -576,7 +503,7 @@ impl Handler<Refused> for Herald {
             user: refused.certificate.map(|c| c.user.to_string()),
             data,
         };
-        self.emit(vec![draft], ctx);
+        self.emit(vec![draft]);
     }
 }
 

@@ -6,12 +6,14 @@
 //! - [`ledger`]: when a device that left counts as offline (the grace period), and
 //!   when one that comes back is back online; pure, so its rules read as tests.
 //! - [`herald`]: the [`Herald`](herald::Herald) actor that keeps the ledger for this
-//!   node, asks the other nodes in cluster mode, and hands each event to the
-//!   endpoints whose filters take it.
+//!   node, asks the other nodes in cluster mode, and decides each event.
+//! - [`announcer`]: the task that names each event's user and hands it to the
+//!   endpoints whose filters take it, in order.
 //! - [`webhook`]: one endpoint's bounded queue and its delivery (Standard Webhooks,
 //!   retries with backoff), and the `[[webhooks]]` settings.
 //! - [`signature`]: the Standard Webhooks signature.
 
+pub mod announcer;
 pub mod herald;
 pub mod ledger;
 pub mod signature;
