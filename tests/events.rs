@@ -346,3 +346,75 @@ fn a_claim_from_elsewhere_is_told_as_a_contest_and_a_refused_takeover() {
         .unwrap()
         .contains("127.0.0.1"));
 }
+
+#[test]
+fn a_clean_shutdown_delivers_the_events_already_decided() {
+    let Some(receiver) = Receiver::start(SECRET, &["--delay", "0.5"]) else {
+        return;
+    };
+    let mut gateway = gateway(&receiver, SECRET, "", &[]);
+    let uuid = gateway.add_user("alice");
+    let _devices: Vec<_> = (0..4)
+        .map(|i| gateway.device(&uuid, &format!("AABBCCDDEE3{i}"), "d"))
+        .collect();
+    gateway.wait_log("event device.online: AABBCCDDEE33");
+    assert!(receiver.events().len() < 4, "still being delivered");
+    assert!(gateway.stop().success());
+    assert_eq!(receiver.events().len(), 4, "every event decided went out");
+}
+
+#[test]
+fn https_receivers_are_verified_against_the_configured_ca_or_the_system_s() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let (cert_arg, key_arg) = (
+        cert_path.display().to_string(),
+        key_path.display().to_string(),
+    );
+    let Some(receiver) = Receiver::start(SECRET, &["--tls", &cert_arg, &key_arg]) else {
+        return;
+    };
+    // One entry trusts the receiver's certificate; the other only the system's CAs.
+    let url = format!("https://localhost:{}/hook", receiver.port);
+    let hooks = format!(
+        "[{{url = \"{url}\", secret = \"{SECRET}\", name = \"trusted\", ca_file = \"{cert_arg}\"}}, \
+          {{url = \"{url}\", secret = \"{SECRET}\", name = \"system\"}}]"
+    );
+    let gateway = Binary::start(&[("ELFIN__WEBHOOKS", &hooks)]);
+    let uuid = gateway.add_user("alice");
+    let _pump = gateway.device(&uuid, PUMP, "heat-pump");
+    receiver.wait(TIMEOUT, |e| e.len() == 1);
+    common::eventually(
+        || gateway.metric("elfin_webhook_retries_total{endpoint=\"system\"}"),
+        |n| *n >= 1,
+    );
+    common::eventually(
+        || gateway.metric("elfin_webhook_delivered_total{endpoint=\"trusted\"}"),
+        |n| *n == 1,
+    );
+    assert_eq!(
+        gateway.metric("elfin_webhook_delivered_total{endpoint=\"system\"}"),
+        0
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        receiver.events().len(),
+        1,
+        "the unverified endpoint delivered nothing"
+    );
+    let status = gateway.get("/api/status").json();
+    let system = &status["webhooks"][1];
+    assert!(
+        system["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_lowercase()
+            .contains("certificate"),
+        "{system}"
+    );
+}

@@ -12,7 +12,7 @@ use crate::bridge::{BridgeManager, Tunnels};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::debouncer::{FlushAll, HeartbeatDebouncer};
-use crate::events::herald::{Herald, Joined};
+use crate::events::herald::{Drain, Herald, Joined};
 use crate::events::webhook::Queue;
 use crate::events::FleetEvents;
 use crate::follow::Follower;
@@ -190,12 +190,25 @@ impl Hub {
                 .await
                 .map_err(|_| ShutdownError::PersistenceGone)?;
             if unwritten == 0 {
-                return Ok(());
+                break;
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(ShutdownError::Unwritten(unwritten));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // Fleet events already decided go out too, within what is left of the time.
+        let undelivered = self
+            .herald
+            .send(Drain { until: deadline })
+            .await
+            .unwrap_or(0);
+        if undelivered > 0 {
+            log::warn!(
+                "{undelivered} webhook events were not delivered before the shutdown timeout \
+                 (persistence.shutdown_timeout_secs)"
+            );
+        }
+        Ok(())
     }
 }

@@ -2,7 +2,7 @@
 """A webhook receiver for the tests: every delivery is verified with the reference
 Standard Webhooks library (PyPI `standardwebhooks`), not with the gateway's code.
 
-Prints one JSON line per delivery on stdout: {"verified": true, "id": ..., "event":
+Serves https with --tls CERT KEY. Prints one JSON line per delivery on stdout: {"verified": true, "id": ..., "event":
 {...}} or {"verified": false, "error": ...}; first a line {"port": N}. Answers
 --status (204) after --delay seconds to verified deliveries, 400 to the others.
 """
@@ -20,6 +20,7 @@ parser.add_argument("--port", type=int, default=0)
 parser.add_argument("--secret", required=True)
 parser.add_argument("--status", type=int, default=204)
 parser.add_argument("--delay", type=float, default=0.0)
+parser.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"), help="serve https")
 args = parser.parse_args()
 
 verifier = Webhook(args.secret)
@@ -61,5 +62,11 @@ class Server(ThreadingHTTPServer):
 
 
 server = Server(("127.0.0.1", args.port), Receiver)
+if args.tls:
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*args.tls)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
 say({"port": server.server_address[1]})
 server.serve_forever()

@@ -138,6 +138,31 @@ pub struct Refused {
 #[rtype(result = "()")]
 pub struct Joined(pub Addr<Cluster>);
 
+/// The gateway is stopping: wait until every endpoint has delivered what it holds,
+/// or `until`; answers how many events are left.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Drain {
+    pub until: Instant,
+}
+
+impl Handler<Drain> for Herald {
+    type Result = ResponseFuture<usize>;
+
+    fn handle(&mut self, Drain { until }: Drain, _: &mut Context<Self>) -> Self::Result {
+        let queues = self.queues.clone();
+        Box::pin(async move {
+            loop {
+                let waiting: usize = queues.iter().map(Queue::waiting).sum();
+                if waiting == 0 || Instant::now() >= until {
+                    return waiting;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    }
+}
+
 /// The endpoints' states, for the status page.
 #[derive(Message)]
 #[rtype(result = "Vec<EndpointState>")]

@@ -305,6 +305,9 @@ pub struct EndpointState {
     pub failures: u64,
     pub dropped: u64,
     pub queued: usize,
+    /// An event is being delivered (or waits for its next attempt).
+    #[serde(skip)]
+    pub in_flight: bool,
     pub last_delivery: Option<DateTime<Utc>>,
     pub last_failure: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
@@ -378,6 +381,12 @@ impl Queue {
     pub fn state(&self) -> EndpointState {
         self.lock().clone()
     }
+
+    /// Events not delivered yet: queued, and the one being delivered.
+    pub fn waiting(&self) -> usize {
+        let queued = self.endpoint.capacity - self.tx.capacity();
+        queued + usize::from(self.lock().in_flight)
+    }
 }
 
 const QUEUE_FULL: &str = "queue full: new events dropped";
@@ -418,7 +427,11 @@ async fn deliver_all(
     let mut failing = false;
     while let Some(event) = rx.recv().await {
         let depth = rx.len();
-        lock().queued = depth;
+        {
+            let mut state = lock();
+            state.queued = depth;
+            state.in_flight = true;
+        }
         metrics::gauge!(metric::WEBHOOK_QUEUE_DEPTH, "endpoint" => name.clone()).set(depth as f64);
         let mut attempt = 0;
         loop {
@@ -473,6 +486,7 @@ async fn deliver_all(
                 }
             }
         }
+        lock().in_flight = false;
     }
 }
 
