@@ -306,6 +306,15 @@ fn the_admin_server_shows_the_cluster() {
     let metrics = fleet.b().get("/metrics").body;
     assert!(metrics.contains("elfin_cluster_nodes 2"), "{metrics}");
     assert!(metrics.contains("elfin_cluster_connected 1"));
+    // The peer certificate's expiry, for the alert rules: a fresh one, years ahead.
+    let expiry = fleet
+        .b()
+        .metric("elfin_certificate_expiry_timestamp_seconds{which=\"peer\"}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(expiry > now + 365 * 86_400, "{expiry}");
     // A gateway that runs alone says nothing of clusters.
     let alone = Binary::start(&[]);
     assert!(alone.get("/api/status").json()["cluster"].is_null());

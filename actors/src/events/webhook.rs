@@ -575,6 +575,22 @@ mod tests {
     }
 
     #[test]
+    fn a_secret_file_is_read_with_its_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n").unwrap();
+        let mut s = settings("http://127.0.0.1/");
+        s.secret = None;
+        s.secret_file = Some(path.clone());
+        assert!(Endpoint::new(&s, 0, &[]).is_ok());
+        s.secret_file = Some(dir.path().join("missing"));
+        assert_eq!(
+            Endpoint::new(&s, 0, &[]).unwrap_err().key,
+            "webhooks[0].secret_file"
+        );
+    }
+
+    #[test]
     fn filters_take_types_patterns_and_users() {
         let mut s = settings("http://127.0.0.1:9/x?token=secret");
         s.events = vec!["device.offline".into(), "client.*".into()];
