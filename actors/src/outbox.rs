@@ -16,11 +16,11 @@
 //!   too, so a direct write never overtakes a queued chunk.
 //! - [`Outbox::close_unused`] closes an output whose writer never started.
 //!
-//! For the write half ([`Writer`], any `AsyncWrite`): a poll that returns `Pending`
-//! either wrote nothing or took the start of the bytes it was given and reports them
-//! written on a later poll; the outbox makes that safe by always offering those same
-//! bytes first again (the rest of an unwritten chunk goes to the head of the queue,
-//! and the writer task writes the queue in order). A NATS publisher relies on this.
+//! For the write half ([`Writer`], any `AsyncWrite` that keeps its contract): what a
+//! direct write did not take goes to the head of the queue, and the writer task
+//! writes the queue in order; a direct write after which `poll_flush` is pending
+//! (bytes the write half took but holds, as TLS does under a full socket) wakes the
+//! writer task with an empty chunk, and the task flushes after every batch.
 //!
 //! The writer task ([`write_loop`]) starts with the first chunk that has to wait, on
 //! the connection's own arbiter: most devices never receive a byte and never get one.
@@ -171,7 +171,12 @@ impl Outbox {
                 _ => return Some(chunk),
             }
         }
-        None
+        // A write half that took the bytes but holds some of them (TLS under a full
+        // socket) is flushed by the writer task, woken with an empty chunk.
+        match std::pin::Pin::new(&mut **io).poll_flush(&mut cx) {
+            std::task::Poll::Ready(Ok(())) => None,
+            _ => Some(Bytes::new()),
+        }
     }
 
     /// The writer task's queue, started on first use; `None` once the output is
@@ -577,35 +582,36 @@ mod tests {
         assert_eq!(closed, Err(Unsent::Closed));
     }
 
-    /// A write half that takes the bytes of a write it answers `Pending`, as a NATS
-    /// publisher does, and checks that the next write offers them again first.
+    /// A write half that takes every byte it is given but holds it until flushed,
+    /// and whose flush finishes only on its second poll: TLS under a full socket.
     #[derive(Default)]
-    struct Taking {
-        pending: Option<Vec<u8>>,
+    struct Holding {
+        held: Vec<u8>,
+        flush_polls: usize,
         written: Arc<Mutex<Vec<u8>>>,
     }
 
-    impl AsyncWrite for Taking {
+    impl AsyncWrite for Holding {
         fn poll_write(
             mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
+            _: &mut std::task::Context<'_>,
             buf: &[u8],
         ) -> std::task::Poll<io::Result<usize>> {
-            if let Some(taken) = self.pending.take() {
-                assert!(buf.starts_with(&taken), "offered other bytes after Pending");
-                self.written.lock().unwrap().extend_from_slice(&taken);
-                return std::task::Poll::Ready(Ok(taken.len()));
-            }
-            let take = buf.len().min(3);
-            self.pending = Some(buf[..take].to_vec());
-            cx.waker().wake_by_ref();
-            std::task::Poll::Pending
+            self.held.extend_from_slice(buf);
+            std::task::Poll::Ready(Ok(buf.len()))
         }
 
         fn poll_flush(
-            self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
         ) -> std::task::Poll<io::Result<()>> {
+            self.flush_polls += 1;
+            if self.flush_polls % 2 == 1 && !self.held.is_empty() {
+                cx.waker().wake_by_ref();
+                return std::task::Poll::Pending;
+            }
+            let held = std::mem::take(&mut self.held);
+            self.written.lock().unwrap().extend_from_slice(&held);
             std::task::Poll::Ready(Ok(()))
         }
 
@@ -618,8 +624,8 @@ mod tests {
     }
 
     #[actix_rt::test]
-    async fn a_write_half_that_takes_bytes_on_pending_gets_them_again_first() {
-        let writer = Taking::default();
+    async fn what_a_write_half_holds_after_a_direct_write_is_flushed_without_another_write() {
+        let writer = Holding::default();
         let written = writer.written.clone();
         let (_closing, closed) = oneshot::channel();
         let bounds = Bounds {
@@ -636,6 +642,7 @@ mod tests {
         for word in [&b"hello"[..], b"world", b"!"] {
             out.try_send(Bytes::from_static(word)).unwrap();
         }
+        // Nothing more is sent: the last bytes leave only if someone flushes them.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while written.lock().unwrap().len() < 11 {
             assert!(tokio::time::Instant::now() < deadline, "{written:?}");
