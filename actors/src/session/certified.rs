@@ -97,7 +97,7 @@ impl Session {
             certificate: Some(&cert),
             detail: detail.clone(),
         });
-        self.hub.herald.do_send(crate::events::herald::Refused {
+        self.hub.herald.do_send(crate::events::herald::PeerRefused {
             kind: crate::events::EventKind::CertificateRefused,
             uuid: None,
             mac: None,

@@ -106,7 +106,9 @@ async fn admit(
             };
             let why = match cluster.send(asked).await {
                 Ok(Elsewhere::Free) => None,
-                Ok(Elsewhere::Seen) => Some("another node saw it lately from another address"),
+                Ok(Elsewhere::DeviceSeen) => {
+                    Some("another node saw it lately from another address")
+                }
                 _ => Some(
                     "the node that holds it did not answer in time, so it keeps it (fail \
                      closed)",
@@ -252,7 +254,7 @@ impl Session {
             _ => None,
         };
         if let Some(kind) = event {
-            self.hub.herald.do_send(herald::Refused {
+            self.hub.herald.do_send(herald::PeerRefused {
                 kind,
                 uuid: Some(device.key.uuid.clone()),
                 mac: Some(device.key.mac.clone()),
