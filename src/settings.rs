@@ -317,7 +317,9 @@ impl Settings {
                 "set cluster.tls_cert and cluster.tls_key both, or neither".into(),
             ));
         }
-        c.config(&self.server, &self.limits).map(drop)
+        c.config(&self.server, &self.limits)
+            .map(drop)
+            .map_err(|e| (e.key, e.reason))
     }
 
     /// What is allowed but probably not meant, for the log at start-up.
@@ -385,7 +387,7 @@ impl Settings {
     pub fn cluster_config(&self) -> anyhow::Result<Option<elfin_actors::cluster::ClusterConfig>> {
         self.cluster
             .config(&self.server, &self.limits)
-            .map_err(|(key, reason)| anyhow!("{key}: {reason}"))
+            .map_err(|e| anyhow!("{e}"))
     }
 
     /// Every key a settings file may hold, as `section.key`.

@@ -24,9 +24,8 @@
 //!
 //! [`Reply`] is what goes back: one `\n`-terminated JSON line, made by [`Reply::encode`].
 //!
-//! (About 480 lines: the decoder's boundary rules only make sense read together, and
-//! the encoder sits next to it as the codec's other half; the specification tests are
-//! in `frame/tests.rs`.)
+//! The decoder's boundary rules are read together here, with the encoder beside it
+//! as the codec's other half; the specification tests are in `frame/tests.rs`.
 
 use bytes::{Buf, Bytes, BytesMut};
 use bytestring::ByteString;

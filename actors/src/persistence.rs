@@ -18,8 +18,6 @@
 //! [`MAX_AUDIT_PENDING`]; past it the oldest device events are dropped and counted).
 //! Records older than the retention are pruned a minute after start, then every
 //! [`PRUNE_EVERY`].
-//!
-//! (About 600 lines, half of them the tests: outage, refusal, coalescing, batching.)
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

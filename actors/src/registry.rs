@@ -167,8 +167,8 @@ pub struct Unregister {
 #[derive(Message, Debug, Clone, PartialEq, Eq)]
 #[rtype(result = "()")]
 pub enum Presence {
-    Online(Seen),
-    Offline(Seen),
+    Online(DeviceSeen),
+    Offline(DeviceSeen),
     /// A new claimant of a device seen from `holder` within the online window
     /// ("when-silent"); refused.
     Contested {
@@ -181,7 +181,7 @@ pub enum Presence {
 
 /// A device and the connection it was seen through.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Seen {
+pub struct DeviceSeen {
     pub device: DeviceKey,
     pub host: ByteString,
     pub remote: SocketAddr,
@@ -540,8 +540,8 @@ impl Handler<AllLive> for DeviceRegistry {
 }
 
 impl Entry {
-    fn seen(&self) -> Seen {
-        Seen {
+    fn seen(&self) -> DeviceSeen {
+        DeviceSeen {
             device: self.device.key.clone(),
             host: self.device.host.clone(),
             remote: self.link.remote,

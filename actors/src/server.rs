@@ -293,7 +293,7 @@ fn refuse_certificate(hub: &Hub, peer: SocketAddr, certificate: Option<&ClientCe
         certificate,
         detail: detail.clone(),
     });
-    hub.herald.do_send(crate::events::herald::Refused {
+    hub.herald.do_send(crate::events::herald::PeerRefused {
         kind: crate::events::EventKind::CertificateRefused,
         uuid: None,
         mac: None,

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use elfin_actors::audit::TunnelRecord;
 use elfin_actors::bridge::{TunnelInfo, Tunnels};
-use elfin_actors::cluster::{Members, Membership};
+use elfin_actors::cluster::{ClusterView, Membership};
 use elfin_actors::events::herald::Endpoints;
 use elfin_actors::frame::Role;
 use elfin_actors::link::End;
@@ -54,7 +54,7 @@ pub struct Status {
     /// Why the stored users and devices may be out of date, if they are.
     pub store_error: Option<String>,
     /// In cluster mode: this node, its NATS connection and the nodes it hears.
-    pub cluster: Option<Members>,
+    pub cluster: Option<ClusterView>,
     /// Each `[[webhooks]]` endpoint's deliveries.
     pub webhooks: Vec<WebhookRow>,
     pub clock: Clock,

@@ -26,6 +26,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use super::wire::NodeId;
 use super::Subscription;
 use crate::metric;
 
@@ -126,7 +127,7 @@ impl Rejected {
 
 /// Seals and opens this node's messages; shared by everything that talks to NATS.
 pub struct Seal {
-    node: String,
+    node: NodeId,
     key: hmac::Key,
     random: SystemRandom,
     seen: Mutex<Seen>,
@@ -144,7 +145,7 @@ struct Seen {
 const LOG_EVERY: Duration = Duration::from_secs(60);
 
 impl Seal {
-    pub fn new(node: String, keys: &Keys) -> Seal {
+    pub fn new(node: NodeId, keys: &Keys) -> Seal {
         Seal {
             node,
             key: keys.mac.clone(),
@@ -160,7 +161,7 @@ impl Seal {
         // The system's random source does not fail on Linux once booted.
         let _ = self.random.fill(&mut nonce);
         let (time, nonce) = (now_ms().to_string(), hex(&nonce));
-        let signed = self.input(subject, reply, &self.node, &time, &nonce, payload);
+        let signed = self.input(subject, reply, self.node.as_str(), &time, &nonce, payload);
         let mac = hmac::sign(&self.key, &signed);
         let mut headers = HeaderMap::new();
         headers.insert(NODE, self.node.as_str());
@@ -171,7 +172,7 @@ impl Seal {
     }
 
     /// The node that sent `message`, if it is authentic, fresh and not a replay.
-    pub fn open(&self, message: &Message) -> Result<String, Rejected> {
+    pub fn open(&self, message: &Message) -> Result<NodeId, Rejected> {
         let header = |name: &str| {
             message
                 .headers
@@ -200,7 +201,7 @@ impl Seal {
             &message.payload,
         );
         hmac::verify(&self.key, &signed, &mac).map_err(|_| Rejected::BadMac)?;
-        if node == self.node {
+        if self.node == *node {
             return Err(Rejected::OwnName);
         }
         let now = now_ms();
@@ -208,7 +209,7 @@ impl Seal {
             return Err(Rejected::Stale);
         }
         self.remember(nonce, sent, now)?;
-        Ok(node)
+        Ok(NodeId::new(node))
     }
 
     /// Records a nonce; a replay if it was seen.
@@ -328,7 +329,7 @@ impl Bus {
         &self,
         subject: String,
         message: &T,
-    ) -> Option<std::pin::Pin<Box<dyn Stream<Item = (String, R)> + Send>>> {
+    ) -> Option<std::pin::Pin<Box<dyn Stream<Item = (NodeId, R)> + Send>>> {
         let inbox = self.nats.new_inbox();
         let answers = Subscription::new(&self.nats, inbox.clone()).await.ok()?;
         let payload = encode(message);
@@ -382,7 +383,7 @@ impl Bus {
 
     /// The sender and content of `message` if it is authentic and readable; counted
     /// and logged if not.
-    pub fn open<T: DeserializeOwned>(&self, message: &Message) -> Option<(String, T)> {
+    pub fn open<T: DeserializeOwned>(&self, message: &Message) -> Option<(NodeId, T)> {
         let node = match self.seal.open(message) {
             Ok(node) => node,
             Err(why) => {

@@ -4,7 +4,7 @@
 //!
 //! The node where devices arrived, or whose grace period for them ended, asks
 //! ([`AskFleet`]); every node answers with the devices it holds and the records its
-//! events keeper has of them ([`Recorded`]). A node lost from the membership is told
+//! events keeper has of them ([`KnownHere`]). A node lost from the membership is told
 //! to the keeper ([`NodeLost`]), with whether this node is the one that takes over
 //! its devices (the smallest name among the nodes left).
 
@@ -15,7 +15,7 @@ use async_nats::Message;
 use futures::StreamExt;
 use tokio::time::Instant;
 
-use super::wire::{FleetAnswer, FleetAsk, Subjects, Whereabouts};
+use super::wire::{FleetAnswer, FleetAsk, NodeId, Subjects, Whereabouts};
 use super::Cluster;
 use crate::device::DeviceKey;
 
@@ -32,7 +32,7 @@ pub struct AskFleet {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Told {
     pub device: DeviceKey,
-    pub node: String,
+    pub node: NodeId,
     pub whereabouts: Whereabouts,
 }
 
@@ -44,7 +44,7 @@ pub struct Unanswered;
 /// (the devices another node asks about, by [`Subjects::device`]).
 #[derive(Message)]
 #[rtype(result = "Vec<(String, Whereabouts)>")]
-pub struct Recorded {
+pub struct KnownHere {
     pub asked: HashSet<String>,
     pub subjects: Subjects,
     pub arrived: bool,
@@ -55,7 +55,7 @@ pub struct Recorded {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct NodeLost {
-    pub node: String,
+    pub node: NodeId,
     pub successor: bool,
 }
 
@@ -63,7 +63,7 @@ pub struct NodeLost {
 #[derive(Message, Clone)]
 #[rtype(result = "()")]
 pub struct WatchFleet {
-    pub recorded: Recipient<Recorded>,
+    pub recorded: Recipient<KnownHere>,
     pub lost: Recipient<NodeLost>,
 }
 
@@ -92,7 +92,7 @@ impl Cluster {
             .map(|s| (s, Whereabouts::Held))
             .collect();
         let recorded = self.fleet.as_ref().map(|f| {
-            f.recorded.send(Recorded {
+            f.recorded.send(KnownHere {
                 asked,
                 subjects: subjects.clone(),
                 arrived: ask.arrived,
@@ -110,11 +110,11 @@ impl Cluster {
     }
 
     /// Tells the keeper that `node` is gone, and whether this node succeeds it.
-    pub(super) fn fleet_node_lost(&self, node: &str) {
+    pub(super) fn fleet_node_lost(&self, node: &NodeId) {
         if let Some(fleet) = &self.fleet {
             let successor = self.nodes.keys().all(|other| *other > self.config.node);
             fleet.lost.do_send(NodeLost {
-                node: node.to_owned(),
+                node: node.clone(),
                 successor,
             });
         }

@@ -30,9 +30,11 @@ pub mod fleet;
 pub mod peer;
 pub mod remote;
 mod requests;
+mod settings;
 pub mod wire;
 
 pub use requests::{Elsewhere, Gather, Open, Probe, SeenElsewhere};
+pub use settings::{ClusterSettings, SettingError};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -47,237 +49,17 @@ use futures::stream::AbortHandle;
 use futures::StreamExt;
 use tokio::time::Instant;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::bridge::BridgeManager;
-use crate::config::Secret;
-use crate::de;
 use crate::device::DeviceKey;
 use crate::link::SessionId;
 use crate::metric;
 use crate::registry::{DeviceRegistry, Presence, Watch};
 use bus::{Bus, Keys, Rejected, Seal};
-use peer::{Expected, Identity, Known, PeerTls};
+use peer::{AwaitedTunnels, Known, PeerIdentity, PeerTls};
 use remote::{Lost, Remote, Tracked};
-use wire::{Ask, Hello, Subjects};
-
-/// The `[cluster]` section.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ClusterSettings {
-    /// NATS servers; none = this gateway runs alone.
-    #[serde(with = "de::list")]
-    pub nats_url: Vec<String>,
-    /// This node's name in the cluster; none = the host name.
-    #[serde(with = "de::optional")]
-    pub node_id: Option<String>,
-    #[serde(deserialize_with = "subject_prefix")]
-    pub subject_prefix: String,
-    #[serde(with = "de::optional")]
-    pub subject_key: Option<Secret>,
-    #[serde(with = "de::optional")]
-    pub token: Option<Secret>,
-    #[serde(with = "de::optional")]
-    pub user: Option<String>,
-    #[serde(with = "de::optional")]
-    pub password: Option<Secret>,
-    #[serde(with = "de::optional")]
-    pub nkey_seed: Option<Secret>,
-    #[serde(with = "de::optional")]
-    pub credentials_file: Option<PathBuf>,
-    #[serde(with = "de::optional")]
-    pub tls_ca: Option<PathBuf>,
-    #[serde(with = "de::optional")]
-    pub tls_cert: Option<PathBuf>,
-    #[serde(with = "de::optional")]
-    pub tls_key: Option<PathBuf>,
-    pub require_tls: bool,
-    /// Seals every message between nodes; at least [`bus::MIN_SECRET`] bytes.
-    #[serde(with = "de::optional")]
-    pub secret: Option<Secret>,
-    /// A file holding the secret instead.
-    #[serde(with = "de::optional")]
-    pub secret_file: Option<PathBuf>,
-    /// Where this node takes other nodes' tunnel connections.
-    #[serde(with = "de::optional")]
-    pub peer_listen: Option<SocketAddr>,
-    /// `host:port` other nodes dial; default: `peer_listen`.
-    #[serde(with = "de::optional")]
-    pub peer_advertise: Option<String>,
-    /// This node's certificate and key on the peer port; default: a fresh pair.
-    #[serde(with = "de::optional")]
-    pub peer_cert: Option<PathBuf>,
-    #[serde(with = "de::optional")]
-    pub peer_key: Option<PathBuf>,
-    #[serde(rename = "request_timeout_ms", with = "de::positive_millis")]
-    pub request_timeout: Duration,
-    #[serde(rename = "node_timeout_secs", with = "de::positive_secs")]
-    pub node_timeout: Duration,
-}
-
-impl Default for ClusterSettings {
-    fn default() -> Self {
-        Self {
-            nats_url: Vec::new(),
-            node_id: None,
-            subject_prefix: "elfin".into(),
-            subject_key: None,
-            token: None,
-            user: None,
-            password: None,
-            nkey_seed: None,
-            credentials_file: None,
-            tls_ca: None,
-            tls_cert: None,
-            tls_key: None,
-            require_tls: false,
-            secret: None,
-            secret_file: None,
-            peer_listen: None,
-            peer_advertise: None,
-            peer_cert: None,
-            peer_key: None,
-            request_timeout: Duration::from_secs(1),
-            node_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-fn subject_prefix<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    let prefix = String::deserialize(d)?;
-    let words_ok = !prefix.is_empty()
-        && prefix
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        && !prefix.starts_with('.')
-        && !prefix.ends_with('.');
-    if !words_ok {
-        return Err(serde::de::Error::custom(format!(
-            "{prefix:?}: use A-Z a-z 0-9 - _ and dots between words"
-        )));
-    }
-    Ok(prefix)
-}
-
-/// A settings error: the key it is about, and why.
-pub type SettingError = (&'static str, String);
-
-impl ClusterSettings {
-    /// How this node joins its cluster; `None` when it runs alone. A cross-node
-    /// tunnel end queues and stalls as a local connection does. An error names the
-    /// key at fault (the secret's file is read here).
-    pub fn config(
-        &self,
-        server: &crate::config::Server,
-        limits: &crate::Limits,
-    ) -> Result<Option<ClusterConfig>, SettingError> {
-        if self.nats_url.is_empty() {
-            return Ok(None);
-        }
-        let keys = Keys::derive(&self.read_secret()?);
-        let peer_listen = self.peer_listen.ok_or((
-            "cluster.peer_listen",
-            "cluster mode needs the address this node takes other nodes' tunnel \
-             connections on, e.g. 0.0.0.0:3101"
-                .into(),
-        ))?;
-        if self.peer_advertise.is_none() && peer_listen.ip().is_unspecified() {
-            return Err((
-                "cluster.peer_advertise",
-                format!(
-                    "cluster.peer_listen = {peer_listen} names no address other nodes \
-                     can dial: set cluster.peer_advertise to this node's host:port"
-                ),
-            ));
-        }
-        let identity = match (&self.peer_cert, &self.peer_key) {
-            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
-            (None, None) => None,
-            _ => {
-                return Err((
-                    "cluster.peer_cert",
-                    "set cluster.peer_cert and cluster.peer_key both, or neither".into(),
-                ))
-            }
-        };
-        let secret = |s: &Option<Secret>| s.as_ref().map(|s| s.expose().to_owned());
-        let node = self
-            .node_id
-            .clone()
-            .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned());
-        let subject_key = match &self.subject_key {
-            Some(key) => key.expose().to_owned(),
-            None => keys.subjects.clone(),
-        };
-        Ok(Some(ClusterConfig {
-            servers: self.nats_url.clone(),
-            node,
-            subjects: Subjects::new(&self.subject_prefix, &subject_key),
-            keys: Arc::new(keys),
-            auth: NatsAuth {
-                token: secret(&self.token),
-                user: self.user.clone().zip(secret(&self.password)),
-                nkey_seed: secret(&self.nkey_seed),
-                credentials_file: self.credentials_file.clone(),
-                tls_ca: self.tls_ca.clone(),
-                tls_client: self.tls_cert.clone().zip(self.tls_key.clone()),
-                require_tls: self.require_tls,
-            },
-            peer_listen,
-            peer_advertise: self.peer_advertise.clone(),
-            identity,
-            request_timeout: self.request_timeout,
-            linger: None,
-            // A silent node's tunnels end within the stall time, as a stalled one's.
-            node_timeout: self.node_timeout.min(server.tunnel_stall),
-            stall: server.tunnel_stall,
-            out_chunks: server.output_queue_chunks.get(),
-            out_bytes: limits.output_queue_bytes.get(),
-        }))
-    }
-
-    /// The cluster secret, from `secret_file` if set, else `secret`.
-    fn read_secret(&self) -> Result<Vec<u8>, SettingError> {
-        let secret = match (&self.secret_file, &self.secret) {
-            (Some(path), _) => {
-                let mut bytes = std::fs::read(path)
-                    .map_err(|e| ("cluster.secret_file", format!("{}: {e}", path.display())))?;
-                while bytes.last().is_some_and(u8::is_ascii_whitespace) {
-                    bytes.pop();
-                }
-                bytes
-            }
-            (None, Some(secret)) => secret.expose().as_bytes().to_vec(),
-            (None, None) => {
-                return Err((
-                    "cluster.secret",
-                    format!(
-                        "cluster mode needs a secret shared by every node (or \
-                         cluster.secret_file), at least {} bytes: make one with \
-                         `openssl rand -hex 32`",
-                        bus::MIN_SECRET
-                    ),
-                ))
-            }
-        };
-        if secret.len() < bus::MIN_SECRET {
-            let key = match self.secret_file {
-                Some(_) => "cluster.secret_file",
-                None => "cluster.secret",
-            };
-            return Err((
-                key,
-                format!(
-                    "the cluster secret has {} bytes, fewer than {}: make one with \
-                     `openssl rand -hex 32`",
-                    secret.len(),
-                    bus::MIN_SECRET
-                ),
-            ));
-        }
-        Ok(secret)
-    }
-}
+use wire::{Ask, Hello, NodeId, Subjects};
 
 /// How this node joins the cluster.
 #[derive(Debug, Clone)]
@@ -285,7 +67,7 @@ pub struct ClusterConfig {
     /// NATS servers (`nats://host:4222`, `tls://…`), tried in turn.
     pub servers: Vec<String>,
     /// This node's name, unique in the cluster.
-    pub node: String,
+    pub node: NodeId,
     pub subjects: Subjects,
     /// Keys from the cluster secret.
     pub keys: Arc<Keys>,
@@ -364,7 +146,7 @@ pub enum JoinError {
     #[error("NATS: {0}")]
     Nats(String),
     #[error("cluster.peer_cert: {0}")]
-    Identity(#[from] peer::IdentityError),
+    Identity(#[from] peer::PeerIdentityError),
     #[error("cluster.peer_listen {0}: {1}")]
     PeerListen(SocketAddr, std::io::Error),
     #[error("peer TLS: {0}")]
@@ -379,11 +161,11 @@ pub struct Cluster {
     /// The certificates of the nodes in `nodes`, for the peer port.
     known: Known,
     peer_tls: Arc<PeerTls>,
-    expected: Arc<Expected>,
+    expected: Arc<AwaitedTunnels>,
     registry: Addr<DeviceRegistry>,
     bridge: Addr<BridgeManager>,
     /// Devices live here.
-    held: HashMap<DeviceKey, Held>,
+    held: HashMap<DeviceKey, LiveHere>,
     /// Devices whose connection left within [`ClusterConfig::linger`]: their subjects
     /// are still answered, until this handle ends them.
     lingering: HashMap<DeviceKey, Lingering>,
@@ -396,9 +178,9 @@ pub struct Cluster {
     /// many devices.
     users: HashMap<String, (ByteString, usize)>,
     /// Other nodes, from their hellos.
-    nodes: HashMap<String, Node>,
+    nodes: HashMap<NodeId, Node>,
     /// Cross-node tunnel ends here, with the node of their other end.
-    remotes: HashMap<SessionId, (String, Addr<Remote>)>,
+    remotes: HashMap<SessionId, (NodeId, Addr<Remote>)>,
     connected: bool,
     /// The fleet events keeper of this node, once it watches ([`fleet`]).
     fleet: Option<fleet::WatchFleet>,
@@ -416,7 +198,7 @@ struct Node {
 }
 
 /// A device live on this node.
-struct Held {
+struct LiveHere {
     /// Ends its subject's stream (and so the subscription).
     stream: AbortHandle,
     /// When it went live here: milliseconds since the Unix epoch.
@@ -450,8 +232,8 @@ pub async fn join(
     bridge: Addr<BridgeManager>,
 ) -> Result<Addr<Cluster>, JoinError> {
     let identity = match &config.identity {
-        Some((cert, key)) => Identity::load(cert, key)?,
-        None => Identity::generate(&config.node),
+        Some((cert, key)) => PeerIdentity::load(cert, key)?,
+        None => PeerIdentity::generate(config.node.as_str()),
     };
     identity.export_expiry();
     let known = Known::default();
@@ -469,7 +251,7 @@ pub async fn join(
         started_ms: chrono::Utc::now().timestamp_millis(),
     };
     let seal = Arc::new(Seal::new(config.node.clone(), &config.keys));
-    let expected = Arc::new(Expected::default());
+    let expected = Arc::new(AwaitedTunnels::default());
     actix_rt::spawn(peer::listen(
         listener,
         peer_tls.clone(),
@@ -628,7 +410,7 @@ impl Cluster {
     fn tick(&mut self) {
         self.say_hello();
         let timeout = self.config.node_timeout;
-        let gone: Vec<String> = self
+        let gone: Vec<NodeId> = self
             .nodes
             .iter()
             .filter(|(_, node)| node.seen.elapsed() >= timeout)
@@ -645,7 +427,7 @@ impl Cluster {
     }
 
     /// Drops a node from the membership, and its certificate from the peer port.
-    fn forget(&mut self, name: &str) {
+    fn forget(&mut self, name: &NodeId) {
         if let Some(node) = self.nodes.remove(name) {
             self.known
                 .write()
@@ -655,7 +437,7 @@ impl Cluster {
     }
 
     /// Ends the cross-node tunnel ends whose other node `matches`; returns how many.
-    fn end_tunnels(&mut self, matches: impl Fn(&String) -> bool, why: &str) -> usize {
+    fn end_tunnels(&mut self, matches: impl Fn(&NodeId) -> bool, why: &str) -> usize {
         let mut ended = 0;
         for (node, end) in self.remotes.values() {
             if matches(node) {
@@ -698,7 +480,7 @@ impl Cluster {
             }
             Event::Disconnected => {
                 self.connected = false;
-                let names: Vec<String> = self.nodes.keys().cloned().collect();
+                let names: Vec<NodeId> = self.nodes.keys().cloned().collect();
                 for name in names {
                     self.forget(&name);
                 }
@@ -797,7 +579,7 @@ impl Cluster {
             .map(move |m| Incoming::Device(k.clone(), m));
         let (stream, abort) = futures::stream::abortable(messages);
         let _ = self.devices.send(stream.boxed());
-        let held = Held {
+        let held = LiveHere {
             stream: abort,
             since_ms,
         };
@@ -888,26 +670,26 @@ impl Handler<Tracked> for Cluster {
 
 /// This node's view of the cluster, for the status page.
 #[derive(Message)]
-#[rtype(result = "Members")]
+#[rtype(result = "ClusterView")]
 pub struct Membership;
 
 #[derive(Debug, Clone, MessageResponse, serde::Serialize)]
-pub struct Members {
-    pub node: String,
+pub struct ClusterView {
+    pub node: NodeId,
     pub connected: bool,
     /// The other nodes heard from lately, by name.
-    pub nodes: Vec<String>,
+    pub nodes: Vec<NodeId>,
     /// Tunnel ends here whose other end is on another node.
     pub tunnel_ends: usize,
 }
 
 impl Handler<Membership> for Cluster {
-    type Result = Members;
+    type Result = ClusterView;
 
-    fn handle(&mut self, _: Membership, _: &mut Context<Self>) -> Members {
-        let mut nodes: Vec<String> = self.nodes.keys().cloned().collect();
+    fn handle(&mut self, _: Membership, _: &mut Context<Self>) -> ClusterView {
+        let mut nodes: Vec<NodeId> = self.nodes.keys().cloned().collect();
         nodes.sort();
-        Members {
+        ClusterView {
             node: self.config.node.clone(),
             connected: self.connected,
             nodes,

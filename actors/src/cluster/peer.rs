@@ -2,7 +2,7 @@
 //! nodes, two per tunnel, with mutual TLS 1.3.
 //!
 //! No PKI of the operator's is needed: each node has a key pair and certificate
-//! ([`Identity`]; made fresh at start unless `cluster.peer_cert`/`peer_key` name
+//! ([`PeerIdentity`]; made fresh at start unless `cluster.peer_cert`/`peer_key` name
 //! one), and announces the certificate's SHA-256 fingerprint and its peer address in
 //! its authenticated hello ([`super::bus`]). Both sides of a peer connection accept
 //! exactly the certificates so announced ([`Pinned`]): the dialing node only the
@@ -12,7 +12,7 @@
 //! The node that opens a tunnel (where the client is) asks, over NATS, the node that
 //! holds the device, with a one-time token; that node dials back and presents the
 //! token first thing, so only the node that was asked can attach to the tunnel
-//! ([`Expected`]). After the listener's one-byte acknowledgement, everything on the
+//! ([`AwaitedTunnels`]). After the listener's one-byte acknowledgement, everything on the
 //! connection is the tunnel's payload, with TCP's flow control end to end.
 //!
 //! The lanes are made on the cluster's thread and then move, sockets and all, to the
@@ -51,6 +51,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
 use super::bus::{hex, Rejected, Seal};
+use super::wire::NodeId;
 
 /// What a dialing node sends first: a tag, then the token.
 const GREETING: &[u8; 4] = b"ELT1";
@@ -224,7 +225,7 @@ const FROM_DIALER: u8 = 0;
 const TO_DIALER: u8 = 1;
 
 /// This node's certificate and key for peer connections.
-pub struct Identity {
+pub struct PeerIdentity {
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     /// SHA-256 of the certificate, in hex: what the hello announces.
@@ -233,12 +234,12 @@ pub struct Identity {
 
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {reason}")]
-pub struct IdentityError {
+pub struct PeerIdentityError {
     path: String,
     reason: String,
 }
 
-impl Identity {
+impl PeerIdentity {
     /// Exports the peer certificate's expiry (`which = "peer"`).
     pub fn export_expiry(&self) {
         if let Some(at) = self.certs.first().and_then(crate::tls::not_after) {
@@ -247,14 +248,14 @@ impl Identity {
     }
 
     /// A fresh key pair and self-signed certificate for node `node`.
-    pub fn generate(node: &str) -> Identity {
+    pub fn generate(node: &str) -> PeerIdentity {
         let names = vec![format!("{}.elfin-node", sanitize(node))];
         let made = rcgen::generate_simple_self_signed(names)
             .or_else(|_| rcgen::generate_simple_self_signed(vec!["elfin-node".to_owned()]))
             .expect("a P-256 key pair and its certificate can always be made");
         let cert = made.cert.der().clone();
         let key = PrivateKeyDer::Pkcs8(made.key_pair.serialize_der().into());
-        Identity {
+        PeerIdentity {
             fingerprint: fingerprint(&cert),
             certs: vec![cert],
             key,
@@ -262,8 +263,8 @@ impl Identity {
     }
 
     /// The certificate (chain) and key in these PEM files.
-    pub fn load(cert: &Path, key: &Path) -> Result<Identity, IdentityError> {
-        let error = |path: &Path, reason: String| IdentityError {
+    pub fn load(cert: &Path, key: &Path) -> Result<PeerIdentity, PeerIdentityError> {
+        let error = |path: &Path, reason: String| PeerIdentityError {
             path: path.display().to_string(),
             reason,
         };
@@ -274,7 +275,7 @@ impl Identity {
             return Err(error(cert, "no certificate in the file".into()));
         };
         let key = PrivateKeyDer::from_pem_file(key).map_err(|e| error(key, e.to_string()))?;
-        Ok(Identity {
+        Ok(PeerIdentity {
             fingerprint: fingerprint(leaf),
             certs,
             key,
@@ -302,7 +303,7 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
 
 /// The certificates of the nodes heard from: fingerprint → node id. The cluster
 /// actor writes it from authenticated hellos; the listener's TLS reads it.
-pub type Known = Arc<RwLock<HashMap<String, String>>>;
+pub type Known = Arc<RwLock<HashMap<String, NodeId>>>;
 
 /// Accepts exactly the pinned certificates: on the listening side any node heard
 /// from ([`Pinned::Known`]), on the dialing side the one node dialed.
@@ -443,23 +444,23 @@ impl ClientCertVerifier for PinnedVerifier {
 }
 
 /// A tunnel's lanes as attached: the node that attached them, and the lanes.
-pub type Attached = (String, Lanes);
+pub type Attached = (NodeId, Lanes);
 
 /// Tokens of tunnels this node asked another node to attach, and where the lanes
 /// go once both are attached (the asker checks that the node that attached them is
 /// the one that answered).
 #[derive(Default)]
-pub struct Expected(Mutex<HashMap<Token, Waiting>>);
+pub struct AwaitedTunnels(Mutex<HashMap<Token, Waiting>>);
 
 /// A tunnel waiting for its lanes: who attached the first, and the lanes so far.
 struct Waiting {
     attached: oneshot::Sender<Attached>,
-    node: Option<String>,
+    node: Option<NodeId>,
     from_dialer: Option<Stream>,
     to_dialer: Option<Stream>,
 }
 
-impl Expected {
+impl AwaitedTunnels {
     /// A new token; the receiver gets the lanes attached with it. The token is
     /// forgotten when the receiver is dropped unused.
     pub fn expect(&self) -> (Token, oneshot::Receiver<Attached>) {
@@ -488,12 +489,12 @@ impl Expected {
                 TO_DIALER => w.to_dialer.is_none(),
                 _ => false,
             };
-            free && !w.attached.is_closed() && w.node.as_deref().is_none_or(|n| n == node)
+            free && !w.attached.is_closed() && w.node.as_ref().is_none_or(|n| n.as_str() == node)
         })
     }
 
-    /// Attaches a lane that [`Expected::admits`]; hands the tunnel over once both are.
-    fn attach(&self, token: &Token, node: String, lane: u8, stream: Stream) {
+    /// Attaches a lane that [`AwaitedTunnels::admits`]; hands the tunnel over once both are.
+    fn attach(&self, token: &Token, node: NodeId, lane: u8, stream: Stream) {
         let mut expected = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let Some(waiting) = expected.get_mut(token) else {
             return;
@@ -520,13 +521,13 @@ impl Expected {
 /// Both sides' TLS for peer connections.
 pub struct PeerTls {
     server: Arc<ServerConfig>,
-    identity: Arc<Identity>,
+    identity: Arc<PeerIdentity>,
     provider: Arc<CryptoProvider>,
     known: Known,
 }
 
 impl PeerTls {
-    pub fn new(identity: Arc<Identity>, known: Known) -> Result<PeerTls, rustls::Error> {
+    pub fn new(identity: Arc<PeerIdentity>, known: Known) -> Result<PeerTls, rustls::Error> {
         // AES-128-GCM: the fastest suite where the CPU has AES instructions, and
         // as strong as a link between two of one's own nodes needs.
         let provider = Arc::new(CryptoProvider {
@@ -569,7 +570,7 @@ impl PeerTls {
     }
 
     /// The node a peer connection's certificate belongs to.
-    fn node_of(&self, cert: Option<&CertificateDer<'_>>) -> Option<String> {
+    fn node_of(&self, cert: Option<&CertificateDer<'_>>) -> Option<NodeId> {
         let known = self.known.read().unwrap_or_else(|e| e.into_inner());
         known.get(&fingerprint(cert?)).cloned()
     }
@@ -642,7 +643,7 @@ pub async fn dial(
 pub async fn listen(
     listener: TcpListener,
     tls: Arc<PeerTls>,
-    expected: Arc<Expected>,
+    expected: Arc<AwaitedTunnels>,
     seal: Arc<Seal>,
     timeout: Duration,
     keepalive: Duration,
@@ -693,7 +694,7 @@ async fn attach(
     tcp: TcpStream,
     acceptor: &tokio_rustls::TlsAcceptor,
     tls: &PeerTls,
-    expected: &Expected,
+    expected: &AwaitedTunnels,
     keepalive: Duration,
 ) -> Result<(), String> {
     tune(&tcp, keepalive).map_err(|e| e.to_string())?;
@@ -718,7 +719,7 @@ async fn attach(
     let (tag, rest) = greeting.split_at(GREETING.len());
     let (token, lane) = rest.split_at(16);
     let token: Token = token.try_into().map_err(|_| "a short token")?;
-    if tag != GREETING || !expected.admits(&token, &node, lane[0]) {
+    if tag != GREETING || !expected.admits(&token, node.as_str(), lane[0]) {
         return Err(format!("node {node} presented a token no tunnel waits for"));
     }
     stream
@@ -736,10 +737,10 @@ mod tests {
     use std::net::SocketAddr;
 
     /// Two nodes' peer TLS, each knowing the other (as their hellos would tell).
-    fn pair() -> (PeerTls, PeerTls, Arc<Identity>, Arc<Identity>) {
+    fn pair() -> (PeerTls, PeerTls, Arc<PeerIdentity>, Arc<PeerIdentity>) {
         let (a, b) = (
-            Arc::new(Identity::generate("a")),
-            Arc::new(Identity::generate("b")),
+            Arc::new(PeerIdentity::generate("a")),
+            Arc::new(PeerIdentity::generate("b")),
         );
         let known_by_a: Known = Arc::default();
         known_by_a
@@ -759,7 +760,7 @@ mod tests {
         )
     }
 
-    async fn listening(tls: PeerTls, expected: Arc<Expected>) -> SocketAddr {
+    async fn listening(tls: PeerTls, expected: Arc<AwaitedTunnels>) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seal = Arc::new(Seal::new(
@@ -781,7 +782,7 @@ mod tests {
     #[tokio::test]
     async fn the_asked_node_attaches_with_its_token_and_bytes_flow_both_ways() {
         let (a_tls, b_tls, a, _) = pair();
-        let expected = Arc::new(Expected::default());
+        let expected = Arc::new(AwaitedTunnels::default());
         let addr = listening(a_tls, expected.clone()).await.to_string();
         let (token, attached) = expected.expect();
         let second = Duration::from_secs(1);
@@ -806,7 +807,7 @@ mod tests {
     #[actix_rt::test]
     async fn lanes_moved_to_another_thread_carry_bytes_there_and_start_here_if_it_is_gone() {
         let (a_tls, b_tls, a, _) = pair();
-        let expected = Arc::new(Expected::default());
+        let expected = Arc::new(AwaitedTunnels::default());
         let addr = listening(a_tls, expected.clone()).await.to_string();
         let second = Duration::from_secs(1);
         let lanes = async || {
@@ -855,11 +856,11 @@ mod tests {
     #[tokio::test]
     async fn a_stranger_or_another_node_cannot_attach() {
         let (a_tls, b_tls, a, _) = pair();
-        let expected = Arc::new(Expected::default());
+        let expected = Arc::new(AwaitedTunnels::default());
         let addr = listening(a_tls, expected.clone()).await.to_string();
         let second = Duration::from_secs(1);
         // Node c is not known to a: its handshake fails.
-        let stranger = PeerTls::new(Arc::new(Identity::generate("c")), Arc::default()).unwrap();
+        let stranger = PeerTls::new(Arc::new(PeerIdentity::generate("c")), Arc::default()).unwrap();
         let (token, _waiting) = expected.expect();
         assert!(
             dial(&stranger, &addr, &a.fingerprint, token, second, second)
@@ -871,7 +872,7 @@ mod tests {
             .await
             .is_err());
         // b dialing a certificate other than the one pinned.
-        let impostor = Identity::generate("a");
+        let impostor = PeerIdentity::generate("a");
         assert!(
             dial(&b_tls, &addr, &impostor.fingerprint, token, second, second)
                 .await

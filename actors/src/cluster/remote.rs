@@ -32,6 +32,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
 use super::peer;
+use super::wire::NodeId;
 use crate::bridge::{BridgeManager, Cause, Unlink};
 use crate::connection::ReadChunks;
 use crate::link::{next_session_id, Meter, PeerEvent, PeerLink, SessionId, Tunnel, TunnelId};
@@ -39,43 +40,30 @@ use crate::metric;
 use crate::outbox::{Bounds, Outbox, Unsent};
 use crate::tls::Transport;
 
-/// The write half of a peer connection, for an outbox that lets senders write
-/// directly: TLS takes bytes it cannot pass to a full socket yet and would hold them
-/// until the next write, so a write counts as done only once TLS has flushed it.
-/// Until then it is `Pending`, and the repeated write (the outbox offers the same
-/// bytes first again) answers with what was taken. Dropped without a shutdown (its
-/// outbox never needed a writer task), it still ends the stream, in the background.
-struct Flushed<W: AsyncWrite + Unpin + Send + 'static> {
+/// The write half of a peer connection (TLS), flushing eagerly: each write hands
+/// what TLS took to the socket at once if it can, so a direct write from the outbox
+/// leaves nothing behind in the common case. When the socket is full, TLS keeps what
+/// it took; the write still reports it taken (as `AsyncWrite` requires), the next
+/// write flushes it first, and the outbox, seeing `poll_flush` pending after a direct
+/// write, has its writer task flush it. Dropped without a shutdown (its outbox never
+/// needed a writer task), it still ends the stream, in the background.
+struct EagerFlush<W: AsyncWrite + Unpin + Send + 'static> {
     /// `None` once shut down.
     tls: Option<W>,
-    /// Bytes taken by a write that answered `Pending`.
-    taken: Option<usize>,
+    /// TLS holds bytes it took that the socket has not taken yet.
+    unflushed: bool,
 }
 
-impl<W: AsyncWrite + Unpin + Send + 'static> Flushed<W> {
+impl<W: AsyncWrite + Unpin + Send + 'static> EagerFlush<W> {
     fn tls(&mut self) -> io::Result<Pin<&mut W>> {
         match &mut self.tls {
             Some(tls) => Ok(Pin::new(tls)),
             None => Err(io::ErrorKind::BrokenPipe.into()),
         }
     }
-
-    fn flushed(&mut self, taken: usize, cx: &mut TaskContext<'_>) -> Poll<io::Result<usize>> {
-        match self.tls()?.poll_flush(cx) {
-            Poll::Ready(Ok(())) => {
-                self.taken = None;
-                Poll::Ready(Ok(taken))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => {
-                self.taken = Some(taken);
-                Poll::Pending
-            }
-        }
-    }
 }
 
-impl<W: AsyncWrite + Unpin + Send + 'static> AsyncWrite for Flushed<W> {
+impl<W: AsyncWrite + Unpin + Send + 'static> AsyncWrite for EagerFlush<W> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
@@ -90,11 +78,16 @@ impl<W: AsyncWrite + Unpin + Send + 'static> AsyncWrite for Flushed<W> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let taken = match this.taken {
-            Some(taken) => taken,
-            None => ready!(this.tls()?.poll_write_vectored(cx, bufs))?,
-        };
-        this.flushed(taken, cx)
+        if this.unflushed {
+            // What an earlier write left goes first; until then nothing is taken.
+            ready!(this.tls()?.poll_flush(cx))?;
+            this.unflushed = false;
+        }
+        let taken = ready!(this.tls()?.poll_write_vectored(cx, bufs))?;
+        // Taken either way; a flush that cannot finish now (or fails) is left to the
+        // next write or flush, which reports it.
+        this.unflushed = !matches!(this.tls()?.poll_flush(cx), Poll::Ready(Ok(())));
+        Poll::Ready(Ok(taken))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -102,7 +95,10 @@ impl<W: AsyncWrite + Unpin + Send + 'static> AsyncWrite for Flushed<W> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().tls()?.poll_flush(cx)
+        let this = self.get_mut();
+        ready!(this.tls()?.poll_flush(cx))?;
+        this.unflushed = false;
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
@@ -116,7 +112,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> AsyncWrite for Flushed<W> {
     }
 }
 
-impl<W: AsyncWrite + Unpin + Send + 'static> Drop for Flushed<W> {
+impl<W: AsyncWrite + Unpin + Send + 'static> Drop for EagerFlush<W> {
     fn drop(&mut self) {
         let Some(mut tls) = self.tls.take() else {
             return;
@@ -135,7 +131,7 @@ const READ_SIZE: usize = 64 * 1024;
 /// What a new [`Remote`] needs besides its peer connections.
 pub struct Parts {
     /// The node the other end is on.
-    pub node: String,
+    pub node: NodeId,
     /// The address of the connection the other end stands for (for logs).
     pub remote: SocketAddr,
     pub stall: Duration,
@@ -152,7 +148,7 @@ pub struct Parts {
 pub enum Tracked {
     Open {
         id: SessionId,
-        node: String,
+        node: NodeId,
         end: Addr<Remote>,
     },
     Closed(SessionId),
@@ -165,7 +161,7 @@ pub struct Lost(pub String);
 
 pub struct Remote {
     id: SessionId,
-    node: String,
+    node: NodeId,
     remote: SocketAddr,
     tunnel: TunnelId,
     out: Outbox,
@@ -222,9 +218,9 @@ fn start(lanes: peer::Lanes, parts: Parts) -> PeerLink {
     };
     let out = Outbox::new(
         bounds,
-        Box::new(Flushed {
+        Box::new(EagerFlush {
             tls: Some(write),
-            taken: None,
+            unflushed: false,
         }),
         actix_rt::Arbiter::current(),
         closed,

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use super::bus::{hex, unhex, Rejected, Reply};
 use super::peer::{self, Token};
 use super::remote::{self, Tracked};
-use super::wire::{Answer, Ask, LiveElsewhere, QueryAnswer, QueryAsk, WireRole};
+use super::wire::{Answer, Ask, LiveElsewhere, NodeId, QueryAnswer, QueryAsk, WireRole};
 use super::{Cluster, ClusterConfig, Node};
 use crate::bridge::{BridgeManager, Link};
 use crate::device::DeviceKey;
@@ -53,7 +53,7 @@ impl Cluster {
                 let Some(ours) = self.held.get(&key).map(|h| h.since_ms) else {
                     return;
                 };
-                if gives_way(ours, &self.config.node, since_ms, &node) {
+                if gives_way(ours, self.config.node.as_str(), since_ms, node.as_str()) {
                     log::info!(
                         "device {} connected to node {node}; closing its connection here",
                         key.mac
@@ -228,7 +228,7 @@ fn gives_way(ours: i64, me: &str, theirs: i64, node: &str) -> bool {
 /// The node that asked for a tunnel: its name, where it takes peer connections, the
 /// connection its end stands for, and the token to attach with.
 struct Asker {
-    name: String,
+    name: NodeId,
     node: Node,
     remote: SocketAddr,
     token: Token,
@@ -245,7 +245,7 @@ async fn start_end(
     lanes: peer::Lanes,
     home: &ArbiterHandle,
     config: &ClusterConfig,
-    node: String,
+    node: NodeId,
     remote: SocketAddr,
     tracker: Recipient<Tracked>,
     bridge: &Addr<BridgeManager>,
@@ -296,7 +296,7 @@ pub enum Elsewhere {
     /// No node saw the device lately from another address.
     Free,
     /// A node saw it lately from another address.
-    Seen,
+    DeviceSeen,
     /// A node listens for it but did not answer in time, or NATS is away.
     Unanswered,
 }
@@ -318,7 +318,7 @@ impl Handler<SeenElsewhere> for Cluster {
                 .request_reply::<_, Answer>(subject, &question, timeout)
                 .await
             {
-                Reply::Answer(Answer::Present) => Elsewhere::Seen,
+                Reply::Answer(Answer::Present) => Elsewhere::DeviceSeen,
                 Reply::Answer(_) | Reply::Nobody => Elsewhere::Free,
                 Reply::Unanswered => Elsewhere::Unanswered,
             }

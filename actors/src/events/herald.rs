@@ -32,12 +32,12 @@ use super::{EventData, EventKind};
 use crate::audit::{DEVICE_EVENTS_PER_WINDOW, WINDOW};
 use crate::bounded::{BoundedMap, OncePer};
 use crate::certificate::ClientCert;
-use crate::cluster::fleet::{AskFleet, NodeLost, Recorded, Told, WatchFleet};
-use crate::cluster::wire::Whereabouts;
+use crate::cluster::fleet::{AskFleet, KnownHere, NodeLost, Told, WatchFleet};
+use crate::cluster::wire::{NodeId, Whereabouts};
 use crate::cluster::Cluster;
 use crate::device::DeviceKey;
 use crate::metric;
-use crate::registry::{AllLive, DeviceRegistry, Presence, Seen};
+use crate::registry::{AllLive, DeviceRegistry, DeviceSeen, Presence};
 use crate::store::Store;
 use crate::users::UserDirectory;
 
@@ -63,14 +63,14 @@ pub struct Herald {
     announcer: Announcer,
     cluster: Option<Addr<Cluster>>,
     /// Arrivals with no record here, to ask the other nodes about.
-    arriving: Vec<(Seen, DateTime<Utc>)>,
+    arriving: Vec<(DeviceSeen, DateTime<Utc>)>,
     /// Refusals said lately, by type and subject.
     said: OncePer<(EventKind, String)>,
     /// Events per device in the current window.
-    budgets: BoundedMap<DeviceKey, Budget>,
+    budgets: BoundedMap<DeviceKey, EventWindow>,
 }
 
-struct Budget {
+struct EventWindow {
     start: Instant,
     emitted: u32,
 }
@@ -123,7 +123,7 @@ impl Actor for Herald {
 /// A refusal a session or the server tells the herald of.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
-pub struct Refused {
+pub struct PeerRefused {
     pub kind: EventKind,
     pub uuid: Option<ByteString>,
     pub mac: Option<ByteString>,
@@ -202,7 +202,7 @@ impl Herald {
     /// Takes one event from the device's budget: false if it is spent.
     fn within_budget(&mut self, device: &DeviceKey) -> bool {
         let now = Instant::now();
-        let (budget, _) = self.budgets.touch(device, now, || Budget {
+        let (budget, _) = self.budgets.touch(device, now, || EventWindow {
             start: now,
             emitted: 0,
         });
@@ -245,7 +245,7 @@ impl Herald {
         metrics::gauge!(metric::DEVICES_AWAY).set(self.ledger.len() as f64);
     }
 
-    fn arrived(&mut self, seen: Seen) {
+    fn arrived(&mut self, seen: DeviceSeen) {
         let now = Utc::now();
         match self.ledger.arrived(&seen.device, now) {
             Arrival::Quiet => {}
@@ -256,7 +256,7 @@ impl Herald {
         self.report();
     }
 
-    fn online(&mut self, seen: &Seen, at: DateTime<Utc>, reason: &str) {
+    fn online(&mut self, seen: &DeviceSeen, at: DateTime<Utc>, reason: &str) {
         let draft = self.device_draft(
             EventKind::Online,
             &seen.device,
@@ -268,7 +268,7 @@ impl Herald {
         self.emit(vec![draft]);
     }
 
-    fn back_online(&mut self, seen: &Seen, left: DateTime<Utc>, away: Duration) {
+    fn back_online(&mut self, seen: &DeviceSeen, left: DateTime<Utc>, away: Duration) {
         let mut draft = self.device_draft(
             EventKind::BackOnline,
             &seen.device,
@@ -287,7 +287,7 @@ impl Herald {
             return;
         };
         while !self.arriving.is_empty() {
-            let batch: Vec<(Seen, DateTime<Utc>)> = self
+            let batch: Vec<(DeviceSeen, DateTime<Utc>)> = self
                 .arriving
                 .drain(..self.arriving.len().min(ASK_AT_MOST))
                 .collect();
@@ -453,8 +453,8 @@ impl Herald {
 }
 
 /// What the nodes said, by device.
-fn group(told: &[Told]) -> HashMap<DeviceKey, Vec<(String, Whereabouts)>> {
-    let mut by_device: HashMap<DeviceKey, Vec<(String, Whereabouts)>> = HashMap::new();
+fn group(told: &[Told]) -> HashMap<DeviceKey, Vec<(NodeId, Whereabouts)>> {
+    let mut by_device: HashMap<DeviceKey, Vec<(NodeId, Whereabouts)>> = HashMap::new();
     for t in told {
         by_device
             .entry(t.device.clone())
@@ -503,10 +503,10 @@ impl Handler<Presence> for Herald {
     }
 }
 
-impl Handler<Refused> for Herald {
+impl Handler<PeerRefused> for Herald {
     type Result = ();
 
-    fn handle(&mut self, refused: Refused, _: &mut Context<Self>) {
+    fn handle(&mut self, refused: PeerRefused, _: &mut Context<Self>) {
         let subject = match (&refused.uuid, &refused.mac, &refused.certificate) {
             (Some(uuid), Some(mac), _) => format!("{uuid}/{mac}"),
             (_, _, Some(cert)) => format!("{}/{}", cert.serial, refused.source.ip()),
@@ -544,10 +544,10 @@ impl Handler<Joined> for Herald {
     }
 }
 
-impl Handler<Recorded> for Herald {
-    type Result = MessageResult<Recorded>;
+impl Handler<KnownHere> for Herald {
+    type Result = MessageResult<KnownHere>;
 
-    fn handle(&mut self, asked: Recorded, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, asked: KnownHere, _: &mut Context<Self>) -> Self::Result {
         let named: HashMap<DeviceKey, String> = self
             .ledger
             .devices()

@@ -22,7 +22,7 @@ use bytestring::ByteString;
 use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
-use crate::cluster::wire::Whereabouts;
+use crate::cluster::wire::{NodeId, Whereabouts};
 use crate::device::DeviceKey;
 
 /// Records kept at most: devices away or announced offline. Past it, a device that
@@ -43,8 +43,10 @@ pub struct Last {
     pub left: DateTime<Utc>,
 }
 
+/// Why a device has a record here: away (its grace period runs), or announced
+/// offline.
 #[derive(Debug, Clone)]
-enum Record {
+enum Absence {
     Away {
         last: Last,
         due: Instant,
@@ -78,7 +80,7 @@ pub struct Due {
 
 #[derive(Default)]
 pub struct Ledger {
-    records: HashMap<DeviceKey, Record>,
+    records: HashMap<DeviceKey, Absence>,
     full_said: bool,
 }
 
@@ -95,7 +97,7 @@ impl Ledger {
     pub fn left(&mut self, device: DeviceKey, last: Last, due: Instant) {
         self.insert(
             device,
-            Record::Away {
+            Absence::Away {
                 last,
                 due,
                 adopted: false,
@@ -109,7 +111,7 @@ impl Ledger {
         if !self.records.contains_key(&device) {
             self.insert(
                 device,
-                Record::Away {
+                Absence::Away {
                     last,
                     due,
                     adopted: true,
@@ -118,7 +120,7 @@ impl Ledger {
         }
     }
 
-    fn insert(&mut self, device: DeviceKey, record: Record) {
+    fn insert(&mut self, device: DeviceKey, absence: Absence) {
         if self.records.len() >= MAX_RECORDS && !self.records.contains_key(&device) {
             if !self.full_said {
                 self.full_said = true;
@@ -129,14 +131,14 @@ impl Ledger {
             }
             return;
         }
-        self.records.insert(device, record);
+        self.records.insert(device, absence);
     }
 
     /// The device connected here.
     pub fn arrived(&mut self, device: &DeviceKey, now: DateTime<Utc>) -> Arrival {
         match self.records.remove(device) {
-            Some(Record::Away { .. }) => Arrival::Quiet,
-            Some(Record::Offline { last, .. }) => Arrival::BackOnline {
+            Some(Absence::Away { .. }) => Arrival::Quiet,
+            Some(Absence::Offline { last, .. }) => Arrival::BackOnline {
                 left: last.left,
                 away: (now - last.left).to_std().unwrap_or_default(),
             },
@@ -149,7 +151,7 @@ impl Ledger {
     pub fn due(&mut self, now: Instant, grace: Duration) -> Vec<Due> {
         let mut due = Vec::new();
         for (device, record) in &mut self.records {
-            if let Record::Away {
+            if let Absence::Away {
                 last,
                 due: at,
                 adopted,
@@ -173,14 +175,14 @@ impl Ledger {
     /// it is to be announced.
     pub fn announced(&mut self, device: &DeviceKey, since: &Last, now: Instant) -> bool {
         match self.records.get_mut(device) {
-            Some(record @ Record::Away { .. }) => {
-                let Record::Away { last, .. } = record else {
+            Some(record @ Absence::Away { .. }) => {
+                let Absence::Away { last, .. } = record else {
                     return false;
                 };
                 if last.left != since.left {
                     return false;
                 }
-                *record = Record::Offline {
+                *record = Absence::Offline {
                     last: last.clone(),
                     announced: now,
                 };
@@ -197,10 +199,10 @@ impl Ledger {
     /// Forgets devices offline for longer than [`REMEMBER_OFFLINE`].
     pub fn forget_old(&mut self, now: Instant) {
         self.records.retain(|_, r| match r {
-            Record::Offline { announced, .. } => {
+            Absence::Offline { announced, .. } => {
                 now.saturating_duration_since(*announced) < REMEMBER_OFFLINE
             }
-            Record::Away { .. } => true,
+            Absence::Away { .. } => true,
         });
         if self.records.len() < MAX_RECORDS {
             self.full_said = false;
@@ -220,11 +222,11 @@ impl Ledger {
                 continue;
             };
             let whereabouts = match record {
-                Record::Away { last, adopted, .. } => Whereabouts::Away {
+                Absence::Away { last, adopted, .. } => Whereabouts::Away {
                     left_ms: last.left.timestamp_millis(),
                     adopted: *adopted,
                 },
-                Record::Offline { last, .. } => Whereabouts::Offline {
+                Absence::Offline { last, .. } => Whereabouts::Offline {
                     left_ms: last.left.timestamp_millis(),
                 },
             };
@@ -264,11 +266,11 @@ pub fn arrival_elsewhere(told: &[Whereabouts], now: DateTime<Utc>) -> Arrival {
 /// Whether this node announces its due record `mine` (node `me`), given what the
 /// other nodes said of the device: not if one holds it or announced it, nor if
 /// another record outranks its own.
-pub fn announces(mine: &Due, me: &str, told: &[(String, Whereabouts)]) -> bool {
+pub fn announces(mine: &Due, me: &str, told: &[(NodeId, Whereabouts)]) -> bool {
     let own = (mine.adopted, mine.last.left.timestamp_millis(), me);
     told.iter().all(|(node, w)| match *w {
         Whereabouts::Held | Whereabouts::Offline { .. } => false,
-        Whereabouts::Away { left_ms, adopted } => !outranks((adopted, left_ms, node), own),
+        Whereabouts::Away { left_ms, adopted } => !outranks((adopted, left_ms, node.as_str()), own),
     })
 }
 

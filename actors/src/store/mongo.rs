@@ -16,11 +16,8 @@
 //! [`PROBE_INTERVAL`]) and `user_devices` answers from the last reply it had; each
 //! change of reachability is logged once.
 //!
-//! (About 660 lines, kept in one file on purpose: the caches, the batched writes and
-//! the reachability tracking are one backend whose parts read each other's state, so
-//! splitting them would spread one write over several files. A batch's write reads
-//! as its steps instead: [`MongoStore::upsert_devices`], then
-//! [`MongoStore::give_devices`].)
+//! A batch's write reads as its steps: [`MongoStore::upsert_devices`], then
+//! [`MongoStore::give_devices`].
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
