@@ -15,7 +15,7 @@ use bson::{doc, Bson, Document};
 use common::mongo::{CommandCounter, Mongo};
 use common::{at, sighting};
 use elfin_actors::store::mongo::MongoStore;
-use elfin_actors::store::{Sighting, Store};
+use elfin_actors::store::{Directory, Sighting, Sightings};
 
 const MAC: &str = "F0FE6B2A1C3D";
 

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{failed_reason, TestGateway};
-use elfin_actors::store::Store;
+use elfin_actors::store::Directory;
 
 const MAC: &str = "F0FE6B2A1C3D";
 
@@ -341,7 +341,6 @@ async fn unknown_users_may_tunnel_when_allowed_but_nothing_is_stored() {
         .await;
     assert_eq!(client.bytes(5).await, b"hello");
     gw.stop().await.unwrap();
-    use elfin_actors::store::Store;
     assert!(gw.store.devices(None).await.unwrap().is_empty());
 }
 
@@ -355,7 +354,6 @@ async fn a_user_added_while_running_is_accepted_within_a_second() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(gw.query("late-user").await, serde_json::json!([]));
 
-    use elfin_actors::store::Store;
     gw.store.add_user("late", "late-user").await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await; // the negative cache lasts 1 s
     early.send(format!("beat;late-user;{MAC};plc;0")).await;

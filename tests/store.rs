@@ -1,6 +1,8 @@
-//! The `Store` contract (docs/PROTOCOL.md §5), written once and run against both
-//! backends: the embedded store on a real database file, and the MongoDB store over
-//! the wire (the stand-in, or the server at `MONGODB_URI`).
+//! The store's contract (docs/PROTOCOL.md §5), role by role — sightings, the
+//! directory, the audit log — written once and run against both backends: the
+//! embedded store on a real database file, and the MongoDB store over the wire (the
+//! stand-in, or the server at `MONGODB_URI`). A case that writes sightings checks them
+//! through the directory, so it takes the whole store.
 
 mod common;
 
@@ -11,7 +13,7 @@ use elfin_actors::audit::{
 };
 use elfin_actors::store::embedded::EmbeddedStore;
 use elfin_actors::store::mongo::MongoStore;
-use elfin_actors::store::{Recorded, Sighting, Store, StoreError};
+use elfin_actors::store::{AuditLog, Recorded, Sighting, Store, StoreError};
 
 /// Writes one sighting and checks it was written.
 async fn record(store: &dyn Store, s: Sighting) {
@@ -199,7 +201,7 @@ fn all() -> Filter {
     }
 }
 
-async fn a_tunnel_is_one_record_from_open_to_close(store: &dyn Store) {
+async fn a_tunnel_is_one_record_from_open_to_close(store: &dyn AuditLog) {
     let open = tunnel("t1", "ua", "M1", 1_000);
     store
         .write_audit(&batch(std::slice::from_ref(&open), &[]))
@@ -223,7 +225,7 @@ async fn a_tunnel_is_one_record_from_open_to_close(store: &dyn Store) {
     assert_eq!(store.audit_tunnels(&all()).await.unwrap(), [closed]);
 }
 
-async fn audit_records_are_filtered_and_paged_newest_first(store: &dyn Store) {
+async fn audit_records_are_filtered_and_paged_newest_first(store: &dyn AuditLog) {
     let mut tunnels: Vec<TunnelRecord> = (0..5)
         .map(|i| tunnel(&format!("t{i}"), "ua", "M1", 1_000 * (i + 1)))
         .collect();
@@ -294,7 +296,7 @@ async fn audit_records_are_filtered_and_paged_newest_first(store: &dyn Store) {
     assert_eq!(store.audit_devices(&recent).await.unwrap().len(), 2);
 }
 
-async fn records_past_the_retention_are_pruned(store: &dyn Store) {
+async fn records_past_the_retention_are_pruned(store: &dyn AuditLog) {
     let mut old = tunnel("old", "ua", "M1", 1_000);
     old.closed = Some(at(2_000));
     let mut long = tunnel("long", "ua", "M1", 1_000);
@@ -322,7 +324,7 @@ async fn records_past_the_retention_are_pruned(store: &dyn Store) {
     assert_eq!(store.audit_devices(&all()).await.unwrap().len(), 1);
 }
 
-async fn refusals_are_recorded_filtered_counted_and_pruned(store: &dyn Store) {
+async fn refusals_are_recorded_filtered_counted_and_pruned(store: &dyn AuditLog) {
     let refusals = AuditBatch {
         refusals: vec![
             refusal(Some("ua"), Some("M1"), Attempt::Connme, 1_000),
@@ -416,45 +418,55 @@ async fn the_directory_follows_removals_and_admin_changes(store: &dyn Store) {
     assert!(!store.members(false).await.unwrap().contains_key("ua"));
 }
 
-/// One test per contract case and backend.
+/// One test per contract case and backend, grouped by role (`sightings::embedded::…`).
 macro_rules! contract {
-    ($($case:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[tokio::test]
-                async fn $case() {
-                    let dir = tempfile::tempdir().unwrap();
-                    let store = super::EmbeddedStore::open(&dir.path().join("elfin.db")).unwrap();
-                    super::$case(&store).await;
-                }
-            )*
-        }
+    ($role:ident: $($case:ident),* $(,)?) => {
+        mod $role {
+            mod embedded {
+                $(
+                    #[tokio::test]
+                    async fn $case() {
+                        let dir = tempfile::tempdir().unwrap();
+                        let path = dir.path().join("elfin.db");
+                        let store = crate::EmbeddedStore::open(&path).unwrap();
+                        crate::$case(&store).await;
+                    }
+                )*
+            }
 
-        mod mongodb {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let mongo = super::Mongo::start();
-                    let (options, _) = mongo.options().await;
-                    let store = super::MongoStore::with_options(options, &mongo.database).unwrap();
-                    super::$case(&store).await;
-                }
-            )*
+            mod mongodb {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $case() {
+                        let mongo = crate::Mongo::start();
+                        let (options, _) = mongo.options().await;
+                        let store =
+                            crate::MongoStore::with_options(options, &mongo.database).unwrap();
+                        crate::$case(&store).await;
+                    }
+                )*
+            }
         }
     };
 }
 
 contract!(
-    sightings_of_unknown_users_are_not_written,
+    sightings: sightings_of_unknown_users_are_not_written,
     a_new_device_is_inserted_and_listed_under_its_user,
     last_seen_never_moves_backwards_but_the_host_name_follows,
     a_device_reporting_another_uuid_changes_owner,
-    duplicate_users_are_refused,
     a_batch_is_written_whole_and_devices_keep_their_order,
+);
+
+contract!(
+    directory: duplicate_users_are_refused,
     a_ping_answers_while_the_database_is_reachable,
-    a_tunnel_is_one_record_from_open_to_close,
+    the_directory_follows_removals_and_admin_changes,
+);
+
+contract!(
+    audit_log: a_tunnel_is_one_record_from_open_to_close,
     audit_records_are_filtered_and_paged_newest_first,
     records_past_the_retention_are_pruned,
     refusals_are_recorded_filtered_counted_and_pruned,
-    the_directory_follows_removals_and_admin_changes,
 );

@@ -13,7 +13,7 @@ use elfin_actors::device::DeviceKey;
 use elfin_actors::persistence::Flush;
 use elfin_actors::registry::Takeover;
 use elfin_actors::registry::{AllLive, Lookup};
-use elfin_actors::store::Store;
+use elfin_actors::store::{AuditLog, Directory, Sightings};
 use elfin_actors::tenants::Devices;
 use tokio::time::Instant;
 
@@ -157,7 +157,7 @@ async fn only_stored_devices_register_when_enrollment_is_required() {
 async fn device_story(gw: &TestGateway, mac: &str) -> Vec<(DeviceChange, String, String)> {
     // What the registry was told is passed on; then written.
     gw.hub.registry.send(AllLive).await.unwrap();
-    while gw.hub.persistence.send(Flush).await.unwrap() > 0 {
+    while gw.hub.audit_writer.send(Flush).await.unwrap() > 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let filter = Filter {

@@ -139,7 +139,7 @@ async fn a_connthem_tunnel_ending_leaves_both_devices_connected() {
         .unwrap();
     while gw
         .hub
-        .persistence
+        .audit_writer
         .send(elfin_actors::persistence::Flush)
         .await
         .unwrap()
@@ -152,7 +152,7 @@ async fn a_connthem_tunnel_ending_leaves_both_devices_connected() {
         limit: 10,
         ..Default::default()
     };
-    let trail = elfin_actors::store::Store::audit_tunnels(&*gw.store, &filter)
+    let trail = elfin_actors::store::AuditLog::audit_tunnels(&*gw.store, &filter)
         .await
         .unwrap();
     let pair = trail.last().unwrap();

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use actix::prelude::*;
 
 use crate::audit::Trail;
+use crate::audit_writer::AuditWriter;
 use crate::bridge::{BridgeManager, Tunnels};
 use crate::cluster::Cluster;
 use crate::config::Config;
@@ -34,6 +35,8 @@ pub struct Hub {
     pub bridge: Addr<BridgeManager>,
     pub debouncer: Addr<HeartbeatDebouncer>,
     pub persistence: Addr<Persistence>,
+    /// Batches the audit trail's writes.
+    pub audit_writer: Addr<AuditWriter>,
     pub store: Arc<dyn Store>,
     pub users: Arc<UserDirectory>,
     /// Failed uuid look-ups per source address (abuse brake).
@@ -80,15 +83,21 @@ impl Hub {
             batches.flush_interval,
             batches.max_batch.get(),
         )
-        .with_retention(retention)
         .existing_only(config.auth.devices == Devices::Registered)
+        .start();
+        let audit_writer = AuditWriter::new(
+            store.clone(),
+            batches.flush_interval,
+            batches.max_batch.get(),
+        )
+        .with_retention(retention)
         .start();
         let node = config
             .node
             .clone()
             .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned());
         let trail = Trail::new(
-            persistence.clone().recipient(),
+            audit_writer.clone().recipient(),
             &node,
             &config.audit,
             config.limits.ipv6_prefix,
@@ -132,6 +141,7 @@ impl Hub {
         )
         .start();
         Hub {
+            audit_writer,
             herald,
             registry,
             follower,
@@ -184,10 +194,11 @@ impl Hub {
         let _ = self.debouncer.send(FlushAll).await;
         let deadline = tokio::time::Instant::now() + self.config.persistence.shutdown_timeout;
         loop {
-            let unwritten = self
-                .persistence
-                .send(Flush)
-                .await
+            let sightings = self.persistence.send(Flush);
+            let records = self.audit_writer.send(Flush);
+            let (sightings, records) = futures::join!(sightings, records);
+            let unwritten = sightings
+                .and_then(|s| records.map(|r| s + r))
                 .map_err(|_| ShutdownError::PersistenceGone)?;
             if unwritten == 0 {
                 break;

@@ -14,11 +14,13 @@
 //!    section and the server side), [`limits`] (what one peer may cost), [`refusal`]
 //!    (every refusal counted and logged), [`audit`] (the audit trail's records and
 //!    budgets) and [`connection`] (a socket's two halves and its read stream).
-//! 3. [`store`] (the database: embedded SQLite or MongoDB), [`device`] (a connected
+//! 3. [`store`] (the database by role — sightings, directory, audit log — each
+//!    backend, embedded SQLite or MongoDB, a folder with a file per role), [`device`] (a connected
 //!    device's identity and last-seen), [`users`] (known uuids, accounts), [`link`]
 //!    (the tunnel vocabulary: how actors reach a session and what they tell it) and
 //!    [`tenants`] (what each user may have; `auth.devices`).
-//! 4. The shared actors: [`persistence`] (batched writes), [`registry`] (live devices;
+//! 4. The shared actors: [`persistence`] (batched sightings), [`audit_writer`]
+//!    (batched audit records), [`registry`] (live devices;
 //!    `auth.device_takeover`), [`bridge`] (tunnels) and [`debouncer`]
 //!    (data-heartbeat timers); then [`query`] (the `query` reply's rows) and
 //!    [`follow`] (re-reading users and registered devices so removals reach open
@@ -34,6 +36,7 @@
 //! 9. [`server`]: the accept loop and the gateway's lifetime ([`serve`]).
 
 pub mod audit;
+pub mod audit_writer;
 pub mod bounded;
 pub mod bridge;
 pub mod certificate;

@@ -12,14 +12,10 @@
 //! A permanent failure (the database refuses the batch) is logged, counted and the
 //! batch dropped, so it never blocks later writes or shutdown.
 //!
-//! The audit trail ([`crate::audit`]) rides on the same batches: records arrive as
-//! [`Audit`] messages, a tunnel's close replaces its open while both wait, and they are
-//! written after the batch's sightings, kept through an outage like them (up to
-//! [`MAX_AUDIT_PENDING`]; past it the oldest device events are dropped and counted).
-//! Records older than the retention are pruned a minute after start, then every
-//! [`PRUNE_EVERY`].
+//! It writes through the [`Sightings`] role alone; the audit trail has its own
+//! batching actor ([`crate::audit_writer`]), which shares [`Outage`] with it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,18 +23,51 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use tokio::time::Instant;
 
-use crate::audit::{Audit, AuditBatch, DeviceEvent, RefusalRecord, TunnelRecord};
 use crate::device::Identity;
 use crate::metric;
-use crate::store::{Recorded, Sighting, Store, StoreError};
+use crate::store::{Recorded, Sighting, Sightings, StoreError};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// Audit records waiting at most (through an outage).
-pub const MAX_AUDIT_PENDING: usize = 200_000;
-/// How often records past the retention are deleted, the first time this long after
-/// start.
-pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
-pub const PRUNE_FIRST: Duration = Duration::from_secs(60);
+
+/// A store that keeps failing: the current backoff and when to try again. The first
+/// failure and the recovery are logged once each.
+#[derive(Debug, Default)]
+pub struct Outage(Option<(Duration, Instant)>);
+
+impl Outage {
+    /// Within a backoff: nothing is written before it ends (unless forced).
+    pub fn waiting(&self) -> bool {
+        self.0
+            .is_some_and(|(_, retry_at)| Instant::now() < retry_at)
+    }
+
+    /// A write failed transiently, keeping `what` (in words): the first time it is
+    /// logged and retried soon, then at doubling intervals up to 30 s.
+    pub fn failed(&mut self, e: &StoreError, first: Duration, what: impl FnOnce() -> String) {
+        metrics::counter!(metric::STORE_ERRORS_TOTAL).increment(1);
+        let backoff = match self.0 {
+            None => {
+                log::warn!(
+                    "database write failed, keeping {} and retrying: {e}",
+                    what()
+                );
+                first.min(Duration::from_millis(500))
+            }
+            Some((backoff, _)) => {
+                log::debug!("database still failing ({} pending): {e}", what());
+                (backoff * 2).min(MAX_BACKOFF)
+            }
+        };
+        self.0 = Some((backoff, Instant::now() + backoff));
+    }
+
+    /// A write succeeded: an outage is over.
+    pub fn over(&mut self, what: &str) {
+        if self.0.take().is_some() {
+            log::info!("database is back; wrote the {what} that waited");
+        }
+    }
+}
 
 /// What a session does on each `beat` of a device whose sightings are stored: refresh
 /// last-seen and, unless the device already waits for the next batch, queue it.
@@ -50,47 +79,28 @@ pub fn beat(persistence: &Addr<Persistence>, device: &Identity) {
 }
 
 pub struct Persistence {
-    store: Arc<dyn Store>,
+    store: Arc<dyn Sightings>,
     flush_interval: Duration,
     max_batch: usize,
     /// mac -> newest sighting not written yet.
     pending: HashMap<ByteString, Pending>,
-    /// Audit records not written yet: tunnels by id (the newest record of each),
-    /// device events and refusals in order.
-    tunnels: HashMap<String, TunnelRecord>,
-    events: VecDeque<DeviceEvent>,
-    refusals: VecDeque<RefusalRecord>,
-    /// Sightings and audit records of the write in flight.
+    /// Sightings of the write in flight.
     in_flight: usize,
-    /// How long audit records are kept.
-    retention: Duration,
-    /// At most this many audit records wait ([`MAX_AUDIT_PENDING`]).
-    audit_bound: usize,
-    /// Audit records are being dropped for want of room (logged once until a write
-    /// succeeds).
-    overflowing: bool,
-    /// Set while the store is failing: the current backoff and when to try again.
-    outage: Option<(Duration, Instant)>,
+    outage: Outage,
     /// Only devices already stored are written (`auth.devices = "registered"`): a
     /// device removed from the database never comes back through a sighting.
     existing_only: bool,
 }
 
 impl Persistence {
-    pub fn new(store: Arc<dyn Store>, flush_interval: Duration, max_batch: usize) -> Self {
+    pub fn new(store: Arc<dyn Sightings>, flush_interval: Duration, max_batch: usize) -> Self {
         Self {
             store,
             flush_interval,
             max_batch: max_batch.max(1),
             pending: HashMap::new(),
-            tunnels: HashMap::new(),
-            events: VecDeque::new(),
-            refusals: VecDeque::new(),
             in_flight: 0,
-            retention: Duration::from_secs(90 * 86_400),
-            audit_bound: MAX_AUDIT_PENDING,
-            overflowing: false,
-            outage: None,
+            outage: Outage::default(),
             existing_only: false,
         }
     }
@@ -101,93 +111,8 @@ impl Persistence {
         self
     }
 
-    /// Keeps audit records for `retention` (default 90 days).
-    pub fn with_retention(mut self, retention: Duration) -> Self {
-        self.retention = retention;
-        self
-    }
-
     fn waiting(&self) -> usize {
-        self.pending.len() + self.audit_waiting()
-    }
-
-    fn audit_waiting(&self) -> usize {
-        self.tunnels.len() + self.events.len() + self.refusals.len()
-    }
-
-    fn keep_audit(&mut self, record: Audit) {
-        match record {
-            Audit::Tunnel(t) => {
-                self.tunnels.insert(t.id.clone(), t);
-            }
-            Audit::Device(e) => self.events.push_back(e),
-            Audit::Refusal(r) => self.refusals.push_back(r),
-        }
-        if self.audit_waiting() <= self.audit_bound {
-            return;
-        }
-        // Past the bound (a long outage): the oldest refusal goes, or else the oldest
-        // device event, or else some tunnel's record.
-        if self.refusals.pop_front().is_none() && self.events.pop_front().is_none() {
-            if let Some(id) = self.tunnels.keys().next().cloned() {
-                self.tunnels.remove(&id);
-            }
-        }
-        metrics::counter!(metric::AUDIT_DROPPED_TOTAL).increment(1);
-        if !self.overflowing {
-            self.overflowing = true;
-            log::warn!(
-                "more than {MAX_AUDIT_PENDING} audit records wait for the database: dropping \
-                 the oldest refusals, then device events, then tunnel records until it takes \
-                 them again"
-            );
-        }
-    }
-
-    /// Puts back audit records whose write failed, unless a newer record of the same
-    /// tunnel arrived meanwhile.
-    fn restore_audit(&mut self, batch: AuditBatch) {
-        for t in batch.tunnels {
-            self.tunnels.entry(t.id.clone()).or_insert(t);
-        }
-        for e in batch.events.into_iter().rev() {
-            self.events.push_front(e);
-        }
-        for r in batch.refusals.into_iter().rev() {
-            self.refusals.push_front(r);
-        }
-    }
-
-    /// Deletes audit records past the retention, in the background, then reads how
-    /// many the trail holds (`elfin_audit_records{kind}`).
-    fn prune(&self, ctx: &mut Context<Self>) {
-        let store = self.store.clone();
-        let Ok(retention) = chrono::Duration::from_std(self.retention) else {
-            return;
-        };
-        let before = chrono::Utc::now() - retention;
-        ctx.spawn(
-            async move {
-                match store.prune_audit(before).await {
-                    Ok(0) => {}
-                    Ok(n) => log::info!("pruned {n} audit records from before {before}"),
-                    Err(e) => log::debug!("cannot prune audit records now: {e}"),
-                }
-                match store.audit_size().await {
-                    Ok(size) => {
-                        for (kind, n) in [
-                            ("tunnels", size.tunnels),
-                            ("device_events", size.device_events),
-                            ("refusals", size.refusals),
-                        ] {
-                            metrics::gauge!(metric::AUDIT_RECORDS, "kind" => kind).set(n as f64);
-                        }
-                    }
-                    Err(e) => log::debug!("cannot count audit records now: {e}"),
-                }
-            }
-            .into_actor(self),
-        );
+        self.pending.len()
     }
 
     fn keep(&mut self, record: Record) {
@@ -214,37 +139,32 @@ impl Persistence {
     /// Starts a batch write unless one is in flight, nothing is pending, or (without
     /// `force`) the store is in backoff.
     fn flush(&mut self, force: bool, ctx: &mut Context<Self>) {
-        if self.in_flight > 0 || self.waiting() == 0 {
-            return;
-        }
-        if !force
-            && self
-                .outage
-                .is_some_and(|(_, retry_at)| Instant::now() < retry_at)
-        {
+        if self.in_flight > 0 || self.waiting() == 0 || (!force && self.outage.waiting()) {
             return;
         }
         let batch = self.take_batch();
         self.in_flight = batch.len();
         let (store, existing_only) = (self.store.clone(), self.existing_only);
         async move {
-            let written = batch.write(&*store, existing_only).await;
-            (batch, written)
+            let started = std::time::Instant::now();
+            let recorded = match existing_only {
+                true => store.record_existing(&batch).await,
+                false => store.record(&batch).await,
+            };
+            metrics::histogram!(metric::STORE_ROUND_TRIP_SECONDS, "op" => "record")
+                .record(started.elapsed());
+            (batch, recorded)
         }
         .into_actor(self)
-        .map(|(batch, (recorded, audited)), act, ctx| {
+        .map(|(batch, recorded), act, ctx| {
             act.in_flight = 0;
-            // Both parts are accounted for; the first failure sets the backoff.
-            let sightings = act.sightings_written(batch.sightings, recorded);
-            let audit = act.audit_written(batch.audit, audited);
-            match sightings.or(audit) {
-                None => {
-                    act.overflowing = false;
-                    if act.outage.take().is_some() {
-                        log::info!("database is back; wrote what was pending");
-                    }
+            match act.written(batch, recorded) {
+                None => act.outage.over("sightings"),
+                Some(e) => {
+                    let waiting = act.pending.len();
+                    act.outage
+                        .failed(&e, act.flush_interval, || format!("{waiting} sightings"));
                 }
-                Some(e) => act.failed(e),
             }
             metrics::gauge!(metric::SIGHTINGS_PENDING).set(act.pending.len() as f64);
             if act.waiting() >= act.max_batch {
@@ -255,42 +175,21 @@ impl Persistence {
     }
 
     /// What the next write takes: at most `max_batch` sightings (a backlog after an
-    /// outage goes out that many at a time), and as many audit records.
-    fn take_batch(&mut self) -> Batch {
-        let sightings: Vec<Sighting> = if self.pending.len() <= self.max_batch {
-            self.pending.drain().map(|(_, p)| Self::take(p)).collect()
-        } else {
-            let macs: Vec<ByteString> = self.pending.keys().take(self.max_batch).cloned().collect();
-            macs.iter()
-                .filter_map(|mac| self.pending.remove(mac))
-                .map(Self::take)
-                .collect()
-        };
-        let ids: Vec<String> = self.tunnels.keys().take(self.max_batch).cloned().collect();
-        let tunnels: Vec<TunnelRecord> = ids
-            .iter()
-            .filter_map(|id| self.tunnels.remove(id))
-            .collect();
-        let room = self.max_batch.saturating_sub(tunnels.len()).max(1);
-        let events: Vec<DeviceEvent> = self.events.drain(..self.events.len().min(room)).collect();
-        let room = room.saturating_sub(events.len()).max(1);
-        let refusals = self
-            .refusals
-            .drain(..self.refusals.len().min(room))
-            .collect();
-        Batch {
-            sightings,
-            audit: AuditBatch {
-                tunnels,
-                events,
-                refusals,
-            },
+    /// outage goes out that many at a time).
+    fn take_batch(&mut self) -> Vec<Sighting> {
+        if self.pending.len() <= self.max_batch {
+            return self.pending.drain().map(|(_, p)| Self::take(p)).collect();
         }
+        let macs: Vec<ByteString> = self.pending.keys().take(self.max_batch).cloned().collect();
+        macs.iter()
+            .filter_map(|mac| self.pending.remove(mac))
+            .map(Self::take)
+            .collect()
     }
 
     /// Counts what a write of sightings did; keeps them again if it may succeed later
     /// and answers that failure.
-    fn sightings_written(
+    fn written(
         &mut self,
         batch: Vec<Sighting>,
         result: Result<Recorded, StoreError>,
@@ -331,52 +230,6 @@ impl Persistence {
             }
         }
     }
-
-    /// As [`Persistence::sightings_written`], for audit records.
-    fn audit_written(
-        &mut self,
-        batch: AuditBatch,
-        result: Result<(), StoreError>,
-    ) -> Option<StoreError> {
-        let records = batch.len();
-        match result {
-            Ok(()) => {
-                metrics::counter!(metric::AUDIT_WRITTEN_TOTAL).increment(records as u64);
-                None
-            }
-            Err(e) if !e.is_transient() => {
-                metrics::counter!(metric::STORE_ERRORS_TOTAL).increment(1);
-                metrics::counter!(metric::AUDIT_DROPPED_TOTAL).increment(records as u64);
-                log::error!("database refused {records} audit records, dropped: {e}");
-                None
-            }
-            Err(e) => {
-                self.restore_audit(batch);
-                Some(e)
-            }
-        }
-    }
-
-    /// A write failed transiently: what it held is pending again; retry with backoff.
-    fn failed(&mut self, e: StoreError) {
-        metrics::counter!(metric::STORE_ERRORS_TOTAL).increment(1);
-        let backoff = match self.outage {
-            None => {
-                log::warn!(
-                    "database write failed, keeping {} sightings and {} audit records and \
-                     retrying: {e}",
-                    self.pending.len(),
-                    self.audit_waiting()
-                );
-                self.flush_interval.min(Duration::from_millis(500))
-            }
-            Some((backoff, _)) => {
-                log::debug!("database still failing ({} pending): {e}", self.waiting());
-                (backoff * 2).min(MAX_BACKOFF)
-            }
-        };
-        self.outage = Some((backoff, Instant::now() + backoff));
-    }
 }
 
 impl Actor for Persistence {
@@ -384,11 +237,6 @@ impl Actor for Persistence {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.run_interval(self.flush_interval, |act, ctx| act.flush(false, ctx));
-        // Not at start, when devices reconnect: a minute later, then hourly.
-        ctx.run_later(PRUNE_FIRST, |act, ctx| {
-            act.prune(ctx);
-            ctx.run_interval(PRUNE_EVERY, |act, ctx| act.prune(ctx));
-        });
     }
 }
 
@@ -401,49 +249,6 @@ pub enum Record {
     /// A device that beats: queued once (see [`crate::device::Activity::queue`]) and
     /// read when its batch is taken.
     Beat(Identity),
-}
-
-/// What one write takes to the store.
-struct Batch {
-    sightings: Vec<Sighting>,
-    audit: AuditBatch,
-}
-
-impl Batch {
-    fn len(&self) -> usize {
-        self.sightings.len() + self.audit.len()
-    }
-
-    /// Writes the sightings, then the audit records (each part only if there is one),
-    /// timing each round trip.
-    async fn write(
-        &self,
-        store: &dyn Store,
-        existing_only: bool,
-    ) -> (Result<Recorded, StoreError>, Result<(), StoreError>) {
-        let recorded = if self.sightings.is_empty() {
-            Ok(Recorded::default())
-        } else {
-            let started = std::time::Instant::now();
-            let recorded = match existing_only {
-                true => store.record_existing(&self.sightings).await,
-                false => store.record(&self.sightings).await,
-            };
-            metrics::histogram!(metric::STORE_ROUND_TRIP_SECONDS, "op" => "record")
-                .record(started.elapsed());
-            recorded
-        };
-        let audited = if self.audit.is_empty() {
-            Ok(())
-        } else {
-            let started = std::time::Instant::now();
-            let audited = store.write_audit(&self.audit).await;
-            metrics::histogram!(metric::STORE_ROUND_TRIP_SECONDS, "op" => "audit")
-                .record(started.elapsed());
-            audited
-        };
-        (recorded, audited)
-    }
 }
 
 /// A device waiting for the next batch.
@@ -482,8 +287,9 @@ pub struct PendingFor {
     pub uuid: ByteString,
 }
 
-/// Write everything pending now, ignoring backoff. Answers how many sightings are
-/// still unwritten (pending or in flight); shutdown repeats it until that is zero.
+/// Write everything pending now, ignoring backoff. Answers how many sightings (or, to
+/// the audit writer, records) are still unwritten, pending or in flight; shutdown
+/// repeats it until that is zero.
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct Flush;
@@ -493,17 +299,6 @@ impl Handler<Record> for Persistence {
 
     fn handle(&mut self, record: Record, ctx: &mut Context<Self>) {
         self.keep(record);
-        if self.waiting() >= self.max_batch {
-            self.flush(false, ctx);
-        }
-    }
-}
-
-impl Handler<Audit> for Persistence {
-    type Result = ();
-
-    fn handle(&mut self, record: Audit, ctx: &mut Context<Self>) {
-        self.keep_audit(record);
         if self.waiting() >= self.max_batch {
             self.flush(false, ctx);
         }
@@ -537,7 +332,7 @@ impl Handler<Flush> for Persistence {
 mod tests {
     use super::*;
     use crate::store::embedded::EmbeddedStore;
-    use crate::store::{Device, OwnedDevice, Recorded, StoreError, User};
+    use crate::store::{Directory, Recorded, StoreError};
     use async_trait::async_trait;
     use chrono::{DateTime, Utc};
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -563,8 +358,9 @@ mod tests {
         }
     }
 
+    /// Intercepts the one role the persistence actor writes through.
     #[async_trait]
-    impl Store for Flaky {
+    impl Sightings for Flaky {
         async fn record(&self, batch: &[Sighting]) -> Result<Recorded, StoreError> {
             self.attempts.fetch_add(1, Ordering::SeqCst);
             if self.failing.load(Ordering::SeqCst) {
@@ -576,75 +372,8 @@ mod tests {
             }
             self.inner.record(batch).await
         }
-        async fn user_exists(&self, uuid: &str) -> Result<bool, StoreError> {
-            self.inner.user_exists(uuid).await
-        }
-        async fn account(
-            &self,
-            key: crate::store::AccountKey<'_>,
-        ) -> Result<Option<crate::store::Account>, StoreError> {
-            self.inner.account(key).await
-        }
-        async fn user_devices(&self, uuid: &str) -> Result<Option<Vec<Device>>, StoreError> {
-            self.inner.user_devices(uuid).await
-        }
-        async fn add_user(&self, username: &str, uuid: &str) -> Result<(), StoreError> {
-            self.inner.add_user(username, uuid).await
-        }
-        async fn users(&self) -> Result<Vec<User>, StoreError> {
-            self.inner.users().await
-        }
-        async fn devices(&self, owner: Option<&str>) -> Result<Vec<OwnedDevice>, StoreError> {
-            self.inner.devices(owner).await
-        }
-        async fn ping(&self) -> Result<(), StoreError> {
-            self.inner.ping().await
-        }
-        async fn write_audit(&self, batch: &AuditBatch) -> Result<(), StoreError> {
-            self.attempts.fetch_add(1, Ordering::SeqCst);
-            if self.failing.load(Ordering::SeqCst) {
-                return Err(StoreError::Transient("outage".into()));
-            }
-            self.inner.write_audit(batch).await
-        }
-        async fn members(&self, with_devices: bool) -> Result<crate::store::Members, StoreError> {
-            self.inner.members(with_devices).await
-        }
         async fn record_existing(&self, batch: &[Sighting]) -> Result<Recorded, StoreError> {
             self.inner.record_existing(batch).await
-        }
-        async fn remove_device(&self, mac: &str) -> Result<bool, StoreError> {
-            self.inner.remove_device(mac).await
-        }
-        async fn remove_user(&self, username: &str) -> Result<bool, StoreError> {
-            self.inner.remove_user(username).await
-        }
-        async fn set_admin(&self, username: &str, admin: bool) -> Result<bool, StoreError> {
-            self.inner.set_admin(username, admin).await
-        }
-        async fn audit_refusals(
-            &self,
-            filter: &crate::audit::Filter,
-        ) -> Result<Vec<RefusalRecord>, StoreError> {
-            self.inner.audit_refusals(filter).await
-        }
-        async fn audit_size(&self) -> Result<crate::audit::AuditSize, StoreError> {
-            self.inner.audit_size().await
-        }
-        async fn audit_tunnels(
-            &self,
-            filter: &crate::audit::Filter,
-        ) -> Result<Vec<TunnelRecord>, StoreError> {
-            self.inner.audit_tunnels(filter).await
-        }
-        async fn audit_devices(
-            &self,
-            filter: &crate::audit::Filter,
-        ) -> Result<Vec<DeviceEvent>, StoreError> {
-            self.inner.audit_devices(filter).await
-        }
-        async fn prune_audit(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
-            self.inner.prune_audit(before).await
         }
     }
 
@@ -753,115 +482,6 @@ mod tests {
             started.elapsed() < Duration::from_secs(3600),
             "no interval waited"
         );
-    }
-
-    fn event(mac: &str, at_ms: i64) -> Audit {
-        Audit::Device(DeviceEvent {
-            at: DateTime::<Utc>::from_timestamp_millis(at_ms).unwrap(),
-            node: "n".into(),
-            uuid: "ua".into(),
-            mac: mac.into(),
-            host: "h".into(),
-            change: crate::audit::DeviceChange::Online,
-            address: "192.0.2.1:1".into(),
-            cause: None,
-        })
-    }
-
-    #[actix_rt::test]
-    async fn audit_records_wait_out_an_outage_within_their_bound_and_a_tunnel_is_one_row() {
-        tokio::time::pause();
-        let dir = tempfile::tempdir().unwrap();
-        let store = Flaky::new(&dir, true, false);
-        let mut persistence = Persistence::new(store.clone(), Duration::from_millis(20), 100);
-        persistence.audit_bound = 4;
-        let persistence = persistence.start();
-        let opened = TunnelRecord {
-            id: "t1".into(),
-            node: "n".into(),
-            uuid: "ua".into(),
-            device: "M1".into(),
-            device_addr: "192.0.2.1:1".into(),
-            peer_device: None,
-            client_addr: "192.0.2.2:2".into(),
-            client_cert: None,
-            client_cert_serial: None,
-            opened: DateTime::<Utc>::from_timestamp_millis(1_000).unwrap(),
-            closed: None,
-            cause: None,
-            to_device: 0,
-            from_device: 0,
-        };
-        let closed = TunnelRecord {
-            closed: Some(DateTime::<Utc>::from_timestamp_millis(2_000).unwrap()),
-            cause: Some("client closed".into()),
-            to_device: 10,
-            ..opened.clone()
-        };
-        persistence.do_send(Audit::Tunnel(opened));
-        for i in 0..5 {
-            persistence.do_send(event(&format!("M{i}"), i));
-        }
-        persistence.do_send(Audit::Tunnel(closed.clone()));
-        actix_rt::time::sleep(Duration::from_millis(300)).await;
-        assert!(store.attempts.load(Ordering::SeqCst) >= 2, "it retried");
-
-        store.failing.store(false, Ordering::SeqCst);
-        settle(&persistence).await;
-        let all = crate::audit::Filter {
-            limit: 100,
-            ..Default::default()
-        };
-        assert_eq!(store.inner.audit_tunnels(&all).await.unwrap(), [closed]);
-        // Bound 4: the tunnel and the three newest events; the two oldest dropped.
-        let macs: Vec<String> = store
-            .inner
-            .audit_devices(&all)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| e.mac)
-            .collect();
-        assert_eq!(macs, ["M4", "M3", "M2"]);
-    }
-
-    #[actix_rt::test]
-    async fn records_past_the_retention_are_pruned_a_minute_after_start() {
-        tokio::time::pause();
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(EmbeddedStore::open(&dir.path().join("db")).unwrap());
-        let Audit::Device(mut old) = event("M1", 0) else {
-            unreachable!()
-        };
-        old.at = Utc::now() - chrono::Duration::days(2);
-        let mut new = old.clone();
-        new.at = Utc::now();
-        let batch = AuditBatch {
-            events: vec![old, new],
-            ..AuditBatch::default()
-        };
-        store.write_audit(&batch).await.unwrap();
-        let _persistence = Persistence::new(store.clone(), Duration::from_secs(1), 100)
-            .with_retention(Duration::from_secs(86_400))
-            .start();
-        let all = crate::audit::Filter {
-            limit: 10,
-            ..Default::default()
-        };
-        actix_rt::time::sleep(Duration::from_secs(30)).await;
-        assert_eq!(
-            store.audit_devices(&all).await.unwrap().len(),
-            2,
-            "not at start"
-        );
-        actix_rt::time::sleep(Duration::from_secs(31)).await;
-        for _ in 0..100 {
-            if store.audit_devices(&all).await.unwrap().len() == 1 {
-                return;
-            }
-            actix_rt::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("the record from two days ago is still there");
     }
 
     #[actix_rt::test]

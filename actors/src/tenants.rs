@@ -157,7 +157,7 @@ mod tests {
 
     use super::*;
     use crate::store::embedded::EmbeddedStore;
-    use crate::store::Sighting;
+    use crate::store::{Directory, Sighting, Sightings};
 
     const UUID: &str = "0b7c6a35-1f4c-4d6e-9c07-7d3d1c4e9a11";
 

@@ -202,6 +202,7 @@ fn status(known: bool) -> UserStatus {
 mod tests {
     use super::*;
     use crate::store::embedded::EmbeddedStore;
+    use crate::store::Directory;
 
     #[tokio::test]
     async fn the_caches_stay_within_their_bound_whatever_uuids_arrive() {

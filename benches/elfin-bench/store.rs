@@ -13,13 +13,10 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
-use elfin_actors::audit::{
-    AuditBatch, AuditSize, DeviceEvent, Filter, RefusalRecord, TunnelRecord,
-};
 use elfin_actors::persistence::{Flush, Persistence, Record};
 use elfin_actors::store::embedded::EmbeddedStore;
 use elfin_actors::store::mongo::{MongoStore, HOUSEKEEPING_COMMANDS};
-use elfin_actors::store::{Sighting, Store};
+use elfin_actors::store::{Directory, Recorded, Sighting, Sightings, Store, StoreError};
 
 use crate::report::{Row, Target};
 
@@ -39,7 +36,7 @@ fn sightings(n: usize, at_secs: i64) -> Vec<Sighting> {
 }
 
 /// Sightings a second through the persistence actor, until all are written.
-async fn through_persistence(store: Arc<dyn Store>, batch: Vec<Sighting>) -> f64 {
+async fn through_persistence(store: Arc<dyn Sightings>, batch: Vec<Sighting>) -> f64 {
     let n = batch.len();
     let persistence = Persistence::new(store, Duration::from_secs(1), BATCH).start();
     let started = Instant::now();
@@ -53,7 +50,7 @@ async fn through_persistence(store: Arc<dyn Store>, batch: Vec<Sighting>) -> f64
 }
 
 /// Sightings a second written straight to the store in batches of [`BATCH`].
-async fn direct(store: &dyn Store, batch: &[Sighting]) -> f64 {
+async fn direct(store: &dyn Sightings, batch: &[Sighting]) -> f64 {
     let started = Instant::now();
     for chunk in batch.chunks(BATCH) {
         store.record(chunk).await.unwrap();
@@ -63,11 +60,12 @@ async fn direct(store: &dyn Store, batch: &[Sighting]) -> f64 {
 
 /// One backend: (sightings/s through persistence, directly, round trips per 1000).
 async fn measure(
-    store: Arc<dyn Store>,
+    store: Arc<dyn Sightings>,
+    directory: &dyn Directory,
     n: usize,
     round_trips: impl Fn() -> usize,
 ) -> (f64, f64, f64) {
-    store.add_user("bench", UUID).await.unwrap();
+    directory.add_user("bench", UUID).await.unwrap();
     // First sightings insert the devices; steady state is what follows.
     through_persistence(store.clone(), sightings(n, 1_000)).await;
     let before = round_trips();
@@ -98,113 +96,22 @@ fn rows(backend: &str, n: usize, (rate, base, trips): (f64, f64, f64)) -> Vec<Ro
     ]
 }
 
-/// The embedded store, counting its transactions (one per `record` or audit batch).
+/// Sightings into the embedded store, counting its transactions (one per batch): the
+/// one role the persistence actor writes through.
 struct Counted {
-    inner: Arc<dyn Store>,
+    inner: Arc<dyn Sightings>,
     writes: AtomicUsize,
 }
 
 #[async_trait::async_trait]
-impl Store for Counted {
-    async fn record(
-        &self,
-        batch: &[Sighting],
-    ) -> Result<elfin_actors::store::Recorded, elfin_actors::store::StoreError> {
+impl Sightings for Counted {
+    async fn record(&self, batch: &[Sighting]) -> Result<Recorded, StoreError> {
         self.writes.fetch_add(1, Ordering::Relaxed);
         self.inner.record(batch).await
     }
-    async fn user_exists(&self, uuid: &str) -> Result<bool, elfin_actors::store::StoreError> {
-        self.inner.user_exists(uuid).await
-    }
-    async fn account(
-        &self,
-        key: elfin_actors::store::AccountKey<'_>,
-    ) -> Result<Option<elfin_actors::store::Account>, elfin_actors::store::StoreError> {
-        self.inner.account(key).await
-    }
-    async fn user_devices(
-        &self,
-        uuid: &str,
-    ) -> Result<Option<Vec<elfin_actors::store::Device>>, elfin_actors::store::StoreError> {
-        self.inner.user_devices(uuid).await
-    }
-    async fn add_user(
-        &self,
-        username: &str,
-        uuid: &str,
-    ) -> Result<(), elfin_actors::store::StoreError> {
-        self.inner.add_user(username, uuid).await
-    }
-    async fn users(
-        &self,
-    ) -> Result<Vec<elfin_actors::store::User>, elfin_actors::store::StoreError> {
-        self.inner.users().await
-    }
-    async fn devices(
-        &self,
-        owner: Option<&str>,
-    ) -> Result<Vec<elfin_actors::store::OwnedDevice>, elfin_actors::store::StoreError> {
-        self.inner.devices(owner).await
-    }
-    async fn ping(&self) -> Result<(), elfin_actors::store::StoreError> {
-        self.inner.ping().await
-    }
-    async fn write_audit(&self, batch: &AuditBatch) -> Result<(), elfin_actors::store::StoreError> {
-        self.writes.fetch_add(1, Ordering::Relaxed);
-        self.inner.write_audit(batch).await
-    }
-    async fn members(
-        &self,
-        with_devices: bool,
-    ) -> Result<elfin_actors::store::Members, elfin_actors::store::StoreError> {
-        self.inner.members(with_devices).await
-    }
-    async fn record_existing(
-        &self,
-        batch: &[Sighting],
-    ) -> Result<elfin_actors::store::Recorded, elfin_actors::store::StoreError> {
+    async fn record_existing(&self, batch: &[Sighting]) -> Result<Recorded, StoreError> {
         self.writes.fetch_add(1, Ordering::Relaxed);
         self.inner.record_existing(batch).await
-    }
-    async fn remove_device(&self, mac: &str) -> Result<bool, elfin_actors::store::StoreError> {
-        self.inner.remove_device(mac).await
-    }
-    async fn remove_user(&self, username: &str) -> Result<bool, elfin_actors::store::StoreError> {
-        self.inner.remove_user(username).await
-    }
-    async fn set_admin(
-        &self,
-        username: &str,
-        admin: bool,
-    ) -> Result<bool, elfin_actors::store::StoreError> {
-        self.inner.set_admin(username, admin).await
-    }
-    async fn audit_refusals(
-        &self,
-        filter: &Filter,
-    ) -> Result<Vec<RefusalRecord>, elfin_actors::store::StoreError> {
-        self.inner.audit_refusals(filter).await
-    }
-    async fn audit_size(&self) -> Result<AuditSize, elfin_actors::store::StoreError> {
-        self.inner.audit_size().await
-    }
-    async fn audit_tunnels(
-        &self,
-        filter: &Filter,
-    ) -> Result<Vec<TunnelRecord>, elfin_actors::store::StoreError> {
-        self.inner.audit_tunnels(filter).await
-    }
-    async fn audit_devices(
-        &self,
-        filter: &Filter,
-    ) -> Result<Vec<DeviceEvent>, elfin_actors::store::StoreError> {
-        self.inner.audit_devices(filter).await
-    }
-    async fn prune_audit(
-        &self,
-        before: DateTime<Utc>,
-    ) -> Result<u64, elfin_actors::store::StoreError> {
-        self.inner.prune_audit(before).await
     }
 }
 
@@ -250,15 +157,17 @@ pub fn store_writes(full: bool, mongodb_uri: Option<String>) -> Vec<Row> {
         let mut out = Vec::new();
         let dir = tempfile::tempdir().unwrap();
         let n = if full { 100_000 } else { 20_000 };
+        let real = Arc::new(EmbeddedStore::open(&dir.path().join("bench.db")).unwrap());
         let embedded = Arc::new(Counted {
-            inner: Arc::new(EmbeddedStore::open(&dir.path().join("bench.db")).unwrap()),
+            inner: real.clone(),
             writes: AtomicUsize::new(0),
         });
         let counted = embedded.clone();
+        let writes = || counted.writes.load(Ordering::Relaxed);
         out.extend(rows(
             "embedded",
             n,
-            measure(embedded, n, || counted.writes.load(Ordering::Relaxed)).await,
+            measure(embedded, &*real, n, writes).await,
         ));
 
         let standin;
@@ -302,7 +211,7 @@ pub fn store_writes(full: bool, mongodb_uri: Option<String>) -> Vec<Row> {
         out.extend(rows(
             "mongodb",
             n,
-            measure(mongo, n, || *commands.lock().unwrap()).await,
+            measure(mongo.clone(), &*mongo, n, || *commands.lock().unwrap()).await,
         ));
         if let Ok(client) = mongodb::Client::with_uri_str(&uri).await {
             let _ = client.database(&database).drop().await;

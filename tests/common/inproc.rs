@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 use elfin_actors::device::DeviceKey;
 use elfin_actors::store::embedded::EmbeddedStore;
-use elfin_actors::store::Store;
+use elfin_actors::store::{Directory, Sightings};
 use elfin_actors::{Config, Hub, Listen, ShutdownError, Workers};
 
 /// How long a peer waits for anything (virtual time on a paused clock).

@@ -1,10 +1,12 @@
 //! The database behind the gateway: users, their devices, device sightings, and the
 //! audit trail ([`crate::audit`]).
 //!
-//! [`Store`] is what the persistence actor writes through and what `query` and the
-//! operator commands read. Two backends implement it: [`embedded`] (SQLite in a local
-//! file, the default) and [`mongo`] (the schema shared with the Web UI). Both follow the
-//! ownership rules of `docs/PROTOCOL.md` §5.
+//! Three roles, each a trait: [`Sightings`] (what the persistence actor writes in
+//! batches), [`Directory`] (users, devices and accounts, read by admission, `query`,
+//! the follower and the operator commands) and [`AuditLog`] (the audit trail).
+//! [`Store`] is all three on one database. Two backends implement them: [`embedded`]
+//! (SQLite in a local file, the default) and [`mongo`] (the schema shared with the Web
+//! UI). Both follow the ownership rules of `docs/PROTOCOL.md` §5.
 
 pub mod embedded;
 pub mod mongo;
@@ -235,12 +237,23 @@ pub async fn open(
     }
 }
 
+/// Device sightings, written in batches by the persistence actor.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Sightings: Send + Sync + 'static {
     /// Writes a batch of sightings (at most one per mac) following §5: unknown users
     /// are skipped, devices change owner, last-seen never moves backwards.
     async fn record(&self, batch: &[Sighting]) -> Result<Recorded, StoreError>;
 
+    /// As [`Sightings::record`], but only for devices stored as their user's already:
+    /// nothing is inserted or moved (`auth.devices = "registered"`, where a removed
+    /// device's row must never come back).
+    async fn record_existing(&self, batch: &[Sighting]) -> Result<Recorded, StoreError>;
+}
+
+/// Users, their devices and accounts as the gateway reads them (and the operator
+/// commands change them), and whether the database answers.
+#[async_trait]
+pub trait Directory: Send + Sync + 'static {
     /// Whether a user with this uuid exists.
     async fn user_exists(&self, uuid: &str) -> Result<bool, StoreError>;
 
@@ -265,11 +278,6 @@ pub trait Store: Send + Sync + 'static {
     /// re-reads to follow removals and changes made by any writer).
     async fn members(&self, with_devices: bool) -> Result<Members, StoreError>;
 
-    /// As [`Store::record`], but only for devices stored as their user's already:
-    /// nothing is inserted or moved (`auth.devices = "registered"`, where a removed
-    /// device's row must never come back).
-    async fn record_existing(&self, batch: &[Sighting]) -> Result<Recorded, StoreError>;
-
     /// Deletes the device with this MAC (and its place in its user's list); false if
     /// there is none.
     async fn remove_device(&self, mac: &str) -> Result<bool, StoreError>;
@@ -283,7 +291,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Drops what the store caches about these users (they changed or are gone).
     fn forget_users(&self, _uuids: &[String]) {}
+}
 
+/// The audit trail ([`crate::audit`]): written in batches, read by the operator.
+#[async_trait]
+pub trait AuditLog: Send + Sync + 'static {
     /// Writes audit records in one batch: tunnels by id (a later record of a tunnel
     /// replaces its earlier one), device events and refusals appended.
     async fn write_audit(&self, batch: &AuditBatch) -> Result<(), StoreError>;
@@ -306,3 +318,9 @@ pub trait Store: Send + Sync + 'static {
     /// How many records the audit trail holds, by kind.
     async fn audit_size(&self) -> Result<AuditSize, StoreError>;
 }
+
+/// A whole backend: every role on one database. Each part of the gateway takes the
+/// role it uses (an `Arc<dyn Store>` coerces to any of them).
+pub trait Store: Sightings + Directory + AuditLog {}
+
+impl<T: Sightings + Directory + AuditLog> Store for T {}
