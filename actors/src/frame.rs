@@ -24,13 +24,13 @@
 //!
 //! [`Reply`] is what goes back: one `\n`-terminated JSON line, made by [`Reply::encode`].
 //!
-//! The decoder's boundary rules are read together here, with the encoder beside it
-//! as the codec's other half; the specification tests are in `frame/tests.rs`.
+//! The decoder's boundary rules are read together here; the encoder, the codec's
+//! other half, is in `frame/reply.rs` and the specification tests in
+//! `frame/tests.rs`.
 
 use bytes::{Buf, Bytes, BytesMut};
 use bytestring::ByteString;
 use memchr::memmem;
-use serde::Serialize;
 
 /// Longest accepted header field (uuid, mac, host, priority).
 pub const MAX_FIELD: usize = 128;
@@ -567,59 +567,8 @@ fn held_suffix(buf: &[u8], uuid: &[u8], next: &Expected) -> usize {
         .unwrap_or(0)
 }
 
-/// What the gateway answers a `connme`, `connthem` or `query`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply {
-    /// `{"status":"success"}`
-    Success,
-    /// `{"status":"failed","reason":"…"}`
-    Failed(String),
-    /// The `query` reply: a JSON array of the user's devices.
-    Devices(Vec<DeviceRow>),
-}
-
-/// One device in a `query` reply, fields in the protocol's key order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct DeviceRow {
-    pub hostname: String,
-    pub macaddress: String,
-    pub lastseendate: String,
-    pub status: Status,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    Online,
-    Offline,
-}
-
-impl Reply {
-    /// The reply as it goes on the wire: one JSON line ending in `\n`.
-    pub fn encode(&self) -> Bytes {
-        #[derive(Serialize)]
-        struct Outcome<'a> {
-            status: &'static str,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            reason: Option<&'a str>,
-        }
-        let json = match self {
-            Reply::Success => serde_json::to_vec(&Outcome {
-                status: "success",
-                reason: None,
-            }),
-            Reply::Failed(reason) => serde_json::to_vec(&Outcome {
-                status: "failed",
-                reason: Some(reason),
-            }),
-            Reply::Devices(rows) => serde_json::to_vec(rows),
-        };
-        // Serializing strings and enums cannot fail.
-        let mut line = json.unwrap_or_else(|_| b"[]".to_vec());
-        line.push(b'\n');
-        line.into()
-    }
-}
+mod reply;
+pub use reply::{DeviceRow, Reply, Status};
 
 #[cfg(test)]
 mod tests;

@@ -27,12 +27,18 @@
 
 pub mod bus;
 pub mod fleet;
+mod membership;
+mod nats;
 pub mod peer;
+mod peer_tls;
 pub mod remote;
 mod requests;
 mod settings;
 pub mod wire;
 
+pub use membership::{ClusterView, Membership};
+use nats::tokio_stream_of;
+pub use nats::{NatsAuth, Subscription};
 pub use requests::{Elsewhere, Gather, Open, Probe, SeenElsewhere};
 pub use settings::{ClusterSettings, SettingError};
 
@@ -43,7 +49,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use async_nats::{Client, Event, Message};
+use async_nats::{Event, Message};
 use bytestring::ByteString;
 use futures::stream::AbortHandle;
 use futures::StreamExt;
@@ -56,7 +62,7 @@ use crate::device::DeviceKey;
 use crate::link::SessionId;
 use crate::metric;
 use crate::registry::{DeviceRegistry, Presence, Watch};
-use bus::{Bus, Keys, Rejected, Seal};
+use bus::{Bus, Keys, Seal};
 use peer::{AwaitedTunnels, Known, PeerIdentity, PeerTls};
 use remote::{Lost, Remote, Tracked};
 use wire::{Ask, Hello, NodeId, Subjects};
@@ -90,46 +96,6 @@ pub struct ClusterConfig {
     pub stall: Duration,
     pub out_chunks: usize,
     pub out_bytes: usize,
-}
-
-/// Credentials and TLS for NATS, as the server asks for them.
-#[derive(Debug, Clone, Default)]
-pub struct NatsAuth {
-    pub token: Option<String>,
-    pub user: Option<(String, String)>,
-    pub nkey_seed: Option<String>,
-    pub credentials_file: Option<PathBuf>,
-    pub tls_ca: Option<PathBuf>,
-    pub tls_client: Option<(PathBuf, PathBuf)>,
-    pub require_tls: bool,
-}
-
-impl NatsAuth {
-    /// Connect options with these credentials and TLS settings.
-    async fn options(&self) -> Result<async_nats::ConnectOptions, JoinError> {
-        let mut options = match &self.credentials_file {
-            Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
-                .await
-                .map_err(JoinError::Credentials)?,
-            None => async_nats::ConnectOptions::new(),
-        };
-        if let Some(token) = &self.token {
-            options = options.token(token.clone());
-        }
-        if let Some((user, password)) = &self.user {
-            options = options.user_and_password(user.clone(), password.clone());
-        }
-        if let Some(seed) = &self.nkey_seed {
-            options = options.nkey(seed.clone());
-        }
-        if let Some(ca) = &self.tls_ca {
-            options = options.add_root_certificates(ca.clone());
-        }
-        if let Some((cert, key)) = &self.tls_client {
-            options = options.add_client_certificate(cert.clone(), key.clone());
-        }
-        Ok(options.require_tls(self.require_tls))
-    }
 }
 
 impl ClusterConfig {
@@ -330,47 +296,6 @@ pub async fn join(
     Ok(cluster)
 }
 
-/// A NATS subscription that may outlive the runtime: a subscriber unsubscribes on
-/// drop by spawning a task, which would panic while the process exits (the actix
-/// system drops what is left after its runtime has stopped). Then there is nothing
-/// to tell NATS that closing the connection does not, and it is left alone.
-pub struct Subscription(Option<async_nats::Subscriber>);
-
-impl Subscription {
-    pub async fn new(nats: &Client, subject: String) -> Result<Self, async_nats::SubscribeError> {
-        Ok(Subscription(Some(nats.subscribe(subject).await?)))
-    }
-}
-
-impl futures::Stream for Subscription {
-    type Item = Message;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Message>> {
-        match &mut self.0 {
-            Some(subscriber) => subscriber.poll_next_unpin(cx),
-            None => std::task::Poll::Ready(None),
-        }
-    }
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        if tokio::runtime::Handle::try_current().is_err() {
-            std::mem::forget(self.0.take());
-        }
-    }
-}
-
-/// An unbounded receiver as a stream.
-fn tokio_stream_of<T: 'static>(
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,
-) -> impl futures::Stream<Item = T> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
-}
-
 impl Actor for Cluster {
     type Context = Context<Self>;
 
@@ -400,40 +325,6 @@ impl Cluster {
         metrics::gauge!(metric::CLUSTER_CONNECTED).set(if self.connected { 1.0 } else { 0.0 });
         metrics::gauge!(metric::CLUSTER_NODES).set(self.nodes.len() as f64);
         metrics::gauge!(metric::CLUSTER_TUNNEL_ENDS).set(self.remotes.len() as f64);
-    }
-
-    fn say_hello(&self) {
-        self.publish(self.config.subjects.hello(), &self.hello);
-    }
-
-    /// Says hello, and ends the tunnels of nodes that stopped saying it.
-    fn tick(&mut self) {
-        self.say_hello();
-        let timeout = self.config.node_timeout;
-        let gone: Vec<NodeId> = self
-            .nodes
-            .iter()
-            .filter(|(_, node)| node.seen.elapsed() >= timeout)
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in gone {
-            self.forget(&name);
-            let why = format!("node {name} stopped answering for {timeout:?}");
-            let ends = self.end_tunnels(|n| *n == name, &why);
-            log::warn!("{why}; ended its {ends} cross-node tunnel ends");
-            self.fleet_node_lost(&name);
-        }
-        self.report();
-    }
-
-    /// Drops a node from the membership, and its certificate from the peer port.
-    fn forget(&mut self, name: &NodeId) {
-        if let Some(node) = self.nodes.remove(name) {
-            self.known
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&node.fingerprint);
-        }
     }
 
     /// Ends the cross-node tunnel ends whose other node `matches`; returns how many.
@@ -496,54 +387,6 @@ impl Cluster {
             other => log::info!("NATS: {other}"),
         }
         self.report();
-    }
-
-    fn hello_message(&mut self, message: Message) {
-        let Some((name, hello)) = self.bus.open::<Hello>(&message) else {
-            return;
-        };
-        if let Some(known) = self.nodes.get(&name) {
-            let fresh = known.seen.elapsed() < self.config.node_timeout;
-            if known.fingerprint != hello.fingerprint
-                && fresh
-                && hello.started_ms <= known.started_ms
-            {
-                // Two nodes under one name, both holding the secret.
-                self.bus.seal.reject(Rejected::Unexpected, || {
-                    format!(
-                        "a hello from a second node calling itself {name:?} (peer {}): \
-                         give each node its own cluster.node_id",
-                        hello.peer
-                    )
-                });
-                return;
-            }
-        }
-        let node = Node {
-            seen: Instant::now(),
-            started_ms: hello.started_ms,
-            peer: hello.peer,
-            fingerprint: hello.fingerprint,
-        };
-        let restarted = self
-            .nodes
-            .get(&name)
-            .is_some_and(|old| old.fingerprint != node.fingerprint);
-        if restarted {
-            log::info!("cluster node {name} restarted");
-            self.forget(&name);
-            self.end_tunnels(|n| *n == name, &format!("node {name} restarted"));
-        }
-        self.known
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(node.fingerprint.clone(), name.clone());
-        if self.nodes.insert(name.clone(), node).is_none() {
-            log::info!("cluster node {name} is up");
-            // So that it knows of this node at once, not at the next hello.
-            self.say_hello();
-            self.report();
-        }
     }
 
     /// Tells whoever else holds the device that this node has had it since
@@ -665,36 +508,6 @@ impl Handler<Tracked> for Cluster {
             }
         }
         self.report();
-    }
-}
-
-/// This node's view of the cluster, for the status page.
-#[derive(Message)]
-#[rtype(result = "ClusterView")]
-pub struct Membership;
-
-#[derive(Debug, Clone, MessageResponse, serde::Serialize)]
-pub struct ClusterView {
-    pub node: NodeId,
-    pub connected: bool,
-    /// The other nodes heard from lately, by name.
-    pub nodes: Vec<NodeId>,
-    /// Tunnel ends here whose other end is on another node.
-    pub tunnel_ends: usize,
-}
-
-impl Handler<Membership> for Cluster {
-    type Result = ClusterView;
-
-    fn handle(&mut self, _: Membership, _: &mut Context<Self>) -> ClusterView {
-        let mut nodes: Vec<NodeId> = self.nodes.keys().cloned().collect();
-        nodes.sort();
-        ClusterView {
-            node: self.config.node.clone(),
-            connected: self.connected,
-            nodes,
-            tunnel_ends: self.remotes.len(),
-        }
     }
 }
 
