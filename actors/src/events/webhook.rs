@@ -218,6 +218,20 @@ impl Endpoint {
         kind && user
     }
 
+    /// An HTTP client for this endpoint: its timeout, its TLS, no redirects (a
+    /// receiver's redirect would send the signed body elsewhere).
+    fn client(&self) -> awc::Client {
+        let mut connector = awc::Connector::new().timeout(self.timeout);
+        if let Some(tls) = &self.tls {
+            connector = connector.rustls_0_23(tls.clone());
+        }
+        awc::Client::builder()
+            .connector(connector)
+            .timeout(self.timeout)
+            .disable_redirects()
+            .finish()
+    }
+
     /// The URL without its query, for the status page.
     pub fn shown_url(&self) -> String {
         format!(
@@ -413,15 +427,7 @@ async fn deliver_all(
     mut rx: mpsc::Receiver<Arc<Prepared>>,
     state: Arc<Mutex<EndpointState>>,
 ) {
-    let mut connector = awc::Connector::new().timeout(endpoint.timeout);
-    if let Some(tls) = &endpoint.tls {
-        connector = connector.rustls_0_23(tls.clone());
-    }
-    let client = awc::Client::builder()
-        .connector(connector)
-        .timeout(endpoint.timeout)
-        .disable_redirects()
-        .finish();
+    let client = endpoint.client();
     let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
     let name = endpoint.name.clone();
     let mut failing = false;
@@ -523,16 +529,7 @@ async fn attempt_delivery(
 
 /// Sends one signed event to `endpoint` now, once: `elfin-gateway events test`.
 pub async fn send_once(endpoint: &Endpoint, event: &Event) -> Result<(), String> {
-    let mut connector = awc::Connector::new().timeout(endpoint.timeout);
-    if let Some(tls) = &endpoint.tls {
-        connector = connector.rustls_0_23(tls.clone());
-    }
-    let client = awc::Client::builder()
-        .connector(connector)
-        .timeout(endpoint.timeout)
-        .disable_redirects()
-        .finish();
-    attempt_delivery(&client, endpoint, &Prepared::of(event)).await
+    attempt_delivery(&endpoint.client(), endpoint, &Prepared::of(event)).await
 }
 
 #[cfg(test)]
