@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use elfin_actors::audit::AuditSettings;
 use elfin_actors::cluster::ClusterSettings;
-use elfin_actors::config::{Auth, Heartbeat, Persistence, Secret, Server};
+use elfin_actors::config::{Auth, Heartbeat, PersistenceSettings, Secret, Server};
 use elfin_actors::de;
 use elfin_actors::events::webhook::{Endpoint, WebhookSettings};
 use elfin_actors::events::EventsSettings;
@@ -55,7 +55,7 @@ pub struct Settings {
     pub storage: Storage,
     pub mongodb: Mongodb,
     pub heartbeat: Heartbeat,
-    pub persistence: Persistence,
+    pub persistence: PersistenceSettings,
     pub query: QueryFormat,
     pub auth: Auth,
     pub tls: TlsSettings,

@@ -261,21 +261,21 @@ pub struct Trail {
 enum Budget {
     /// A device's events: (uuid, mac).
     Device(ByteString, ByteString),
-    User(Kind, ByteString),
-    Source(Kind, Source),
+    User(RecordKind, ByteString),
+    Source(RecordKind, Source),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Kind {
+enum RecordKind {
     Tunnel,
     Refusal,
 }
 
-impl Kind {
+impl RecordKind {
     fn plural(self) -> &'static str {
         match self {
-            Kind::Tunnel => "tunnels",
-            Kind::Refusal => "refusals",
+            RecordKind::Tunnel => "tunnels",
+            RecordKind::Refusal => "refusals",
         }
     }
 }
@@ -362,9 +362,9 @@ impl Trail {
     /// budgets: `Some(n)` if it is to be written, `n` earlier ones having been left out.
     pub fn admit_tunnel(&self, uuid: &ByteString, source: IpAddr) -> Option<u32> {
         let taken = self.take(&[
-            (Budget::User(Kind::Tunnel, uuid.clone()), self.budget),
+            (Budget::User(RecordKind::Tunnel, uuid.clone()), self.budget),
             (
-                Budget::Source(Kind::Tunnel, self.prefix.source_of(source)),
+                Budget::Source(RecordKind::Tunnel, self.prefix.source_of(source)),
                 self.budget,
             ),
         ]);
@@ -374,11 +374,14 @@ impl Trail {
     /// Records a refusal, within the budgets of the user it named and of its source.
     pub fn refusal(&self, refused: Refused<'_>) {
         let mut budgets = vec![(
-            Budget::Source(Kind::Refusal, self.prefix.source_of(refused.source.ip())),
+            Budget::Source(
+                RecordKind::Refusal,
+                self.prefix.source_of(refused.source.ip()),
+            ),
             self.budget,
         )];
         if let Some(uuid) = refused.uuid {
-            budgets.push((Budget::User(Kind::Refusal, uuid.into()), self.budget));
+            budgets.push((Budget::User(RecordKind::Refusal, uuid.into()), self.budget));
         }
         let taken = self.take(&budgets);
         if !taken.record {

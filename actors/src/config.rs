@@ -31,7 +31,7 @@ use crate::tls::{Clients, Tls, Transport};
 pub struct Config {
     pub server: Server,
     pub heartbeat: Heartbeat,
-    pub persistence: Persistence,
+    pub persistence: PersistenceSettings,
     pub query: QueryFormat,
     pub auth: Auth,
     pub limits: Limits,
@@ -148,7 +148,7 @@ impl Default for Heartbeat {
 /// `[persistence]`: how sightings are batched into the store.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct Persistence {
+pub struct PersistenceSettings {
     #[serde(rename = "flush_interval_ms", with = "de::positive_millis")]
     pub flush_interval: Duration,
     pub max_batch: NonZeroUsize,
@@ -157,7 +157,7 @@ pub struct Persistence {
     pub shutdown_timeout: Duration,
 }
 
-impl Default for Persistence {
+impl Default for PersistenceSettings {
     fn default() -> Self {
         Self {
             flush_interval: Duration::from_secs(1),

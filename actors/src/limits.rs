@@ -91,18 +91,18 @@ impl Default for Limits {
 
 /// Why a connection was refused at accept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Refused {
+pub enum AcceptRefused {
     #[error("the gateway holds its maximum number of connections")]
     Total,
     #[error("this address (or its IPv6 network) holds its maximum number of connections")]
     PerIp,
 }
 
-impl Refused {
+impl AcceptRefused {
     pub fn label(self) -> &'static str {
         match self {
-            Refused::Total => "max_connections",
-            Refused::PerIp => "max_connections_per_ip",
+            AcceptRefused::Total => "max_connections",
+            AcceptRefused::PerIp => "max_connections_per_ip",
         }
     }
 }
@@ -169,15 +169,15 @@ impl Admission {
     }
 
     /// Admits a connection from `ip`, or says which limit refuses it.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, Refused> {
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, AcceptRefused> {
         if self.open.load(Ordering::Relaxed) >= self.max {
-            return Err(Refused::Total);
+            return Err(AcceptRefused::Total);
         }
         let source = self.prefix.source_of(ip);
         let mut per_source = self.per_source.lock().unwrap_or_else(|e| e.into_inner());
         let count = per_source.entry(source).or_default();
         if *count >= self.max_per_ip {
-            return Err(Refused::PerIp);
+            return Err(AcceptRefused::PerIp);
         }
         *count += 1;
         self.open.fetch_add(1, Ordering::Relaxed);
@@ -324,9 +324,9 @@ mod tests {
         let admission = Admission::new(3, 2, Ipv6Prefix::DEFAULT);
         let a1 = admission.admit(ip(1)).unwrap();
         let _a2 = admission.admit(ip(1)).unwrap();
-        assert_eq!(admission.admit(ip(1)).unwrap_err(), Refused::PerIp);
+        assert_eq!(admission.admit(ip(1)).unwrap_err(), AcceptRefused::PerIp);
         let _b1 = admission.admit(ip(2)).unwrap();
-        assert_eq!(admission.admit(ip(3)).unwrap_err(), Refused::Total);
+        assert_eq!(admission.admit(ip(3)).unwrap_err(), AcceptRefused::Total);
         drop(a1);
         assert_eq!(admission.open(), 2);
         let _a3 = admission.admit(ip(1)).unwrap();
@@ -370,14 +370,14 @@ mod tests {
         let _b = admission.admit(v6("2001:db8:1:2::2")).unwrap();
         assert_eq!(
             admission.admit(v6("2001:db8:1:2:ffff::3")).unwrap_err(),
-            Refused::PerIp
+            AcceptRefused::PerIp
         );
         let _other = admission.admit(v6("2001:db8:1:3::1")).unwrap();
         let _mapped = admission.admit(v6("::ffff:192.0.2.1")).unwrap();
         let _v4 = admission.admit(IpAddr::from([192, 0, 2, 1])).unwrap();
         assert_eq!(
             admission.admit(IpAddr::from([192, 0, 2, 1])).unwrap_err(),
-            Refused::PerIp,
+            AcceptRefused::PerIp,
             "an IPv4-mapped address is its IPv4 address"
         );
     }

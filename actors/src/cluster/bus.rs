@@ -357,8 +357,8 @@ impl Bus {
         timeout: Duration,
     ) -> Option<R> {
         match self.request_reply(subject, message, timeout).await {
-            Reply::Answer(answer) => Some(answer),
-            Reply::Nobody | Reply::Unanswered => None,
+            Replied::Answer(answer) => Some(answer),
+            Replied::Nobody | Replied::Unanswered => None,
         }
     }
 
@@ -369,15 +369,15 @@ impl Bus {
         subject: String,
         message: &T,
         timeout: Duration,
-    ) -> Reply<R> {
+    ) -> Replied<R> {
         let Some(mut answers) = self.ask::<T, R>(subject, message).await else {
-            return Reply::Unanswered;
+            return Replied::Unanswered;
         };
         match tokio::time::timeout(timeout, answers.next()).await {
-            Ok(Some((_, answer))) => Reply::Answer(answer),
+            Ok(Some((_, answer))) => Replied::Answer(answer),
             // NATS said no responders: no node listens on the subject.
-            Ok(None) => Reply::Nobody,
-            Err(_) => Reply::Unanswered,
+            Ok(None) => Replied::Nobody,
+            Err(_) => Replied::Unanswered,
         }
     }
 
@@ -556,7 +556,7 @@ mod tests {
 
 /// What a request came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply<R> {
+pub enum Replied<R> {
     Answer(R),
     /// No node listens on the subject.
     Nobody,

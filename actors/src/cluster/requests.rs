@@ -22,7 +22,7 @@ use bytestring::ByteString;
 use futures::StreamExt;
 use tokio::time::Instant;
 
-use super::bus::{hex, unhex, Rejected, Reply};
+use super::bus::{hex, unhex, Rejected, Replied};
 use super::peer::{self, Token};
 use super::remote::{self, Tracked};
 use super::wire::{Answer, Ask, LiveElsewhere, NodeId, QueryAnswer, QueryAsk, WireRole};
@@ -296,7 +296,7 @@ pub enum Elsewhere {
     /// No node saw the device lately from another address.
     Free,
     /// A node saw it lately from another address.
-    DeviceSeen,
+    Seen,
     /// A node listens for it but did not answer in time, or NATS is away.
     Unanswered,
 }
@@ -318,9 +318,9 @@ impl Handler<SeenElsewhere> for Cluster {
                 .request_reply::<_, Answer>(subject, &question, timeout)
                 .await
             {
-                Reply::Answer(Answer::Present) => Elsewhere::DeviceSeen,
-                Reply::Answer(_) | Reply::Nobody => Elsewhere::Free,
-                Reply::Unanswered => Elsewhere::Unanswered,
+                Replied::Answer(Answer::Present) => Elsewhere::Seen,
+                Replied::Answer(_) | Replied::Nobody => Elsewhere::Free,
+                Replied::Unanswered => Elsewhere::Unanswered,
             }
         })
     }

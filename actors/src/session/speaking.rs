@@ -106,9 +106,7 @@ async fn admit(
             };
             let why = match cluster.send(asked).await {
                 Ok(Elsewhere::Free) => None,
-                Ok(Elsewhere::DeviceSeen) => {
-                    Some("another node saw it lately from another address")
-                }
+                Ok(Elsewhere::Seen) => Some("another node saw it lately from another address"),
                 _ => Some(
                     "the node that holds it did not answer in time, so it keeps it (fail \
                      closed)",
