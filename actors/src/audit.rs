@@ -31,7 +31,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::bounded::BoundedMap;
+use crate::bounded::{BoundedMap, WindowCounts};
 use crate::certificate::ClientCert;
 use crate::metric;
 use crate::refusal::Reason;
@@ -45,6 +45,8 @@ pub const DEVICE_EVENTS_PER_WINDOW: u32 = 30;
 pub const WINDOW: Duration = Duration::from_secs(600);
 /// Devices, users and sources with a budget in use at once, at most.
 const MAX_BUDGETS: usize = 200_000;
+/// Devices whose events in the window are counted, at most.
+pub const MAX_DEVICE_BUDGETS: usize = 1_000_000;
 
 /// The `[audit]` section.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -254,13 +256,14 @@ pub struct Trail {
     prefix: Ipv6Prefix,
     budget: u32,
     budgets: Arc<Mutex<BoundedMap<Budget, Window>>>,
+    /// Each device's events in the current window: an entry for every device that came
+    /// online lately, so the compact kind.
+    devices: Arc<Mutex<WindowCounts>>,
 }
 
 /// Whose records a window counts.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Budget {
-    /// A device's events: (uuid, mac).
-    Device(ByteString, ByteString),
     User(RecordKind, ByteString),
     Source(RecordKind, Source),
 }
@@ -312,6 +315,11 @@ impl Trail {
                 "audit budgets",
                 MAX_BUDGETS,
                 2 * WINDOW,
+            ))),
+            devices: Arc::new(Mutex::new(WindowCounts::new(
+                "audit device budgets",
+                MAX_DEVICE_BUDGETS,
+                WINDOW,
             ))),
         }
     }
@@ -430,13 +438,23 @@ impl Trail {
         address: SocketAddr,
         cause: Option<String>,
     ) {
-        let Taken { record, earlier } = self.take(&[(
-            Budget::Device(uuid.clone(), mac.clone()),
+        let counted = self.devices.lock().unwrap_or_else(|e| e.into_inner()).take(
+            &(uuid, mac),
             DEVICE_EVENTS_PER_WINDOW,
-        )]);
-        if !record {
+            Instant::now(),
+        );
+        if !counted.within {
+            metrics::counter!(metric::AUDIT_DROPPED_TOTAL).increment(1);
+            if counted.first_left_out {
+                log::warn!(
+                    "device {mac}: more than {DEVICE_EVENTS_PER_WINDOW} online/offline events \
+                     in {} min; the audit trail records no more of them until the window ends",
+                    WINDOW.as_secs() / 60
+                );
+            }
             return;
         }
+        let earlier = counted.earlier;
         let cause = match (cause, earlier) {
             (cause, 0) => cause,
             (Some(cause), n) => Some(format!("{cause} ({n} earlier events not recorded)")),
@@ -459,10 +477,6 @@ impl Trail {
 fn warn_full(budget: &Budget, limit: u32) {
     let minutes = WINDOW.as_secs() / 60;
     match budget {
-        Budget::Device(_, mac) => log::warn!(
-            "device {mac}: more than {limit} online/offline events in {minutes} min; the \
-             audit trail records no more of them until the window ends"
-        ),
         Budget::User(kind, uuid) => log::warn!(
             "user {}: more than {limit} {} in {minutes} min (audit.budget_per_10min); the \
              audit trail counts the rest until the window ends",

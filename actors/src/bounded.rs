@@ -206,6 +206,127 @@ impl<K: Clone + Eq + Hash> OncePer<K> {
     }
 }
 
+/// Per-key counts within a fixed window, for a budget every device has an entry in
+/// (its events in ten minutes): keyed by a 64-bit hash of the key, 8 bytes of count,
+/// no eviction index — about 30 bytes a key where a [`BoundedMap`] of two strings
+/// takes ten times that. Keys last counted two windows ago are swept once a window.
+/// Full ([`WindowCounts::new`]'s capacity), a newcomer counts as over its budget (fail
+/// closed), logged once and counted in `elfin_bounded_table_overflows_total`.
+pub struct WindowCounts {
+    name: &'static str,
+    capacity: usize,
+    window: Duration,
+    hasher: std::collections::hash_map::RandomState,
+    epoch: Instant,
+    counts: HashMap<u64, WindowCount>,
+    swept: Instant,
+    overflowing: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct WindowCount {
+    /// The window's start, in seconds since `epoch`.
+    start: u32,
+    counted: u16,
+    left_out: u16,
+}
+
+/// What [`WindowCounts::take`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counted {
+    /// Within the budget: go ahead.
+    pub within: bool,
+    /// How many the key's previous window left out (said with its next record).
+    pub earlier: u32,
+    /// This was the first one left out in this window (to say once).
+    pub first_left_out: bool,
+}
+
+impl WindowCounts {
+    pub fn new(name: &'static str, capacity: usize, window: Duration) -> Self {
+        let now = Instant::now();
+        Self {
+            name,
+            capacity: capacity.max(1),
+            window,
+            hasher: Default::default(),
+            epoch: now,
+            counts: HashMap::new(),
+            swept: now,
+            overflowing: false,
+        }
+    }
+
+    /// Counts one for `key` against `limit` a window.
+    pub fn take(&mut self, key: &impl Hash, limit: u32, now: Instant) -> Counted {
+        use std::hash::BuildHasher;
+        let window = self.window.as_secs().max(1) as u32;
+        let secs = now.saturating_duration_since(self.epoch).as_secs() as u32;
+        if now.saturating_duration_since(self.swept) >= self.window {
+            self.swept = now;
+            self.counts
+                .retain(|_, c| secs.saturating_sub(c.start) < 2 * window);
+        }
+        let id = self.hasher.hash_one(key);
+        if !self.counts.contains_key(&id) && self.counts.len() >= self.capacity {
+            if !self.overflowing {
+                self.overflowing = true;
+                log::warn!(
+                    "{}: {} keys are counted; newcomers count as over their budget until \
+                     old ones are swept",
+                    self.name,
+                    self.capacity
+                );
+            }
+            metrics::counter!(metric::BOUNDED_TABLE_OVERFLOWS_TOTAL, "table" => self.name)
+                .increment(1);
+            return Counted {
+                within: false,
+                earlier: 0,
+                first_left_out: false,
+            };
+        }
+        self.overflowing = false;
+        let count = self.counts.entry(id).or_insert(WindowCount {
+            start: secs,
+            counted: 0,
+            left_out: 0,
+        });
+        let mut earlier = 0;
+        if secs.saturating_sub(count.start) >= window {
+            earlier = u32::from(count.left_out);
+            *count = WindowCount {
+                start: secs,
+                counted: 0,
+                left_out: 0,
+            };
+        }
+        if u32::from(count.counted) < limit {
+            count.counted += 1;
+            Counted {
+                within: true,
+                earlier,
+                first_left_out: false,
+            }
+        } else {
+            count.left_out = count.left_out.saturating_add(1);
+            Counted {
+                within: false,
+                earlier,
+                first_left_out: count.left_out == 1,
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.counts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.counts.is_empty()
+    }
+}
+
 /// Where [`BoundedMap::touch`] filed a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Place {
@@ -218,6 +339,27 @@ pub enum Place {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn window_counts_bound_each_key_and_say_what_the_last_window_left_out() {
+        let window = Duration::from_secs(600);
+        let mut counts = WindowCounts::new("test", 2, window);
+        let now = Instant::now();
+        let taken: Vec<Counted> = (0..5).map(|_| counts.take(&"a", 3, now)).collect();
+        assert_eq!(taken.iter().filter(|c| c.within).count(), 3);
+        assert!(taken[3].first_left_out && !taken[4].first_left_out);
+        assert!(counts.take(&"b", 3, now).within);
+        // Full: a third key is refused, not let through.
+        assert!(!counts.take(&"c", 3, now).within);
+        // The next window: room again, and what was left out is said.
+        let later = now + window;
+        let next = counts.take(&"a", 3, later);
+        assert_eq!((next.within, next.earlier), (true, 2));
+        // Two windows on, keys not counted since are swept.
+        let much_later = now + 3 * window;
+        assert!(counts.take(&"c", 3, much_later).within);
+        assert_eq!(counts.len(), 1);
+    }
 
     const FORGET: Duration = Duration::from_secs(60);
 

@@ -30,7 +30,7 @@ use super::ledger::{announces, arrival_elsewhere, Arrival, Due, Last, Ledger};
 use super::webhook::{EndpointState, Queue};
 use super::{EventData, EventKind};
 use crate::audit::{DEVICE_EVENTS_PER_WINDOW, WINDOW};
-use crate::bounded::{BoundedMap, OncePer};
+use crate::bounded::{OncePer, WindowCounts};
 use crate::certificate::ClientCert;
 use crate::cluster::fleet::{AskFleet, KnownHere, NodeLost, Told, WatchFleet};
 use crate::cluster::wire::{NodeId, Whereabouts};
@@ -47,8 +47,8 @@ const ASK_AT_MOST: usize = 2_000;
 /// How often arrivals are asked about (in cluster mode) and grace periods checked.
 const ARRIVALS_EVERY: Duration = Duration::from_millis(250);
 const DUE_EVERY: Duration = Duration::from_secs(1);
-/// Devices whose event budget is kept at most.
-const MAX_BUDGETS: usize = 200_000;
+/// Devices whose events in the window are counted, at most.
+const MAX_BUDGETS: usize = 1_000_000;
 
 pub struct Herald {
     node: String,
@@ -67,12 +67,7 @@ pub struct Herald {
     /// Refusals said lately, by type and subject.
     said: OncePer<(EventKind, String)>,
     /// Events per device in the current window.
-    budgets: BoundedMap<DeviceKey, EventWindow>,
-}
-
-struct EventWindow {
-    start: Instant,
-    emitted: u32,
+    budgets: WindowCounts,
 }
 
 impl Herald {
@@ -100,7 +95,7 @@ impl Herald {
             cluster: None,
             arriving: Vec::new(),
             said: OncePer::new("event refusals", 10_000, Duration::from_secs(60)),
-            budgets: BoundedMap::new("event budgets", MAX_BUDGETS, 2 * WINDOW),
+            budgets: WindowCounts::new("event budgets", MAX_BUDGETS, WINDOW),
         }
     }
 }
@@ -201,17 +196,10 @@ impl Herald {
 
     /// Takes one event from the device's budget: false if it is spent.
     fn within_budget(&mut self, device: &DeviceKey) -> bool {
-        let now = Instant::now();
-        let (budget, _) = self.budgets.touch(device, now, || EventWindow {
-            start: now,
-            emitted: 0,
-        });
-        if now.duration_since(budget.start) >= WINDOW {
-            budget.start = now;
-            budget.emitted = 0;
-        }
-        budget.emitted += 1;
-        if budget.emitted == DEVICE_EVENTS_PER_WINDOW + 1 {
+        let counted = self
+            .budgets
+            .take(device, DEVICE_EVENTS_PER_WINDOW, Instant::now());
+        if counted.first_left_out {
             log::warn!(
                 "device {}: more than {DEVICE_EVENTS_PER_WINDOW} fleet events in {} min; no \
                  more of them until the window ends",
@@ -219,7 +207,7 @@ impl Herald {
                 WINDOW.as_secs() / 60
             );
         }
-        budget.emitted <= DEVICE_EVENTS_PER_WINDOW
+        counted.within
     }
 
     /// Hands the drafts within their devices' budgets to the announcer.
