@@ -38,7 +38,7 @@ pub async fn test(settings: &Settings, url: &str, secret: Option<String>) -> any
     webhook.users.clear();
     let endpoint = Endpoint::new(&webhook, 0, &settings.events.allow_http_hosts)
         .map_err(|e| anyhow!("{}", e.why))?;
-    let event = sample();
+    let event = sample(settings.cluster.node_id.as_deref());
     send_once(&endpoint, &event)
         .await
         .map_err(|e| anyhow!("{url}: {e}"))?;
@@ -50,7 +50,7 @@ pub async fn test(settings: &Settings, url: &str, secret: Option<String>) -> any
     Ok(())
 }
 
-fn sample() -> Event {
+fn sample(node: Option<&str>) -> Event {
     let now = Utc::now();
     Event::new(
         EventKind::Offline,
@@ -62,14 +62,10 @@ fn sample() -> Event {
             mac: Some("000000000000".into()),
             host: Some("sample-device".into()),
             source: Some("192.0.2.1:40000".into()),
-            node: gethostname(),
+            node: elfin_actors::config::node_name(node),
             time: now - chrono::TimeDelta::seconds(300),
             reason: "a sample event sent by `elfin-gateway events test`".into(),
             ..EventData::default()
         },
     )
-}
-
-fn gethostname() -> String {
-    std::env::var("HOSTNAME").unwrap_or_else(|_| "elfin-gateway".into())
 }

@@ -25,6 +25,15 @@ use crate::registry::Takeover;
 use crate::tenants::Devices;
 use crate::tls::{Clients, Tls, Transport};
 
+/// This node's name (in the audit trail, fleet events and the cluster):
+/// `cluster.node_id` if set, else the host name.
+pub fn node_name(configured: Option<&str>) -> String {
+    match configured {
+        Some(name) => name.to_owned(),
+        None => gethostname::gethostname().to_string_lossy().into_owned(),
+    }
+}
+
 /// Run-time settings of the gateway's library side: the sections it uses, and the
 /// loaded TLS server side.
 #[derive(Debug, Clone, Default)]

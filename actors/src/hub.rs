@@ -92,10 +92,7 @@ impl Hub {
         )
         .with_retention(retention)
         .start();
-        let node = config
-            .node
-            .clone()
-            .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned());
+        let node = crate::config::node_name(config.node.as_deref());
         let trail = Trail::new(
             audit_writer.clone().recipient(),
             &node,

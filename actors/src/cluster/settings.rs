@@ -168,11 +168,7 @@ impl ClusterSettings {
             }
         };
         let secret = |s: &Option<Secret>| s.as_ref().map(|s| s.expose().to_owned());
-        let node = NodeId::new(
-            self.node_id
-                .clone()
-                .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned()),
-        );
+        let node = NodeId::new(crate::config::node_name(self.node_id.as_deref()));
         let subject_key = match &self.subject_key {
             Some(key) => key.expose().to_owned(),
             None => keys.subjects.clone(),

@@ -26,8 +26,8 @@ use crate::cluster::wire::{NodeId, Whereabouts};
 use crate::device::DeviceKey;
 
 /// Records kept at most: devices away or announced offline. Past it, a device that
-/// leaves is still announced, but not remembered once offline (it is "online", not
-/// "back online", when it returns); said once in the log.
+/// leaves is not remembered (no `device.offline` for it); said once in the log and
+/// counted in `elfin_bounded_table_overflows_total{table="fleet ledger"}`.
 pub const MAX_RECORDS: usize = 1_000_000;
 
 /// How long an offline device is remembered (then its return is `device.online`).
@@ -122,6 +122,8 @@ impl Ledger {
 
     fn insert(&mut self, device: DeviceKey, absence: Absence) {
         if self.records.len() >= MAX_RECORDS && !self.records.contains_key(&device) {
+            metrics::counter!(crate::metric::BOUNDED_TABLE_OVERFLOWS_TOTAL, "table" => "fleet ledger")
+                .increment(1);
             if !self.full_said {
                 self.full_said = true;
                 log::warn!(

@@ -382,10 +382,13 @@ impl Queue {
     }
 
     fn report_depth(&self) {
-        let queued = self.endpoint.capacity - self.tx.capacity();
-        self.lock().queued = queued;
         metrics::gauge!(metric::WEBHOOK_QUEUE_DEPTH, "endpoint" => self.endpoint.name.clone())
-            .set(queued as f64);
+            .set(self.queued() as f64);
+    }
+
+    /// Events waiting in the queue (not the one being delivered).
+    fn queued(&self) -> usize {
+        self.endpoint.capacity - self.tx.capacity()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, EndpointState> {
@@ -393,13 +396,15 @@ impl Queue {
     }
 
     pub fn state(&self) -> EndpointState {
-        self.lock().clone()
+        EndpointState {
+            queued: self.queued(),
+            ..self.lock().clone()
+        }
     }
 
     /// Events not delivered yet: queued, and the one being delivered.
     pub fn waiting(&self) -> usize {
-        let queued = self.endpoint.capacity - self.tx.capacity();
-        queued + usize::from(self.lock().in_flight)
+        self.queued() + usize::from(self.lock().in_flight)
     }
 }
 
@@ -432,13 +437,9 @@ async fn deliver_all(
     let name = endpoint.name.clone();
     let mut failing = false;
     while let Some(event) = rx.recv().await {
-        let depth = rx.len();
-        {
-            let mut state = lock();
-            state.queued = depth;
-            state.in_flight = true;
-        }
-        metrics::gauge!(metric::WEBHOOK_QUEUE_DEPTH, "endpoint" => name.clone()).set(depth as f64);
+        lock().in_flight = true;
+        metrics::gauge!(metric::WEBHOOK_QUEUE_DEPTH, "endpoint" => name.clone())
+            .set(rx.len() as f64);
         let mut attempt = 0;
         loop {
             match attempt_delivery(&client, &endpoint, &event).await {
