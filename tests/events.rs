@@ -418,3 +418,31 @@ fn https_receivers_are_verified_against_the_configured_ca_or_the_system_s() {
         "{system}"
     );
 }
+
+#[test]
+fn a_receiver_that_never_answers_times_out_and_is_retried_without_holding_a_tunnel() {
+    let Some(receiver) = Receiver::start(SECRET, &["--delay", "30"]) else {
+        return;
+    };
+    let gateway = gateway(&receiver, SECRET, "timeout_secs = 1", &[]);
+    let uuid = gateway.add_user("alice");
+    let mut device = gateway.device(&uuid, PUMP, "heat-pump");
+    let endpoint = format!("127.0.0.1:{}", receiver.port);
+    let retries = format!("elfin_webhook_retries_total{{endpoint=\"{endpoint}\"}}");
+    common::eventually(|| gateway.metric(&retries), |n| *n >= 1);
+    let status = gateway.get("/api/status").json();
+    let error = status["webhooks"][0]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_lowercase();
+    assert!(
+        error.contains("timeout") || error.contains("timed out"),
+        "{error}"
+    );
+    // Meanwhile the device's tunnel carries its bytes at once.
+    let mut client = gateway.tunnel(&uuid, PUMP);
+    let started = Instant::now();
+    client.send(&[format!("data;{uuid};T;T;1;").as_bytes(), b"ping"].concat());
+    assert_eq!(device.bytes(4), b"ping");
+    assert!(started.elapsed() < Duration::from_millis(500));
+}
