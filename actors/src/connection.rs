@@ -1,8 +1,8 @@
 //! A connection's socket, plain TCP or TLS ([`Io`]): its read half as a stream of
 //! chunks ([`ReadChunks`]); its write half goes to the connection's
-//! [`crate::outbox::Outbox`]; what the session may ask of the TCP socket itself
-//! ([`SocketProbe`]: the link's round trip, an acknowledgement now). And the
-//! [`Lease`] the server gives each connection.
+//! [`crate::outbox::Outbox`]; what the reader and its session share of the TCP socket
+//! ([`SocketProbe`]: the read size, the link's round trip, an acknowledgement now).
+//! And the [`Lease`] the server gives each connection.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
@@ -72,18 +72,30 @@ impl Io {
     }
 }
 
-/// The TCP socket under a connection, as its session may use it: the link's round
-/// trip, an acknowledgement sent at once, and whether the peer's bytes were backing
-/// up just now (told by the reader). The socket is owned by the halves of [`Io`]; the
-/// reader ([`ReadChunks`]) forgets it here when it is dropped, so this never touches
-/// a descriptor that was closed (and perhaps reused by another connection). Both run
-/// on the session's thread, so the check and the call cannot be split by a drop.
+/// The TCP socket under a connection, as its reader and its session share it: how
+/// much the reader may take at once (the session raises it while it carries a
+/// tunnel), the link's round trip, an acknowledgement sent at once, and whether the
+/// peer's bytes were backing up just now (told by the reader). The socket is owned by
+/// the halves of [`Io`]; the reader ([`ReadChunks`]) forgets it here when it is
+/// dropped, so this never touches a descriptor that was closed (and perhaps reused by
+/// another connection). Both run on the session's thread, so the check and the call
+/// cannot be split by a drop. One small allocation per connection: every field is a
+/// 32-bit atomic.
 #[derive(Debug)]
 pub struct SocketProbe {
     fd: AtomicI32,
+    /// The largest read, in bytes.
+    read_limit: AtomicU32,
     /// When a read last took all it had room for, as [`coarse_ms`].
     full_read: AtomicU32,
+    /// The link's round trip in microseconds (0: unknown) and when it was read, as
+    /// [`coarse_ms`] (see [`SocketProbe::link_rtt`]).
+    rtt_us: AtomicU32,
+    rtt_read: AtomicU32,
 }
+
+/// How long a connection's round trip is used before it is read again.
+const RTT_REFRESH_MS: u32 = 1000;
 
 /// Milliseconds since the first call, wrapping (about every 49 days), on the
 /// runtime's clock (paused in tests).
@@ -94,12 +106,49 @@ fn coarse_ms() -> u32 {
 }
 
 impl SocketProbe {
-    pub fn new(fd: RawFd) -> Self {
+    /// The probe of socket `fd`, whose reader takes at most `read_limit` bytes at once.
+    pub fn new(fd: RawFd, read_limit: usize) -> Self {
+        // Long ago: no backlog yet, no round trip read.
+        let long_ago = coarse_ms().wrapping_sub(u32::MAX / 2);
         Self {
             fd: AtomicI32::new(fd),
-            // Long ago: no backlog yet.
-            full_read: AtomicU32::new(coarse_ms().wrapping_sub(u32::MAX / 2)),
+            read_limit: AtomicU32::new(clamp_u32(read_limit)),
+            full_read: AtomicU32::new(long_ago),
+            rtt_us: AtomicU32::new(0),
+            rtt_read: AtomicU32::new(long_ago),
         }
+    }
+
+    /// For a reader of something that is not a TCP socket of this process (a TLS
+    /// stream of another node's connection): only its read limit.
+    pub fn without_socket(read_limit: usize) -> Self {
+        Self::new(-1, read_limit)
+    }
+
+    /// Lets the reader take up to `bytes` at once from its next read on.
+    pub fn set_read_limit(&self, bytes: usize) {
+        self.read_limit.store(clamp_u32(bytes), Ordering::Relaxed);
+    }
+
+    fn read_limit(&self) -> usize {
+        self.read_limit.load(Ordering::Relaxed).max(1) as usize
+    }
+
+    /// The link's round trip ([`SocketProbe::min_rtt`]), read from the socket at most
+    /// once a second.
+    pub fn link_rtt(&self) -> Option<Duration> {
+        let now = coarse_ms();
+        let cached = self.rtt_us.load(Ordering::Relaxed);
+        if cached > 0 && now.wrapping_sub(self.rtt_read.load(Ordering::Relaxed)) < RTT_REFRESH_MS {
+            return Some(Duration::from_micros(cached.into()));
+        }
+        let rtt = self.min_rtt();
+        let micros = rtt.map_or(0, |rtt| {
+            clamp_u32(rtt.as_micros().try_into().unwrap_or(usize::MAX)).max(1)
+        });
+        self.rtt_us.store(micros, Ordering::Relaxed);
+        self.rtt_read.store(now, Ordering::Relaxed);
+        rtt
     }
 
     fn socket(&self) -> Option<BorrowedFd<'_>> {
@@ -259,8 +308,6 @@ fn timerfd(_: Duration) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::Owne
 /// its place in the connection limits).
 #[derive(Debug)]
 pub struct Lease {
-    /// When the connection was accepted: its time limits count from here.
-    pub accepted: tokio::time::Instant,
     pub stop: CancellationToken,
     pub alive: mpsc::Sender<()>,
     pub ticket: Ticket,
@@ -278,17 +325,19 @@ pub struct ReadChunks {
     io: Reader,
     buf: BytesMut,
     size: usize,
-    limit: Arc<AtomicUsize>,
-    /// The socket's probe, which this reader keeps valid (see [`SocketProbe`]).
-    probe: Option<Arc<SocketProbe>>,
+    /// The socket's probe, which this reader keeps valid (see [`SocketProbe`]); its
+    /// read limit bounds `size`.
+    probe: Arc<SocketProbe>,
 }
 
 impl Drop for ReadChunks {
     fn drop(&mut self) {
-        if let Some(probe) = &self.probe {
-            probe.forget();
-        }
+        self.probe.forget();
     }
+}
+
+fn clamp_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// The smallest read: a heartbeat or a short request fits many times.
@@ -302,21 +351,15 @@ const RECORD: usize = 16 * 1024;
 pub const UNTUNNELLED_READ: usize = 4096;
 
 impl ReadChunks {
-    /// Reads at most `limit` bytes at a time (the caller may change it any time).
-    pub fn new(io: Reader, limit: Arc<AtomicUsize>) -> Self {
+    /// Reads `io` at most `probe`'s read limit at a time (which its holders may change
+    /// any time), and keeps `probe`, the probe of `io`'s socket, valid while it lives.
+    pub fn new(io: Reader, probe: Arc<SocketProbe>) -> Self {
         Self {
             io,
             buf: BytesMut::new(),
             size: MIN_READ,
-            limit,
-            probe: None,
+            probe,
         }
-    }
-
-    /// Keeps `probe`, the probe of this reader's socket, valid while it lives.
-    pub fn probed_by(mut self, probe: Arc<SocketProbe>) -> Self {
-        self.probe = Some(probe);
-        self
     }
 }
 
@@ -333,12 +376,10 @@ impl ReadChunks {
         if filled.is_empty() {
             return Poll::Ready(None);
         }
-        if let Some(probe) = self.probe.as_ref().filter(|_| filled.len() == self.size) {
-            probe.read_full();
-        }
         if filled.len() == self.size {
+            self.probe.read_full();
             // More is coming: the next reads go to a growing block on the heap.
-            self.size = (self.size * 2).min(self.limit.load(Ordering::Relaxed).max(1));
+            self.size = (self.size * 2).min(self.probe.read_limit());
         }
         Poll::Ready(Some(Ok(BytesMut::from(filled))))
     }
@@ -349,7 +390,7 @@ impl Stream for ReadChunks {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        let max = this.limit.load(Ordering::Relaxed).max(1);
+        let max = this.probe.read_limit();
         this.size = this.size.min(max);
         if this.size <= MIN_READ && this.buf.capacity() == 0 {
             return this.poll_small(cx);
@@ -369,8 +410,8 @@ impl Stream for ReadChunks {
             Ok(0) => Poll::Ready(None),
             Ok(n) => {
                 let chunk = this.buf.split();
-                if let Some(probe) = this.probe.as_ref().filter(|_| n == room || n >= RECORD) {
-                    probe.read_full();
+                if n == room || n >= RECORD {
+                    this.probe.read_full();
                 }
                 if n == room {
                     this.size = (this.size * 2).min(max);
@@ -436,9 +477,8 @@ mod tests {
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
         let io = Io::plain(server);
-        let probe = Arc::new(SocketProbe::new(io.fd));
-        let reader =
-            ReadChunks::new(io.read, Arc::new(AtomicUsize::new(MIN_READ))).probed_by(probe.clone());
+        let probe = Arc::new(SocketProbe::new(io.fd, MIN_READ));
+        let reader = ReadChunks::new(io.read, probe.clone());
         // The handshake gave the server its first round-trip sample.
         let rtt = probe
             .min_rtt()

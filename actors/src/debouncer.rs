@@ -13,6 +13,7 @@
 //! runs until `latest frame + period`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -24,7 +25,7 @@ use crate::persistence::Record;
 
 /// What a session does on each device data frame: refresh last-seen and, if the
 /// debouncer does not track the device yet, tell it.
-pub fn data_frame(debouncer: &Addr<HeartbeatDebouncer>, device: &Identity) {
+pub fn data_frame(debouncer: &Addr<HeartbeatDebouncer>, device: &Arc<Identity>) {
     device.activity.touch();
     if device.activity.arm() {
         debouncer.do_send(DataSeen {
@@ -41,7 +42,7 @@ pub struct HeartbeatDebouncer {
 }
 
 struct Timer {
-    device: Identity,
+    device: Arc<Identity>,
     /// When the running timer 1 started; frames after it mean timer 2 runs.
     since: Stamp,
     handle: SpawnHandle,
@@ -102,7 +103,7 @@ impl Actor for HeartbeatDebouncer {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct DataSeen {
-    pub device: Identity,
+    pub device: Arc<Identity>,
     /// When the frame arrived.
     pub at: Stamp,
 }
@@ -182,7 +183,7 @@ mod tests {
     /// One device's data frames against a debouncer, on tokio's paused clock.
     struct Device {
         debouncer: Addr<HeartbeatDebouncer>,
-        device: Identity,
+        device: Arc<Identity>,
         writes: Sink,
         start: Instant,
     }

@@ -2,9 +2,10 @@
 //! ([`DeviceKey`]: its user's uuid and its mac), what it is called ([`Identity`]) and
 //! when it was last heard from ([`Activity`]).
 //!
-//! The session that speaks for a device, the registry and the heartbeat debouncer share
-//! one `Activity`, so refreshing last-seen on every frame costs the session one atomic
-//! store and no message.
+//! The session that speaks for a device, the registry, the heartbeat debouncer and the
+//! persistence actor share one `Identity` (an `Arc`, so a live device's names are
+//! kept once), and with it one `Activity`: refreshing last-seen on every frame costs
+//! the session one atomic store and no message.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,8 +25,9 @@ pub struct Activity {
 }
 
 impl Activity {
-    pub fn new() -> Arc<Self> {
-        let activity = Arc::new(Self::default());
+    /// Last heard from now.
+    pub fn new() -> Self {
+        let activity = Self::default();
         activity.touch();
         activity
     }
@@ -84,22 +86,23 @@ impl DeviceKey {
     }
 }
 
-/// The device a connection speaks for: its key, and its current host name.
-#[derive(Debug, Clone)]
+/// The device a connection speaks for: its key, its current host name, and when it
+/// was last heard from. Shared as an `Arc<Identity>`.
+#[derive(Debug)]
 pub struct Identity {
     pub key: DeviceKey,
     pub host: ByteString,
-    pub activity: Arc<Activity>,
+    pub activity: Activity,
 }
 
 impl Identity {
     /// A new identity, seen now, its fields copied (see [`DeviceKey::new`]).
-    pub fn new(uuid: &str, mac: &str, host: &str) -> Self {
-        Self {
+    pub fn new(uuid: &str, mac: &str, host: &str) -> Arc<Self> {
+        Arc::new(Self {
             key: DeviceKey::new(uuid, mac),
             host: ByteString::from(host.to_owned()),
             activity: Activity::new(),
-        }
+        })
     }
 
     /// Last-seen as the store records it.

@@ -68,6 +68,16 @@ pub struct Limits {
     pub turn_bytes: usize,
 }
 
+impl Limits {
+    /// Requests a connection may send (`requests_per_sec`, `request_burst`).
+    pub fn requests(&self) -> Rate {
+        Rate::new(
+            f64::from(self.requests_per_sec.get()),
+            f64::from(self.request_burst.get()),
+        )
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -202,53 +212,75 @@ impl Drop for Ticket {
     }
 }
 
-/// A token bucket: `rate` tokens a second, at most `burst` saved up.
+/// A rate limit: `per_sec` tokens a second, at most `burst` saved up.
+#[derive(Debug, Clone, Copy)]
+pub struct Rate {
+    pub per_sec: f64,
+    pub burst: f64,
+}
+
+impl Rate {
+    pub fn new(per_sec: f64, burst: f64) -> Self {
+        Self {
+            per_sec: per_sec.max(1e-9),
+            burst: burst.max(1.0),
+        }
+    }
+
+    /// Seconds in which `tokens` come back.
+    fn secs(&self, tokens: f64) -> f64 {
+        tokens / self.per_sec
+    }
+}
+
+/// A token bucket, kept as the moment it would be full again (the generic cell rate
+/// algorithm): 16 bytes however many tokens it holds, because every connection keeps
+/// one. Its [`Rate`] is the caller's setting, given at each take.
 #[derive(Debug)]
 pub struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    at: Instant,
+    full_at: Instant,
 }
 
 impl TokenBucket {
-    pub fn new(rate: f64, burst: f64) -> Self {
+    /// A full bucket.
+    pub fn new() -> Self {
         Self {
-            rate,
-            burst: burst.max(1.0),
-            tokens: burst.max(1.0),
-            at: Instant::now(),
+            full_at: Instant::now(),
         }
+    }
+
+    /// Spends a token: when the bucket will be full again, and how many tokens short
+    /// it is (at most zero while tokens are left).
+    fn spend(&self, rate: &Rate) -> (Instant, f64) {
+        let now = Instant::now();
+        let full_at = self.full_at.max(now) + Duration::from_secs_f64(rate.secs(1.0));
+        let short = full_at.duration_since(now).as_secs_f64() * rate.per_sec - rate.burst;
+        // Within a nanosecond's worth of a token is not short (rounding).
+        (full_at, if short < 1e-6 { 0.0 } else { short })
     }
 
     /// Takes a token if one is left; a refusal spends nothing.
-    pub fn try_take(&mut self) -> bool {
-        self.refill();
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
+    pub fn try_take(&mut self, rate: &Rate) -> bool {
+        let (full_at, short) = self.spend(rate);
+        if short > 0.0 {
+            return false;
         }
-    }
-
-    fn refill(&mut self) {
-        let now = Instant::now();
-        let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + refill).min(self.burst);
-        self.at = now;
+        self.full_at = full_at;
+        true
     }
 
     /// Takes a token; if none is left, how long until there is one (the token is
     /// then already spent).
-    pub fn take(&mut self) -> Option<Duration> {
-        self.refill();
-        self.tokens -= 1.0;
-        if self.tokens >= 0.0 {
-            None
-        } else {
-            Some(Duration::from_secs_f64(-self.tokens / self.rate.max(1e-9)))
-        }
+    pub fn take(&mut self, rate: &Rate) -> Option<Duration> {
+        let (full_at, short) = self.spend(rate);
+        self.full_at = full_at;
+        (short > 0.0).then(|| Duration::from_secs_f64(rate.secs(short)))
+    }
+}
+
+impl Default for TokenBucket {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -334,15 +366,31 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_token_bucket_allows_a_burst_then_the_rate() {
-        let mut bucket = TokenBucket::new(10.0, 3.0);
+        let rate = Rate::new(10.0, 3.0);
+        let mut bucket = TokenBucket::new();
         assert_eq!(
-            (bucket.take(), bucket.take(), bucket.take()),
+            (bucket.take(&rate), bucket.take(&rate), bucket.take(&rate)),
             (None, None, None)
         );
-        let wait = bucket.take().unwrap();
+        let wait = bucket.take(&rate).unwrap();
         assert!((wait.as_secs_f64() - 0.1).abs() < 1e-6, "{wait:?}");
+        let wait = bucket.take(&rate).unwrap();
+        assert!((wait.as_secs_f64() - 0.2).abs() < 1e-6, "spent: {wait:?}");
+        assert!(!bucket.try_take(&rate), "none left");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !bucket.try_take(&rate),
+            "a refusal spent nothing: still short"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(bucket.try_take(&rate));
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(bucket.take(), None);
+        assert_eq!(
+            (bucket.take(&rate), bucket.take(&rate), bucket.take(&rate)),
+            (None, None, None),
+            "full again, never more than the burst"
+        );
+        assert!(bucket.take(&rate).is_some());
     }
 
     #[tokio::test(start_paused = true)]

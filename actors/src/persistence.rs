@@ -71,7 +71,7 @@ impl Outage {
 
 /// What a session does on each `beat` of a device whose sightings are stored: refresh
 /// last-seen and, unless the device already waits for the next batch, queue it.
-pub fn beat(persistence: &Addr<Persistence>, device: &Identity) {
+pub fn beat(persistence: &Addr<Persistence>, device: &Arc<Identity>) {
     device.activity.touch();
     if device.activity.queue() {
         persistence.do_send(Record::Beat(device.clone()));
@@ -248,13 +248,13 @@ pub enum Record {
     Sighting(Sighting),
     /// A device that beats: queued once (see [`crate::device::Activity::queue`]) and
     /// read when its batch is taken.
-    Beat(Identity),
+    Beat(Arc<Identity>),
 }
 
 /// A device waiting for the next batch.
 enum Pending {
     At(Sighting),
-    Live(Identity),
+    Live(Arc<Identity>),
 }
 
 impl Pending {

@@ -25,6 +25,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -52,7 +53,7 @@ pub enum Takeover {
 }
 
 struct Entry {
-    device: Identity,
+    device: Arc<Identity>,
     link: PeerLink,
 }
 
@@ -147,7 +148,7 @@ pub struct StillLive {
 #[derive(Message)]
 #[rtype(result = "Result<(), StillLive>")]
 pub struct Register {
-    pub device: Identity,
+    pub device: Arc<Identity>,
     pub link: PeerLink,
 }
 
@@ -215,7 +216,7 @@ impl Handler<Withdraw> for DeviceRegistry {
             self.audit(&old, DeviceChange::Offline, Some(why.to_owned()));
             old.link
                 .events
-                .do_send(PeerEvent::Withdrawn(old.device.key, why));
+                .do_send(PeerEvent::Withdrawn(old.device.key.clone(), why));
         }
     }
 }
@@ -461,7 +462,9 @@ impl Handler<Register> for DeviceRegistry {
                     Some(format!("replaced by {new}")),
                 );
                 self.audit(now, DeviceChange::Online, None);
-                old.link.events.do_send(PeerEvent::Replaced(old.device.key));
+                old.link
+                    .events
+                    .do_send(PeerEvent::Replaced(old.device.key.clone()));
             }
             Some(_) => {}
             None => {
@@ -495,7 +498,9 @@ impl Handler<Evict> for DeviceRegistry {
             let cause = "connected to another node".to_owned();
             self.audit(&old, DeviceChange::Offline, Some(cause));
             metrics::counter!(metric::DEVICE_TAKEOVERS_TOTAL).increment(1);
-            old.link.events.do_send(PeerEvent::Replaced(old.device.key));
+            old.link
+                .events
+                .do_send(PeerEvent::Replaced(old.device.key.clone()));
         }
     }
 }

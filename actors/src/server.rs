@@ -202,8 +202,8 @@ async fn accept_loop(listener: TcpListener, mode: Listen, s: Arc<Accepting>) {
                 continue;
             }
         };
+        let accepted = tokio::time::Instant::now();
         let lease = Lease {
-            accepted: tokio::time::Instant::now(),
             stop: s.stop.clone(),
             alive: s.alive.clone(),
             ticket,
@@ -212,7 +212,8 @@ async fn accept_loop(listener: TcpListener, mode: Listen, s: Arc<Accepting>) {
         // What crosses to the worker is only the socket and its lease: the session's
         // start (a TLS handshake's state among it) is made there, so a storm queued
         // for a busy worker costs little memory on this thread.
-        let start = async move { Box::pin(start(stream, peer, mode, lease, shared)).await };
+        let start =
+            async move { Box::pin(start(stream, peer, mode, accepted, lease, shared)).await };
         let next = s.next.fetch_add(1, Ordering::Relaxed) % s.workers.len();
         s.workers[next].spawn(start);
     }
@@ -224,6 +225,7 @@ async fn start(
     stream: std::net::TcpStream,
     peer: SocketAddr,
     mode: Listen,
+    accepted: tokio::time::Instant,
     lease: Lease,
     shared: Arc<Accepting>,
 ) {
@@ -233,7 +235,7 @@ async fn start(
     };
     let hub = &shared.hub;
     if let Some(io) = transport(stream, peer, mode, hub, &shared.tls_warnings).await {
-        Session::start(io, peer, hub.clone(), lease);
+        Session::start(io, peer, accepted, hub.clone(), lease);
     }
 }
 

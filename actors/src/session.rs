@@ -31,9 +31,7 @@ use speaking::Speaking;
 
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
-use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::BytesMut;
@@ -73,20 +71,17 @@ pub struct Session {
     cleared: TunnelId,
     /// A payload tail held back for the rest of a header, if any.
     hold: Option<Held>,
-    /// The socket's round trip and when it was read (see [`Session::link_rtt`]).
-    rtt: Option<(Duration, Instant)>,
     probe: Arc<SocketProbe>,
     /// Runs while a message is incomplete; closes the connection if it stays so.
     unfinished: Option<SpawnHandle>,
     /// No more input will be read (end of file, or the session was told to close):
     /// close once what was read is handled.
     eof: bool,
-    /// Whether a valid message has arrived, and when the last one did.
+    /// Whether a valid message has arrived, and when the last one did (before one
+    /// has: when the connection was accepted).
     identified: bool,
     last_message: Instant,
     requests: TokenBucket,
-    /// The largest read: the configured size while in a tunnel, small otherwise.
-    read_limit: Arc<AtomicUsize>,
     transport: Transport,
     /// The user its client certificate names, if any.
     certificate: Option<Arc<crate::certificate::ClientCert>>,
@@ -98,13 +93,20 @@ pub struct Session {
     /// Dropped with the session: tells the writer task to finish.
     _closing: oneshot::Sender<()>,
     /// Its place in the limits and shutdown's wait (released when the session is
-    /// dropped), and when it was accepted.
+    /// dropped).
     lease: Lease,
 }
 
 impl Session {
-    /// Starts a session for an accepted connection on the current arbiter.
-    pub fn start(io: Io, remote: SocketAddr, hub: Arc<Hub>, lease: Lease) -> Addr<Session> {
+    /// Starts a session for a connection from `remote` accepted at `accepted` (its time
+    /// limits count from there) on the current arbiter.
+    pub fn start(
+        io: Io,
+        remote: SocketAddr,
+        accepted: Instant,
+        hub: Arc<Hub>,
+        lease: Lease,
+    ) -> Addr<Session> {
         let Io {
             read,
             write,
@@ -120,15 +122,11 @@ impl Session {
             direct: transport == Transport::Plain,
         };
         let out = Outbox::new(bounds, write, actix_rt::Arbiter::current(), closed);
-        let read_limit = Arc::new(AtomicUsize::new(
+        let probe = Arc::new(SocketProbe::new(
+            fd,
             UNTUNNELLED_READ.min(config.server.read_buffer_bytes.get()),
         ));
-        let probe = Arc::new(SocketProbe::new(fd));
-        let chunks = ReadChunks::new(read, read_limit.clone()).probed_by(probe.clone());
-        let requests = TokenBucket::new(
-            f64::from(config.limits.requests_per_sec.get()),
-            f64::from(config.limits.request_burst.get()),
-        );
+        let chunks = ReadChunks::new(read, probe.clone());
         Session::create(move |ctx| {
             // Gateway shutdown ends the input like an end of file.
             ctx.add_stream(chunks.take_until(lease.stop.clone().cancelled_owned()));
@@ -144,14 +142,12 @@ impl Session {
                 latest: 0,
                 cleared: 0,
                 hold: None,
-                rtt: None,
                 probe,
                 unfinished: None,
                 eof: false,
                 identified: false,
-                last_message: Instant::now(),
-                requests,
-                read_limit,
+                last_message: accepted,
+                requests: TokenBucket::new(),
                 closed_by: None,
                 _closing: closing,
                 lease,
@@ -185,6 +181,27 @@ impl Session {
         self.close(ctx);
     }
 
+    /// The one timer of a quiet connection: it closes one that sent no valid message
+    /// within `limits.identify` of being accepted, or, outside a tunnel, for
+    /// `limits.idle`; otherwise it sets itself for when either could next be due.
+    fn watch_silence(&mut self, ctx: &mut Context<Self>) {
+        let limits = &self.hub.config.limits;
+        let silent = self.last_message.elapsed();
+        let next = if !self.identified && silent >= limits.identify {
+            return self.limit_reached(Closing::Identify, ctx);
+        } else if self.tunnel.is_some() {
+            // A tunnel end is never idle; looked at again as often as before.
+            limits.idle / 4
+        } else if silent >= limits.idle {
+            return self.limit_reached(Closing::Idle, ctx);
+        } else if !self.identified {
+            (limits.idle - silent).min(limits.identify - silent)
+        } else {
+            limits.idle - silent
+        };
+        ctx.run_later(next, |act, ctx| act.watch_silence(ctx));
+    }
+
     fn handle_frame(&mut self, frame: Frame, ctx: &mut Context<Self>) -> ControlFlow<()> {
         if let Some(counter) = MESSAGES.of(&frame) {
             counter.increment(1);
@@ -212,7 +229,7 @@ impl Session {
                     self.set_role(Role::Client);
                 }
                 let (hub, me) = (self.hub.clone(), self.link(ctx));
-                let wait = self.requests.take();
+                let wait = self.requests.take(&self.hub.config.limits.requests());
                 let step = async move {
                     if let Some(wait) = wait {
                         metrics::counter!(metric::REQUESTS_PACED_TOTAL).increment(1);
@@ -338,21 +355,7 @@ impl Actor for Session {
         metrics::counter!(metric::CONNECTIONS_TOTAL, "transport" => transport).increment(1);
         self.open_gauge().increment(1);
         log::debug!("{}: connected", self.remote);
-        let limits = &self.hub.config.limits;
-        // Counted from accept: the server already spent some of it telling TLS apart.
-        let identify =
-            (self.lease.accepted + limits.identify).saturating_duration_since(Instant::now());
-        ctx.run_later(identify, |act, ctx| {
-            if !act.identified {
-                act.limit_reached(Closing::Identify, ctx);
-            }
-        });
-        let idle = limits.idle;
-        ctx.run_interval(idle / 4, move |act, ctx| {
-            if act.tunnel.is_none() && act.last_message.elapsed() >= idle {
-                act.limit_reached(Closing::Idle, ctx);
-            }
-        });
+        self.watch_silence(ctx);
         self.hold_certificate(ctx);
     }
 
@@ -386,5 +389,26 @@ impl Actor for Session {
                 cause,
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use actix::dev::ContextFut;
+
+    use super::*;
+
+    /// Most of an idle device's memory is its session's task: tokio's task cell (104
+    /// bytes of its own in tokio 1.54) around actix's context and the `Session`,
+    /// rounded up to 128 bytes (the cell is cache-line aligned). Up to 664 bytes of
+    /// future it takes 768 bytes (BENCHMARKS.md, "Memory per device"); past that, every
+    /// connection costs 128 bytes more.
+    #[test]
+    fn a_session_task_stays_within_768_bytes() {
+        let future = std::mem::size_of::<ContextFut<Session, Context<Session>>>();
+        assert!(
+            future <= 664,
+            "a session's future is {future} bytes: its task takes 896 bytes or more"
+        );
     }
 }

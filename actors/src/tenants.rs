@@ -16,7 +16,7 @@ use bytestring::ByteString;
 use serde::{Deserialize, Serialize};
 
 use crate::device::DeviceKey;
-use crate::limits::{Limits, TokenBucket};
+use crate::limits::{Limits, Rate, TokenBucket};
 use crate::refusal::Reason;
 use crate::store::Store;
 
@@ -39,8 +39,8 @@ pub struct Tenants {
     store: Arc<dyn Store>,
     devices: Devices,
     max_devices: usize,
-    per_minute: f64,
-    burst: f64,
+    /// New devices a user may add.
+    new_devices: Rate,
     users: Mutex<HashMap<ByteString, Tenant>>,
 }
 
@@ -59,8 +59,10 @@ impl Tenants {
             store,
             devices,
             max_devices: limits.max_devices_per_user.get(),
-            per_minute: f64::from(limits.new_devices_per_minute.get()),
-            burst: f64::from(limits.new_devices_burst.get()),
+            new_devices: Rate::new(
+                f64::from(limits.new_devices_per_minute.get()) / 60.0,
+                f64::from(limits.new_devices_burst.get()),
+            ),
             users: Mutex::default(),
         }
     }
@@ -89,7 +91,7 @@ impl Tenants {
         let tenant = users.entry(device.uuid.clone()).or_insert_with(|| Tenant {
             devices: HashSet::new(),
             read: false,
-            new: TokenBucket::new(self.per_minute / 60.0, self.burst),
+            new: TokenBucket::new(),
         });
         if let Some(stored) = stored {
             tenant.devices.extend(stored);
@@ -104,7 +106,7 @@ impl Tenants {
         if tenant.devices.len() >= self.max_devices {
             return Err(Reason::DeviceQuota);
         }
-        if !tenant.new.try_take() {
+        if !tenant.new.try_take(&self.new_devices) {
             return Err(Reason::NewDeviceRate);
         }
         tenant.devices.insert(device.mac.clone());

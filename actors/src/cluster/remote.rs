@@ -21,7 +21,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::task::{ready, Context as TaskContext, Poll};
 use std::time::Duration;
@@ -34,7 +33,7 @@ use tokio::sync::oneshot;
 use super::peer;
 use super::wire::NodeId;
 use crate::bridge::{BridgeManager, Cause, Unlink};
-use crate::connection::ReadChunks;
+use crate::connection::{ReadChunks, SocketProbe};
 use crate::link::{next_session_id, Meter, PeerEvent, PeerLink, SessionId, Tunnel, TunnelId};
 use crate::metric;
 use crate::outbox::{Bounds, Outbox, Unsent};
@@ -228,7 +227,10 @@ fn start(lanes: peer::Lanes, parts: Parts) -> PeerLink {
     let (linked, on_link) = oneshot::channel();
     let (gone_tx, gone) = oneshot::channel();
     let id = next_session_id();
-    let read = ReadChunks::new(Box::new(read), Arc::new(AtomicUsize::new(READ_SIZE)));
+    let read = ReadChunks::new(
+        Box::new(read),
+        Arc::new(SocketProbe::without_socket(READ_SIZE)),
+    );
     let addr = Remote {
         id,
         node,

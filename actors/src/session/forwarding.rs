@@ -3,7 +3,6 @@
 //! bridge and the registry tell the session ([`PeerEvent`]).
 
 use std::ops::ControlFlow;
-use std::sync::atomic::Ordering;
 
 use actix::prelude::*;
 use bytes::Bytes;
@@ -81,10 +80,9 @@ impl Session {
         if tunnel.id > self.cleared && tunnel.id > current {
             self.latest = self.latest.max(tunnel.id);
             self.tunnel = Some(Box::new(tunnel));
-            self.read_limit.store(
-                self.hub.config.server.read_buffer_bytes.get(),
-                Ordering::Relaxed,
-            );
+            // The largest read: the configured size while in a tunnel, small otherwise.
+            self.probe
+                .set_read_limit(self.hub.config.server.read_buffer_bytes.get());
         }
     }
 
@@ -95,7 +93,7 @@ impl Session {
         if self.tunnel.as_deref().is_some_and(|t| t.id <= tunnel) {
             self.tunnel = None;
             let small = UNTUNNELLED_READ.min(self.hub.config.server.read_buffer_bytes.get());
-            self.read_limit.store(small, Ordering::Relaxed);
+            self.probe.set_read_limit(small);
         }
         tunnel >= self.latest
     }

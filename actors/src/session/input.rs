@@ -5,7 +5,6 @@
 use std::future::Future;
 use std::io;
 use std::ops::ControlFlow;
-use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::BytesMut;
@@ -20,9 +19,6 @@ pub(super) struct Held {
     timer: SpawnHandle,
     since: Instant,
 }
-
-/// How long a connection's round trip is used before it is read again.
-const RTT_REFRESH: Duration = Duration::from_secs(1);
 
 impl Session {
     /// Decodes and handles buffered input until it runs out, a step pauses, or this
@@ -86,7 +82,7 @@ impl Session {
         let (floor, ceiling) = (server.header_hold_min, server.header_hold);
         let wait = match self.probe.backlogged_within(ceiling) {
             true => ceiling,
-            false => header_hold(self.link_rtt(), floor, ceiling),
+            false => header_hold(self.probe.link_rtt(), floor, ceiling),
         };
         let timer = ctx.spawn(precise_sleep(wait).into_actor(self).map(|(), act, ctx| {
             act.end_hold(None, "timed_out");
@@ -115,19 +111,6 @@ impl Session {
         }
         metrics::histogram!(metric::HEADER_HOLD_SECONDS, "outcome" => outcome)
             .record(held.since.elapsed().as_secs_f64());
-    }
-
-    /// The connection's round trip, read from the socket at most once a second.
-    pub(super) fn link_rtt(&mut self) -> Option<Duration> {
-        let now = Instant::now();
-        match self.rtt {
-            Some((rtt, read)) if now - read < RTT_REFRESH => Some(rtt),
-            _ => {
-                let rtt = self.probe.min_rtt();
-                self.rtt = rtt.map(|rtt| (rtt, now));
-                rtt
-            }
-        }
     }
 
     /// A message left incomplete must be finished within the identify time; the timer

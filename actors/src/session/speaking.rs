@@ -9,6 +9,7 @@
 //! heartbeat debouncer.
 
 use std::ops::ControlFlow;
+use std::sync::Arc;
 
 use actix::prelude::*;
 use tokio::time::{Duration, Instant};
@@ -49,7 +50,7 @@ impl Turned {
 
 /// The device a connection speaks for.
 pub(super) struct Speaking {
-    pub(super) identity: Identity,
+    pub(super) identity: Arc<Identity>,
     /// Whether its sightings are stored (not for guests, see [`Access`]).
     pub(super) stored: bool,
     /// Whether this connection is its registered, live connection (not while it is
@@ -69,7 +70,7 @@ const RETRY_REFUSED: Duration = Duration::from_secs(1);
 async fn admit(
     hub: &Hub,
     ip: std::net::IpAddr,
-    device: Identity,
+    device: Arc<Identity>,
     link: PeerLink,
 ) -> Result<Admitted, Turned> {
     let key = device.key.clone();
@@ -196,7 +197,7 @@ impl Session {
     /// sign of life on a new connection is written with the next batch, beat or data
     /// alike (a device that only streams data would otherwise show in the store, and
     /// in the Web UI, only when the debouncer's first timer fires).
-    fn registered(&mut self, device: Identity, stored: bool) {
+    fn registered(&mut self, device: Arc<Identity>, stored: bool) {
         let was_live = self.device.as_ref().is_some_and(|d| d.live);
         if !was_live {
             log::info!(
@@ -228,7 +229,7 @@ impl Session {
     /// connection drops.
     fn refused_device(
         &mut self,
-        device: Identity,
+        device: Arc<Identity>,
         reason: Reason,
         detail: String,
         ctx: &mut Context<Self>,
@@ -288,9 +289,9 @@ impl Session {
         }
     }
 
-    pub(super) fn unregister(&self, device: Identity, cause: &'static str) {
+    pub(super) fn unregister(&self, device: Arc<Identity>, cause: &'static str) {
         self.hub.registry.do_send(Unregister {
-            device: device.key,
+            device: device.key.clone(),
             session: self.id,
             cause,
         });
