@@ -4,6 +4,7 @@
 //! commands ([`events`]). Everything else lives in the `elfin-actors` library.
 
 mod admin;
+mod allocator;
 mod audit;
 mod certs;
 mod events;
@@ -219,7 +220,7 @@ fn main() -> ExitCode {
 /// starts: the port is bound and the store opened first.
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     let open_files = raise_open_files_limit();
-    keep_freed_memory();
+    allocator::tune(&settings.server.workers);
     let addr = settings.server.listen;
     let backlog = settings.server.backlog.get();
     let listener = elfin_actors::server::bind(addr, backlog)
@@ -353,30 +354,6 @@ fn raise_open_files_limit() -> Option<u64> {
         }
     }
 }
-
-/// Free memory at the top of a thread's heap that glibc's allocator keeps for reuse.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-const TRIM_THRESHOLD: libc::c_int = 4 << 20;
-
-/// A busy tunnel allocates and frees 64 KiB blocks (reads, TLS records) without
-/// pause. glibc's allocator hands the top of a worker thread's heap back to the
-/// system whenever 128 KiB of it are free, and the next block faults the same pages
-/// in again: about 30 000 page faults and as many zeroed pages per GiB through a
-/// tunnel, and a `madvise` call per trim. Keeping up to 4 MiB per heap ends that
-/// churn; a larger free top is still given back. An operator's own setting
-/// (`MALLOC_TRIM_THRESHOLD_`, or `trim_threshold` in `GLIBC_TUNABLES`) is kept.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_freed_memory() {
-    let tuned = std::env::var_os("MALLOC_TRIM_THRESHOLD_").is_some()
-        || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("trim_threshold"));
-    // SAFETY: mallopt only changes the allocator's parameters (under its lock).
-    if !tuned && unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) } != 1 {
-        log::warn!("cannot set the allocator's trim threshold");
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_freed_memory() {}
 
 /// SIGHUP reads the certificate, its key, the client CA and the revocation list again
 /// (after a renewal or a `user cert --revoke`) and logs what is now in force; a broken
