@@ -48,7 +48,7 @@ pub struct Outbox(Arc<Out>);
 struct Out {
     port: Mutex<Port>,
     capacity: usize,
-    bytes: Arc<Semaphore>,
+    bytes: Semaphore,
     max_bytes: usize,
     /// Whether senders may write into the socket themselves.
     direct: bool,
@@ -132,7 +132,7 @@ fn with_start(bounds: Bounds, writer: Writer, start: StartWriter) -> Outbox {
             queued: 0,
         }),
         capacity: chunks.max(1),
-        bytes: Arc::new(Semaphore::new(max_bytes)),
+        bytes: Semaphore::new(max_bytes),
         max_bytes,
         direct,
     }))
