@@ -112,7 +112,7 @@ async fn rss_curve(
 pub async fn device_fleet(target: Option<&Gateway>, full: bool, figures: &mut Figures) -> Vec<Row> {
     let limit = fleet_limit();
     let n = if full {
-        limit.min(20_000)
+        limit.min(15_000)
     } else {
         2_000.min(limit)
     };
@@ -153,7 +153,7 @@ pub async fn device_fleet(target: Option<&Gateway>, full: bool, figures: &mut Fi
         "KiB",
         slope,
         Some(base_slope),
-        Target::AtMost(4.0),
+        Target::AtMost(3.5),
     ));
     rows.push(Row::new(
         "device-fleet",
