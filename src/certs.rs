@@ -46,7 +46,7 @@ pub struct Issued {
 
 /// One line of the ledger.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Entry {
+struct LedgerLine {
     serial: String,
     user: String,
     not_after: i64,
@@ -125,7 +125,7 @@ impl Authority {
         let p12 = store.writer(password).write()?;
         let serial = hex(&serial);
         let mut ledger = self.ledger()?;
-        ledger.push(Entry {
+        ledger.push(LedgerLine {
             serial: serial.clone(),
             user: user.to_owned(),
             not_after: not_after.unix_timestamp(),
@@ -177,7 +177,7 @@ impl Authority {
         match ledger.iter_mut().find(|e| e.serial == serial) {
             Some(entry) if entry.revoked_at.is_some() => bail!("{serial} is revoked already"),
             Some(entry) => entry.revoked_at = Some(now),
-            None => ledger.push(Entry {
+            None => ledger.push(LedgerLine {
                 serial,
                 user: user.unwrap_or("-").to_owned(),
                 not_after: 0,
@@ -232,7 +232,7 @@ impl Authority {
         name.into()
     }
 
-    fn ledger(&self) -> anyhow::Result<Vec<Entry>> {
+    fn ledger(&self) -> anyhow::Result<Vec<LedgerLine>> {
         let path = self.ledger_path();
         let text = read_optional(&path)?;
         text.lines()
@@ -243,7 +243,7 @@ impl Authority {
 
     /// Writes the ledger, then the revocation list it implies (both replaced whole,
     /// so a reader never sees half a file).
-    fn save(&self, ledger: &[Entry]) -> anyhow::Result<()> {
+    fn save(&self, ledger: &[LedgerLine]) -> anyhow::Result<()> {
         let mut text =
             String::from("# serial\tuser\tnot after (unix)\trevoked at (unix, - = valid)\n");
         for e in ledger {
@@ -285,7 +285,7 @@ pub fn new_password() -> String {
     Alphanumeric.sample_string(&mut rand::rng(), 20)
 }
 
-fn parse_entry(line: &str) -> Option<Entry> {
+fn parse_entry(line: &str) -> Option<LedgerLine> {
     let mut fields = line.split('\t');
     let serial = fields.next()?.to_owned();
     let user = fields.next()?.to_owned();
@@ -294,7 +294,7 @@ fn parse_entry(line: &str) -> Option<Entry> {
         "-" => None,
         at => Some(at.parse().ok()?),
     };
-    Some(Entry {
+    Some(LedgerLine {
         serial,
         user,
         not_after,
@@ -368,7 +368,7 @@ mod tests {
 
     #[test]
     fn ledger_lines_round_trip() {
-        let entry = Entry {
+        let entry = LedgerLine {
             serial: "7F01".into(),
             user: "alice".into(),
             not_after: 1_900_000_000,

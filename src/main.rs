@@ -38,11 +38,11 @@ struct Cli {
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(subcommand)]
-    command: Option<Command>,
+    command: Option<CliCommand>,
 }
 
 #[derive(Subcommand)]
-enum Command {
+enum CliCommand {
     /// Run the gateway (the default).
     Serve,
     /// Manage users.
@@ -167,14 +167,14 @@ fn main() -> ExitCode {
         log::warn!("{warning}");
     }
     let result = actix_rt::System::new().block_on(async move {
-        match cli.command.unwrap_or(Command::Serve) {
-            Command::Serve => serve(settings).await,
-            Command::User(cmd) => user_command(&settings, cmd).await,
-            Command::Device(DeviceCommand::List { uuid }) => list_devices(&settings, uuid).await,
-            Command::Device(DeviceCommand::Add { uuid, mac, host }) => {
+        match cli.command.unwrap_or(CliCommand::Serve) {
+            CliCommand::Serve => serve(settings).await,
+            CliCommand::User(cmd) => user_command(&settings, cmd).await,
+            CliCommand::Device(DeviceCommand::List { uuid }) => list_devices(&settings, uuid).await,
+            CliCommand::Device(DeviceCommand::Add { uuid, mac, host }) => {
                 add_device(&settings, uuid, mac, host).await
             }
-            Command::Device(DeviceCommand::Remove { mac }) => {
+            CliCommand::Device(DeviceCommand::Remove { mac }) => {
                 let store = open_store(&settings).await?;
                 if !store.remove_device(&mac).await? {
                     anyhow::bail!("no device {mac:?}");
@@ -182,7 +182,7 @@ fn main() -> ExitCode {
                 println!("device {mac} removed");
                 Ok(())
             }
-            Command::Audit {
+            CliCommand::Audit {
                 user,
                 device,
                 since,
@@ -198,11 +198,11 @@ fn main() -> ExitCode {
                 };
                 print_audit(&settings, wanted, json).await
             }
-            Command::Events(EventsCommand::Secret) => {
+            CliCommand::Events(EventsCommand::Secret) => {
                 events::secret();
                 Ok(())
             }
-            Command::Events(EventsCommand::Test { url, secret }) => {
+            CliCommand::Events(EventsCommand::Test { url, secret }) => {
                 events::test(&settings, &url, secret).await
             }
         }

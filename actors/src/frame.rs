@@ -568,7 +568,7 @@ fn held_suffix(buf: &[u8], uuid: &[u8], next: &Expected) -> usize {
 }
 
 mod reply;
-pub use reply::{DeviceRow, Reply, Status};
+pub use reply::{OnlineStatus, QueryRow, Reply};
 
 #[cfg(test)]
 mod tests;

@@ -291,10 +291,10 @@ pub struct LookupGuard {
     per_min: u32,
     delay: Duration,
     prefix: Ipv6Prefix,
-    failures: Mutex<BoundedMap<Source, Failures>>,
+    failures: Mutex<BoundedMap<Source, FailedLookups>>,
 }
 
-struct Failures {
+struct FailedLookups {
     /// Start of the current minute, and failures in it.
     since: Instant,
     count: u32,
@@ -326,7 +326,7 @@ impl LookupGuard {
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         let minute = Duration::from_secs(60);
-        let (f, _) = failures.touch(&self.prefix.source_of(ip), now, || Failures {
+        let (f, _) = failures.touch(&self.prefix.source_of(ip), now, || FailedLookups {
             since: now,
             count: 0,
             next: now,

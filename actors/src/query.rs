@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
-use crate::frame::{DeviceRow, Status};
+use crate::frame::{OnlineStatus, QueryRow};
 use crate::registry::LiveDevice;
 use crate::store::{Device, Sighting};
 
@@ -73,7 +73,7 @@ pub fn rows(
     now: DateTime<Utc>,
     format: &QueryFormat,
     online_window: std::time::Duration,
-) -> Vec<DeviceRow> {
+) -> Vec<QueryRow> {
     let mut devices = stored;
     let mut index: HashMap<String, usize> = devices
         .iter()
@@ -104,16 +104,16 @@ pub fn rows(
     let window = chrono::Duration::from_std(online_window).unwrap_or(chrono::Duration::MAX);
     devices
         .into_iter()
-        .map(|d| DeviceRow {
+        .map(|d| QueryRow {
             lastseendate: d
                 .last_seen
                 .with_timezone(&format.time_zone)
                 .format(&format.time_format)
                 .to_string(),
             status: if now.signed_duration_since(d.last_seen) <= window {
-                Status::Online
+                OnlineStatus::Online
             } else {
-                Status::Offline
+                OnlineStatus::Offline
             },
             hostname: d.host,
             macaddress: d.mac,

@@ -52,14 +52,14 @@ pub enum Takeover {
     WhenSilent,
 }
 
-struct Entry {
+struct Registered {
     device: Arc<Identity>,
     link: PeerLink,
 }
 
 pub struct DeviceRegistry {
     /// uuid -> mac -> live connection.
-    users: HashMap<ByteString, HashMap<ByteString, Entry>>,
+    users: HashMap<ByteString, HashMap<ByteString, Registered>>,
     /// Where and when devices whose connection closed were last seen ("when-silent").
     departed: HashMap<DeviceKey, History>,
     /// Devices a connection from elsewhere claimed within the online window.
@@ -89,7 +89,7 @@ impl DeviceRegistry {
     }
 
     /// Records what happened to the device of `entry` in the audit trail.
-    fn audit(&self, entry: &Entry, change: DeviceChange, cause: Option<String>) {
+    fn audit(&self, entry: &Registered, change: DeviceChange, cause: Option<String>) {
         let key = &entry.device.key;
         self.trail.device(
             &key.uuid,
@@ -312,7 +312,7 @@ impl DeviceRegistry {
     }
 
     /// Remembers where a device whose connection closed was last seen.
-    fn depart(&mut self, entry: &Entry) {
+    fn depart(&mut self, entry: &Registered) {
         if self.takeover == Takeover::WhenSilent {
             let history = History {
                 ip: entry.link.remote.ip(),
@@ -373,7 +373,11 @@ impl DeviceRegistry {
     }
 
     /// Removes the entry of `device` if it is `which`.
-    fn remove(&mut self, device: &DeviceKey, which: impl FnOnce(&Entry) -> bool) -> Option<Entry> {
+    fn remove(
+        &mut self,
+        device: &DeviceKey,
+        which: impl FnOnce(&Registered) -> bool,
+    ) -> Option<Registered> {
         let devices = self.users.get_mut(&device.uuid)?;
         if !devices.get(&device.mac).is_some_and(which) {
             return None;
@@ -402,7 +406,7 @@ impl Handler<Register> for DeviceRegistry {
                         holder: seen.ip,
                         ago: seen.seen.elapsed(),
                     };
-                    let refused = Entry {
+                    let refused = Registered {
                         device: msg.device,
                         link: msg.link,
                     };
@@ -442,7 +446,7 @@ impl Handler<Register> for DeviceRegistry {
         let mac = key.mac.clone();
         let new = msg.link.remote;
         let new_id = msg.link.id;
-        let entry = Entry {
+        let entry = Registered {
             device: msg.device,
             link: msg.link,
         };
@@ -544,7 +548,7 @@ impl Handler<AllLive> for DeviceRegistry {
     }
 }
 
-impl Entry {
+impl Registered {
     fn seen(&self) -> DeviceSeen {
         DeviceSeen {
             device: self.device.key.clone(),

@@ -58,11 +58,11 @@ pub struct Rules {
 pub struct Guard {
     rules: Rules,
     sessions: Mutex<HashMap<String, Instant>>,
-    failures: Mutex<BoundedMap<Source, Failures>>,
+    failures: Mutex<BoundedMap<Source, FailedLogins>>,
 }
 
 #[derive(Clone, Copy)]
-struct Failures {
+struct FailedLogins {
     count: u32,
     /// No try from this source is checked before this.
     until: tokio::time::Instant,
@@ -253,7 +253,7 @@ impl Guard {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn lock_failures(&self) -> std::sync::MutexGuard<'_, BoundedMap<Source, Failures>> {
+    fn lock_failures(&self) -> std::sync::MutexGuard<'_, BoundedMap<Source, FailedLogins>> {
         self.failures.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -273,7 +273,7 @@ impl Guard {
         let now = tokio::time::Instant::now();
         let mut failures = self.lock_failures();
         let key = self.rules.ipv6_prefix.source_of(source);
-        let (entry, _) = failures.touch(&key, now, || Failures {
+        let (entry, _) = failures.touch(&key, now, || FailedLogins {
             count: 0,
             until: now,
         });

@@ -47,7 +47,7 @@ const DEVICE_PAGE: &str = include_str!("page/device.html");
 const DEVICE_SCRIPT: &str = include_str!("page/device.js");
 const STYLE: &str = include_str!("page/style.css");
 
-struct Admin {
+struct AdminState {
     hub: Hub,
     guard: Guard,
     prometheus: PrometheusHandle,
@@ -67,7 +67,7 @@ pub fn start(
     process.describe();
     // Help texts of the gateway's own metrics (the series appear once they have values).
     elfin_actors::metric::describe();
-    let admin = web::Data::new(Admin {
+    let admin = web::Data::new(AdminState {
         board: StatusBoard::new(hub.clone()),
         hub,
         guard: Guard::new(rules),
@@ -115,7 +115,7 @@ pub fn start(
 }
 
 /// Records the page's history and keeps the Prometheus histograms current.
-async fn sample_forever(admin: Arc<Admin>) {
+async fn sample_forever(admin: Arc<AdminState>) {
     let mut every = tokio::time::interval(status::SAMPLE_EVERY);
     loop {
         every.tick().await;
@@ -131,7 +131,7 @@ async fn authorize(
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let admin = req
-        .app_data::<web::Data<Admin>>()
+        .app_data::<web::Data<AdminState>>()
         .expect("the admin state is registered");
     let public = PUBLIC.contains(&req.path());
     let verdict = admin.guard.check(req.request(), public);
@@ -180,7 +180,7 @@ async fn healthz() -> HttpResponse {
 
 /// 200 when the gateway accepts connections and the store answers; 503 with the
 /// reason otherwise.
-async fn readyz(admin: web::Data<Admin>) -> HttpResponse {
+async fn readyz(admin: web::Data<AdminState>) -> HttpResponse {
     let reason = if !admin.hub.is_accepting() {
         Some("the gateway is not accepting connections (starting or shutting down)".to_owned())
     } else {
@@ -197,28 +197,31 @@ async fn readyz(admin: web::Data<Admin>) -> HttpResponse {
     }
 }
 
-async fn metrics(admin: web::Data<Admin>) -> HttpResponse {
+async fn metrics(admin: web::Data<AdminState>) -> HttpResponse {
     admin.process.collect();
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(admin.prometheus.render())
 }
 
-async fn status(admin: web::Data<Admin>) -> HttpResponse {
+async fn status(admin: web::Data<AdminState>) -> HttpResponse {
     HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(admin.board.status().await)
 }
 
 /// `GET /api/devices?q=&status=&user=&page=&per_page=`: one page of the devices.
-async fn devices(admin: web::Data<Admin>, query: web::Query<status::DeviceQuery>) -> HttpResponse {
+async fn devices(
+    admin: web::Data<AdminState>,
+    query: web::Query<status::DeviceQuery>,
+) -> HttpResponse {
     HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(admin.board.devices(&query).await)
 }
 
 /// `GET /api/devices/<mac>`: the device, its tunnels and its history.
-async fn device(admin: web::Data<Admin>, mac: web::Path<String>) -> HttpResponse {
+async fn device(admin: web::Data<AdminState>, mac: web::Path<String>) -> HttpResponse {
     match admin.board.device(&mac).await {
         Some(detail) => HttpResponse::Ok()
             .insert_header((header::CACHE_CONTROL, "no-store"))
@@ -309,7 +312,7 @@ impl AuditQuery {
 
 /// `GET /api/audit?kind=tunnels|devices|refusals&user=&device=&since=&page=&per_page=`:
 /// one page of the audit trail, newest first.
-async fn audit_trail(admin: web::Data<Admin>, query: web::Query<AuditQuery>) -> HttpResponse {
+async fn audit_trail(admin: web::Data<AdminState>, query: web::Query<AuditQuery>) -> HttpResponse {
     let AuditRequest {
         wanted,
         kind,
@@ -392,17 +395,17 @@ fn with_page_headers(
 }
 
 /// The status page.
-async fn page(admin: web::Data<Admin>) -> HttpResponse {
+async fn page(admin: web::Data<AdminState>) -> HttpResponse {
     signed_page(&admin, PAGE)
 }
 
 /// The device page; its script reads the MAC from the address.
-async fn device_page(admin: web::Data<Admin>) -> HttpResponse {
+async fn device_page(admin: web::Data<AdminState>) -> HttpResponse {
     signed_page(&admin, DEVICE_PAGE)
 }
 
 /// A page, with a sign-out button when there is a token to sign in with.
-fn signed_page(admin: &Admin, page: &str) -> HttpResponse {
+fn signed_page(admin: &AdminState, page: &str) -> HttpResponse {
     let page = if admin.guard.has_token() {
         page.replace("<!--signout-->", SIGN_OUT)
     } else {
@@ -431,7 +434,11 @@ struct Login {
 
 /// The login form's post: the right token opens a session (its random id in an
 /// HttpOnly cookie) and goes to the page; a wrong one makes the source wait.
-async fn login(admin: web::Data<Admin>, req: HttpRequest, form: web::Form<Login>) -> HttpResponse {
+async fn login(
+    admin: web::Data<AdminState>,
+    req: HttpRequest,
+    form: web::Form<Login>,
+) -> HttpResponse {
     if !admin.guard.has_token() {
         return HttpResponse::SeeOther()
             .insert_header((header::LOCATION, "/"))
@@ -479,7 +486,7 @@ async fn login(admin: web::Data<Admin>, req: HttpRequest, form: web::Form<Login>
 }
 
 /// Ends the session of the request, if any, and goes to the login form.
-async fn logout(admin: web::Data<Admin>, req: HttpRequest) -> HttpResponse {
+async fn logout(admin: web::Data<AdminState>, req: HttpRequest) -> HttpResponse {
     admin.guard.logout(&req);
     let mut gone = Cookie::build(guard::COOKIE, "").path("/").finish();
     gone.make_removal();

@@ -50,7 +50,7 @@ pub struct Status {
     pub version: &'static str,
     pub uptime_secs: u64,
     pub totals: Totals,
-    pub tunnels: Vec<TunnelRow>,
+    pub tunnels: Vec<LiveTunnelRow>,
     pub history: Vec<Sample>,
     pub sample_secs: u64,
     /// Why the stored users and devices may be out of date, if they are.
@@ -113,7 +113,7 @@ pub struct DeviceRow {
 
 /// A device while a request looks through all of them: borrowed from the store's
 /// listing and the live connections.
-struct Entry<'a> {
+struct Listed<'a> {
     host: &'a str,
     mac: &'a str,
     user: Option<&'a str>,
@@ -146,7 +146,7 @@ impl Needle {
     }
 
     /// Whether `d` matches; `address` is scratch space for its address as text.
-    fn finds(&self, d: &Entry<'_>, address: &mut String) -> bool {
+    fn finds(&self, d: &Listed<'_>, address: &mut String) -> bool {
         use std::fmt::Write as _;
         if self.0.is_empty() {
             return true;
@@ -189,7 +189,7 @@ pub struct DevicePage {
 }
 
 #[derive(Serialize)]
-pub struct TunnelRow {
+pub struct LiveTunnelRow {
     pub id: u64,
     pub a: EndRow,
     pub b: EndRow,
@@ -229,11 +229,11 @@ struct Directory {
 pub struct StatusBoard {
     hub: Hub,
     directory: tokio::sync::Mutex<Directory>,
-    history: Mutex<History>,
+    history: Mutex<TrafficHistory>,
 }
 
 #[derive(Default)]
-struct History {
+struct TrafficHistory {
     samples: VecDeque<Sample>,
     last_bytes: Option<(Instant, u64)>,
 }
@@ -374,18 +374,18 @@ impl StatusBoard {
     }
 
     /// Every device, stored and live merged (live wins), borrowed from both.
-    fn entries<'a>(directory: &'a Directory, live: &'a [Connected]) -> Vec<Entry<'a>> {
+    fn entries<'a>(directory: &'a Directory, live: &'a [Connected]) -> Vec<Listed<'a>> {
         let names: HashMap<&str, &str> = directory
             .users
             .iter()
             .map(|u| (u.uuid.as_str(), u.username.as_str()))
             .collect();
-        let mut all: HashMap<&str, Entry<'a>> = HashMap::with_capacity(directory.devices.len());
+        let mut all: HashMap<&str, Listed<'a>> = HashMap::with_capacity(directory.devices.len());
         for d in &directory.devices {
             let uuid = d.owner.as_deref();
             all.insert(
                 &d.device.mac,
-                Entry {
+                Listed {
                     host: &d.device.host,
                     mac: &d.device.mac,
                     user: uuid.and_then(|u| names.get(u).copied()),
@@ -398,7 +398,7 @@ impl StatusBoard {
         for c in live {
             all.insert(
                 &c.device.mac,
-                Entry {
+                Listed {
                     host: &c.device.host,
                     mac: &c.device.mac,
                     user: names.get(&*c.uuid).copied(),
@@ -418,7 +418,7 @@ impl StatusBoard {
         let needle = Needle::new(query.q.as_deref().unwrap_or(""));
         let status = query.status.as_deref();
         let mut address = String::new();
-        let mut found: Vec<Entry<'_>> = Self::entries(&directory, &live)
+        let mut found: Vec<Listed<'_>> = Self::entries(&directory, &live)
             .into_iter()
             .filter(|d| match status {
                 Some("online") => d.from.is_some(),
@@ -461,7 +461,7 @@ impl StatusBoard {
     }
 
     /// A device as the pages show it.
-    fn row(&self, d: &Entry<'_>) -> DeviceRow {
+    fn row(&self, d: &Listed<'_>) -> DeviceRow {
         DeviceRow {
             host: d.host.to_owned(),
             mac: d.mac.to_owned(),
@@ -507,8 +507,8 @@ fn end_row(end: &End) -> EndRow {
     }
 }
 
-fn tunnel_row(t: &TunnelInfo, now: SystemTime) -> TunnelRow {
-    TunnelRow {
+fn tunnel_row(t: &TunnelInfo, now: SystemTime) -> LiveTunnelRow {
+    LiveTunnelRow {
         id: t.id,
         a: end_row(&t.a),
         b: end_row(&t.b),

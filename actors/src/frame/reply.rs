@@ -12,21 +12,22 @@ pub enum Reply {
     /// `{"status":"failed","reason":"…"}`
     Failed(String),
     /// The `query` reply: a JSON array of the user's devices.
-    Devices(Vec<DeviceRow>),
+    Devices(Vec<QueryRow>),
 }
 
 /// One device in a `query` reply, fields in the protocol's key order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct DeviceRow {
+pub struct QueryRow {
     pub hostname: String,
     pub macaddress: String,
     pub lastseendate: String,
-    pub status: Status,
+    pub status: OnlineStatus,
 }
 
+/// Whether a device in a `query` reply is online.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Status {
+pub enum OnlineStatus {
     Online,
     Offline,
 }

@@ -403,11 +403,11 @@ fn replies_are_one_json_line() {
         b"{\"status\":\"failed\",\"reason\":\"device \\\"x\\\" is offline\"}\n"
     );
     assert_eq!(&Reply::Devices(vec![]).encode()[..], b"[]\n");
-    let row = DeviceRow {
+    let row = QueryRow {
         hostname: "plc-1".into(),
         macaddress: "F0FE6B2A1C3D".into(),
         lastseendate: "2024. 03. 12. 14:05:33".into(),
-        status: Status::Online,
+        status: OnlineStatus::Online,
     };
     assert_eq!(
         &Reply::Devices(vec![row]).encode()[..],

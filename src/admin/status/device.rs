@@ -18,7 +18,7 @@ pub struct Contested {
 pub struct DeviceDetail {
     pub device: DeviceRow,
     /// Its open tunnels (on this node).
-    pub tunnels_now: Vec<TunnelRow>,
+    pub tunnels_now: Vec<LiveTunnelRow>,
     /// Its tunnels from the audit trail, newest first.
     pub tunnels: Vec<audit::TunnelRow>,
     /// It coming and going, newest first.
