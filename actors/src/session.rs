@@ -187,18 +187,20 @@ impl Session {
     fn watch_silence(&mut self, ctx: &mut Context<Self>) {
         let limits = &self.hub.config.limits;
         let silent = self.last_message.elapsed();
-        let next = if !self.identified && silent >= limits.identify {
+        if !self.identified && silent >= limits.identify {
             return self.limit_reached(Closing::Identify, ctx);
-        } else if self.tunnel.is_some() {
-            // A tunnel end is never idle; looked at again as often as before.
-            limits.idle / 4
-        } else if silent >= limits.idle {
+        }
+        if self.tunnel.is_none() && silent >= limits.idle {
             return self.limit_reached(Closing::Idle, ctx);
-        } else if !self.identified {
-            (limits.idle - silent).min(limits.identify - silent)
-        } else {
-            limits.idle - silent
+        }
+        let mut next = match self.tunnel {
+            // A tunnel end is never idle: looked at again as often as before.
+            Some(_) => limits.idle / 4,
+            None => limits.idle - silent,
         };
+        if !self.identified {
+            next = next.min(limits.identify - silent);
+        }
         ctx.run_later(next, |act, ctx| act.watch_silence(ctx));
     }
 
