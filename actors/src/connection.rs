@@ -144,7 +144,7 @@ impl SocketProbe {
         }
         let rtt = self.min_rtt();
         let micros = rtt.map_or(0, |rtt| {
-            clamp_u32(rtt.as_micros().try_into().unwrap_or(usize::MAX)).max(1)
+            u32::try_from(rtt.as_micros()).unwrap_or(u32::MAX).max(1)
         });
         self.rtt_us.store(micros, Ordering::Relaxed);
         self.rtt_read.store(now, Ordering::Relaxed);
@@ -484,6 +484,8 @@ mod tests {
             .min_rtt()
             .expect("a connected socket has a round trip");
         assert!(rtt > Duration::ZERO && rtt < 50 * MS, "loopback: {rtt:?}");
+        let cached = probe.link_rtt().expect("read from the socket");
+        assert_eq!(probe.link_rtt(), Some(cached), "kept for a second");
         probe.ack_now();
         tokio::io::AsyncWriteExt::write_all(&mut client, b"d")
             .await
@@ -494,6 +496,11 @@ mod tests {
             probe.min_rtt(),
             None,
             "the reader is gone, and so is the socket"
+        );
+        assert_eq!(
+            probe.link_rtt(),
+            Some(cached),
+            "still the second's round trip"
         );
     }
 }
