@@ -95,14 +95,22 @@ impl MongoStore {
     }
 }
 
+/// The sightings whose user is in `users`, each with its user.
+fn of_known_users<'a>(
+    batch: &'a [Sighting],
+    users: &'a HashMap<String, CachedUser>,
+) -> Vec<(&'a Sighting, &'a CachedUser)> {
+    batch
+        .iter()
+        .filter_map(|s| users.get(&*s.uuid).map(|u| (s, u)))
+        .collect()
+}
+
 #[async_trait]
 impl Sightings for MongoStore {
     async fn record(&self, batch: &[Sighting]) -> Result<Recorded, StoreError> {
         let users = self.batch_users(batch).await?;
-        let known: Vec<(&Sighting, &CachedUser)> = batch
-            .iter()
-            .filter_map(|s| users.get(&*s.uuid).map(|u| (s, u)))
-            .collect();
+        let known = of_known_users(batch, &users);
         let mut recorded = Recorded {
             written: known.len(),
             unknown_user: batch.len() - known.len(),
@@ -134,10 +142,7 @@ impl Sightings for MongoStore {
 
     async fn record_existing(&self, batch: &[Sighting]) -> Result<Recorded, StoreError> {
         let users = self.batch_users(batch).await?;
-        let known: Vec<(&Sighting, &CachedUser)> = batch
-            .iter()
-            .filter_map(|s| users.get(&*s.uuid).map(|u| (s, u)))
-            .collect();
+        let known = of_known_users(batch, &users);
         let mut recorded = Recorded {
             written: 0,
             unknown_user: batch.len() - known.len(),
